@@ -1,0 +1,46 @@
+# tuneserve: every task a person does is a target here. `make demo` and `make test` first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup proto lint format test test-all test-fast serve demo bench docker-build docker-lint k8s-validate weights clean
+
+# Re-runs the install only when the dependencies or the contract change (idempotent).
+$(STAMP): pyproject.toml scripts/install.sh scripts/gen_protos.py $(wildcard proto/tuneserve/v1/*.proto)
+	scripts/install.sh $(VENV) test,lint
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+proto: setup
+	$(PY) scripts/gen_protos.py
+
+lint: setup
+	$(VENV)/bin/ruff check service handlers tests bench scripts
+	$(VENV)/bin/ruff format --check service handlers tests bench scripts
+	$(VENV)/bin/mypy service handlers
+
+format: setup
+	$(VENV)/bin/ruff format service handlers tests bench scripts
+	$(VENV)/bin/ruff check --fix service handlers tests bench scripts
+
+# The default suite: everything CI runs, slow end-to-end tests included.
+test: setup
+	$(PY) -m pytest -q
+
+# Quick inner loop while developing: no slow tests.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+serve: setup
+	$(VENV)/bin/tuneserve serve
+
+demo: setup
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) service/api/gen .state .demo
