@@ -1,0 +1,90 @@
+"""The service's one typed settings object, read from environment variables prefixed `TUNESERVE_`.
+
+Every folder the service writes hangs off `state_dir`, so one volume holds everything that must
+survive a restart: the jobs database, job folders (checkpoints, logs), the model store.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_torch_home() -> Path:
+    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+
+
+class Settings(BaseSettings):
+    """Ports, folders and limits. Frozen: pass it explicitly, never mutate it."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", frozen=True, extra="ignore")
+
+    # Folders
+    state_dir: Path = Field(Path(".state"), description="jobs database, job folders, model store")
+    data_root: Path = Field(Path("data"), description="datasets must live under this folder")
+    torch_home: Path = Field(default_factory=_default_torch_home, description="torch hub cache (weights)")
+
+    # gRPC API
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    auth_token: SecretStr | None = Field(None, description="bearer token required on every RPC but health")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="set to require client certificates (mTLS)")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    grpc_workers: int = Field(16, ge=1)
+
+    # Jobs
+    max_concurrent_jobs: int | None = Field(None, ge=1, description="default: one per GPU, one on CPU")
+    max_queued_jobs: int = Field(100, ge=1)
+    max_job_retries: int = Field(2, ge=0, description="worker deaths retried from the last checkpoint")
+    cancel_grace_s: float = Field(10.0, gt=0)
+    drain_grace_s: float = Field(60.0, gt=0)
+
+    # TorchServe
+    torchserve_enabled: bool = True
+    torchserve_host: str = "127.0.0.1"
+    torchserve_inference_port: int = Field(8080, ge=0, le=65535)
+    torchserve_management_port: int = Field(8081, ge=0, le=65535)
+    torchserve_metrics_port: int = Field(8082, ge=0, le=65535)
+    torchserve_grpc_inference_port: int = Field(7070, ge=0, le=65535)
+    torchserve_grpc_management_port: int = Field(7071, ge=0, le=65535)
+    torchserve_java_heap: str = Field("1g", pattern=r"^\d+[kmgKMG]$")
+    torchserve_start_timeout_s: float = Field(180.0, gt=0)
+    torchserve_token_auth: bool = True
+
+    # TensorBoard started by the service for a job's logs
+    tensorboard_host: str = "127.0.0.1"
+
+    # Inputs
+    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused (bombs)")
+
+    @cached_property
+    def jobs_db(self) -> Path:
+        return self.state_dir / "jobs.sqlite3"
+
+    @cached_property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @cached_property
+    def model_store(self) -> Path:
+        return self.state_dir / "model_store"
+
+    @cached_property
+    def torchserve_dir(self) -> Path:
+        return self.state_dir / "torchserve"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def resolved_max_concurrent_jobs(self) -> int:
+        if self.max_concurrent_jobs is not None:
+            return self.max_concurrent_jobs
+        import torch  # deferred: settings are read in places that must start fast
+
+        return max(1, torch.cuda.device_count())
