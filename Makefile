@@ -42,5 +42,9 @@ demo: setup
 bench: setup
 	$(PY) -m bench.run_all
 
+# Pretrained weights into TORCH_HOME's hub cache (needs internet), e.g. make weights MODELS=resnet18,timm/convnext_atto
+weights: setup
+	$(PY) scripts/fetch_weights.py $(MODELS)
+
 clean:
 	rm -rf $(VENV) service/api/gen .state .demo

@@ -1,4 +1,5 @@
-"""Generate the Python gRPC stubs for tuneserve's API from proto/ into service/api/gen/.
+"""Generate the Python gRPC stubs for tuneserve's API from proto/ into service/api/gen/, and TorchServe's
+client stubs (from the descriptors inside its installed frontend jar) into service/packaging/ts_gen/.
 
 The stubs are generated, not committed, so they can never drift from the contract in proto/.
 """
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT = ROOT / "service" / "api" / "gen"
 PACKAGE = "service.api.gen"
+TS_OUT = ROOT / "service" / "packaging" / "ts_gen"
 
 
 def main() -> int:
@@ -35,6 +37,14 @@ def main() -> int:
             path.write_text(fixed)
     for folder in [OUT, *[p for p in OUT.rglob("*") if p.is_dir()]]:
         (folder / "__init__.py").touch()
+    return generate_torchserve_stubs()
+
+
+def generate_torchserve_stubs() -> int:
+    sys.path.insert(0, str(ROOT))
+    from service.packaging.ts_protos import generate_stubs
+
+    generate_stubs(TS_OUT)
     return 0
 
 

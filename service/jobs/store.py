@@ -1,0 +1,449 @@
+"""The durable job store: jobs and their ordered events in one SQLite file (WAL), safe across processes.
+
+The gRPC server, the scheduler and every worker process open the same file. Each thread of each process
+gets its own connection; every write is one `BEGIN IMMEDIATE` transaction, so a state change and the
+STATE event that records it land together or not at all, and event numbers are assigned without gaps.
+
+Idempotency: CreateJob with a key already used returns that job when the spec is the same, and raises
+AlreadyExists (naming the existing job) when the spec differs: a key names one request, never two.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.jobs.records import EventKind, Job, JobEvent, JobResult, JobState
+from service.jobs.spec import JobSpec
+
+SCHEMA_VERSION = 1
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_IDEMPOTENCY_KEY = 128
+BUSY_TIMEOUT_MS = 30_000
+
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.PACKAGING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.PACKAGING: frozenset({JobState.SUCCEEDED, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+ACTIVE_STATES = (JobState.RUNNING, JobState.PACKAGING)
+_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    num INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order: newest first, FIFO scheduling, page tokens
+    id TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    idempotency_key TEXT UNIQUE,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    result TEXT NOT NULL DEFAULT '{}',
+    worker_pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, num);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL,
+    data TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+class JobStore:
+    """Jobs and events in SQLite at `path`. One instance per process; thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        with self._write() as db:
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------------ jobs
+
+    def create_job(
+        self, spec: JobSpec, idempotency_key: str | None = None, *, max_queued: int | None = None
+    ) -> Job:
+        """Queue a job (with its first STATE event); the same key and spec return the existing job."""
+        key = _check_key(idempotency_key)
+        spec_json = json.dumps(spec.to_dict(), sort_keys=True)
+        now = time.time()
+        with self._write() as db:
+            if key is not None:
+                row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+                if row is not None:
+                    if row["spec"] != spec_json:
+                        raise AlreadyExists(
+                            f"idempotency_key {key!r} was already used for job {row['id']} with a different "
+                            "spec; send the same spec to get that job back, or use a new key"
+                        )
+                    return _job_from_row(row)
+            if max_queued is not None:
+                queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))
+                if queued.fetchone()[0] >= max_queued:
+                    raise ResourceExhausted(
+                        f"{max_queued} jobs are already queued (TUNESERVE_MAX_QUEUED_JOBS); wait for some to "
+                        "start or cancel queued ones, then retry"
+                    )
+            job_id = new_job_id()
+            db.execute(
+                "INSERT INTO jobs (id, name, state, spec, created_at, updated_at, idempotency_key)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, spec.name, JobState.QUEUED, spec_json, now, now, key),
+            )
+            _insert_event(db, job_id, EventKind.STATE, "job queued", {"state": JobState.QUEUED}, now)
+            return _job_from_row(_fetch_row(db, job_id))
+
+    def get_job(self, job_id: str) -> Job:
+        return _job_from_row(_fetch_row(self._read(), job_id))
+
+    def list_jobs(
+        self, states: Iterable[JobState] = (), page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[Job], str]:
+        """A page of jobs, newest first, and the token of the next page ("" at the end)."""
+        if page_size < 0:
+            raise InvalidArgument(f"page_size {page_size} is negative; use 1..{MAX_PAGE_SIZE}, or 0 for 50")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        wanted = sorted({JobState(s) for s in states})
+        where, args = ["num < ?"], [_decode_token(page_token) if page_token else 2**62]
+        if wanted:
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
+            args += wanted
+        rows = self._read().execute(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY num DESC LIMIT ?", (*args, size + 1)
+        )
+        page = rows.fetchall()
+        token = _encode_token(page[size - 1]["num"]) if len(page) > size else ""
+        return [_job_from_row(r) for r in page[:size]], token
+
+    def next_queued(self, exclude: Sequence[str] = ()) -> Job | None:
+        """The oldest QUEUED job (FIFO by creation) not in `exclude`."""
+        rows = self._read().execute(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY num LIMIT ?", (JobState.QUEUED, len(exclude) + 1)
+        )
+        return next((_job_from_row(r) for r in rows if r["id"] not in exclude), None)
+
+    def jobs_in(self, states: Iterable[JobState]) -> list[Job]:
+        """Every job in one of `states`, oldest first."""
+        wanted = sorted({JobState(s) for s in states})
+        rows = self._read().execute(
+            f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(wanted))}) ORDER BY num", wanted
+        )
+        return [_job_from_row(r) for r in rows]
+
+    def count_queued(self) -> int:
+        return int(self._read().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
+
+    # ------------------------------------------------------------------ state machine
+
+    def transition(
+        self,
+        job_id: str,
+        to_state: JobState,
+        reason: str = "",
+        *,
+        expect: Iterable[JobState] | None = None,
+        refund_attempt: bool = False,
+    ) -> Job:
+        """Move a job to `to_state` and record a STATE event, atomically.
+
+        `expect` narrows the states it may come from (FailedPrecondition otherwise). QUEUED->RUNNING counts
+        an attempt; `refund_attempt` on a requeue gives it back (a drain or restart is not the job's fault).
+        A FAILED job's `reason` becomes its error.
+        """
+        now = time.time()
+        with self._write() as db:
+            row = _fetch_row(db, job_id)
+            current = JobState(row["state"])
+            allowed = ALLOWED_TRANSITIONS[current]
+            if expect is not None:
+                allowed = allowed & frozenset(expect) if current in frozenset(expect) else frozenset()
+            if to_state not in allowed:
+                raise FailedPrecondition(_transition_refusal(job_id, current, to_state))
+            sets = {"state": to_state, "updated_at": now}
+            if to_state == JobState.RUNNING:
+                sets["attempts"] = row["attempts"] + 1
+                sets["started_at"] = row["started_at"] or now
+            if to_state == JobState.QUEUED:
+                sets["worker_pid"] = None
+                if refund_attempt:
+                    sets["attempts"] = max(0, row["attempts"] - 1)
+            if to_state.is_final:
+                sets["finished_at"] = now
+                sets["worker_pid"] = None
+            if to_state == JobState.FAILED:
+                sets["error"] = reason or "failed"
+            _update(db, job_id, sets)
+            data = {"state": to_state, "previous": current, "reason": reason}
+            message = f"{current} -> {to_state}" + (f": {reason}" if reason else "")
+            _insert_event(db, job_id, EventKind.STATE, message, data, now)
+            return _job_from_row(_fetch_row(db, job_id))
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Mark a job for cancellation; a QUEUED job is CANCELLED at once, a running one by the scheduler."""
+        now = time.time()
+        with self._write() as db:
+            row = _fetch_row(db, job_id)
+            state = JobState(row["state"])
+            if state.is_final:
+                raise FailedPrecondition(
+                    f"job {job_id} is already {state} and cannot be cancelled; only QUEUED, RUNNING or "
+                    "PACKAGING jobs can be"
+                )
+            _update(db, job_id, {"cancel_requested": 1, "updated_at": now})
+            if state == JobState.QUEUED:
+                _update(db, job_id, {"state": JobState.CANCELLED, "finished_at": now})
+                data = {"state": JobState.CANCELLED, "previous": state, "reason": "cancelled by request"}
+                _insert_event(db, job_id, EventKind.STATE, "QUEUED -> CANCELLED: cancelled by request", data, now)
+            elif not row["cancel_requested"]:
+                _insert_event(db, job_id, EventKind.INFO, "cancel requested; stopping the worker", {}, now)
+            return _job_from_row(_fetch_row(db, job_id))
+
+    def requeue_interrupted(self, reason: str = "the service restarted") -> list[Job]:
+        """On start-up: RUNNING/PACKAGING jobs go back to QUEUED (or CANCELLED if that was asked)."""
+        requeued = []
+        for job in self.jobs_in(ACTIVE_STATES):
+            if job.cancel_requested:
+                self.transition(job.id, JobState.CANCELLED, f"cancelled by request ({reason})")
+                continue
+            self.transition(job.id, JobState.QUEUED, reason, refund_attempt=True)
+            self.append_event(job.id, EventKind.INFO, f"{reason}; the job resumes from its last checkpoint")
+            requeued.append(self.get_job(job.id))
+        return requeued
+
+    def set_worker_pid(self, job_id: str, pid: int | None) -> None:
+        with self._write() as db:
+            _fetch_row(db, job_id)
+            _update(db, job_id, {"worker_pid": pid})
+
+    def worker_pid(self, job_id: str) -> int | None:
+        row = _fetch_row(self._read(), job_id)
+        return None if row["worker_pid"] is None else int(row["worker_pid"])
+
+    # ------------------------------------------------------------------ results and events
+
+    def update_result(self, job_id: str, **fields: Any) -> JobResult:
+        """Merge `fields` into the job's result (names of JobResult fields only)."""
+        unknown = sorted(set(fields) - _RESULT_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown JobResult field(s) {unknown}; known: {sorted(_RESULT_FIELDS)}")
+        with self._write() as db:
+            row = _fetch_row(db, job_id)
+            merged = {**json.loads(row["result"]), **_jsonable(fields)}
+            _update(db, job_id, {"result": json.dumps(merged), "updated_at": time.time()})
+            return _result_from_json(merged)
+
+    def append_event(
+        self, job_id: str, kind: EventKind, message: str, data: dict[str, Any] | None = None
+    ) -> JobEvent:
+        """Add an event with the job's next sequence number."""
+        with self._write() as db:
+            _fetch_row(db, job_id)
+            return _insert_event(db, job_id, EventKind(kind), message, data or {}, time.time())
+
+    def events_after(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """The job's events with seq > after_seq, in order (NotFound for an unknown job)."""
+        db = self._read()
+        _fetch_row(db, job_id)
+        rows = db.execute(
+            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after_seq, limit)
+        )
+        return [_event_from_row(r) for r in rows]
+
+    def state_at(self, job_id: str, seq: int) -> JobState:
+        """The job's state right after event `seq` (the last STATE event up to it)."""
+        row = self._read().execute(
+            "SELECT data FROM events WHERE job_id = ? AND seq <= ? AND kind = ? ORDER BY seq DESC LIMIT 1",
+            (job_id, seq, EventKind.STATE),
+        ).fetchone()
+        return JobState(json.loads(row["data"])["state"]) if row else JobState.QUEUED
+
+    # ------------------------------------------------------------------ connections
+
+    def close(self) -> None:
+        """Close every connection this instance opened (any thread's)."""
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid():
+            return conn
+        # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) by _write
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA synchronous = NORMAL")  # durable across process crashes; WAL keeps it consistent
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._local.conn, self._local.pid = conn, os.getpid()
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _read(self) -> sqlite3.Connection:
+        return self._connection()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading a read lock
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def new_job_id() -> str:
+    return f"job-{secrets.token_hex(6)}"
+
+
+# ---------------------------------------------------------------------- rows <-> records
+
+
+def _fetch_row(db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+    row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"job {job_id!r} does not exist; ListJobs shows the jobs there are")
+    return row  # type: ignore[no-any-return]
+
+
+def _update(db: sqlite3.Connection, job_id: str, sets: dict[str, Any]) -> None:
+    columns = ", ".join(f"{name} = ?" for name in sets)
+    db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*sets.values(), job_id))
+
+
+def _insert_event(
+    db: sqlite3.Connection, job_id: str, kind: EventKind, message: str, data: dict[str, Any], now: float
+) -> JobEvent:
+    seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
+    payload = _jsonable(data)
+    db.execute(
+        "INSERT INTO events (job_id, seq, time, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+        (job_id, seq, now, kind, message, json.dumps(payload)),
+    )
+    return JobEvent(job_id, int(seq), now, kind, message, payload)
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        spec=JobSpec.model_validate(json.loads(row["spec"])),
+        state=JobState(row["state"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        attempts=row["attempts"],
+        idempotency_key=row["idempotency_key"],
+        cancel_requested=bool(row["cancel_requested"]),
+        result=_result_from_json(json.loads(row["result"])),
+    )
+
+
+def _event_from_row(row: sqlite3.Row) -> JobEvent:
+    return JobEvent(
+        job_id=row["job_id"],
+        seq=row["seq"],
+        time=row["time"],
+        kind=EventKind(row["kind"]),
+        message=row["message"],
+        data=json.loads(row["data"]),
+    )
+
+
+def _result_from_json(data: dict[str, Any]) -> JobResult:
+    known = {k: v for k, v in data.items() if k in _RESULT_FIELDS}
+    if "class_names" in known:
+        known["class_names"] = tuple(known["class_names"])
+    return JobResult(**known)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types: paths and enums become strings, tuples lists, numpy/torch scalars numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+# ---------------------------------------------------------------------- tokens, keys, messages
+
+
+def _encode_token(num: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{num}".encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> int:
+    try:
+        version, num = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
+        if version != "v1" or int(num) < 1:
+            raise ValueError(token)
+        return int(num)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            f"page_token {token!r} is not a token this service issued; pass the next_page_token of the "
+            "previous ListJobs response unchanged, or '' for the first page"
+        ) from None
+
+
+def _check_key(key: str | None) -> str | None:
+    if not key:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY or not key.isprintable():
+        raise InvalidArgument(
+            f"idempotency_key {key[:40]!r}... is not allowed: use up to {MAX_IDEMPOTENCY_KEY} printable "
+            "characters (a UUID works well)"
+        )
+    return key
+
+
+def _transition_refusal(job_id: str, current: JobState, to_state: JobState) -> str:
+    if current.is_final:
+        return f"job {job_id} is already {current} (a final state) and cannot become {to_state}"
+    allowed = ", ".join(sorted(ALLOWED_TRANSITIONS[current])) or "none"
+    return f"job {job_id} is {current} and cannot become {to_state}; from {current} it can become {allowed}"

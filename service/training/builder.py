@@ -1,0 +1,189 @@
+"""Build the network a job fine-tunes: architecture -> pretrained weights -> new head.
+
+Every path (training, describe, the TorchServe handler) builds the architecture the same way, with
+no weights, through `build_architecture`; pretrained tensors are loaded afterwards from local files
+(service.training.weights). That keeps the module structure identical everywhere, so the fine-tuned
+state_dict always fits the model the handler rebuilds from `BuiltModel.model_config`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torchvision
+from torch import nn
+
+from service.errors import InvalidArgument
+from service.jobs.spec import ModelSpec
+from service.training import heads, registry, weights
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_VERSION = 1
+
+# Fixed builder arguments, whatever the weights. GoogLeNet / Inception v3: no auxiliary classifiers, so
+# every model returns plain logits in train mode too; transform_input re-normalises ImageNet-normalised
+# input the way the original Google weights expect; init_weights silences torchvision's FutureWarning.
+_FIXED_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True},
+}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for the model: resize the short side, center-crop, normalise."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str  # a torchvision InterpolationMode value: bilinear | bicubic | nearest
+
+    def for_image_size(self, image_size: int | None) -> Preprocessing:
+        """The same recipe at another crop size, keeping the resize/crop ratio."""
+        if image_size is None or image_size == self.crop_size:
+            return self
+        resize = round(image_size * self.resize_size / self.crop_size)
+        return Preprocessing(resize, image_size, self.mean, self.std, self.interpolation)
+
+
+IMAGENET = Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    model: nn.Module
+    architecture: str
+    source: str  # torchvision | timm | builtin
+    weights: str  # what was loaded: a torchvision weights name, DEFAULT, file or none
+    head_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    # Everything build_for_inference needs; JSON-serialisable, save it with the checkpoint and the archive.
+    model_config: dict[str, Any] = field(repr=False)
+
+
+def build_model(
+    model_spec: ModelSpec, num_classes: int, *, torch_home: Path, load_pretrained: bool = True
+) -> BuiltModel:
+    """The architecture with its pretrained weights and a fresh `num_classes` head, in train mode.
+
+    `load_pretrained=False` skips reading the weights (a resumed job loads its own checkpoint next) but
+    still builds the architecture the weights imply (a 384 px ViT for IMAGENET1K_SWAG_E2E_V1).
+    """
+    resolved = weights.resolve_weights(model_spec, torch_home, require_file=load_pretrained)
+    build_kwargs = _weights_kwargs(resolved)
+    model = build_architecture(resolved.architecture, build_kwargs)
+    if load_pretrained:
+        weights.load_weights(model, resolved, heads.find_head(model))
+    head_names = heads.replace_head(model, num_classes)
+    preprocessing = _preprocessing(resolved)
+    config = {
+        "version": MODEL_CONFIG_VERSION,
+        "architecture": resolved.architecture,
+        "num_classes": num_classes,
+        "build_kwargs": build_kwargs,
+        "preprocessing": asdict(preprocessing),
+    }
+    log.info("built %s (weights %s) with %d classes", resolved.architecture, resolved.name, num_classes)
+    return BuiltModel(
+        model=model.train(),
+        architecture=resolved.architecture,
+        source=resolved.source,
+        weights=resolved.name,
+        head_names=head_names,
+        preprocessing=preprocessing,
+        model_config=config,
+    )
+
+
+def build_for_inference(model_config: Mapping[str, Any]) -> nn.Module:
+    """The architecture with a fresh head and no pretrained weights, in eval mode, for a fine-tuned state.
+
+    model_config (BuiltModel.model_config): `architecture` and `num_classes` (required), `build_kwargs`
+    (builder arguments the pretrained weights imposed, e.g. a ViT's image_size; default none),
+    `preprocessing` (not used here; the handler's transforms) and `version`.
+    """
+    try:
+        architecture = registry.check_architecture(str(model_config["architecture"]))
+        num_classes = int(model_config["num_classes"])
+    except KeyError as exc:
+        raise InvalidArgument(
+            f"model_config lacks {exc.args[0]!r}; it needs architecture and num_classes"
+        ) from None
+    model = build_architecture(architecture, model_config.get("build_kwargs") or {})
+    heads.replace_head(model, num_classes)
+    return model.eval()
+
+
+def build_architecture(architecture: str, build_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """The bare architecture (its original head, random init) on the current default device."""
+    kwargs: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in (build_kwargs or {}).items()
+    }
+    source = registry.source_of(architecture)
+    if source == "torchvision":
+        return torchvision.models.get_model(
+            architecture, weights=None, **_FIXED_KWARGS.get(architecture, {}), **kwargs
+        )
+    name = "efficientnet_lite0" if source == "builtin" else architecture.removeprefix(registry.TIMM_PREFIX)
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def default_preprocessing(architecture: str, weights_name: str = weights.DEFAULT) -> Preprocessing:
+    """The preprocessing of a weights set, without reading any file (for describe and admission)."""
+    spec = ModelSpec(architecture=architecture, weights=weights_name, weights_file=None)
+    return _preprocessing(weights.resolve_weights(spec, registry.default_torch_home(), require_file=False))
+
+
+def _weights_kwargs(resolved: weights.ResolvedWeights) -> dict[str, Any]:
+    # torchvision sizes a ViT's position embedding (and MaxViT's attention grid) from the weights' min_size
+    member = resolved.torchvision_weights
+    if member is None:
+        return {}
+    size = list(member.meta["min_size"])
+    if resolved.architecture.startswith("vit_"):
+        return {"image_size": size[0]}
+    if resolved.architecture.startswith("maxvit_"):
+        return {"input_size": size}
+    return {}
+
+
+def _preprocessing(resolved: weights.ResolvedWeights) -> Preprocessing:
+    if resolved.name in (weights.NONE, weights.FILE):
+        return IMAGENET
+    if resolved.torchvision_weights is not None:
+        transform = resolved.torchvision_weights.transforms()
+        return Preprocessing(
+            resize_size=int(transform.resize_size[0]),
+            crop_size=int(transform.crop_size[0]),
+            mean=_triple(transform.mean),
+            std=_triple(transform.std),
+            interpolation=str(transform.interpolation.value),
+        )
+    if resolved.source == "builtin":
+        return IMAGENET
+    cfg = timm.data.resolve_data_config(pretrained_cfg=_timm_pretrained_cfg(resolved.architecture))
+    crop = int(cfg["input_size"][-1])
+    return Preprocessing(
+        resize_size=int(crop / cfg["crop_pct"]),  # timm's own rule: floor(size / crop_pct)
+        crop_size=crop,
+        mean=_triple(cfg["mean"]),
+        std=_triple(cfg["std"]),
+        interpolation=str(cfg["interpolation"]),
+    )
+
+
+def _timm_pretrained_cfg(architecture: str) -> dict[str, Any]:
+    cfg = timm.models.get_pretrained_cfg(architecture.removeprefix(registry.TIMM_PREFIX))
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)

@@ -1,0 +1,292 @@
+"""Turn samples into batches: decode (once, into memory, for small datasets), transform, batch.
+
+Randomness is a function of (seed, epoch, index) only: the sampler yields (epoch, index) pairs in an
+order drawn from (seed, epoch), and each image is augmented under a generator seeded from
+(seed, epoch, index). So the batches do not depend on the number of loader workers, and a job resumed
+at epoch k sees exactly the batches an uninterrupted run would.
+
+Every image is decoded, converted to RGB and resized (short side to `resize_size`) into a uint8
+tensor; the split's transform then crops, flips, augments and normalises it. That first step is the
+part worth caching: under CACHE_MAX_BYTES its results are kept in memory and later epochs skip decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from service.jobs.spec import Augmentation, Task
+from service.training.builder import Preprocessing
+from service.training.data import SKIP_UNDECODABLE, Sample, Skipped, Splits
+
+log = logging.getLogger(__name__)
+
+CACHE_MAX_BYTES = 512 * 2**20  # decoded, resized uint8 images kept in memory up to this much
+SMALL_DATASET = 2_000  # fewer training images than this: no loader worker processes by default
+Transform = Callable[[Tensor], Tensor]
+
+
+def make_transforms(pre: Preprocessing, augmentation: Augmentation) -> tuple[Transform, Transform]:
+    """(train, eval) transforms of a resized uint8 image: the weights' own center crop for eval,
+    `light` (random resized crop, scale 0.6-1, flip) or `standard` (plus TrivialAugmentWide) for train."""
+    interpolation = interpolation_mode(pre.interpolation)
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
+    evaluate = v2.Compose([v2.CenterCrop(pre.crop_size), *normalize])
+    if augmentation == "none":
+        return evaluate, evaluate
+    augment: list[Callable[..., object]] = [
+        v2.RandomResizedCrop(pre.crop_size, scale=(0.6, 1.0), interpolation=interpolation, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if augmentation == "standard":
+        augment.append(v2.TrivialAugmentWide(interpolation=interpolation))
+    return v2.Compose([*augment, *normalize]), evaluate
+
+
+def interpolation_mode(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name)
+    except ValueError:  # timm's "random" and the like: bilinear is what most weights were trained with
+        return InterpolationMode.BILINEAR
+
+
+def decode_image(
+    path: os.PathLike[str] | str, resize_size: int, interpolation: str, max_image_pixels: int | None
+) -> Tensor:
+    """uint8 RGB tensor (3, H, W) with the short side resized to `resize_size`."""
+    with Image.open(path) as image:
+        if max_image_pixels is not None and image.width * image.height > max_image_pixels:
+            raise ValueError(f"{image.width}x{image.height} is over {max_image_pixels} pixels")
+        rgb = image.convert("RGB")  # the full decode happens here
+    resized = F.resize(rgb, [resize_size], interpolation=interpolation_mode(interpolation), antialias=True)
+    return F.pil_to_tensor(resized)
+
+
+def epoch_seed(seed: int, epoch: int, index: int = 0) -> int:
+    """A seed that depends on (seed, epoch, index) only."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Batch(NamedTuple):
+    images: Tensor
+    targets: Tensor
+    skipped: list[Skipped]  # images of this batch that failed to decode (left out)
+
+
+class ImageDataset(Dataset[tuple[Tensor, Tensor] | Skipped]):
+    """Items are keyed by (epoch, index); an image that fails to decode yields a Skipped, not an error."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        *,
+        task: Task,
+        num_classes: int,
+        preprocessing: Preprocessing,
+        transform: Transform,
+        seed: int,
+        random_transform: bool,
+        max_image_pixels: int | None = None,
+        images: Sequence[Tensor] | None = None,
+    ) -> None:
+        self.samples = tuple(samples)
+        self.task = task
+        self.num_classes = num_classes
+        self.preprocessing = preprocessing
+        self.transform = transform
+        self.seed = seed
+        self.random_transform = random_transform
+        self.max_image_pixels = max_image_pixels
+        self.images = images  # decoded up front when the dataset is small
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor] | Skipped:
+        epoch, index = key
+        sample = self.samples[index]
+        if self.images is not None:
+            image = self.images[index]
+        else:
+            try:
+                image = decode_image(
+                    sample.path,
+                    self.preprocessing.resize_size,
+                    self.preprocessing.interpolation,
+                    self.max_image_pixels,
+                )
+            except Exception as exc:  # truncated, corrupt, a bomb: skip the image, never kill the worker
+                log.warning("skipping %s: %s", sample.path, exc)
+                return Skipped(sample.path, SKIP_UNDECODABLE)
+        if self.random_transform:
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's generator (dropout) untouched
+                torch.manual_seed(epoch_seed(self.seed, epoch, index))
+                image = self.transform(image)
+        else:
+            image = self.transform(image)
+        return image, self.target(sample)
+
+    def target(self, sample: Sample) -> Tensor:
+        if isinstance(sample.target, tuple):
+            multi_hot = torch.zeros(self.num_classes)
+            multi_hot[list(sample.target)] = 1.0
+            return multi_hot
+        return torch.tensor(sample.target)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, index): a permutation drawn from (seed, epoch) when shuffling, else in order."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order: list[int] = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        return iter([(self.epoch, i) for i in order])
+
+
+def collate(items: list[tuple[Tensor, Tensor] | Skipped]) -> Batch:
+    """Stack the decoded images; list the ones that failed. A batch may come out empty."""
+    good = [item for item in items if not isinstance(item, Skipped)]
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0), skipped)
+    return Batch(torch.stack([g[0] for g in good]), torch.stack([g[1] for g in good]), skipped)
+
+
+def seed_worker(worker_id: int) -> None:
+    """numpy and random in a loader worker follow the worker's torch seed (itself from the loader's)."""
+    import random
+
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+@dataclass(frozen=True)
+class Loaders:
+    train: DataLoader[Batch]
+    val: DataLoader[Batch]
+    train_dataset: ImageDataset
+    val_dataset: ImageDataset
+    cached: bool
+    num_workers: int
+    skipped: tuple[Skipped, ...]  # found while decoding up front
+
+    def set_epoch(self, epoch: int) -> None:
+        sampler = self.train.sampler
+        assert isinstance(sampler, EpochSampler)
+        sampler.set_epoch(epoch)
+
+
+def build_loaders(
+    splits: Splits,
+    *,
+    task: Task,
+    preprocessing: Preprocessing,
+    augmentation: Augmentation,
+    batch_size: int,
+    seed: int,
+    num_workers: int | None = None,
+    pin_memory: bool = False,
+    max_image_pixels: int | None = None,
+    cache_max_bytes: int = CACHE_MAX_BYTES,
+) -> Loaders:
+    """Seeded train and val loaders; small datasets are decoded once, here, and kept in memory."""
+    train_samples, val_samples = splits.train, splits.val
+    train_images = val_images = None
+    skipped: list[Skipped] = []
+    cached = estimate_bytes(train_samples + val_samples, preprocessing.resize_size) <= cache_max_bytes
+    if cached:
+        train_samples, train_images, lost_train = preload(train_samples, preprocessing, max_image_pixels)
+        val_samples, val_images, lost_val = preload(val_samples, preprocessing, max_image_pixels)
+        skipped = lost_train + lost_val
+    train_transform, eval_transform = make_transforms(preprocessing, augmentation)
+    common = {"task": task, "num_classes": len(splits.class_names), "preprocessing": preprocessing}
+    train_ds = ImageDataset(
+        train_samples, **common, transform=train_transform, seed=seed, random_transform=augmentation != "none",
+        max_image_pixels=max_image_pixels, images=train_images,
+    )  # fmt: skip
+    val_ds = ImageDataset(
+        val_samples, **common, transform=eval_transform, seed=seed, random_transform=False,
+        max_image_pixels=max_image_pixels, images=val_images,
+    )  # fmt: skip
+    workers = resolve_num_workers(num_workers, len(train_ds), cached)
+    loader_args = {
+        "batch_size": batch_size,
+        "num_workers": workers,
+        "collate_fn": collate,
+        "pin_memory": pin_memory,
+        "worker_init_fn": seed_worker,
+        "generator": torch.Generator().manual_seed(seed),
+        "persistent_workers": workers > 0,
+    }
+    # a last batch of one image breaks BatchNorm in train mode; drop it only then
+    drop_last = len(train_ds) > batch_size and len(train_ds) % batch_size == 1
+    train = DataLoader(
+        train_ds, sampler=EpochSampler(len(train_ds), seed, shuffle=True), drop_last=drop_last, **loader_args
+    )
+    val = DataLoader(val_ds, sampler=EpochSampler(len(val_ds), seed, shuffle=False), **loader_args)
+    return Loaders(train, val, train_ds, val_ds, cached, workers, tuple(skipped))
+
+
+def resolve_num_workers(requested: int | None, train_images: int, cached: bool) -> int:
+    if requested is not None:
+        return requested
+    if cached or train_images < SMALL_DATASET:
+        return 0  # worker start-up costs more than it saves
+    return min(4, max(1, (os.cpu_count() or 1) - 1))
+
+
+def estimate_bytes(samples: Sequence[Sample], resize_size: int) -> int:
+    """Memory the decoded, resized uint8 images would take (sizes from the scan's header check)."""
+    total = 0
+    for sample in samples:
+        width, height = sample.size
+        scale = resize_size / max(1, min(width, height))
+        total += 3 * max(1, round(width * scale)) * max(1, round(height * scale))
+    return total
+
+
+def preload(
+    samples: Sequence[Sample], preprocessing: Preprocessing, max_image_pixels: int | None
+) -> tuple[tuple[Sample, ...], list[Tensor], list[Skipped]]:
+    """Decode every sample once (threads: PIL releases the GIL); failures are dropped and listed."""
+
+    def load(sample: Sample) -> Tensor | None:
+        try:
+            return decode_image(
+                sample.path, preprocessing.resize_size, preprocessing.interpolation, max_image_pixels
+            )
+        except Exception as exc:  # corrupt or truncated: counted as a skip, the job goes on
+            log.warning("skipping %s: %s", sample.path, exc)
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        decoded = list(pool.map(load, samples))
+    kept = [(s, image) for s, image in zip(samples, decoded, strict=True) if image is not None]
+    lost = [Skipped(s.path, SKIP_UNDECODABLE) for s, image in zip(samples, decoded, strict=True) if image is None]
+    return tuple(s for s, _ in kept), [image for _, image in kept], lost

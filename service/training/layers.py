@@ -1,0 +1,254 @@
+"""The layer table ("blocks") of a model: the units a freeze request counts, and DescribeModel's rows.
+
+The rule, deterministic for any nn.Module:
+  1. Blocks are the model's top-level children, in registration order.
+  2. A top-level child whose type is exactly nn.Sequential or nn.ModuleList is a container: its children
+     become the blocks, named `<child>.<grandchild>` (one level only). Subclasses such as torchvision's
+     Conv2dNormActivation are layers in their own right and stay whole.
+  3. Except stages: when two or more top-level containers each hold copies of one and the same block
+     type, each stays one block (ResNet's layer1..layer4 of BasicBlock, ShuffleNet's stage2..stage4).
+So resnet18 is conv1, bn1, relu, maxpool, layer1..layer4, avgpool, fc; efficientnet_b0 is features.0 ..
+features.8, avgpool, classifier.0, classifier.1; vit_b_16 is conv_proj, encoder, heads.head.
+A block holding a head module is a head block; blocks before the first head block are freezable.
+Parameters owned by the model itself (ViT's class token) are not in any block; they freeze with block 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.errors import InvalidArgument
+from service.jobs.spec import FreezeSpec
+from service.training import builder, heads, registry
+
+log = logging.getLogger(__name__)
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+_HINT_BLOCKS = 6  # block names shown in an error message before "..."
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One block of the layer table (mirrors tuneserve.v1.LayerRow)."""
+
+    index: int
+    name: str
+    type: str
+    output_shape: tuple[int, ...]  # for a batch of 1 at the described image size; () if not run
+    params: int
+    frozen: bool
+    is_head: bool
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """The layer table of an architecture and what a freeze request freezes (mirrors the proto)."""
+
+    architecture: str
+    image_size: int
+    layers: tuple[LayerRow, ...]
+    total_params: int
+    trainable_params: int
+    frozen_params: int
+    freezable_blocks: int  # valid freeze depths are 0 .. freezable_blocks
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Block names in order, which are heads, and which block owns each qualified module name."""
+
+    names: tuple[str, ...]
+    is_head: tuple[bool, ...]
+    owners: Mapping[str, int] = field(repr=False)  # module name -> index of the last block it covers
+
+    @property
+    def freezable_blocks(self) -> int:
+        """The number of blocks before the first head block: the largest valid freeze depth."""
+        return self.is_head.index(True) if True in self.is_head else len(self.names)
+
+    def freeze_depth(self, freeze: FreezeSpec | None, architecture: str = "the model") -> int:
+        """How many leading blocks `freeze` covers; InvalidArgument naming the field when it cannot."""
+        limit = self.freezable_blocks
+        if freeze is None or (freeze.depth is None and freeze.until_layer is None):
+            return 0
+        if freeze.depth is not None:
+            if freeze.depth > limit:
+                raise InvalidArgument(
+                    f"freeze.depth {freeze.depth} is out of range for {architecture}: allowed 0..{limit} "
+                    f"({self._head_note()}); {self._hint(architecture)}"
+                )
+            return freeze.depth
+        name = str(freeze.until_layer)
+        index = self.owners.get(name)
+        if index is None:
+            raise InvalidArgument(
+                f"freeze.until_layer {name!r} is not a layer of {architecture}; blocks: "
+                f"{self._first_names()}; a qualified module name inside a block works too; "
+                f"{self._hint(architecture)}"
+            )
+        if index >= limit:
+            raise InvalidArgument(
+                f"freeze.until_layer {name!r} reaches the head of {architecture}, which is never frozen; "
+                f"choose a block before {self.names[limit]!r}: {self._first_names()}; "
+                f"{self._hint(architecture)}"
+            )
+        return index + 1
+
+    def _first_names(self) -> str:
+        shown = self.names[: min(_HINT_BLOCKS, self.freezable_blocks)]
+        return ", ".join(shown) + (
+            f", ... ({self.freezable_blocks} freezable)" if len(shown) < self.freezable_blocks else ""
+        )
+
+    def _head_note(self) -> str:
+        limit = self.freezable_blocks
+        return (
+            f"{limit} blocks before the head {self.names[limit]}"
+            if limit < len(self.names)
+            else "no head found"
+        )
+
+    @staticmethod
+    def _hint(architecture: str) -> str:
+        return f"see `tuneserve describe {architecture}`"
+
+
+def list_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The blocks of `model`, in order, by the rule in the module docstring."""
+    children = list(model.named_children())
+    stage_types = [_stage_type(m) for _, m in children]
+    blocks: list[tuple[str, nn.Module]] = []
+    for (name, module), stage_type in zip(children, stage_types, strict=True):
+        is_stage = stage_type is not None and stage_types.count(stage_type) >= 2
+        if type(module) in _CONTAINERS and any(True for _ in module.children()) and not is_stage:
+            blocks += [(f"{name}.{sub}", child) for sub, child in module.named_children()]
+        else:
+            blocks.append((name, module))
+    return blocks
+
+
+def _stage_type(module: nn.Module) -> type[nn.Module] | None:
+    """The one type of block a top-level container repeats, or None (not a container, or mixed)."""
+    if type(module) not in _CONTAINERS:
+        return None
+    types = {type(child) for child in module.children()}
+    return types.pop() if len(types) == 1 else None
+
+
+def block_table(model: nn.Module, head_names: tuple[str, ...]) -> BlockTable:
+    """The BlockTable of `model` whose head modules are `head_names`."""
+    blocks = list_blocks(model)
+    owners: dict[str, int] = {}
+    for index, (name, module) in enumerate(blocks):
+        owners[name] = index
+        owners.update((f"{name}.{sub}", index) for sub, _ in module.named_modules() if sub)
+        parent = name.rpartition(".")[0]
+        if parent:  # an expanded container stands for all of its blocks
+            owners[parent] = index
+    is_head = tuple(any(h == name or h.startswith(f"{name}.") for h in head_names) for name, _ in blocks)
+    return BlockTable(tuple(name for name, _ in blocks), is_head, owners)
+
+
+def root_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters the model owns directly, outside every child (ViT's class token, timm's pos_embed)."""
+    return model.parameters(recurse=False)
+
+
+def describe_model(
+    architecture: str,
+    *,
+    image_size: int | None,
+    num_classes: int | None,
+    freeze: FreezeSpec | None,
+    torch_home: Path,
+) -> ModelDescription:
+    """The layer table of `architecture` at `image_size` (default: the weights' crop size), `freeze` applied.
+
+    No weights are read (`torch_home` only names the cache; the model is built with random weights, on
+    the meta device when the architecture allows, so even huge models describe in well under a second).
+    `num_classes` None keeps the pretrained head's size.
+    """
+    arch = registry.check_architecture(architecture)
+    size = image_size or builder.default_preprocessing(arch).crop_size
+    rows, table, total = _describe_unfrozen(arch, size, num_classes)
+    depth = table.freeze_depth(freeze, arch)
+    frozen = sum(row.params for row in rows[:depth]) + (rows[0].params_root if depth else 0)
+    layers = tuple(
+        LayerRow(r.index, r.name, r.type, r.output_shape, r.params, r.index < depth, r.is_head) for r in rows
+    )
+    log.debug("described %s at %d px from %s", arch, size, torch_home)
+    return ModelDescription(arch, size, layers, total, total - frozen, frozen, table.freezable_blocks)
+
+
+@dataclass(frozen=True)
+class _Row(LayerRow):
+    params_root: int = 0  # root-level parameters, counted with block 0 when it freezes
+
+
+@functools.lru_cache(maxsize=32)
+def _describe_unfrozen(
+    architecture: str, image_size: int, num_classes: int | None
+) -> tuple[tuple[_Row, ...], BlockTable, int]:
+    try:
+        return _run_description(architecture, image_size, num_classes, torch.device("meta"))
+    except InvalidArgument:
+        raise
+    except Exception as exc:  # an op without a meta kernel, or an architecture built with real tensors
+        log.debug("meta description of %s failed (%s); describing on the CPU", architecture, exc)
+    return _run_description(architecture, image_size, num_classes, torch.device("cpu"))
+
+
+def _run_description(
+    architecture: str, image_size: int, num_classes: int | None, device: torch.device
+) -> tuple[tuple[_Row, ...], BlockTable, int]:
+    with device:
+        model = builder.build_architecture(architecture)
+        head_names = heads.replace_head(model, num_classes) if num_classes else heads.find_head(model)
+    table = block_table(model, head_names)
+    blocks = list_blocks(model)
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [m.register_forward_hook(_shape_recorder(shapes, name)) for name, m in blocks]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
+    except Exception as exc:
+        if device.type == "meta":
+            raise
+        raise InvalidArgument(f"{architecture} cannot run on {image_size} px images: {exc}") from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+    root = sum(p.numel() for p in root_parameters(model))
+    rows = tuple(
+        _Row(
+            index=i,
+            name=name,
+            type=type(module).__name__,
+            output_shape=shapes.get(name, ()),
+            params=sum(p.numel() for p in module.parameters()),
+            frozen=False,
+            is_head=table.is_head[i],
+            params_root=root if i == 0 else 0,
+        )
+        for i, (name, module) in enumerate(blocks)
+    )
+    total = sum(p.numel() for p in model.parameters())
+    return rows, table, total
+
+
+def _shape_recorder(shapes: dict[str, tuple[int, ...]], name: str) -> Any:
+    def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, (tuple, list)):  # e.g. a block returning (features, attention)
+            output = next((o for o in output if isinstance(o, torch.Tensor)), None)
+        if isinstance(output, torch.Tensor) and name not in shapes:
+            shapes[name] = tuple(output.shape)
+
+    return record
