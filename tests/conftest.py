@@ -40,7 +40,8 @@ def make_serving_checkpoint(
         }
     )
     units = 1 if task == "binary" else len(class_names)
-    built = build_model(ModelSpec(architecture=architecture, weights="none"), units, torch_home=path.parent)
+    model_spec = ModelSpec.model_validate({"architecture": architecture, "weights": "none"})
+    built = build_model(model_spec, units, torch_home=path.parent)
     with torch.no_grad():
         # Calibrate BatchNorm on varied pictures so a random network's outputs depend on its input.
         for module in built.model.modules():
@@ -49,7 +50,8 @@ def make_serving_checkpoint(
                 module.momentum = None
         built.model.train()(torch.randn(16, 3, image_size, image_size) * 2)
         for name in built.head_names:
-            built.model.get_submodule(name).weight.mul_(5.0)
+            for parameter in built.model.get_submodule(name).parameters():
+                parameter.mul_(5.0)
     model_config = {
         **built.model_config,
         "task": task,

@@ -84,16 +84,22 @@ class JobStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        with self._write() as db:
-            db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db = self._connection()
+        db.executescript(_SCHEMA)  # idempotent; runs its own statements (no surrounding transaction)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ------------------------------------------------------------------ jobs
 
     def create_job(
-        self, spec: JobSpec, idempotency_key: str | None = None, *, max_queued: int | None = None
+        self,
+        spec: JobSpec,
+        idempotency_key: str | None = None,
+        *,
+        max_queued: int | None = None,
+        notes: Iterable[tuple[EventKind, str, dict[str, Any]]] = (),
     ) -> Job:
-        """Queue a job (with its first STATE event); the same key and spec return the existing job."""
+        """Queue a job with its first STATE event and `notes` (more events); the same key and spec return
+        the existing job, untouched."""
         key = _check_key(idempotency_key)
         spec_json = json.dumps(spec.to_dict(), sort_keys=True)
         now = time.time()
@@ -121,10 +127,21 @@ class JobStore:
                 (job_id, spec.name, JobState.QUEUED, spec_json, now, now, key),
             )
             _insert_event(db, job_id, EventKind.STATE, "job queued", {"state": JobState.QUEUED}, now)
+            for kind, message, data in notes:
+                _insert_event(db, job_id, kind, message, data, now)
             return _job_from_row(_fetch_row(db, job_id))
 
     def get_job(self, job_id: str) -> Job:
         return _job_from_row(_fetch_row(self._read(), job_id))
+
+    def job_for_key(self, idempotency_key: str) -> Job | None:
+        """The job created with this idempotency key, if any."""
+        row = (
+            self._read()
+            .execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+            .fetchone()
+        )
+        return None if row is None else _job_from_row(row)
 
     def list_jobs(
         self, states: Iterable[JobState] = (), page_size: int = 0, page_token: str = ""
@@ -134,7 +151,8 @@ class JobStore:
             raise InvalidArgument(f"page_size {page_size} is negative; use 1..{MAX_PAGE_SIZE}, or 0 for 50")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         wanted = sorted({JobState(s) for s in states})
-        where, args = ["num < ?"], [_decode_token(page_token) if page_token else 2**62]
+        where = ["num < ?"]
+        args: list[Any] = [_decode_token(page_token) if page_token else 2**62]
         if wanted:
             where.append(f"state IN ({', '.join('?' * len(wanted))})")
             args += wanted
@@ -161,7 +179,11 @@ class JobStore:
         return [_job_from_row(r) for r in rows]
 
     def count_queued(self) -> int:
-        return int(self._read().execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,)).fetchone()[0])
+        return int(
+            self._read()
+            .execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))
+            .fetchone()[0]
+        )
 
     # ------------------------------------------------------------------ state machine
 
@@ -223,7 +245,9 @@ class JobStore:
             if state == JobState.QUEUED:
                 _update(db, job_id, {"state": JobState.CANCELLED, "finished_at": now})
                 data = {"state": JobState.CANCELLED, "previous": state, "reason": "cancelled by request"}
-                _insert_event(db, job_id, EventKind.STATE, "QUEUED -> CANCELLED: cancelled by request", data, now)
+                _insert_event(
+                    db, job_id, EventKind.STATE, "QUEUED -> CANCELLED: cancelled by request", data, now
+                )
             elif not row["cancel_requested"]:
                 _insert_event(db, job_id, EventKind.INFO, "cancel requested; stopping the worker", {}, now)
             return _job_from_row(_fetch_row(db, job_id))
@@ -275,16 +299,22 @@ class JobStore:
         db = self._read()
         _fetch_row(db, job_id)
         rows = db.execute(
-            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?", (job_id, after_seq, limit)
+            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (job_id, after_seq, limit),
         )
         return [_event_from_row(r) for r in rows]
 
     def state_at(self, job_id: str, seq: int) -> JobState:
         """The job's state right after event `seq` (the last STATE event up to it)."""
-        row = self._read().execute(
-            "SELECT data FROM events WHERE job_id = ? AND seq <= ? AND kind = ? ORDER BY seq DESC LIMIT 1",
-            (job_id, seq, EventKind.STATE),
-        ).fetchone()
+        row = (
+            self._read()
+            .execute(
+                "SELECT data FROM events WHERE job_id = ? AND seq <= ? AND kind = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (job_id, seq, EventKind.STATE),
+            )
+            .fetchone()
+        )
         return JobState(json.loads(row["data"])["state"]) if row else JobState.QUEUED
 
     # ------------------------------------------------------------------ connections
@@ -302,8 +332,9 @@ class JobStore:
         if conn is not None and self._local.pid == os.getpid():
             return conn
         # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) by _write
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

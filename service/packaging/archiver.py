@@ -51,7 +51,7 @@ def build_archive(
     *,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Archive:
-    """Write `<model_name>-v<version>.mar` into model_store from a checkpoint; an existing one is not replaced."""
+    """Write `<model_name>-v<version>.mar` into model_store from a checkpoint; never replaces an archive."""
     _check_names(model_name, version)
     state = load_checkpoint(checkpoint)
     target = model_store / archive_file_name(model_name, version)
@@ -115,7 +115,7 @@ def _write_payload(state: dict[str, Any], folder: Path, max_image_pixels: int) -
 
 
 def _run_archiver(files: dict[str, Path], model_name: str, version: str, work: Path) -> Path:
-    """torch-model-archiver in a child process: it stages under $TMPDIR/<model_name>, so give it a private one."""
+    """Run torch-model-archiver in a child process with a private $TMPDIR (it stages in $TMPDIR/<name>)."""
     export = work / "export"
     tmp = work / "tmp"
     export.mkdir()
@@ -134,10 +134,14 @@ def _run_archiver(files: dict[str, Path], model_name: str, version: str, work: P
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=ARCHIVER_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise FailedPrecondition(f"torch-model-archiver took over {ARCHIVER_TIMEOUT_S} s; check the disk") from None
+        raise FailedPrecondition(
+            f"torch-model-archiver took over {ARCHIVER_TIMEOUT_S} s; check the disk"
+        ) from None
     built = export / f"{model_name}.mar"
     if done.returncode != 0 or not built.is_file():
         detail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise FailedPrecondition(f"torch-model-archiver failed (exit {done.returncode}): {' | '.join(detail)}")
+        raise FailedPrecondition(
+            f"torch-model-archiver failed (exit {done.returncode}): {' | '.join(detail)}"
+        )
     shutil.rmtree(tmp, ignore_errors=True)
     return built

@@ -8,6 +8,7 @@ so the stubs always match the TorchServe that is installed, and no proto text is
 
 from __future__ import annotations
 
+import importlib
 import re
 import struct
 import tempfile
@@ -108,9 +109,10 @@ def build_descriptor_set(jar: Path) -> descriptor_pb2.FileDescriptorSet:
     """TorchServe's two files plus every file they import, dependencies first (as protoc expects)."""
     with zipfile.ZipFile(jar) as archive:
         ours = [extract_file_descriptor(archive.read(cls), name) for name, cls in DESCRIPTOR_CLASSES.items()]
-    # The well-known imports come from the Python runtime's own generated modules.
-    import google.protobuf.empty_pb2  # noqa: F401
-    import google.rpc.status_pb2  # noqa: F401
+    # The imports' descriptors come from the protobuf runtime's own generated modules (importing them
+    # registers their files in the default pool).
+    for module in ("google.protobuf.empty_pb2", "google.rpc.status_pb2"):
+        importlib.import_module(module)
 
     pool = descriptor_pool.Default()
     ordered: list[descriptor_pb2.FileDescriptorProto] = []

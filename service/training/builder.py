@@ -25,6 +25,7 @@ from service.training import heads, registry, weights
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_VERSION = 1
+DEFAULT_WEIGHTS = weights.DEFAULT
 
 # Fixed builder arguments, whatever the weights. GoogLeNet / Inception v3: no auxiliary classifiers, so
 # every model returns plain logits in train mode too; transform_input re-normalises ImageNet-normalised
@@ -54,6 +55,21 @@ class Preprocessing:
 
 
 IMAGENET = Preprocessing(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
+
+
+@dataclass(frozen=True)
+class WeightsDefaults:
+    """The preprocessing of a weights set and the builder arguments it imposes (a ViT's image_size)."""
+
+    preprocessing: Preprocessing
+    build_kwargs: dict[str, Any]
+
+    @property
+    def build_kwargs_key(self) -> tuple[tuple[str, Any], ...]:
+        """build_kwargs as a hashable key (lists become tuples)."""
+        return tuple(
+            sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in self.build_kwargs.items())
+        )
 
 
 @dataclass(frozen=True)
@@ -135,10 +151,18 @@ def build_architecture(architecture: str, build_kwargs: Mapping[str, Any] | None
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def default_preprocessing(architecture: str, weights_name: str = weights.DEFAULT) -> Preprocessing:
-    """The preprocessing of a weights set, without reading any file (for describe and admission)."""
-    spec = ModelSpec(architecture=architecture, weights=weights_name, weights_file=None)
-    return _preprocessing(weights.resolve_weights(spec, registry.default_torch_home(), require_file=False))
+def weights_defaults(
+    architecture: str, weights_name: str = DEFAULT_WEIGHTS, torch_home: Path | None = None
+) -> WeightsDefaults:
+    """What a weights choice implies before any file is read (for describe and admission)."""
+    spec = ModelSpec(
+        architecture=architecture,
+        weights=weights_name,
+        weights_file="<not read>" if weights_name == weights.FILE else None,
+    )
+    home = torch_home or registry.default_torch_home()
+    resolved = weights.resolve_weights(spec, home, require_file=False)
+    return WeightsDefaults(_preprocessing(resolved), _weights_kwargs(resolved))
 
 
 def _weights_kwargs(resolved: weights.ResolvedWeights) -> dict[str, Any]:

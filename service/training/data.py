@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -69,7 +70,7 @@ class Splits:
     skipped: tuple[Skipped, ...]
 
 
-def skip_summary(skipped: Iterable[Skipped], examples: int = 5) -> dict[str, object]:
+def skip_summary(skipped: Iterable[Skipped], examples: int = 5) -> dict[str, Any]:
     """Counts by reason plus a few example paths: the data of a WARNING event."""
     skipped = list(skipped)
     return {
@@ -131,7 +132,9 @@ def scan_dataset(
     return DatasetInfo(folder, tuple(d.name for d in class_dirs), tuple(samples), tuple(skipped))
 
 
-def scan_manifest(manifest: str | Path, data_root: Path, *, max_image_pixels: int | None = None) -> DatasetInfo:
+def scan_manifest(
+    manifest: str | Path, data_root: Path, *, max_image_pixels: int | None = None
+) -> DatasetInfo:
     """Scan a multilabel CSV of `path,labels` rows (labels `;`-separated, paths relative to the data root)."""
     file = resolve_under_root(manifest, data_root, "data.manifest")
     if not file.is_file():
@@ -197,7 +200,9 @@ def load_splits(
         assert data.manifest is not None  # JobSpec requires it for multilabel
         info = scan_manifest(data.manifest, data_root, max_image_pixels=max_image_pixels)
         val_info = (
-            scan_manifest(data.val_path, data_root, max_image_pixels=max_image_pixels) if data.val_path else None
+            scan_manifest(data.val_path, data_root, max_image_pixels=max_image_pixels)
+            if data.val_path
+            else None
         )
     else:
         info = scan_dataset(Path(data.path), data_root, task=task, max_image_pixels=max_image_pixels)
@@ -236,7 +241,7 @@ def split_stratified(
             "add images (at least 2 per class), or give a separate data.val_path"
         )
     order = {s.path: i for i, s in enumerate(samples)}  # keep scan order within each split
-    return tuple(sorted(train, key=order.__getitem__)), tuple(sorted(val, key=order.__getitem__))
+    return tuple(sorted(train, key=lambda s: order[s.path])), tuple(sorted(val, key=lambda s: order[s.path]))
 
 
 def _same_classes(train: DatasetInfo, val: DatasetInfo, task: Task) -> tuple[Sample, ...]:
@@ -280,4 +285,6 @@ def _skips_hint(skipped: list[Skipped]) -> str:
     if not skipped:
         return ""
     reasons = ", ".join(f"{n} {reason}" for reason, n in Counter(s.reason for s in skipped).items())
-    return f" ({len(skipped)} file(s) skipped: {reasons}; images must be {', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return (
+        f" ({len(skipped)} file(s) skipped: {reasons}; images must be {', '.join(sorted(IMAGE_EXTENSIONS))})"
+    )

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 CACHE_MAX_BYTES = 512 * 2**20  # decoded, resized uint8 images kept in memory up to this much
 SMALL_DATASET = 2_000  # fewer training images than this: no loader worker processes by default
 Transform = Callable[[Tensor], Tensor]
+Item = tuple[Tensor, Tensor] | Skipped  # what ImageDataset gives; the loader turns lists of them into a Batch
 
 
 def make_transforms(pre: Preprocessing, augmentation: Augmentation) -> tuple[Transform, Transform]:
@@ -79,13 +80,16 @@ def epoch_seed(seed: int, epoch: int, index: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+Loader = DataLoader[Item]  # yields Batch
+
+
 class Batch(NamedTuple):
     images: Tensor
     targets: Tensor
     skipped: list[Skipped]  # images of this batch that failed to decode (left out)
 
 
-class ImageDataset(Dataset[tuple[Tensor, Tensor] | Skipped]):
+class ImageDataset(Dataset[Item]):
     """Items are keyed by (epoch, index); an image that fails to decode yields a Skipped, not an error."""
 
     def __init__(
@@ -114,7 +118,7 @@ class ImageDataset(Dataset[tuple[Tensor, Tensor] | Skipped]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor] | Skipped:
+    def __getitem__(self, key: tuple[int, int]) -> Item:
         epoch, index = key
         sample = self.samples[index]
         if self.images is not None:
@@ -168,7 +172,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return iter([(self.epoch, i) for i in order])
 
 
-def collate(items: list[tuple[Tensor, Tensor] | Skipped]) -> Batch:
+def collate(items: list[Item]) -> Batch:
     """Stack the decoded images; list the ones that failed. A batch may come out empty."""
     good = [item for item in items if not isinstance(item, Skipped)]
     skipped = [item for item in items if isinstance(item, Skipped)]
@@ -188,8 +192,8 @@ def seed_worker(worker_id: int) -> None:
 
 @dataclass(frozen=True)
 class Loaders:
-    train: DataLoader[Batch]
-    val: DataLoader[Batch]
+    train: Loader
+    val: Loader
     train_dataset: ImageDataset
     val_dataset: ImageDataset
     cached: bool
@@ -225,31 +229,36 @@ def build_loaders(
         val_samples, val_images, lost_val = preload(val_samples, preprocessing, max_image_pixels)
         skipped = lost_train + lost_val
     train_transform, eval_transform = make_transforms(preprocessing, augmentation)
-    common = {"task": task, "num_classes": len(splits.class_names), "preprocessing": preprocessing}
+    num_classes = len(splits.class_names)
     train_ds = ImageDataset(
-        train_samples, **common, transform=train_transform, seed=seed, random_transform=augmentation != "none",
+        train_samples, task=task, num_classes=num_classes, preprocessing=preprocessing,
+        transform=train_transform, seed=seed, random_transform=augmentation != "none",
         max_image_pixels=max_image_pixels, images=train_images,
     )  # fmt: skip
     val_ds = ImageDataset(
-        val_samples, **common, transform=eval_transform, seed=seed, random_transform=False,
+        val_samples, task=task, num_classes=num_classes, preprocessing=preprocessing,
+        transform=eval_transform, seed=seed, random_transform=False,
         max_image_pixels=max_image_pixels, images=val_images,
     )  # fmt: skip
     workers = resolve_num_workers(num_workers, len(train_ds), cached)
-    loader_args = {
-        "batch_size": batch_size,
-        "num_workers": workers,
-        "collate_fn": collate,
-        "pin_memory": pin_memory,
-        "worker_init_fn": seed_worker,
-        "generator": torch.Generator().manual_seed(seed),
-        "persistent_workers": workers > 0,
-    }
+
+    def loader(dataset: ImageDataset, shuffle: bool, drop_last: bool) -> Loader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=EpochSampler(len(dataset), seed, shuffle),
+            drop_last=drop_last,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=pin_memory,
+            worker_init_fn=seed_worker,
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=workers > 0,
+        )
+
     # a last batch of one image breaks BatchNorm in train mode; drop it only then
     drop_last = len(train_ds) > batch_size and len(train_ds) % batch_size == 1
-    train = DataLoader(
-        train_ds, sampler=EpochSampler(len(train_ds), seed, shuffle=True), drop_last=drop_last, **loader_args
-    )
-    val = DataLoader(val_ds, sampler=EpochSampler(len(val_ds), seed, shuffle=False), **loader_args)
+    train, val = loader(train_ds, shuffle=True, drop_last=drop_last), loader(val_ds, False, False)
     return Loaders(train, val, train_ds, val_ds, cached, workers, tuple(skipped))
 
 
@@ -288,5 +297,7 @@ def preload(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         decoded = list(pool.map(load, samples))
     kept = [(s, image) for s, image in zip(samples, decoded, strict=True) if image is not None]
-    lost = [Skipped(s.path, SKIP_UNDECODABLE) for s, image in zip(samples, decoded, strict=True) if image is None]
+    lost = [
+        Skipped(s.path, SKIP_UNDECODABLE) for s, image in zip(samples, decoded, strict=True) if image is None
+    ]
     return tuple(s for s, _ in kept), [image for _, image in kept], lost

@@ -169,16 +169,19 @@ def describe_model(
     num_classes: int | None,
     freeze: FreezeSpec | None,
     torch_home: Path,
+    weights: str = builder.DEFAULT_WEIGHTS,
 ) -> ModelDescription:
     """The layer table of `architecture` at `image_size` (default: the weights' crop size), `freeze` applied.
 
-    No weights are read (`torch_home` only names the cache; the model is built with random weights, on
-    the meta device when the architecture allows, so even huge models describe in well under a second).
-    `num_classes` None keeps the pretrained head's size.
+    No weights are read: the model is built with random weights, on the meta device when the
+    architecture allows, so even huge models describe in well under a second. `weights` (a
+    ModelSpec.weights value) only matters where it changes the architecture or the default size (a ViT's
+    IMAGENET1K_SWAG_E2E_V1 is a 384 px model). `num_classes` None keeps the pretrained head's size.
     """
     arch = registry.check_architecture(architecture)
-    size = image_size or builder.default_preprocessing(arch).crop_size
-    rows, table, total = _describe_unfrozen(arch, size, num_classes)
+    shape = builder.weights_defaults(arch, weights, torch_home)
+    size = image_size or shape.preprocessing.crop_size
+    rows, table, total = _describe_unfrozen(arch, shape.build_kwargs_key, size, num_classes)
     depth = table.freeze_depth(freeze, arch)
     frozen = sum(row.params for row in rows[:depth]) + (rows[0].params_root if depth else 0)
     layers = tuple(
@@ -195,22 +198,27 @@ class _Row(LayerRow):
 
 @functools.lru_cache(maxsize=32)
 def _describe_unfrozen(
-    architecture: str, image_size: int, num_classes: int | None
+    architecture: str, build_kwargs: tuple[tuple[str, Any], ...], image_size: int, num_classes: int | None
 ) -> tuple[tuple[_Row, ...], BlockTable, int]:
+    kwargs = dict(build_kwargs)
     try:
-        return _run_description(architecture, image_size, num_classes, torch.device("meta"))
+        return _run_description(architecture, kwargs, image_size, num_classes, torch.device("meta"))
     except InvalidArgument:
         raise
     except Exception as exc:  # an op without a meta kernel, or an architecture built with real tensors
         log.debug("meta description of %s failed (%s); describing on the CPU", architecture, exc)
-    return _run_description(architecture, image_size, num_classes, torch.device("cpu"))
+    return _run_description(architecture, kwargs, image_size, num_classes, torch.device("cpu"))
 
 
 def _run_description(
-    architecture: str, image_size: int, num_classes: int | None, device: torch.device
+    architecture: str,
+    build_kwargs: dict[str, Any],
+    image_size: int,
+    num_classes: int | None,
+    device: torch.device,
 ) -> tuple[tuple[_Row, ...], BlockTable, int]:
     with device:
-        model = builder.build_architecture(architecture)
+        model = builder.build_architecture(architecture, build_kwargs)
         head_names = heads.replace_head(model, num_classes) if num_classes else heads.find_head(model)
     table = block_table(model, head_names)
     blocks = list_blocks(model)

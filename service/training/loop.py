@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,12 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from service.jobs.records import EventKind
 from service.jobs.spec import Task
 from service.training.data import Skipped
-from service.training.datasets import Batch
+from service.training.datasets import Loader
 from service.training.metrics import MetricAccumulator, loss_targets, predict
 from service.training.reporting import Reporter
 
@@ -58,7 +56,7 @@ def train_one_epoch(
     forward: Forward,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loader: DataLoader[Batch],
+    loader: Loader,
     *,
     task: Task,
     num_classes: int,
@@ -146,7 +144,7 @@ class Evaluation:
 def evaluate(
     model: nn.Module,
     criterion: nn.Module,
-    loader: DataLoader[Batch],
+    loader: Loader,
     *,
     task: Task,
     num_classes: int,
@@ -195,7 +193,3 @@ def evaluate(
     evaluation.images, evaluation.targets = joined["images"], joined["targets"]
     evaluation.predictions, evaluation.features = joined["predictions"], joined["features"]
     return evaluation
-
-
-def is_finite(value: float) -> bool:
-    return not (math.isnan(value) or math.isinf(value))

@@ -89,9 +89,9 @@ def check_architecture(name: str) -> str:
         return arch
     candidates = [*_torchvision_names(), LITE0, *(TIMM_PREFIX + n for n in _timm_all_names())]
     close = difflib.get_close_matches(arch, candidates, n=5, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise InvalidArgument(
-        f"architecture {name!r} is unknown{hint} Allowed: a torchvision classification model (resnet18), "
+        f"architecture {name!r} is unknown{hint}; allowed: a torchvision classification model (resnet18), "
         f"timm/<name> (timm/convnext_atto) or {LITE0}; run `tuneserve models` for the full list"
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,8 +119,8 @@ def read_state_dict(resolved: ResolvedWeights, model: nn.Module) -> dict[str, to
         model_dir=str(resolved.file.parent), map_location="cpu", progress=False, weights_only=True
     )
     if resolved.architecture.startswith("densenet"):
-        state = {_DENSENET_KEY.sub(r"\1\2", key): value for key, value in state.items()}
-    return dict(state)
+        return {_DENSENET_KEY.sub(r"\1\2", key): value for key, value in state.items()}
+    return state  # keeps its _metadata: module format versions
 
 
 def load_weights(model: nn.Module, resolved: ResolvedWeights, head_names: Iterable[str]) -> None:
@@ -133,27 +134,41 @@ def load_weights(model: nn.Module, resolved: ResolvedWeights, head_names: Iterab
     state = read_state_dict(resolved, model)
     expected = model.state_dict()
     heads = tuple(f"{h}." for h in head_names)
-    missing = [k for k in expected if k not in state and not k.startswith(heads)]
-    unexpected = [k for k in state if k not in expected and not k.startswith(_AUX_PREFIXES + heads)]
+    where = f"weights {resolved.name} ({resolved.file}) for {resolved.architecture}"
     wrong = [
         f"{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape and not k.startswith(heads)
     ]
-    where = f"weights {resolved.name} ({resolved.file}) for {resolved.architecture}"
-    for problem, keys in (
-        ("missing", missing),
-        ("unexpected", unexpected),
-        ("with a different shape", wrong),
-    ):
-        if keys:
-            raise FailedPrecondition(
-                f"{where} do not fit the architecture: {len(keys)} tensors {problem}, first {keys[0]}; "
-                "the file must be a state_dict of this exact architecture"
-            )
-    usable = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
-    model.load_state_dict(usable, strict=False)
+    _refuse_if(wrong, "with a different shape", where)
+    usable = OrderedDict(
+        (k, v)
+        for k, v in state.items()
+        if not (k.startswith(heads) and k in expected and v.shape != expected[k].shape)
+    )
+    # Modules read their format version from the metadata (MNASNet refuses to load without it, old
+    # BatchNorm checkpoints lack num_batches_tracked); a file without any gets the model's own.
+    usable._metadata = getattr(state, "_metadata", None) or getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
+    try:
+        # not strict: missing and unexpected keys are judged below, after modules renamed old keys
+        result = model.load_state_dict(usable, strict=False)
+    except RuntimeError as exc:
+        raise FailedPrecondition(f"{where} do not fit the architecture: {str(exc).strip()[:500]}") from exc
+    missing = [
+        k for k in result.missing_keys if not k.startswith(heads) and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(_AUX_PREFIXES + heads)]
+    _refuse_if(missing, "missing", where)
+    _refuse_if(unexpected, "unexpected", where)
     log.info("loaded %d tensors of %s", len(usable), where)
+
+
+def _refuse_if(keys: list[str], problem: str, where: str) -> None:
+    if keys:
+        raise FailedPrecondition(
+            f"{where} do not fit the architecture: {len(keys)} tensors {problem}, first {keys[0]}; "
+            "the file must be a state_dict of this exact architecture"
+        )
 
 
 def convert_lite0_state_dict(
@@ -194,26 +209,28 @@ def _torchvision_member(architecture: str, name: str) -> torchvision.models.Weig
         ) from None
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+def _read_file(path: Path) -> dict[str, Any]:
+    loaded: Any
     try:
-        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with code in it, a truncated file, not a torch file at all
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            loaded = load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with code in it, a truncated file, not a weights file at all
         raise FailedPrecondition(f"cannot read weights file {path}: {exc}") from exc
-    if not isinstance(loaded, Mapping):
+    if not isinstance(loaded, dict):
         raise FailedPrecondition(f"weights file {path} holds a {type(loaded).__name__}, not a state_dict")
-    return dict(loaded)
+    return loaded  # as loaded: an OrderedDict keeps its _metadata
 
 
 def _read_user_file(path: Path) -> dict[str, torch.Tensor]:
     loaded = _read_file(path)
     # a training checkpoint wraps the state_dict; DistributedDataParallel prefixes every key with `module.`
     for key in ("state_dict", "model"):
-        if isinstance(loaded.get(key), Mapping):
-            loaded = dict(loaded[key])
+        if isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
             break
     if not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise FailedPrecondition(

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Builds the CPU image with Debian's podman where no Docker engine runs and no base image can be pulled,
+# then runs it: serves health, drains on SIGTERM. docker/README.md says what this proves and what not.
+#   docker/podman-build.sh [IMAGE]        (make podman-build; needs root, podman, mmdebstrap)
+# Only PyPI and Debian are reachable here, so by default no weights are baked (WEIGHTS) and torch comes
+# from PyPI, not the CPU wheel index (CPU_TORCH_INDEX); set either where their hosts are reachable.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+image=${1:-tuneserve:cpu}
+base=localhost/tuneserve-base:bookworm
+run_opts=(--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+
+if ! podman image exists "$base"; then
+    # Stands in for python:3.11-slim-bookworm: Debian bookworm's own python3 is 3.11. It trusts this
+    # machine's extra CAs (a TLS-inspecting proxy), and its pip uses them, as the host's pip does.
+    mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        --customize-hook='copy-in /usr/local/share/ca-certificates /usr/local/share' \
+        --customize-hook='chroot "$1" update-ca-certificates' \
+        --customize-hook='printf "[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n" >"$1/etc/pip.conf"' \
+        bookworm - | podman import - "$base"
+fi
+
+podman build --isolation=chroot --network=host -f "$root/docker/Dockerfile" \
+    --build-arg VARIANT=cpu --build-arg CPU_BASE="$base" \
+    --build-arg CPU_TORCH_INDEX="${CPU_TORCH_INDEX:-}" --build-arg WEIGHTS="${WEIGHTS:-}" \
+    -t "$image" "$root"
+
+echo "== image: user, tools, package"
+podman run --rm "${run_opts[@]}" --entrypoint /bin/sh "$image" -c \
+    'id -u && tini --version && java -version 2>&1 | head -n 1 && python -c "import service, ts, torch; print(torch.__version__)"'
+
+echo "== run: health, then SIGTERM"
+name=tuneserve-podman-check
+podman rm -f "$name" >/dev/null 2>&1 || true
+podman run -d --name "$name" "${run_opts[@]}" -e TUNESERVE_AUTH_TOKEN=podman-check "$image" >/dev/null
+trap 'podman rm -f "$name" >/dev/null 2>&1 || true' EXIT
+for _ in $(seq 60); do
+    if podman exec "$name" python /app/scripts/healthcheck.py 2>/dev/null; then
+        healthy=1
+        break
+    fi
+    [ "$(podman inspect -f '{{.State.Running}}' "$name")" = true ] || break
+    sleep 3
+done
+if [ -z "${healthy:-}" ]; then
+    podman logs "$name" | tail -n 30
+    echo "podman-build: the container never reported SERVING" >&2
+    exit 1
+fi
+start=$(date +%s)
+podman stop -t 300 "$name" >/dev/null
+status=$(podman inspect -f '{{.State.ExitCode}}' "$name")
+echo "healthy; SIGTERM -> exit $status after $(($(date +%s) - start)) s"
+[ "$status" = 0 ]

@@ -1,0 +1,210 @@
+"""Proto <-> domain translation, and nothing else.
+
+Incoming specs go proto -> dict -> parse_spec, so the pydantic model is the one place a spec is
+validated. Unset fields are dropped (empty strings included), so the spec's documented defaults apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from pydantic import ValidationError
+
+from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.errors import InvalidArgument
+from service.jobs.records import Job, JobEvent, JobResult, JobState
+from service.jobs.spec import FreezeSpec, JobSpec, describe_validation_error, parse_spec
+
+# ---------------------------------------------------------------------- requests -> domain
+
+
+def spec_from_proto(message: pb.JobSpec) -> JobSpec:
+    return parse_spec(_message_to_dict(message))
+
+
+def freeze_from_proto(message: pb.FreezeSpec) -> FreezeSpec | None:
+    data = _message_to_dict(message)
+    if not data:
+        return None
+    try:
+        return FreezeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument(describe_validation_error(exc, prefix="freeze")) from None
+
+
+def states_from_proto(states: Iterable[int]) -> list[JobState]:
+    """ListJobs' state filter; JOB_STATE_UNSPECIFIED or an unknown number is refused."""
+    result = []
+    for index, number in enumerate(states):
+        name = pb.JobState.Name(number) if number in pb.JobState.values() else str(number)
+        if name not in JobState.__members__:
+            raise InvalidArgument(
+                f"states[{index}] {name} is not a job state; use {', '.join(JobState)} (or none for all)"
+            )
+        result.append(JobState(name))
+    return result
+
+
+def optional_size(value: int, field: str, allowed: str) -> int | None:
+    """0 means "the default"; a negative number is refused."""
+    if value < 0:
+        raise InvalidArgument(f"{field} {value} is negative; use 0 for the default or {allowed}")
+    return value or None
+
+
+def _message_to_dict(message: Any) -> dict[str, Any]:
+    return _drop_empty(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+
+def _drop_empty(value: Any) -> Any:
+    # proto3 cannot tell "" from unset: an empty string means "take the default", not "the empty value"
+    if isinstance(value, dict):
+        return {k: _drop_empty(v) for k, v in value.items() if v != ""}
+    if isinstance(value, list):
+        return [_drop_empty(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- domain -> responses
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    return pb.Job(
+        id=job.id,
+        spec=spec_to_proto(job.spec),
+        state=pb.JobState.Value(job.state),
+        created_at=_timestamp(job.created_at),
+        updated_at=_timestamp(job.updated_at),
+        started_at=_timestamp(job.started_at),
+        finished_at=_timestamp(job.finished_at),
+        error=job.error or "",
+        attempts=job.attempts,
+        idempotency_key=job.idempotency_key or "",
+        cancel_requested=job.cancel_requested,
+        result=result_to_proto(job.result),
+    )
+
+
+def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
+    return json_format.ParseDict(_drop_none(spec.to_dict()), pb.JobSpec(), ignore_unknown_fields=True)
+
+
+def result_to_proto(result: JobResult) -> pb.JobResult:
+    fields = {k: v for k, v in vars(result).items() if v is not None and k not in ("metrics", "class_names")}
+    return pb.JobResult(
+        **fields,
+        metrics={k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)},
+        class_names=list(result.class_names),
+    )
+
+
+def event_to_proto(event: JobEvent, state: JobState) -> pb.JobEvent:
+    data = struct_pb2.Struct()
+    data.update(event.data)
+    return pb.JobEvent(
+        job_id=event.job_id,
+        seq=event.seq,
+        time=_timestamp(event.time),
+        kind=str(event.kind),
+        message=event.message,
+        data=data,
+        state=pb.JobState.Value(state),
+    )
+
+
+def list_jobs_to_proto(jobs: Sequence[Job], next_page_token: str) -> pb.ListJobsResponse:
+    return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=next_page_token)
+
+
+def models_to_proto(models: Iterable[Any]) -> pb.ListModelsResponse:
+    return pb.ListModelsResponse(
+        models=[
+            pb.ModelInfo(
+                architecture=m.architecture,
+                source=m.source,
+                weights=[
+                    pb.WeightsInfo(
+                        name=w.name,
+                        available=w.available,
+                        file=w.file,
+                        fetch_command=w.fetch_command,
+                        is_default=w.is_default,
+                    )
+                    for w in m.weights
+                ],
+            )
+            for m in models
+        ]
+    )
+
+
+def description_to_proto(d: Any) -> pb.ModelDescription:
+    return pb.ModelDescription(
+        architecture=d.architecture,
+        image_size=d.image_size,
+        layers=[
+            pb.LayerRow(
+                index=r.index,
+                name=r.name,
+                type=r.type,
+                output_shape=list(r.output_shape),
+                params=r.params,
+                frozen=r.frozen,
+                is_head=r.is_head,
+            )
+            for r in d.layers
+        ],
+        total_params=d.total_params,
+        trainable_params=d.trainable_params,
+        frozen_params=d.frozen_params,
+        freezable_blocks=d.freezable_blocks,
+    )
+
+
+def served_model_to_proto(m: Any) -> pb.ServedModel:
+    return pb.ServedModel(
+        name=m.name,
+        version=str(m.version or ""),
+        is_default=bool(getattr(m, "is_default", False)),
+        job_id=getattr(m, "job_id", "") or "",
+        archive_sha256=getattr(m, "archive_sha256", "") or "",
+        ready=bool(getattr(m, "ready", False)),
+        versions=[str(v) for v in getattr(m, "versions", ())],
+        inference_url=getattr(m, "inference_url", "") or "",
+    )
+
+
+def served_models_to_proto(models: Iterable[Any]) -> pb.ListServedModelsResponse:
+    return pb.ListServedModelsResponse(models=[served_model_to_proto(m) for m in models])
+
+
+def predict_to_proto(result: Any) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        model=result.model,
+        version=str(result.version or ""),
+        predictions=[
+            pb.Prediction(
+                scores=[pb.ClassScore(label=s.label, probability=float(s.probability)) for s in p.scores],
+                error=getattr(p, "error", "") or "",
+            )
+            for p in result.predictions
+        ],
+    )
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value

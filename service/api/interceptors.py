@@ -1,0 +1,131 @@
+"""Server interceptors: domain errors -> gRPC statuses (the one place), and bearer-token auth.
+
+A TuneserveError aborts the call with its own status and message. Anything else is a bug: it is logged
+with its traceback under a short id, and the client gets INTERNAL with that id only, never a trace.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from service.errors import TuneserveError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_CHARS = 4000  # status details travel in trailers; keep them well under their size limit
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps TuneserveError to its status; unexpected exceptions to INTERNAL with a log id."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return _rebuild(handler, lambda b: _guard_unary(b, method), lambda b: _guard_stream(b, method))
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Every RPC but health and reflection needs `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
+            return handler
+        problem = self._check(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
+        if problem is None:
+            return handler
+
+        def reject(_request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        return _rebuild(handler, lambda _b: reject, lambda _b: reject)
+
+    def _check(self, header: Any) -> str | None:
+        if not header:
+            return (
+                "missing `authorization: Bearer <token>` metadata; this server requires the token set in "
+                "its TUNESERVE_AUTH_TOKEN"
+            )
+        scheme, _, token = str(header).partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "the authorization metadata must be `Bearer <token>`"
+        if not hmac.compare_digest(token.strip().encode(), self._token):
+            return "the bearer token is not valid for this server"
+        return None
+
+
+def _guard_unary(behavior: Behavior, method: str) -> Behavior:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except TuneserveError as exc:
+            _abort_domain(context, exc, method)
+        except Exception:
+            _abort_internal(context, method)
+
+    return guarded
+
+
+def _guard_stream(behavior: Behavior, method: str) -> Behavior:
+    def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(request, context)
+        except TuneserveError as exc:
+            _abort_domain(context, exc, method)
+        except Exception:
+            _abort_internal(context, method)
+
+    return guarded
+
+
+def _abort_domain(context: grpc.ServicerContext, exc: TuneserveError, method: str) -> None:
+    log.info("%s -> %s: %s", method, exc.code, exc.message)
+    message = (
+        exc.message if len(exc.message) <= MAX_MESSAGE_CHARS else exc.message[:MAX_MESSAGE_CHARS] + "..."
+    )
+    context.abort(grpc.StatusCode[exc.code], message)
+
+
+def _abort_internal(context: grpc.ServicerContext, method: str) -> None:
+    error_id = secrets.token_hex(4)
+    log.exception("%s failed unexpectedly (error id %s)", method, error_id)
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server log has the details")
+
+
+def _rebuild(
+    handler: grpc.RpcMethodHandler,
+    wrap_unary_response: Callable[[Behavior], Behavior],
+    wrap_stream_response: Callable[[Behavior], Behavior],
+) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped (unary or streaming response, as it was)."""
+    args = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary_response(handler.unary_unary), *args)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream_response(handler.unary_stream), *args)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary_response(handler.stream_unary), *args)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(wrap_stream_response(handler.stream_stream), *args)

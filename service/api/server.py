@@ -1,0 +1,108 @@
+"""The gRPC server: tuneserve's two services, health (per service), reflection, interceptors, TLS.
+
+build_server binds and starts it; `port` is the bound port (settings.port 0 picks a free one).
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from service.api.interceptors import AuthInterceptor, ErrorInterceptor
+from service.api.servicer import FineTuningServicer, InferenceServicer
+from service.api.serving import Serving
+from service.jobs.manager import JobManager
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FINE_TUNING = pb.DESCRIPTOR.services_by_name["FineTuning"].full_name  # tuneserve.v1.FineTuning
+INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # tuneserve.v1.Inference
+OVERALL = ""  # the health service's name for the server as a whole
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class TuneserveServer:
+    """A started gRPC server and its health servicer."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    jobs: JobManager
+
+    def set_serving(self, service: str, serving: bool) -> None:
+        self.health.set(service, SERVING if serving else NOT_SERVING)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Report NOT_SERVING, end open watches, finish in-flight calls for up to `grace_s`, then stop."""
+        for service in (OVERALL, FINE_TUNING, INFERENCE):
+            self.set_serving(service, False)
+        self.jobs.close()
+        self.server.stop(grace_s).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+
+def build_server(settings: Settings, jobs: JobManager, serving: Serving | None = None) -> TuneserveServer:
+    """Create, bind and start the server on settings.host:settings.port."""
+    interceptors: list[grpc.ServerInterceptor] = []
+    if settings.auth_token is not None:
+        interceptors.append(AuthInterceptor(settings.auth_token.get_secret_value()))
+    interceptors.append(ErrorInterceptor())  # inside auth: a rejected call never reaches a servicer
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a taken port is an error, not a second listener
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
+        options=options,
+    )
+    pb_grpc.add_FineTuningServicer_to_server(FineTuningServicer(settings, jobs, serving), server)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (FINE_TUNING, INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = (
+        server.add_secure_port(address, _credentials(settings))
+        if settings.tls_cert
+        else server.add_insecure_port(address)
+    )
+    server.start()
+    running = TuneserveServer(server, port, health_servicer, jobs)
+    running.set_serving(OVERALL, True)
+    running.set_serving(FINE_TUNING, True)
+    running.set_serving(INFERENCE, serving is not None)
+    log.info(
+        "gRPC server listening on %s:%d (%s)",
+        settings.host,
+        port,
+        "TLS" if settings.tls_cert else "plaintext",
+    )
+    return running
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials:
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise ValueError("TUNESERVE_TLS_CERT and TUNESERVE_TLS_KEY must be set together")
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,  # mTLS when a client CA is given
+    )

@@ -1,0 +1,137 @@
+"""The service, assembled: job store -> scheduler (worker processes) -> serving -> gRPC server.
+
+`run_service(settings)` is what `tuneserve serve` and the container entrypoint call: it starts
+everything, blocks until SIGTERM/SIGINT, then stops in the order that loses nothing: the API stops
+taking calls, running jobs checkpoint and go back to the queue, TorchServe stops, the store closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.api.server import TuneserveServer, build_server
+from service.api.serving import PredictResult, ServedModel, Serving
+from service.errors import FailedPrecondition
+from service.jobs.manager import JobManager
+from service.jobs.records import Job
+from service.jobs.scheduler import Scheduler
+from service.jobs.store import JobStore
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+API_GRACE_S = 5.0  # in-flight calls get this long to finish when the service stops
+
+
+@dataclass
+class Service:
+    """Everything that runs in the service process, stopped together."""
+
+    settings: Settings
+    store: JobStore
+    scheduler: Scheduler
+    server: TuneserveServer
+    serving: Serving | None = None
+    torchserve: Any = None  # the ServingManager, when this service started TorchServe
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop the API, then drain (or kill) running jobs back to the queue, then TorchServe."""
+        log.info("stopping (drain=%s)", drain)
+        self.server.stop(API_GRACE_S)
+        self.scheduler.stop(drain=drain)
+        if self.torchserve is not None:
+            self.torchserve.stop()
+        self.store.close()
+        log.info("stopped")
+
+
+def start_service(settings: Settings, serving: Serving | None = None) -> Service:
+    """Start the whole service. `serving` replaces the TorchServe side (tests); by default TorchServe is
+    started when settings.torchserve_enabled."""
+    for folder in (settings.state_dir, settings.jobs_dir, settings.model_store):
+        folder.mkdir(parents=True, exist_ok=True)
+    store = JobStore(settings.jobs_db)
+    torchserve = None
+    if serving is None and settings.torchserve_enabled:
+        torchserve = start_torchserve(settings, store)
+        serving = TorchServeServing(torchserve)
+    scheduler = Scheduler(settings, store, deployer=serving.deploy if serving is not None else None)
+    scheduler.start()
+    jobs = JobManager(settings, store, wake=scheduler.wake)
+    server = build_server(settings, jobs, serving)
+    return Service(settings, store, scheduler, server, serving, torchserve)
+
+
+def run_service(settings: Settings | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain and stop."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = settings or Settings()  # type: ignore[call-arg]  # defaults + TUNESERVE_* env
+    service = start_service(settings)
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("received %s; draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    log.info("tuneserve is serving on %s:%d", settings.host, service.port)
+    stop.wait()
+    service.stop(drain=True)
+
+
+def start_torchserve(settings: Settings, store: JobStore) -> Any:
+    """Start TorchServe and its manager (service.packaging is imported only when serving is on)."""
+    from service.packaging.serving import ServingManager
+
+    manager = ServingManager(settings, store)
+    manager.start()
+    return manager
+
+
+class TorchServeServing:
+    """The API's Serving protocol over service.packaging's ServingManager."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+
+    def deploy(self, job: Job) -> None:
+        result = job.result
+        if not result.archive_path or not result.archive_sha256 or not result.best_checkpoint:
+            raise FailedPrecondition(f"job {job.id} has no archive to serve (packaging did not produce one)")
+        self.manager.deploy(
+            job.id,
+            Path(result.archive_path),
+            result.archive_sha256,
+            job.spec.serving,
+            checkpoint=Path(result.best_checkpoint),
+        )
+
+    def predict(
+        self, model: str, version: str | None, images: Sequence[bytes], top_k: int | None
+    ) -> PredictResult:
+        predictions = self.manager.predict(model, version or "", images, top_k or 0)
+        return PredictResult(model, version or "", tuple(predictions))
+
+    def serve_job(self, job_id: str) -> ServedModel:
+        return self.manager.serve_job(job_id)  # type: ignore[no-any-return]
+
+    def unserve(self, name: str, version: str | None) -> None:
+        self.manager.unserve(name, version)
+
+    def set_default(self, name: str, version: str) -> ServedModel:
+        return self.manager.set_default(name, version)  # type: ignore[no-any-return]
+
+    def list_served(self) -> list[ServedModel]:
+        return list(self.manager.list_served())

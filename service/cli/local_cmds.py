@@ -1,0 +1,72 @@
+"""Commands that run something on this machine: serve (the service itself) and health."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated, Any
+
+import typer
+from grpc_health.v1 import health_pb2
+from pydantic import ValidationError
+
+from service.cli.client import CliError
+from service.cli.options import connect, out
+from service.errors import TuneserveError
+
+HEALTH_SERVICES = ("", "tuneserve.v1.FineTuning", "tuneserve.v1.Inference")
+
+
+def serve(
+    host: Annotated[str | None, typer.Option(help="gRPC address (default: TUNESERVE_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port (default: TUNESERVE_PORT, 0: any free)")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+) -> None:
+    """Run the service (gRPC API, scheduler, TorchServe) in the foreground until SIGTERM or Ctrl-C."""
+    from service.app import run_service  # deferred: the client commands must start fast
+    from service.settings import Settings
+
+    configure_logging(log_level)
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"TUNESERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise CliError("INVALID_ARGUMENT", problems) from None
+    try:
+        run_service(settings)
+    except TuneserveError as exc:  # start-up problems the operator can fix (ports, TorchServe, folders)
+        raise CliError(exc.code, exc.message) from None
+
+
+def configure_logging(level: str) -> None:
+    """Readable logs: rich's handler on a terminal, one plain timestamped line per record otherwise."""
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise CliError("INVALID_ARGUMENT", f"--log-level {level!r}: use DEBUG, INFO, WARNING or ERROR")
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s", datefmt="%H:%M:%S"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
+
+
+def health(
+    ctx: typer.Context,
+    wait: Annotated[float, typer.Option(help="wait up to this many seconds for SERVING")] = 0.0,
+) -> None:
+    """The server's health, per service; exit 6 when it is not SERVING."""
+    with connect(ctx) as client:
+        if wait:
+            client.wait_until_serving(wait)
+        statuses = {name or "(server)": client.health_status(name) for name in HEALTH_SERVICES}
+    console = out()
+    for name, status in statuses.items():
+        console.print(f"{name:<24} {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    if statuses["(server)"] != health_pb2.HealthCheckResponse.SERVING:
+        raise typer.Exit(6)

@@ -1,0 +1,293 @@
+"""Rich tables for what the server answers. Server text is never read as markup (consoles use markup=False)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+
+STATE_STYLES = {
+    "QUEUED": "yellow",
+    "RUNNING": "cyan",
+    "PACKAGING": "cyan",
+    "SUCCEEDED": "green",
+    "FAILED": "red",
+    "CANCELLED": "magenta",
+}
+INFERENCE_KEY_HINT = "the inference key is in the server's $TUNESERVE_STATE_DIR/torchserve/key_file.json"
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that never interprets server text as markup or emoji codes."""
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
+
+
+def print_json(message: Message | list[Message]) -> None:
+    """Machine-readable output: the proto's JSON mapping with proto field names."""
+    if isinstance(message, list):
+        data: Any = [_to_dict(m) for m in message]
+    else:
+        data = _to_dict(message)
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+# ------------------------------------------------------------------------------------- formatting
+
+
+def state_name(state: int) -> str:
+    return pb.JobState.Name(state) if state in pb.JobState.values() else str(state)
+
+
+def state_text(state: int) -> Text:
+    name = state_name(state)
+    return Text(name, style=STATE_STYLES.get(name, ""))
+
+
+def when(stamp: Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return "-"
+    return stamp.ToDatetime(dt.UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def duration(job: pb.Job) -> str:
+    if not job.HasField("started_at"):
+        return "-"
+    end = job.finished_at if job.HasField("finished_at") else None
+    seconds = (end.ToSeconds() if end else dt.datetime.now(dt.UTC).timestamp()) - job.started_at.ToSeconds()
+    return format_seconds(seconds)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def number(value: float | int) -> str:
+    """Metrics and learning rates: 4 significant digits, scientific when tiny."""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+        return f"{int(value):,}"
+    return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+
+
+def params(count: int) -> str:
+    return f"{count:,}"
+
+
+def best_text(result: pb.JobResult) -> str:
+    if not result.monitor:
+        return "-"
+    return f"{result.monitor} {number(result.best_metric)} (epoch {result.best_epoch})"
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+
+def jobs_table(jobs: Iterable[pb.Job]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("id", "name", "state", "architecture", "epochs", "best", "created", "duration"):
+        table.add_column(column, no_wrap=column in ("id", "state", "created"))
+    for job in jobs:
+        epochs = job.spec.training.epochs
+        done = job.result.epochs_completed
+        table.add_row(
+            job.id, job.spec.name, state_text(job.state), job.spec.model.architecture,
+            f"{done}/{epochs}" if epochs else str(done), best_text(job.result), when(job.created_at),
+            duration(job),
+        )  # fmt: skip
+    return table
+
+
+def job_table(job: pb.Job, served: pb.ServedModel | None = None, *, spec: bool = True) -> Table:
+    """Everything about one job: state, timing, the spec's essentials, the result and where it lies."""
+    table = Table(box=box.SIMPLE, show_header=False, title=f"job {job.id}", title_justify="left")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str | Text]] = [("name", job.spec.name), ("state", state_text(job.state))]
+    if job.error:
+        rows.append(("error", Text(job.error, style="red")))
+    if job.cancel_requested and job.state not in (pb.CANCELLED, pb.FAILED, pb.SUCCEEDED):
+        rows.append(("cancel", "requested"))
+    if spec:
+        rows += _spec_rows(job.spec)
+        rows += [("created", when(job.created_at)), ("started", when(job.started_at))]
+        rows += [("finished", when(job.finished_at)), ("duration", duration(job))]
+        if job.attempts > 1:
+            rows.append(("attempts", str(job.attempts)))
+        if job.idempotency_key:
+            rows.append(("idempotency key", job.idempotency_key))
+    rows += _result_rows(job.result)
+    rows += _serving_rows(job, served)
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _spec_rows(spec: pb.JobSpec) -> list[tuple[str, str | Text]]:
+    freeze = spec.freeze
+    frozen = (
+        f"until {freeze.until_layer}" if freeze.until_layer
+        else f"depth {freeze.depth}" if freeze.HasField("depth") else "nothing"
+    )  # fmt: skip
+    training = spec.training
+    return [
+        ("model", f"{spec.model.architecture} (weights {spec.model.weights or 'DEFAULT'})"),
+        ("data", spec.data.path + (f" (val {spec.data.val_path})" if spec.data.val_path else "")),
+        ("task", spec.task or "multiclass"),
+        ("freeze", frozen),
+        (
+            "training",
+            f"{training.epochs} epochs, batch {training.batch_size}, {training.optimizer} lr "
+            f"{number(training.lr)}, image {training.image_size or 'default'} px",
+        ),
+    ]
+
+
+def _result_rows(result: pb.JobResult) -> list[tuple[str, str | Text]]:
+    rows: list[tuple[str, str | Text]] = []
+    if result.device:
+        rows.append(("device", result.device))
+    if result.epochs_completed:
+        stop = f" ({result.stop_reason})" if result.stop_reason else ""
+        rows.append(("epochs completed", f"{result.epochs_completed}{stop}"))
+    if result.monitor:
+        rows.append(("best epoch", str(result.best_epoch)))
+        rows.append((f"best {result.monitor}", number(result.best_metric)))
+    for key in sorted(result.metrics):
+        if key not in ("epoch", "steps"):
+            rows.append((f"  {key}", number(result.metrics[key])))
+    if result.class_names:
+        rows.append(("classes", ", ".join(result.class_names)))
+    paths = [
+        ("checkpoint", result.best_checkpoint),
+        ("checkpoints", result.checkpoint_dir),
+        ("tensorboard", result.tensorboard_dir),
+        ("wandb", result.wandb_dir + (f" (run {result.wandb_run_id})" if result.wandb_run_id else "")),
+        ("archive", result.archive_path),
+        ("archive sha256", result.archive_sha256),
+    ]
+    rows += [(name, value) for name, value in paths if value]
+    return rows
+
+
+def _serving_rows(job: pb.Job, served: pb.ServedModel | None) -> list[tuple[str, str | Text]]:
+    result = job.result
+    if not result.served_model:
+        return []
+    url = served.inference_url if served and served.inference_url else ""
+    return [
+        ("served", Text(f"{result.served_model} version {result.served_version}", style="green")),
+        *how_to_call(result.served_model, result.served_version, url),
+    ]
+
+
+def how_to_call(model: str, version: str, inference_url: str) -> list[tuple[str, str | Text]]:
+    """Rows that show how to ask the served model: TorchServe REST (curl) and `tuneserve predict`."""
+    url = predictions_url(model, version, inference_url)
+    curl = f'curl -H "Authorization: Bearer $INFERENCE_KEY" -T IMAGE.png {url}'
+    return [
+        ("call (REST)", curl),
+        ("", Text(INFERENCE_KEY_HINT, style="dim")),
+        ("call (CLI)", f"tuneserve predict {model} IMAGE.png --version {version}"),
+    ]
+
+
+def predictions_url(model: str, version: str, inference_url: str) -> str:
+    """TorchServe's REST URL for `model` (and `version`); the server reports `<base>/predictions/<model>`."""
+    url = (inference_url or "http://127.0.0.1:8080").rstrip("/")
+    if "/predictions/" not in url:
+        url = f"{url}/predictions/{model}"
+    return f"{url}/{version}" if version and not url.endswith(f"/{version}") else url
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def models_table(models: Iterable[pb.ModelInfo]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("architecture", "source", "default weights", "here", "other weights", "how to fetch"):
+        table.add_column(column, overflow="fold")
+    for model in models:
+        default = next((w for w in model.weights if w.is_default), None)
+        others = [w.name + (" (here)" if w.available else "") for w in model.weights if w is not default]
+        here = Text("yes", style="green") if default and default.available else Text("no", style="dim")
+        fetch = default.fetch_command if default and not default.available else ""
+        table.add_row(
+            model.architecture, model.source, default.name if default else "-", here, ", ".join(others), fetch
+        )
+    return table
+
+
+def layers_table(description: pb.ModelDescription) -> Table:
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=f"{description.architecture} at {description.image_size} px",
+        title_justify="left",
+        caption=(
+            f"total {params(description.total_params)} parameters: trainable "
+            f"{params(description.trainable_params)}, frozen {params(description.frozen_params)}; "
+            f"freeze depths 0..{description.freezable_blocks}"
+        ),
+        caption_justify="left",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("layer")
+    table.add_column("type")
+    table.add_column("output shape")
+    table.add_column("params", justify="right")
+    table.add_column("state")
+    for row in description.layers:
+        state = Text("frozen", style="cyan") if row.frozen else Text("head" if row.is_head else "trainable")
+        shape = "x".join(str(d) for d in row.output_shape) if row.output_shape else "-"
+        table.add_row(
+            str(row.index), row.name, row.type, shape, params(row.params), state,
+            style="dim" if row.frozen else None,
+        )  # fmt: skip
+    return table
+
+
+def predictions_table(image: str, prediction: pb.Prediction) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title=image, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("label")
+    table.add_column("probability", justify="right")
+    if prediction.error:
+        table.add_row("-", Text(f"error: {prediction.error}", style="red"), "-")
+    for rank, score in enumerate(prediction.scores, start=1):
+        table.add_row(str(rank), score.label, f"{score.probability:.4f}")
+    return table
+
+
+def served_table(models: Iterable[pb.ServedModel]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("model", "default", "versions", "ready", "job", "inference url"):
+        table.add_column(column, overflow="fold")
+    for model in models:
+        ready = Text("yes", style="green") if model.ready else Text("no", style="yellow")
+        table.add_row(
+            model.name, model.version, ", ".join(model.versions) or model.version, ready, model.job_id,
+            predictions_url(model.name, "", model.inference_url),
+        )  # fmt: skip
+    return table
+
+
+def served_line(model: pb.ServedModel) -> Text:
+    default = " (default)" if model.is_default else ""
+    ready = "ready" if model.ready else "not ready yet"
+    return Text(f"{model.name} version {model.version}{default}: {ready}; {model.inference_url}")

@@ -1,0 +1,147 @@
+"""The checks a parsed spec must pass on this machine before it is queued (run by CreateJob).
+
+spec.py checks what a spec says; admission checks it against the machine: the architecture is known,
+its weights are in the local cache, the dataset is under the data root and usable, the freeze request
+fits the model. Every error names the spec field (`spec.freeze.depth`), the bad value, what is allowed
+and how to fix it. The training modules are imported here, inside functions, so a server process that
+never creates a job does not pay for importing torch at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.errors import DatasetError, FailedPrecondition, TuneserveError
+from service.jobs.spec import JobSpec
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.training.data import DatasetInfo
+    from service.training.layers import ModelDescription
+
+_NAMED_FIELD = re.compile(r"^(model|data|freeze|training|serving|early_stopping|logging)\.[a-z_]+")
+
+
+@dataclass(frozen=True)
+class AdmittedJob:
+    """A spec that passed every check, with what the checks found."""
+
+    spec: JobSpec
+    class_names: tuple[str, ...]
+    num_images: int
+    description: ModelDescription
+    warnings: tuple[str, ...] = ()
+
+
+def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
+    """Check `spec` against this machine; raises the first problem as a domain error naming its field."""
+    from service.training import registry, weights
+
+    with _field("model.architecture"):
+        architecture = registry.check_architecture(spec.model.architecture)
+    with _field("model.weights"):
+        weights.resolve_weights(spec.model, settings.torch_home)
+    with _field("training.device"):
+        _check_device(spec)
+    info, val_info = _scan_data(spec, settings)
+    warnings = [*_skip_warnings(info), *_skip_warnings(val_info)]
+    description = _describe(spec, architecture, len(info.class_names), settings)
+    if spec.serving.enabled and not settings.torchserve_enabled:
+        warnings.append(
+            "spec.serving.enabled is true but this service runs with TUNESERVE_TORCHSERVE_ENABLED=false: "
+            "the job will be trained and packaged, not served"
+        )
+    return AdmittedJob(spec, info.class_names, len(info.samples), description, tuple(warnings))
+
+
+def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetInfo | None]:
+    from service.training.data import resolve_under_root, scan_dataset, scan_manifest, split_stratified
+
+    data, root, pixels = spec.data, settings.data_root, settings.max_image_pixels
+    if spec.task == "multilabel":
+        assert data.manifest is not None  # JobSpec requires it for multilabel
+        with _field("data.manifest"):
+            info = scan_manifest(data.manifest, root, max_image_pixels=pixels)
+    else:
+        with _field("data.path"):
+            info = scan_dataset(Path(data.path), root, task=spec.task, max_image_pixels=pixels)
+    if not data.val_path:
+        with _field("data.val_fraction"):
+            split_stratified(info.samples, data.val_fraction, spec.training.seed)
+        return info, None
+    with _field("data.val_path"):
+        resolve_under_root(data.val_path, root, "data.val_path")
+        if spec.task == "multilabel":
+            val_info = scan_manifest(data.val_path, root, max_image_pixels=pixels)
+        else:
+            val_info = scan_dataset(Path(data.val_path), root, task=spec.task, max_image_pixels=pixels)
+        _check_same_classes(info.class_names, val_info.class_names, spec.task == "multilabel")
+    return info, val_info
+
+
+def _check_same_classes(train: tuple[str, ...], val: tuple[str, ...], subset_ok: bool) -> None:
+    missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
+    if extra or (missing and not subset_ok):
+        raise DatasetError(
+            f"data.val_path has different classes from data.path: missing in val {missing}, only in val "
+            f"{extra}; give both the same class folders"
+        )
+
+
+def _describe(spec: JobSpec, architecture: str, num_classes: int, settings: Settings) -> ModelDescription:
+    from service.training.layers import describe_model
+
+    outputs = 1 if spec.task == "binary" else num_classes
+    # freeze errors name their own field (freeze.depth, freeze.until_layer); anything else is the image size
+    with _field("training.image_size"):
+        return describe_model(
+            architecture,
+            image_size=spec.training.image_size,
+            num_classes=outputs,
+            freeze=spec.freeze,
+            torch_home=settings.torch_home,
+        )
+
+
+def _check_device(spec: JobSpec) -> None:
+    if spec.training.device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise FailedPrecondition(
+            "training.device 'cuda' was asked for but this machine has no CUDA device; "
+            "use 'auto' (the GPU when there is one) or 'cpu'"
+        )
+
+
+def _skip_warnings(info: DatasetInfo | None) -> list[str]:
+    if info is None or not info.skipped:
+        return []
+    from service.training.data import skip_summary
+
+    summary = skip_summary(info.skipped, examples=3)
+    return [f"{summary['skipped']} file(s) under {info.root} will be skipped: {summary['reasons']}"]
+
+
+@contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Re-raise a domain error with the spec field it is about in front: `spec.data.path: ...`."""
+    try:
+        yield
+    except TuneserveError as exc:
+        raise type(exc)(name_field(name, exc.message)) from exc
+
+
+def name_field(name: str, message: str) -> str:
+    """`message` led by `spec.<field>`: kept when it already names a field, else prefixed with `name`."""
+    if message.startswith("spec."):
+        return message
+    if _NAMED_FIELD.match(message):
+        return f"spec.{message}"
+    return f"spec.{name}: {message}"

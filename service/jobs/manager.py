@@ -1,0 +1,124 @@
+"""The jobs side of the API, in domain terms: create (admit, then queue), read, list, cancel, watch.
+
+The gRPC servicer translates to and from these calls and holds no logic of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from service.errors import ResourceExhausted
+from service.jobs.records import EventKind, Job, JobEvent, JobState
+from service.jobs.spec import JobSpec
+from service.jobs.store import JobStore
+from service.jobs.watch import POLL_S, follow_events
+from service.settings import Settings
+
+Admit = Callable[[JobSpec, Settings], Any]
+
+
+def _admit(spec: JobSpec, settings: Settings) -> Any:
+    from service.jobs.admission import admit
+
+    return admit(spec, settings)
+
+
+class JobManager:
+    """Jobs for the API: `wake` tells the scheduler that there is something new to look at."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        *,
+        wake: Callable[[], None] = lambda: None,
+        admit: Admit = _admit,
+        max_watchers: int | None = None,
+        watch_poll_s: float = POLL_S,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self._wake = wake
+        self._admit = admit
+        # every WatchJob holds a server thread for as long as it streams: keep some threads for the rest
+        self._watchers = threading.BoundedSemaphore(max_watchers or max(1, settings.grpc_workers - 4))
+        self._watch_poll_s = watch_poll_s
+        self._open_watches: set[threading.Event] = set()
+        self._lock = threading.Lock()
+
+    def create(self, spec: JobSpec, idempotency_key: str | None = None) -> Job:
+        """Admit and queue a job; a repeated idempotency key returns its job without re-checking."""
+        if idempotency_key and self.store.job_for_key(idempotency_key) is not None:
+            return self.store.create_job(spec, idempotency_key)  # the same job, or AlreadyExists
+        admitted = self._admit(spec, self.settings)
+        job = self.store.create_job(
+            spec, idempotency_key, max_queued=self.settings.max_queued_jobs, notes=_admission_notes(admitted)
+        )
+        self._wake()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get_job(job_id)
+
+    def list(self, states: Iterable[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
+        return self.store.list_jobs(states, page_size, page_token)
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.store.request_cancel(job_id)
+        self._wake()
+        return job
+
+    def watch(
+        self, job_id: str, after_seq: int, stop: threading.Event
+    ) -> Iterator[tuple[JobEvent, JobState]]:
+        """Events after `after_seq` until the job ends, the watcher leaves (`stop` is set) or close()."""
+        with self._watch_slot(stop):
+            yield from follow_events(self.store, job_id, after_seq, stop=stop, poll_s=self._watch_poll_s)
+
+    def close(self) -> None:
+        """End every open watch (the server is stopping)."""
+        with self._lock:
+            for stop in self._open_watches:
+                stop.set()
+
+    @contextmanager
+    def _watch_slot(self, stop: threading.Event) -> Iterator[None]:
+        if not self._watchers.acquire(blocking=False):
+            raise ResourceExhausted(
+                "too many WatchJob streams are open on this server; close some, poll GetJob instead, "
+                "or raise TUNESERVE_GRPC_WORKERS"
+            )
+        with self._lock:
+            self._open_watches.add(stop)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open_watches.discard(stop)
+            self._watchers.release()
+
+
+def _admission_notes(admitted: Any) -> list[tuple[EventKind, str, dict[str, Any]]]:
+    """The events that tell a watcher what admission found: classes, images, parameters, warnings."""
+    description = getattr(admitted, "description", None)
+    if description is None:
+        return []
+    class_names = list(admitted.class_names)
+    data = {
+        "class_names": class_names,
+        "num_images": admitted.num_images,
+        "image_size": description.image_size,
+        "total_params": description.total_params,
+        "trainable_params": description.trainable_params,
+        "frozen_params": description.frozen_params,
+    }
+    message = (
+        f"admitted: {len(class_names)} classes, {admitted.num_images} images, "
+        f"{description.trainable_params:,} of {description.total_params:,} parameters trainable"
+    )
+    notes: list[tuple[EventKind, str, dict[str, Any]]] = [(EventKind.INFO, message, data)]
+    notes += [(EventKind.WARNING, warning, {}) for warning in admitted.warnings]
+    return notes

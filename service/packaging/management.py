@@ -1,0 +1,189 @@
+"""A client for TorchServe's REST APIs (management, and inference for the gate), with the bearer keys.
+
+TorchServe's answers become domain errors: not reachable -> Unavailable, unknown model -> NotFound,
+a version that exists -> AlreadyExists. A refused key is renewed once before giving up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from service.errors import AlreadyExists, InvalidArgument, NotFound, TuneserveError, Unavailable
+from service.packaging.torchserve import TorchServeKeys
+
+REGISTER_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered version of a model, as TorchServe describes it."""
+
+    name: str
+    version: str
+    archive: str
+    batch_size: int
+    max_batch_delay_ms: int
+    worker_states: tuple[str, ...]  # READY, UNLOADING, ... one per worker
+
+    @property
+    def ready(self) -> bool:
+        return "READY" in self.worker_states
+
+
+class RestClient:
+    """Authorised JSON requests to one TorchServe port, with TorchServe's errors as domain errors."""
+
+    def __init__(
+        self,
+        base_url: str,
+        key_kind: str,
+        keys: Callable[[], TorchServeKeys],
+        renew_keys: Callable[[], TorchServeKeys] | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.key_kind = key_kind
+        self.keys = keys
+        self.renew_keys = renew_keys
+        self.timeout_s = timeout_s
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, Any] | None = None,
+        body: bytes | None = None,
+        content_type: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """The decoded JSON answer (or text, when it is not JSON)."""
+        url = self.base_url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        for attempt in (1, 2):
+            headers = self.keys().header(self.key_kind)
+            if content_type:
+                headers["Content-Type"] = content_type
+            request = urllib.request.Request(url, data=body, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s or self.timeout_s) as response:
+                    return _decode(response.read())
+            except urllib.error.HTTPError as exc:
+                answer = _decode(exc.read())
+                kind = answer.get("type", "") if isinstance(answer, dict) else ""
+                if kind == "InvalidKeyException" and attempt == 1 and self.renew_keys is not None:
+                    self.renew_keys()
+                    continue
+                raise _domain_error(exc.code, kind, answer, f"{method} {path}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise Unavailable(
+                    f"TorchServe is not reachable at {self.base_url} ({reason}); it may be (re)starting"
+                ) from None
+        raise AssertionError("unreachable")
+
+
+class ManagementClient:
+    """TorchServe's management API: register, describe, set the default version, unregister."""
+
+    def __init__(self, rest: RestClient) -> None:
+        self.rest = rest
+
+    def register(
+        self, archive: str, model_name: str, *, batch_size: int, max_batch_delay_ms: int, workers: int
+    ) -> None:
+        """Register an archive of the model store as a version of model_name; returns when workers are up."""
+        query = {
+            "url": archive,
+            "model_name": model_name,
+            "batch_size": batch_size,
+            "max_batch_delay": max_batch_delay_ms,
+            "initial_workers": workers,
+            "synchronous": "true",
+        }
+        self.rest.call("POST", "/models", query=query, timeout_s=REGISTER_TIMEOUT_S)
+
+    def describe(self, model_name: str, version: str | None = None) -> list[VersionInfo]:
+        """Every version of a model (or one); NotFound when there is none."""
+        path = f"/models/{_quote(model_name)}/{_quote(version) if version else 'all'}"
+        return [_version_info(entry) for entry in self.rest.call("GET", path)]
+
+    def default_version(self, model_name: str) -> str:
+        (info,) = [_version_info(entry) for entry in self.rest.call("GET", f"/models/{_quote(model_name)}")]
+        return info.version
+
+    def list_models(self) -> list[str]:
+        names: list[str] = []
+        token: str | None = None
+        while True:
+            answer = self.rest.call(
+                "GET", "/models", query={"limit": 100, **({"next_page_token": token} if token else {})}
+            )
+            names += [m["modelName"] for m in answer.get("models", [])]
+            token = answer.get("nextPageToken")
+            if not token:
+                return names
+
+    def set_default(self, model_name: str, version: str) -> None:
+        self.rest.call("PUT", f"/models/{_quote(model_name)}/{_quote(version)}/set-default")
+
+    def unregister(self, model_name: str, version: str) -> None:
+        self.rest.call("DELETE", f"/models/{_quote(model_name)}/{_quote(version)}", timeout_s=120)
+
+    def wait_ready(self, model_name: str, version: str, timeout_s: float) -> VersionInfo:
+        """Poll until a worker of the version is READY; Unavailable after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            (info,) = self.describe(model_name, version)
+            if info.ready:
+                return info
+            if time.monotonic() > deadline:
+                raise Unavailable(
+                    f"model {model_name} version {version} has no ready worker after {timeout_s:.0f} s "
+                    f"(workers: {', '.join(info.worker_states) or 'none'}); see TorchServe's model_log.log"
+                )
+            time.sleep(0.5)
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def _version_info(entry: dict[str, Any]) -> VersionInfo:
+    return VersionInfo(
+        name=entry["modelName"],
+        version=entry["modelVersion"],
+        archive=entry.get("modelUrl", ""),
+        batch_size=int(entry.get("batchSize", 1)),
+        max_batch_delay_ms=int(entry.get("maxBatchDelay", 0)),
+        worker_states=tuple(w.get("status", "") for w in entry.get("workers", [])),
+    )
+
+
+def _domain_error(status: int, kind: str, answer: Any, what: str) -> TuneserveError:
+    # TorchServe's own errors carry "message"; our handler's per-request refusals carry "error"
+    fields = answer if isinstance(answer, dict) else {"message": str(answer)}
+    message = fields.get("message") or fields.get("error") or ""
+    text = f"TorchServe refused {what}: {message or status}"
+    if kind == "InvalidKeyException":
+        return Unavailable(f"{text}; the service's TorchServe keys were rejected (was TorchServe restarted?)")
+    if status == 404:
+        return NotFound(text)
+    if status == 409:
+        return AlreadyExists(text)
+    if status == 400:
+        return InvalidArgument(text)
+    return Unavailable(text)

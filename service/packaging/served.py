@@ -1,0 +1,124 @@
+"""The served-model registry: which archives are registered in TorchServe, as which versions.
+
+TorchServe forgets everything when it restarts (we run it without config snapshots), so this JSON
+file, rewritten atomically on every change, is what the service re-registers from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+REGISTRY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    version: str
+    job_id: str
+    archive: str  # file name in the model store
+    sha256: str
+    checkpoint: str
+    batch_size: int
+    max_batch_delay_ms: int
+    workers: int
+    top_k: int
+    served_at: float
+
+
+@dataclass(frozen=True)
+class ServedEntry:
+    name: str
+    default: str
+    versions: dict[str, ServedVersion] = field(default_factory=dict)
+
+    def ordered_versions(self) -> list[str]:
+        return sorted(self.versions, key=version_key)
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+class ServedRegistry:
+    """name -> versions, job ids, SHA-256s and the default version; thread-safe, persisted on change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._entries: dict[str, ServedEntry] = self._load()
+
+    def get(self, name: str) -> ServedEntry | None:
+        with self._lock:
+            return self._entries.get(name)
+
+    def entries(self) -> list[ServedEntry]:
+        with self._lock:
+            return [self._entries[name] for name in sorted(self._entries)]
+
+    def add(self, name: str, served: ServedVersion, make_default: bool) -> ServedEntry:
+        with self._lock:
+            entry = self._entries.get(name) or ServedEntry(name=name, default=served.version)
+            versions = {**entry.versions, served.version: served}
+            entry = replace(
+                entry, versions=versions, default=served.version if make_default else entry.default
+            )
+            self._entries[name] = entry
+            self._save()
+            return entry
+
+    def set_default(self, name: str, version: str) -> ServedEntry:
+        with self._lock:
+            entry = replace(self._entries[name], default=version)
+            self._entries[name] = entry
+            self._save()
+            return entry
+
+    def remove(self, name: str, version: str | None = None) -> ServedEntry | None:
+        """Forget one version (or every version); returns what remains of the model, if anything."""
+        with self._lock:
+            entry = self._entries[name]
+            versions = {} if version is None else {v: s for v, s in entry.versions.items() if v != version}
+            if not versions:
+                del self._entries[name]
+                self._save()
+                return None
+            default = entry.default if entry.default in versions else max(versions, key=version_key)
+            self._entries[name] = replace(entry, versions=versions, default=default)
+            self._save()
+            return self._entries[name]
+
+    def _load(self) -> dict[str, ServedEntry]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        entries = {}
+        for name, raw in data.get("models", {}).items():
+            versions = {v: ServedVersion(**s) for v, s in raw["versions"].items()}
+            entries[name] = ServedEntry(name=name, default=raw["default"], versions=versions)
+        return entries
+
+    def _save(self) -> None:
+        data: dict[str, Any] = {
+            "registry_version": REGISTRY_VERSION,
+            "models": {
+                name: {"default": e.default, "versions": {v: asdict(s) for v, s in e.versions.items()}}
+                for name, e in self._entries.items()
+            },
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)

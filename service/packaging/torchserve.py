@@ -1,0 +1,361 @@
+"""TorchServe as a child process of the service: its config, its keys, start, stop and death.
+
+Everything TorchServe writes lives under `settings.torchserve_dir`, so two services on one machine
+never share a file:
+  config.properties   generated at every start from Settings (edits are overwritten)
+  key_file.json       written by TorchServe into its working directory (this folder), mode 0600
+  tmp/                TEMP/TMPDIR: TorchServe's pid file `.model_server.pid`, unpacked archives
+                      (`models/<uuid>`), worker sockets `.ts.sock.<port>`
+  logs/               LOG_LOCATION/METRICS_LOCATION: ts_log.log, model_log.log, metrics; stdout.log
+
+TorchServe runs in the foreground in its own process group (`torchserve --foreground` waits on the
+JVM), so the launcher's exit is the JVM's death, and stopping the group ends the Python workers too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from service.errors import FailedPrecondition, Unavailable
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JAVA_MAIN = "org.pytorch.serve.ModelServer"
+STOP_GRACE_S = 15.0
+JOB_QUEUE_SIZE = 100
+DEFAULT_RESPONSE_TIMEOUT_S = 120
+KEY_RENEW_MARGIN = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class TorchServePaths:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.properties"
+
+    @property
+    def key_file(self) -> Path:
+        return self.root / "key_file.json"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.tmp / ".model_server.pid"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.logs / "stdout.log"
+
+    @property
+    def model_log(self) -> Path:
+        return self.logs / "model_log.log"
+
+
+@dataclass(frozen=True)
+class TorchServeKeys:
+    """Bearer keys from key_file.json; all empty when token authorization is off."""
+
+    management: str = ""
+    inference: str = ""
+    api: str = ""
+    expires_at: datetime | None = None
+
+    def header(self, kind: str) -> dict[str, str]:
+        key = self.management if kind == "management" else self.inference
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def inference_url(settings: Settings) -> str:
+    return f"http://{_host(settings.torchserve_host)}:{settings.torchserve_inference_port}"
+
+
+def management_url(settings: Settings) -> str:
+    return f"http://{_host(settings.torchserve_host)}:{settings.torchserve_management_port}"
+
+
+def metrics_url(settings: Settings) -> str:
+    return f"http://{_host(settings.torchserve_host)}:{settings.torchserve_metrics_port}"
+
+
+def grpc_inference_target(settings: Settings) -> str:
+    return f"{_host(settings.torchserve_host)}:{settings.torchserve_grpc_inference_port}"
+
+
+def render_config(settings: Settings) -> str:
+    """config.properties for this service's TorchServe (Java properties: backslashes are escapes)."""
+    store = settings.model_store.resolve()
+    # Only archives at the top of our own model store can be registered, never a URL elsewhere.
+    allowed = "file://" + _java_regex_literal(str(store)) + r"/[^/]+\.mar"
+    host = settings.torchserve_host
+    lines = {
+        "inference_address": inference_url(settings),
+        "management_address": management_url(settings),
+        "metrics_address": metrics_url(settings),
+        "grpc_inference_address": host,
+        "grpc_inference_port": settings.torchserve_grpc_inference_port,
+        "grpc_management_address": host,
+        "grpc_management_port": settings.torchserve_grpc_management_port,
+        "model_store": store,
+        "allowed_urls": allowed,
+        "use_env_allowed_urls": "false",
+        "enable_envvars_config": "false",
+        "disable_token_authorization": str(not settings.torchserve_token_auth).lower(),
+        "enable_model_api": "true",
+        "metrics_mode": "prometheus",
+        "model_metrics_auto_detect": "true",  # lets the handler's batch-size counter reach Prometheus
+        "vmargs": f"-Xmx{settings.torchserve_java_heap} -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError",
+        "default_workers_per_model": 1,
+        "job_queue_size": JOB_QUEUE_SIZE,
+        "default_response_timeout": DEFAULT_RESPONSE_TIMEOUT_S,
+        "max_request_size": settings.max_message_bytes,
+        "max_response_size": settings.max_message_bytes,
+        "install_py_dep_per_model": "false",
+        "number_of_netty_threads": 4,
+        "netty_client_threads": 4,
+    }
+    body = "\n".join(f"{key}={str(value).replace(chr(92), chr(92) * 2)}" for key, value in lines.items())
+    return (
+        "# Generated by tuneserve at every start; edit Settings (TUNESERVE_TORCHSERVE_*), not this file.\n"
+        + (body + "\n")
+    )
+
+
+def _java_regex_literal(text: str) -> str:
+    return "".join(f"\\{c}" if not c.isalnum() and c not in "/_" else c for c in text)
+
+
+class TorchServeProcess:
+    """Start, watch and stop one TorchServe whose files all live under settings.torchserve_dir."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.paths = TorchServePaths(settings.torchserve_dir.resolve())
+        self._popen: subprocess.Popen[bytes] | None = None
+        self._keys = TorchServeKeys()
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start TorchServe and wait until /ping says Healthy (settings.torchserve_start_timeout_s)."""
+        with self._lock:
+            if self.is_running():
+                return
+            self._prepare_folders()
+            self.paths.config.write_text(render_config(self.settings))
+            command = [
+                sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
+                "--ts-config", str(self.paths.config),
+                "--model-store", str(self.settings.model_store.resolve()),
+                "--enable-model-api",
+            ]  # fmt: skip
+            if not self.settings.torchserve_token_auth:
+                command.append("--disable-token-auth")
+            env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+            tmp, logs = str(self.paths.tmp), str(self.paths.logs)
+            env.update(TEMP=tmp, TMPDIR=tmp, LOG_LOCATION=logs, METRICS_LOCATION=logs)
+            with open(self.paths.stdout_log, "ab") as out:
+                self._popen = subprocess.Popen(
+                    command, cwd=self.paths.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True,
+                )  # fmt: skip
+            log.info("TorchServe starting (pid %d) in %s", self._popen.pid, self.paths.root)
+            try:
+                self._wait_healthy(self.settings.torchserve_start_timeout_s)
+            except BaseException:
+                self.stop()
+                raise
+
+    def stop(self) -> None:
+        """SIGTERM the JVM (it stops its workers), wait, then SIGKILL whatever is left of the group."""
+        with self._lock:
+            popen, self._popen = self._popen, None
+            if popen is None:
+                return
+            java = self.java_pid(popen)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(java or popen.pid, signal.SIGTERM)
+            try:
+                popen.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("TorchServe did not stop within %.0f s; killing it", STOP_GRACE_S)
+            _kill_group(popen.pid)
+            popen.wait()
+            self._keys = TorchServeKeys()
+            log.info("TorchServe stopped")
+
+    def restart(self) -> None:
+        with self._lock:
+            self.stop()
+            self.start()
+
+    def is_running(self) -> bool:
+        return self._popen is not None and self._popen.poll() is None
+
+    def java_pid(self, popen: subprocess.Popen[bytes] | None = None) -> int | None:
+        """The JVM's pid from TorchServe's pid file, if it belongs to our process group."""
+        popen = popen or self._popen
+        try:
+            pid = int(self.paths.pid_file.read_text().split()[0])
+            if popen is not None and os.getpgid(pid) == popen.pid:
+                return pid
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    # ------------------------------------------------------------------------------------------ keys
+
+    def keys(self) -> TorchServeKeys:
+        """The current keys; renewed through the API key shortly before TorchServe expires them."""
+        with self._lock:
+            if not self.settings.torchserve_token_auth:
+                return TorchServeKeys()
+            expires = self._keys.expires_at
+            if expires is not None and datetime.now(UTC) + KEY_RENEW_MARGIN >= expires:
+                self.renew_keys()
+            return self._keys
+
+    def renew_keys(self) -> TorchServeKeys:
+        """Ask TorchServe for fresh management and inference keys, then re-read key_file.json."""
+        with self._lock:
+            if not self.settings.torchserve_token_auth:
+                return self._keys
+            if self._keys.api:
+                for kind in ("management", "inference"):
+                    url = f"{management_url(self.settings)}/token?type={kind}"
+                    request = urllib.request.Request(
+                        url, headers={"Authorization": f"Bearer {self._keys.api}"}
+                    )
+                    try:
+                        with urllib.request.urlopen(request, timeout=10):
+                            pass
+                    except (urllib.error.URLError, OSError) as exc:
+                        raise Unavailable(f"TorchServe did not renew its {kind} key: {exc}") from None
+            self._keys = self._read_keys()
+            return self._keys
+
+    # ------------------------------------------------------------------------------------- internals
+
+    def _prepare_folders(self) -> None:
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        self.settings.model_store.mkdir(parents=True, exist_ok=True)
+        self.paths.logs.mkdir(parents=True, exist_ok=True)
+        self._stop_orphan()
+        # The folder is ours alone: a stale pid file, unpacked archives and sockets can all go.
+        shutil.rmtree(self.paths.tmp, ignore_errors=True)
+        self.paths.tmp.mkdir()
+        self.paths.key_file.unlink(missing_ok=True)
+
+    def _stop_orphan(self) -> None:
+        """A TorchServe left running by a service that died holds our ports and folder: end it."""
+        import psutil  # a TorchServe dependency
+
+        try:
+            pid = int(self.paths.pid_file.read_text().split()[0])
+            process = psutil.Process(pid)
+            if JAVA_MAIN not in process.cmdline():
+                return
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return
+        log.warning("stopping an orphaned TorchServe (pid %d) that uses %s", pid, self.paths.root)
+        try:
+            group = os.getpgid(pid)
+            process.terminate()
+            process.wait(STOP_GRACE_S)
+        except psutil.TimeoutExpired:
+            pass
+        except (psutil.Error, OSError):
+            return
+        _kill_group(group)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise Unavailable(f"TorchServe exited while starting: {self.log_tail()}")
+            if self.settings.torchserve_token_auth and not self._keys.inference:
+                try:
+                    self._keys = self._read_keys()
+                except FailedPrecondition:  # not written yet (or half written)
+                    time.sleep(0.2)
+                    continue
+            if self.ping():
+                log.info("TorchServe is healthy at %s", inference_url(self.settings))
+                return
+            time.sleep(0.3)
+        raise Unavailable(
+            f"TorchServe was not healthy within {timeout_s:.0f} s (TUNESERVE_TORCHSERVE_START_TIMEOUT_S): "
+            f"{self.log_tail()}"
+        )
+
+    def ping(self) -> bool:
+        """True when TorchServe's /ping answers Healthy."""
+        request = urllib.request.Request(
+            f"{inference_url(self.settings)}/ping", headers=self._keys.header("inference")
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return json.loads(response.read()).get("status") == "Healthy"
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def _read_keys(self) -> TorchServeKeys:
+        try:
+            data = json.loads(self.paths.key_file.read_text())
+            expiries = [_parse_expiry(data[kind]["expiration time"]) for kind in ("management", "inference")]
+            return TorchServeKeys(
+                management=data["management"]["key"],
+                inference=data["inference"]["key"],
+                api=data["API"]["key"],
+                expires_at=min(expiries),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FailedPrecondition(
+                f"cannot read TorchServe's keys from {self.paths.key_file}: {exc}"
+            ) from None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.paths.stdout_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no TorchServe output)"
+        return " | ".join(text[-lines:]) or "(no TorchServe output)"
+
+
+def _parse_expiry(text: str) -> datetime:
+    # "2026-11-28T13:15:48.872250124Z": Java prints nanoseconds, Python parses microseconds
+    head, _, fraction = text.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(fraction or '0')[:6]:0<6}").replace(tzinfo=UTC)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)

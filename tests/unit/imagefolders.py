@@ -1,0 +1,58 @@
+"""Tiny image datasets written into a test's tmp folder (shared by the training tests)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.jobs.spec import JobSpec
+
+COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40))
+
+
+def write_image(path: Path, colour: tuple[int, int, int], size: int = 32, seed: int = 0) -> Path:
+    """A noisy image of one dominant colour (so classes are learnable), as PNG."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(0, 25, (size, size, 3)) + np.array(colour), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32) -> Path:
+    """root/class_<i>/<j>.png; returns root."""
+    for c in range(classes):
+        for j in range(per_class):
+            write_image(root / f"class_{c}" / f"{j}.png", COLOURS[c % len(COLOURS)], size, seed=c * 1000 + j)
+    return root
+
+
+def write_truncated_png(path: Path, size: int = 32) -> Path:
+    """A PNG whose header is fine but whose pixel data is cut off (fails only at decode)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def job_spec(**overrides: Any) -> JobSpec:
+    """A small, fast job spec: 32 px, no loggers, overridable per section."""
+    spec: dict[str, Any] = {
+        "name": "test-job",
+        "model": {"architecture": "mobilenet_v3_small", "weights": "none"},
+        "data": {"path": "ds", "val_fraction": 0.25},
+        "training": {"epochs": 2, "batch_size": 8, "image_size": 32, "lr": 0.01, "augmentation": "light"},
+        "logging": {"tensorboard": False, "wandb": {"mode": "disabled"}},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return JobSpec.model_validate(spec)

@@ -1,0 +1,195 @@
+"""Packaging without TorchServe: archive contents, config.properties, TorchServe's descriptors, the gate's
+comparison, the served-model registry."""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from handlers.inference import ImageClassifier
+from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from service.packaging.archiver import build_archive, sha256_of
+from service.packaging.gate import compare
+from service.packaging.served import ServedRegistry, ServedVersion
+from service.packaging.torchserve import render_config
+from service.packaging.ts_protos import build_descriptor_set, frontend_jar, generate_stubs
+from service.settings import Settings
+
+# ------------------------------------------------------------------------------------------ archive
+
+
+@pytest.fixture(scope="module")
+def archive(serving_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    return build_archive(
+        serving_checkpoint, tmp_path_factory.mktemp("store"), "pets", "1", max_image_pixels=12345
+    )
+
+
+def test_archive_holds_a_state_dict_the_config_the_labels_and_our_handler(archive, serving_checkpoint: Path):
+    assert archive.path.name == "pets-v1.mar" and (archive.name, archive.version) == ("pets", "1")
+    assert archive.sha256 == sha256_of(archive.path)
+    with zipfile.ZipFile(archive.path) as mar:
+        assert sorted(mar.namelist()) == sorted(
+            [
+                "MAR-INF/MANIFEST.json",
+                "model.pt",
+                "model_config.json",
+                "index_to_name.json",
+                "tuneserve_handler.py",
+            ]
+        )
+        manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        config = json.loads(mar.read("model_config.json"))
+        labels = json.loads(mar.read("index_to_name.json"))
+        mar.extract("model.pt", archive.path.parent / "x")
+    assert manifest == {
+        "modelName": "pets",
+        "modelVersion": "1",
+        "handler": "tuneserve_handler.py",
+        "serializedFile": "model.pt",
+    }
+    assert labels == {"0": "cat", "1": "dog", "2": "fox", "3": "owl", "4": "yak"}
+    assert config["architecture"] == "mobilenet_v3_small" and config["task"] == "multiclass"
+    assert (config["image_size"], config["max_image_pixels"], config["threshold"]) == (64, 12345, 0.5)
+    weights = torch.load(archive.path.parent / "x" / "model.pt", weights_only=True)  # a plain state_dict
+    expected = torch.load(serving_checkpoint, weights_only=True)["model"]
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_the_archive_predicts_what_the_checkpoint_predicts(archive, serving_checkpoint: Path, serving_images):
+    model_dir = archive.path.parent / "unpacked"
+    zipfile.ZipFile(archive.path).extractall(model_dir)
+    from_archive = ImageClassifier.from_model_dir(model_dir).handle(serving_images)
+    from_checkpoint = ImageClassifier.from_checkpoint(torch.load(serving_checkpoint, weights_only=True))
+    assert from_archive == from_checkpoint.handle(serving_images)
+
+
+def test_an_existing_archive_version_is_never_replaced(archive, serving_checkpoint: Path):
+    with pytest.raises(AlreadyExists, match=r"pets-v1\.mar already exists"):
+        build_archive(serving_checkpoint, archive.path.parent, "pets", "1")
+    assert not [p for p in archive.path.parent.iterdir() if p.name.startswith(".staging")]
+
+
+@pytest.mark.parametrize(("name", "version"), [("../evil", "1"), ("pets", "one"), ("pets", "1/2")])
+def test_unsafe_names_and_versions_are_refused(
+    serving_checkpoint: Path, tmp_path: Path, name: str, version: str
+):
+    with pytest.raises(InvalidArgument):
+        build_archive(serving_checkpoint, tmp_path, name, version)
+
+
+def test_a_missing_checkpoint_is_a_failed_precondition(tmp_path: Path):
+    with pytest.raises(FailedPrecondition, match="does not exist"):
+        build_archive(tmp_path / "nope.pt", tmp_path, "pets", "1")
+
+
+# ------------------------------------------------------------------------------- config.properties
+
+
+def _properties(text: str) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    return {key: value.replace("\\\\", "\\") for key, value in pairs}  # undo the properties escaping
+
+
+def test_config_binds_loopback_with_token_auth_and_a_capped_heap(tmp_path: Path):
+    settings = Settings(state_dir=tmp_path, torchserve_inference_port=18080, torchserve_java_heap="256m")
+    props = _properties(render_config(settings))
+    assert props["inference_address"] == "http://127.0.0.1:18080"
+    assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "true"
+    assert props["enable_envvars_config"] == "false" and props["metrics_mode"] == "prometheus"
+    assert props["vmargs"].startswith("-Xmx256m ")
+    assert props["model_store"] == str(settings.model_store.resolve())
+
+
+def test_allowed_urls_admit_only_archives_at_the_top_of_the_model_store(tmp_path: Path):
+    settings = Settings(state_dir=tmp_path / "state-1.x")
+    pattern = _properties(render_config(settings))["allowed_urls"]
+    store = settings.model_store.resolve()
+    assert re.fullmatch(pattern, f"file://{store}/pets-v1.mar")
+    for url in [f"file://{store}/sub/pets.mar", f"file://{store}X/pets.mar", "file:///etc/pets.mar",
+                "https://example.com/pets.mar", f"file://{store}/pets-v1.mar.sh"]:  # fmt: skip
+        assert not re.fullmatch(pattern, url), url
+
+
+# ----------------------------------------------------------------------------- TorchServe's protos
+
+
+def test_descriptors_come_out_of_the_frontend_jar():
+    files = {f.name: f for f in build_descriptor_set(frontend_jar()).file}
+    assert {"inference.proto", "management.proto", "google/rpc/status.proto"} <= files.keys()
+    (service,) = files["inference.proto"].service
+    assert service.name == "InferenceAPIsService"
+    assert {m.name for m in service.method} >= {"Ping", "Predictions", "StreamPredictions"}
+
+
+def test_generated_stubs_import_as_a_package(tmp_path: Path):
+    written = generate_stubs(tmp_path / "ts_gen")
+    assert {p.name for p in written} >= {
+        "inference_pb2.py",
+        "inference_pb2_grpc.py",
+        "management_pb2_grpc.py",
+    }
+    grpc_module = (tmp_path / "ts_gen" / "inference_pb2_grpc.py").read_text()
+    assert "from service.packaging.ts_gen import inference_pb2 as" in grpc_module
+
+
+# ------------------------------------------------------------------------------------------- gate
+
+
+def _scores(*pairs: tuple[str, float]) -> list[dict[str, object]]:
+    return [{"label": label, "probability": p} for label, p in pairs]
+
+
+def test_gate_passes_answers_within_tolerance():
+    result = compare([_scores(("a", 0.7), ("b", 0.3))], [_scores(("a", 0.70005), ("b", 0.29995))], 1e-4)
+    assert result.passed and result.max_difference == pytest.approx(5e-5)
+
+
+def test_gate_fails_a_different_top_1():
+    result = compare([_scores(("a", 0.51), ("b", 0.49))], [_scores(("b", 0.51), ("a", 0.49))], 1e-4)
+    assert not result.passed and "top-1 is 'b'" in result.reason
+
+
+def test_gate_fails_a_probability_beyond_tolerance():
+    result = compare([_scores(("a", 0.7), ("b", 0.3))], [_scores(("a", 0.71), ("b", 0.29))], 1e-4)
+    assert not result.passed and "P(a) is 0.710000 in TorchServe but 0.700000" in result.reason
+
+
+def test_gate_fails_an_error_where_the_checkpoint_answers():
+    result = compare([_scores(("a", 1.0))], [{"error": "boom"}], 1e-4)
+    assert not result.passed and "TorchServe answered error 'boom'" in result.reason
+
+
+# --------------------------------------------------------------------------------------- registry
+
+
+def _version(version: str) -> ServedVersion:
+    return ServedVersion(
+        version, f"job-{version}", f"pets-v{version}.mar", "ab" * 32, "/c.pt", 4, 10, 1, 5, 0.0
+    )
+
+
+def test_registry_survives_a_reload_and_keeps_the_default(tmp_path: Path):
+    registry = ServedRegistry(tmp_path / "served.json")
+    registry.add("pets", _version("1"), make_default=True)
+    registry.add("pets", _version("2"), make_default=False)
+    registry.add("pets", _version("10"), make_default=True)
+    reloaded = ServedRegistry(tmp_path / "served.json").get("pets")
+    assert reloaded is not None and reloaded.default == "10"
+    assert reloaded.ordered_versions() == ["1", "2", "10"] and reloaded.versions["2"] == _version("2")
+
+
+def test_removing_the_default_promotes_the_newest_remaining(tmp_path: Path):
+    registry = ServedRegistry(tmp_path / "served.json")
+    for v in ("1", "2", "3"):
+        registry.add("pets", _version(v), make_default=v == "3")
+    remaining = registry.remove("pets", "3")
+    assert remaining is not None and remaining.default == "2"
+    assert registry.remove("pets") is None and registry.get("pets") is None

@@ -1,0 +1,222 @@
+"""train() end to end on a tiny torchvision model: events, checkpoints, exact resume, freezing, tasks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from imagefolders import job_spec, make_image_folder, write_truncated_png
+
+from service.errors import DatasetError, FailedPrecondition, InvalidArgument
+from service.jobs.records import EventKind
+from service.jobs.spec import JobSpec, TrainingSpec
+from service.settings import Settings
+from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
+from service.training.optim import make_optimizer, make_scheduler, select_device
+from service.training.reporting import CollectingReporter
+from service.training.runner import TrainingOutcome, train
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    make_image_folder(tmp_path / "data" / "ds", classes=3, per_class=8)
+    return tmp_path / "data"
+
+
+def _settings(tmp_path: Path, data_root: Path) -> Settings:
+    return Settings(state_dir=tmp_path / "state", data_root=data_root, torch_home=tmp_path / "torch")
+
+
+def _train(spec: JobSpec, tmp_path: Path, data_root: Path, job: str = "job", reporter: Any = None) -> Any:
+    reporter = reporter or CollectingReporter()
+    outcome = train(spec, tmp_path / job, _settings(tmp_path, data_root), reporter)
+    return outcome, reporter
+
+
+def test_a_job_trains_checkpoints_and_reports(tmp_path: Path, data_root: Path) -> None:
+    spec = job_spec(checkpointing={"keep_top_k": 2}, early_stopping={"enabled": False})
+    outcome, reporter = _train(spec, tmp_path, data_root)
+
+    assert isinstance(outcome, TrainingOutcome) and outcome.status == "completed"
+    kinds = reporter.kinds()
+    assert kinds.count(EventKind.EPOCH) == 2 and kinds.count(EventKind.CHECKPOINT) == 2
+    assert kinds.index(EventKind.PROGRESS) < kinds.index(EventKind.EPOCH) < kinds.index(EventKind.CHECKPOINT)
+    epoch = next(d for k, _, d in reporter.events if k == EventKind.EPOCH)
+    assert {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"} <= set(epoch)
+    progress = next(d for k, _, d in reporter.events if k == EventKind.PROGRESS)
+    assert set(progress) == {"epoch", "step", "steps", "loss", "lr", "images_per_s"}
+    report = next(d for k, _, d in reporter.events if k == EventKind.INFO and d.get("report") == "per_class")
+    assert len(report["confusion_matrix"]) == 3 and set(report["per_class"]) == {
+        "class_0",
+        "class_1",
+        "class_2",
+    }
+
+    fields = reporter.fields
+    assert fields["device"] == "cpu (fp32)" and fields["epochs_completed"] == 2
+    assert fields["class_names"] == ("class_0", "class_1", "class_2") and fields["monitor"] == "val_loss"
+    assert Path(fields["best_checkpoint"]) == outcome.best_checkpoint == tmp_path / "job/checkpoints/best.pt"
+    files = sorted(p.name for p in (tmp_path / "job" / "checkpoints").iterdir())
+    assert files == ["best.pt", "epoch-0001.pt", "epoch-0002.pt", "last.pt"]
+    last = load_checkpoint(tmp_path / "job/checkpoints/last.pt")
+    assert last["epoch"] == 2 and MODEL_CONFIG_KEYS <= set(last["model_config"])
+    assert last["model_config"]["image_size"] == 32 and last["model_config"]["num_classes"] == 3
+    assert last["spec"] == spec.to_dict()
+
+
+@dataclass
+class StopInEpoch(CollectingReporter):
+    """Asks to stop after `epochs` EPOCH events and one more training step."""
+
+    epochs: int = 1
+    polls: int = 0
+
+    def stop_requested(self) -> str | None:
+        if self.kinds().count(EventKind.EPOCH) < self.epochs:
+            return None
+        self.polls += 1
+        return "cancelled" if self.polls > 1 else None
+
+
+def _comparable(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
+def test_resume_after_a_stop_ends_exactly_like_an_uninterrupted_run(tmp_path: Path, data_root: Path) -> None:
+    spec = job_spec(
+        training={"epochs": 3, "augmentation": "standard", "scheduler": "cosine", "seed": 5},
+        early_stopping={"enabled": False},
+    )
+    _train(spec, tmp_path, data_root, job="straight")
+
+    stopped, _ = _train(spec, tmp_path, data_root, job="resumed", reporter=StopInEpoch(epochs=1))
+    assert stopped.status == "stopped" and stopped.stop_reason == "cancelled"
+    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["epoch"] == 1
+    resumed, reporter = _train(spec, tmp_path, data_root, job="resumed")
+    assert resumed.status == "completed"
+    assert any(k == EventKind.INFO and "resumed from" in m for k, m, _ in reporter.events)
+
+    straight = load_checkpoint(tmp_path / "straight/checkpoints/last.pt")
+    again = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")
+    assert _comparable(again["history"]) == _comparable(straight["history"])
+    for key, tensor in straight["model"].items():
+        assert torch.equal(again["model"][key], tensor), key
+    assert again["step"] == straight["step"]
+
+
+def _pretrained_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small()
+    for module in model.modules():  # statistics unlike a fresh BatchNorm's, so a change would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "pretrained.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("batchnorm", ["eval", "train"])
+def test_frozen_blocks_keep_their_pretrained_tensors(tmp_path: Path, data_root: Path, batchnorm: str) -> None:
+    pretrained_file = _pretrained_file(tmp_path)
+    spec = job_spec(
+        model={"architecture": "mobilenet_v3_small", "weights": "file", "weights_file": str(pretrained_file)},
+        freeze={"until_layer": "features.12", "batchnorm": batchnorm},
+        training={"epochs": 1, "lr": 0.05},
+    )
+    _train(spec, tmp_path, data_root)
+    pretrained = torch.load(pretrained_file, weights_only=True)
+    trained = load_checkpoint(tmp_path / "job/checkpoints/last.pt")["model"]
+    frozen = {k: v for k, v in pretrained.items() if k.startswith("features.")}
+    changed = [k for k, v in frozen.items() if not torch.equal(trained[k], v)]
+    if batchnorm == "eval":
+        assert changed == []
+    else:  # BatchNorm statistics follow the new data; weights stay
+        assert changed and all(
+            k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed
+        )
+    assert not torch.equal(trained["classifier.0.weight"], pretrained["classifier.0.weight"])
+
+
+def test_early_stopping_ends_the_job_and_says_why(tmp_path: Path, data_root: Path) -> None:
+    spec = job_spec(training={"epochs": 5}, early_stopping={"patience": 1, "min_delta": 100.0})
+    outcome, reporter = _train(spec, tmp_path, data_root)
+    assert outcome.status == "completed" and reporter.fields["epochs_completed"] == 2
+    assert outcome.stop_reason is not None and "did not improve" in outcome.stop_reason
+    event = next(d for k, _, d in reporter.events if k == EventKind.EARLY_STOP)
+    assert event["epoch"] == 2 and event["monitor"] == "val_loss" and event["patience"] == 1
+
+
+def test_binary_task_trains_one_logit(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=6)
+    spec = job_spec(task="binary", training={"epochs": 1})
+    outcome, _ = _train(spec, tmp_path, tmp_path / "data")
+    checkpoint = load_checkpoint(tmp_path / "job/checkpoints/last.pt")
+    assert checkpoint["model"]["classifier.3.weight"].shape[0] == 1
+    assert checkpoint["model_config"]["num_classes"] == 1 and checkpoint["class_names"] == [
+        "class_0",
+        "class_1",
+    ]
+    assert 0.0 <= outcome.metrics["val_accuracy"] <= 1.0
+
+
+def test_multilabel_task_from_a_manifest(tmp_path: Path, data_root: Path) -> None:
+    rows = ["path,labels"] + [
+        f"ds/class_{c}/{i}.png,{'red' if c == 0 else 'green'}{';bright' if i % 2 else ''}"
+        for c in range(3)
+        for i in range(8)
+    ]
+    (data_root / "labels.csv").write_text("\n".join(rows) + "\n")
+    spec = job_spec(task="multilabel", data={"path": "ds", "manifest": "labels.csv"}, training={"epochs": 1})
+    outcome, reporter = _train(spec, tmp_path, data_root)
+    assert reporter.fields["class_names"] == ("bright", "green", "red")
+    assert not math.isnan(outcome.metrics["val_accuracy"])
+
+
+def test_unusable_files_are_skipped_with_a_warning(tmp_path: Path, data_root: Path) -> None:
+    (data_root / "ds" / "class_0" / "notes.txt").write_text("not an image")
+    write_truncated_png(data_root / "ds" / "class_1" / "truncated.png")
+    outcome, reporter = _train(job_spec(training={"epochs": 1}), tmp_path, data_root)
+    assert outcome.status == "completed"
+    warnings = [d for k, _, d in reporter.events if k == EventKind.WARNING]
+    assert warnings[0]["skipped"] == 2
+    assert warnings[0]["reasons"] == {"not an image file": 1, "cannot be decoded": 1}
+
+
+def test_top5_monitor_needs_more_than_five_classes(tmp_path: Path, data_root: Path) -> None:
+    spec = job_spec(early_stopping={"monitor": "val_top5_accuracy"})
+    with pytest.raises(DatasetError, match="needs more than 5 classes; the dataset has 3"):
+        _train(spec, tmp_path, data_root)
+
+
+def test_an_unknown_optimizer_lists_the_valid_ones() -> None:
+    training = TrainingSpec.model_construct(optimizer="lamb", lr=0.1)
+    with pytest.raises(InvalidArgument, match="Invalid optimizer 'lamb'. Only sgd, adam, adamw, rmsprop"):
+        make_optimizer(training, [torch.nn.Parameter(torch.zeros(1))])
+
+
+def test_no_trainable_parameter_is_an_error() -> None:
+    with pytest.raises(InvalidArgument, match="no trainable parameter"):
+        make_optimizer(TrainingSpec(), [])
+
+
+def test_schedulers_step_per_step_or_per_epoch() -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for name, per_step in (("cosine", True), ("onecycle", True), ("step", False), ("none", False)):
+        _, stepped_per_step = make_scheduler(TrainingSpec(scheduler=name, optimizer="sgd"), optimizer, 4)
+        assert stepped_per_step is per_step, name
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_device_choice_on_a_cpu_machine() -> None:
+    assert select_device(TrainingSpec()).describe() == "cpu (fp32)"
+    assert select_device(TrainingSpec(precision="bf16")).autocast_dtype == torch.bfloat16
+    with pytest.raises(InvalidArgument, match="'fp16' needs a CUDA device"):
+        select_device(TrainingSpec(precision="fp16"))
+    with pytest.raises(FailedPrecondition, match="sees no CUDA device"):
+        select_device(TrainingSpec(device="cuda"))
