@@ -13,6 +13,7 @@ run_opts=(--runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
 if ! podman image exists "$base"; then
     # Stands in for python:3.11-slim-bookworm: Debian bookworm's own python3 is 3.11. It trusts this
     # machine's extra CAs (a TLS-inspecting proxy), and its pip uses them, as the host's pip does.
+    # shellcheck disable=SC2016  # mmdebstrap expands "$1" (the new root) in each hook
     mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
         --customize-hook='copy-in /usr/local/share/ca-certificates /usr/local/share' \
         --customize-hook='chroot "$1" update-ca-certificates' \
@@ -32,9 +33,12 @@ podman run --rm "${run_opts[@]}" --entrypoint /bin/sh "$image" -c \
 echo "== run: health, then SIGTERM"
 name=tuneserve-podman-check
 podman rm -f "$name" >/dev/null 2>&1 || true
-podman run -d --name "$name" "${run_opts[@]}" -e TUNESERVE_AUTH_TOKEN=podman-check "$image" >/dev/null
+# Read-only root with HOME=/tmp, as docker/k8s/deployment.yaml runs it.
+podman run -d --name "$name" "${run_opts[@]}" --read-only -e HOME=/tmp -e TUNESERVE_AUTH_TOKEN=podman-check \
+    "$image" >/dev/null
 trap 'podman rm -f "$name" >/dev/null 2>&1 || true' EXIT
 for _ in $(seq 60); do
+    # podman's default OCI format drops HEALTHCHECK: run its command here instead.
     if podman exec "$name" python /app/scripts/healthcheck.py 2>/dev/null; then
         healthy=1
         break

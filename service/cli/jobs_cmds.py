@@ -45,7 +45,8 @@ def submit(
     serve: Annotated[bool | None, typer.Option("--serve/--no-serve", help="serve the result")] = None,
     model_name: Annotated[str | None, typer.Option(help="served model name (default: the job name)")] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override any spec field: --set training.lr=0.01")
+        list[str] | None,
+        typer.Option("--set", metavar="PATH=VALUE", help="override any spec field: --set training.lr=0.01"),
     ] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="follow the job until it ends")] = False,

@@ -149,8 +149,8 @@ class Scheduler:
     def _launch(self, job: Job) -> bool:
         try:
             job = self.store.transition(job.id, JobState.RUNNING, "worker starting", expect=[JobState.QUEUED])
-        except FailedPrecondition:  # cancelled between the queue read and now
-            return True
+        except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
+            return False
         job_dir = self.settings.job_dir(job.id)
         job_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(job_dir / "worker.log", "ab")  # noqa: SIM115 (closed when the worker exits)
@@ -168,7 +168,7 @@ class Scheduler:
         except OSError as exc:
             log_file.close()
             self.store.transition(job.id, JobState.FAILED, f"could not start a worker: {one_line(exc)}")
-            return True
+            return False
         self.store.set_worker_pid(job.id, process.pid)
         self._workers[job.id] = _Worker(job.id, process, log_file)
         log.info("job %s: worker %d started (attempt %d)", job.id, process.pid, job.attempts)

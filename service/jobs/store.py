@@ -206,10 +206,8 @@ class JobStore:
         with self._write() as db:
             row = _fetch_row(db, job_id)
             current = JobState(row["state"])
-            allowed = ALLOWED_TRANSITIONS[current]
-            if expect is not None:
-                allowed = allowed & frozenset(expect) if current in frozenset(expect) else frozenset()
-            if to_state not in allowed:
+            came_from_expected = expect is None or current in frozenset(expect)
+            if to_state not in ALLOWED_TRANSITIONS[current] or not came_from_expected:
                 raise FailedPrecondition(_transition_refusal(job_id, current, to_state))
             sets = {"state": to_state, "updated_at": now}
             if to_state == JobState.RUNNING:

@@ -83,10 +83,12 @@ class Prediction:
 class ServingManager:
     """The one object the gRPC layer delegates serving to."""
 
-    def __init__(self, settings: Settings, store: JobSource | None = None) -> None:
+    def __init__(
+        self, settings: Settings, store: JobSource | None = None, *, worker_threads: int | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
-        self.process = TorchServeProcess(settings)
+        self.process = TorchServeProcess(settings, worker_threads=worker_threads)
         keys, renew = self.process.keys, self.process.renew_keys
         self.management = ManagementClient(RestClient(management_url(settings), "management", keys, renew))
         self.rest_inference = RestClient(inference_url(settings), "inference", keys, renew, timeout_s=60)

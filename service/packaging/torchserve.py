@@ -155,12 +155,15 @@ def _java_regex_literal(text: str) -> str:
 class TorchServeProcess:
     """Start, watch and stop one TorchServe whose files all live under settings.torchserve_dir."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, worker_threads: int | None = None) -> None:
         self.settings = settings
+        # torch threads per Python worker; None keeps torch's default (all cores, per worker!)
+        self.worker_threads = worker_threads
         self.paths = TorchServePaths(settings.torchserve_dir.resolve())
         self._popen: subprocess.Popen[bytes] | None = None
         self._keys = TorchServeKeys()
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # start / stop / restart
+        self._keys_lock = threading.RLock()  # apart, so requests never wait behind a slow start
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -182,6 +185,8 @@ class TorchServeProcess:
             env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
             tmp, logs = str(self.paths.tmp), str(self.paths.logs)
             env.update(TEMP=tmp, TMPDIR=tmp, LOG_LOCATION=logs, METRICS_LOCATION=logs)
+            if self.worker_threads:  # TorchServe passes its environment on to the Python workers
+                env["OMP_NUM_THREADS"] = str(self.worker_threads)
             with open(self.paths.stdout_log, "ab") as out:
                 self._popen = subprocess.Popen(
                     command, cwd=self.paths.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -209,7 +214,9 @@ class TorchServeProcess:
                 log.warning("TorchServe did not stop within %.0f s; killing it", STOP_GRACE_S)
             _kill_group(popen.pid)
             popen.wait()
-            self._keys = TorchServeKeys()
+            with self._keys_lock:
+                self._keys = TorchServeKeys()
+            self.paths.key_file.unlink(missing_ok=True)  # dead keys, but keys all the same
             log.info("TorchServe stopped")
 
     def restart(self) -> None:
@@ -235,7 +242,7 @@ class TorchServeProcess:
 
     def keys(self) -> TorchServeKeys:
         """The current keys; renewed through the API key shortly before TorchServe expires them."""
-        with self._lock:
+        with self._keys_lock:
             if not self.settings.torchserve_token_auth:
                 return TorchServeKeys()
             expires = self._keys.expires_at
@@ -245,7 +252,7 @@ class TorchServeProcess:
 
     def renew_keys(self) -> TorchServeKeys:
         """Ask TorchServe for fresh management and inference keys, then re-read key_file.json."""
-        with self._lock:
+        with self._keys_lock:
             if not self.settings.torchserve_token_auth:
                 return self._keys
             if self._keys.api:
@@ -303,7 +310,8 @@ class TorchServeProcess:
                 raise Unavailable(f"TorchServe exited while starting: {self.log_tail()}")
             if self.settings.torchserve_token_auth and not self._keys.inference:
                 try:
-                    self._keys = self._read_keys()
+                    with self._keys_lock:
+                        self._keys = self._read_keys()
                 except FailedPrecondition:  # not written yet (or half written)
                     time.sleep(0.2)
                     continue
@@ -330,7 +338,9 @@ class TorchServeProcess:
     def _read_keys(self) -> TorchServeKeys:
         try:
             data = json.loads(self.paths.key_file.read_text())
-            expiries = [_parse_expiry(data[kind]["expiration time"]) for kind in ("management", "inference")]
+            expiries = [
+                parse_key_expiry(data[kind]["expiration time"]) for kind in ("management", "inference")
+            ]
             return TorchServeKeys(
                 management=data["management"]["key"],
                 inference=data["inference"]["key"],
@@ -350,7 +360,7 @@ class TorchServeProcess:
         return " | ".join(text[-lines:]) or "(no TorchServe output)"
 
 
-def _parse_expiry(text: str) -> datetime:
+def parse_key_expiry(text: str) -> datetime:
     # "2026-11-28T13:15:48.872250124Z": Java prints nanoseconds, Python parses microseconds
     head, _, fraction = text.rstrip("Z").partition(".")
     return datetime.fromisoformat(f"{head}.{(fraction or '0')[:6]:0<6}").replace(tzinfo=UTC)

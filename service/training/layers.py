@@ -201,24 +201,31 @@ def _describe_unfrozen(
     architecture: str, build_kwargs: tuple[tuple[str, Any], ...], image_size: int, num_classes: int | None
 ) -> tuple[tuple[_Row, ...], BlockTable, int]:
     kwargs = dict(build_kwargs)
+    meta = torch.device("meta")
     try:
-        return _run_description(architecture, kwargs, image_size, num_classes, torch.device("meta"))
-    except InvalidArgument:
-        raise
-    except Exception as exc:  # an op without a meta kernel, or an architecture built with real tensors
-        log.debug("meta description of %s failed (%s); describing on the CPU", architecture, exc)
-    return _run_description(architecture, kwargs, image_size, num_classes, torch.device("cpu"))
+        with meta:
+            model = builder.build_architecture(architecture, kwargs)
+    except Exception as exc:  # RegNet computes its widths with tensors: build for real, then drop the data
+        log.debug("meta build of %s failed (%s); building on the CPU", architecture, exc)
+        model = builder.build_architecture(architecture, kwargs).to(meta)
+    try:
+        return _run_description(model, architecture, image_size, num_classes)
+    except _NoMetaKernel as exc:
+        log.debug("meta forward of %s failed (%s); describing on the CPU", architecture, exc)
+    return _run_description(
+        builder.build_architecture(architecture, kwargs), architecture, image_size, num_classes
+    )
+
+
+class _NoMetaKernel(Exception):
+    """An op of the forward pass cannot run on the meta device (not a fault of the model or the size)."""
 
 
 def _run_description(
-    architecture: str,
-    build_kwargs: dict[str, Any],
-    image_size: int,
-    num_classes: int | None,
-    device: torch.device,
+    model: nn.Module, architecture: str, image_size: int, num_classes: int | None
 ) -> tuple[tuple[_Row, ...], BlockTable, int]:
-    with device:
-        model = builder.build_architecture(architecture, build_kwargs)
+    device = next(model.parameters()).device
+    with device:  # a new head goes where the model is
         head_names = heads.replace_head(model, num_classes) if num_classes else heads.find_head(model)
     table = block_table(model, head_names)
     blocks = list_blocks(model)
@@ -228,8 +235,8 @@ def _run_description(
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
     except Exception as exc:
-        if device.type == "meta":
-            raise
+        if device.type == "meta" and (isinstance(exc, NotImplementedError) or "meta" in str(exc).lower()):
+            raise _NoMetaKernel(str(exc)) from exc
         raise InvalidArgument(f"{architecture} cannot run on {image_size} px images: {exc}") from exc
     finally:
         for hook in hooks:

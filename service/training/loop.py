@@ -104,10 +104,12 @@ def train_one_epoch(
 
         result.steps += 1
         loss_value = loss.item()
-        accumulator.update(loss_value, logits, targets)
+        accuracy = accumulator.update(loss_value, logits, targets)
         lr = optimizer.param_groups[0]["lr"]
         if log_step is not None:
-            log_step(step + result.steps, {"train/loss": loss_value, "train/lr": lr})
+            log_step(
+                step + result.steps, {"train/loss": loss_value, "train/accuracy": accuracy, "train/lr": lr}
+            )
         now = time.monotonic()
         if now - last_report >= progress_every_s or i + 1 == steps:
             last_report = now

@@ -111,22 +111,24 @@ class MetricAccumulator:
     def count(self) -> int:
         return self._count
 
-    def update(self, loss: float, logits: Tensor, targets: Tensor) -> None:
-        """Add one batch: `loss` is the batch's mean loss, `targets` as the dataset gives them."""
+    def update(self, loss: float, logits: Tensor, targets: Tensor) -> float:
+        """Add one batch (`loss` is its mean loss, `targets` as the dataset gives them); its accuracy."""
         logits, targets = logits.detach().float().cpu(), targets.detach().cpu()
         n = targets.shape[0]
         predictions = predict(self.task, logits, self.threshold)
+        if self.task == "multilabel":
+            hits = (predictions == targets.long()).float().mean(dim=1).sum().item()
+        else:
+            hits = (predictions == targets.long()).sum().item()
         self._loss_sum += loss * n
         self._count += n
-        if self.task == "multilabel":
-            self._hits += (predictions == targets.long()).float().mean(dim=1).sum().item()
-        else:
-            self._hits += (predictions == targets.long()).sum().item()
+        self._hits += hits
         if self.has_top_k:
             top = logits.topk(TOP_K, dim=1).indices
             self._top_k_hits += int((top == targets.long().unsqueeze(1)).any(dim=1).sum().item())
         self._predictions.append(predictions)
         self._targets.append(targets.long())
+        return hits / n if n else math.nan
 
     def compute(self) -> dict[str, float]:
         """`loss`, `accuracy` and, for multiclass with more than 5 classes, `top5_accuracy`."""

@@ -55,6 +55,7 @@ class Run:
     tensorboard: TensorBoardLogger
     wandb: WandbLogger
     model_config: dict[str, Any]
+    torch_home: Path
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -159,6 +160,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         tensorboard=TensorBoardLogger(job_dir / "tensorboard", enabled=False),  # started below
         wandb=WandbLogger(None, reporter),
         model_config=_model_config(spec, built, preprocessing, splits.class_names),
+        torch_home=settings.torch_home,
     )
     wandb_run_id = _resume(run, resume, last) if resume is not None else None
     run.tensorboard = TensorBoardLogger(job_dir / "tensorboard", enabled=spec.logging.tensorboard)

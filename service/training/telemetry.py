@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
@@ -57,7 +56,8 @@ def announce(run: Run) -> None:
             "frozen_params": plan.frozen_params,
         },
     )
-    run.tensorboard.text("model/layers", layer_table(run), 0)
+    if run.tensorboard.enabled:
+        run.tensorboard.text("model/layers", layer_table(run), 0)
 
 
 def report_skips(run: Run, skipped: list[Skipped], where: str) -> None:
@@ -136,7 +136,8 @@ def layer_table(run: Run) -> str:
             image_size=run.preprocessing.crop_size,
             num_classes=run.num_outputs,
             freeze=run.spec.freeze,
-            torch_home=Path("."),
+            torch_home=run.torch_home,
+            weights=run.spec.model.weights,
         )
     except Exception as exc:  # the table is a nicety; never fail a job over it
         log.warning("cannot describe %s: %s", run.built.architecture, exc)

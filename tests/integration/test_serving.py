@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -54,21 +55,27 @@ def _free_ports(count: int) -> list[int]:
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
     inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
-    settings = Settings(
-        state_dir=tmp_path_factory.mktemp("state"),
-        torchserve_inference_port=inference,
-        torchserve_management_port=management,
-        torchserve_metrics_port=metrics,
-        torchserve_grpc_inference_port=grpc_inference,
-        torchserve_grpc_management_port=grpc_management,
-        torchserve_java_heap="256m",
-        torchserve_start_timeout_s=120,
-        max_image_pixels=MAX_PIXELS,
+    settings = Settings.model_validate(
+        {
+            "state_dir": tmp_path_factory.mktemp("state"),
+            "torchserve_inference_port": inference,
+            "torchserve_management_port": management,
+            "torchserve_metrics_port": metrics,
+            "torchserve_grpc_inference_port": grpc_inference,
+            "torchserve_grpc_management_port": grpc_management,
+            "torchserve_java_heap": "256m",
+            "torchserve_start_timeout_s": 120,
+            "max_image_pixels": MAX_PIXELS,
+        }
     )
-    serving = ServingManager(settings)
+    # One torch thread per process: on a busy shared CPU, spinning OpenMP threads make inference ~50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    serving = ServingManager(settings, worker_threads=1)
     serving.start()
     yield serving
     serving.stop()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +103,13 @@ def pets_v1(
 
 
 def _in_process(checkpoint: Path, images: list[bytes], top_k: int = 3) -> list[Any]:
-    classifier = ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
+    classifier = _classifier(checkpoint)
     return [classifier.handle([{"data": image, "top_k": top_k}])[0] for image in images]
+
+
+@functools.cache
+def _classifier(checkpoint: Path) -> ImageClassifier:
+    return ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
 
 
 def _rest(manager: ServingManager, path: str, body: bytes, key: str | None = None) -> tuple[int, Any]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from service.jobs.spec import JobSpec
@@ -39,6 +42,17 @@ def write_truncated_png(path: Path, size: int = 32) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread: on a shared, busy machine several spinning threads run far slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def job_spec(**overrides: Any) -> JobSpec:

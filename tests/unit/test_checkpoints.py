@@ -118,7 +118,7 @@ def test_full_disk_mid_write_keeps_last_and_leaves_no_temporary_file(
     keeper.save(_state(1))
     before = (tmp_path / "last.pt").read_bytes()
     monkeypatch.setattr(checkpoints.torch, "save", _failing_save(OSError(errno.ENOSPC, "No space left")))
-    with pytest.raises(ResourceExhausted, match="no space left to write checkpoint .*previous checkpoints"):
+    with pytest.raises(ResourceExhausted, match=r"no space left to write checkpoint .*previous checkpoints"):
         keeper.save(_state(2, [{"epoch": 1, "val_loss": 1.0}, {"epoch": 2, "val_loss": 0.5}]))
     assert (tmp_path / "last.pt").read_bytes() == before
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from imagefolders import make_image_folder, write_image, write_truncated_png
+from imagefolders import make_image_folder, one_thread, write_image, write_truncated_png
 
 from service.errors import DatasetError
 from service.jobs.spec import DataSpec
@@ -27,6 +28,12 @@ from service.training.data import (
 from service.training.datasets import build_loaders, make_transforms
 
 PRE = Preprocessing(36, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 @pytest.fixture
@@ -92,19 +99,19 @@ def test_a_folder_without_class_folders_is_refused(root: Path) -> None:
 
 def test_a_single_class_is_refused(root: Path) -> None:
     make_image_folder(root / "one", classes=1, per_class=2)
-    with pytest.raises(DatasetError, match="single class folder \\('class_0'\\).*at least 2 classes"):
+    with pytest.raises(DatasetError, match=r"single class folder \('class_0'\).*at least 2 classes"):
         scan_dataset(Path("one"), root)
 
 
 def test_binary_needs_exactly_two_classes(root: Path) -> None:
-    with pytest.raises(DatasetError, match="exactly 2 class folders.*found 3"):
+    with pytest.raises(DatasetError, match=r"exactly 2 class folders.*found 3"):
         scan_dataset(Path("ds"), root, task="binary")
 
 
 def test_an_empty_class_folder_is_named(root: Path) -> None:
     (root / "ds" / "class_9").mkdir()
     (root / "ds" / "class_9" / "readme.md").write_text("nothing here")
-    with pytest.raises(DatasetError, match="'class_9' .* no usable images .*1 not an image file"):
+    with pytest.raises(DatasetError, match=r"'class_9' .* no usable images .*1 not an image file"):
         scan_dataset(Path("ds"), root)
 
 
@@ -112,7 +119,7 @@ def test_a_folder_without_images_is_refused(root: Path) -> None:
     for c in ("a", "b"):
         (root / "none" / c).mkdir(parents=True)
         (root / "none" / c / "x.txt").write_text("x")
-    with pytest.raises(DatasetError, match="has no usable images .*2 file\\(s\\) skipped"):
+    with pytest.raises(DatasetError, match=r"has no usable images .*2 file\(s\) skipped"):
         scan_dataset(Path("none"), root)
 
 

@@ -16,7 +16,7 @@ from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.gate import compare
 from service.packaging.served import ServedRegistry, ServedVersion
-from service.packaging.torchserve import render_config
+from service.packaging.torchserve import TorchServeKeys, parse_key_expiry, render_config
 from service.packaging.ts_protos import build_descriptor_set, frontend_jar, generate_stubs
 from service.settings import Settings
 
@@ -98,7 +98,9 @@ def _properties(text: str) -> dict[str, str]:
 
 
 def test_config_binds_loopback_with_token_auth_and_a_capped_heap(tmp_path: Path):
-    settings = Settings(state_dir=tmp_path, torchserve_inference_port=18080, torchserve_java_heap="256m")
+    settings = Settings.model_validate(
+        {"state_dir": tmp_path, "torchserve_inference_port": 18080, "torchserve_java_heap": "256m"}
+    )
     props = _properties(render_config(settings))
     assert props["inference_address"] == "http://127.0.0.1:18080"
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
@@ -109,13 +111,25 @@ def test_config_binds_loopback_with_token_auth_and_a_capped_heap(tmp_path: Path)
 
 
 def test_allowed_urls_admit_only_archives_at_the_top_of_the_model_store(tmp_path: Path):
-    settings = Settings(state_dir=tmp_path / "state-1.x")
+    settings = Settings.model_validate({"state_dir": tmp_path / "state-1.x"})
     pattern = _properties(render_config(settings))["allowed_urls"]
     store = settings.model_store.resolve()
     assert re.fullmatch(pattern, f"file://{store}/pets-v1.mar")
     for url in [f"file://{store}/sub/pets.mar", f"file://{store}X/pets.mar", "file:///etc/pets.mar",
                 "https://example.com/pets.mar", f"file://{store}/pets-v1.mar.sh"]:  # fmt: skip
         assert not re.fullmatch(pattern, url), url
+
+
+def test_key_expiry_reads_javas_nanoseconds():
+    expiry = parse_key_expiry("2026-11-28T13:15:48.872250124Z")
+    assert expiry.isoformat() == "2026-11-28T13:15:48.872250+00:00"
+
+
+def test_keys_make_bearer_headers_only_when_auth_is_on():
+    keys = TorchServeKeys(management="m-key", inference="i-key", api="a-key")
+    assert keys.header("management") == {"Authorization": "Bearer m-key"}
+    assert keys.header("inference") == {"Authorization": "Bearer i-key"}
+    assert TorchServeKeys().header("inference") == {}
 
 
 # ----------------------------------------------------------------------------- TorchServe's protos

@@ -1,0 +1,186 @@
+"""The scheduler with stand-in workers (fake_worker.py): exits, retries, cancel, capacity, drain."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.jobs.records import EventKind, Job, JobState
+from service.jobs.scheduler import Scheduler, describe_exit, worker_env
+from service.jobs.spec import JobSpec
+from service.jobs.store import JobStore
+from service.settings import Settings
+
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+
+
+def fake_command(job_id: str) -> list[str]:
+    return [sys.executable, str(FAKE_WORKER), "--job-id", job_id]
+
+
+def make_spec(name: str, serve: bool = False) -> JobSpec:
+    return JobSpec.model_validate(
+        {"name": name, "model": {"architecture": "resnet18"}, "data": {"path": "ds"}, "serving": {"enabled": serve}}
+    )
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+        values = {"state_dir": tmp_path / "state", "max_concurrent_jobs": 1, "max_job_retries": 1,
+                  "cancel_grace_s": 1.0, "drain_grace_s": 5.0, **settings}  # fmt: skip
+        self.settings = Settings(**values)
+        self.store = JobStore(self.settings.jobs_db)
+        self.deployed: list[str] = []
+        self.deploy_error: Exception | None = None
+        self.scheduler = Scheduler(
+            self.settings, self.store, deployer=self.deploy, command=fake_command, poll_s=0.05
+        )
+
+    def deploy(self, job: Job) -> None:
+        if self.deploy_error is not None:
+            raise self.deploy_error
+        self.deployed.append(job.id)
+
+    def create(self, name: str, serve: bool = False) -> str:
+        job_id = self.store.create_job(make_spec(name, serve)).id
+        self.scheduler.wake()
+        return job_id
+
+    def wait(self, check: Callable[[], Any], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.05)
+
+    def wait_state(self, job_id: str, state: JobState, timeout: float = 30.0) -> Job:
+        self.wait(lambda: self.store.get_job(job_id).state == state, timeout)
+        return self.store.get_job(job_id)
+
+    def wait_started(self, job_id: str) -> None:
+        self.wait(lambda: any(e.message == "fake worker started" for e in self.store.events_after(job_id)))
+
+    def messages(self, job_id: str, kind: EventKind) -> list[str]:
+        return [e.message for e in self.store.events_after(job_id) if e.kind == kind]
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    h.scheduler.start()
+    yield h
+    h.scheduler.stop(drain=False)
+    h.store.close()
+
+
+def test_a_packaged_job_is_deployed_then_succeeds(harness: Harness) -> None:
+    job_id = harness.create("ok-served", serve=True)
+    harness.wait_state(job_id, JobState.SUCCEEDED)
+    assert harness.deployed == [job_id]
+
+
+def test_a_job_that_asks_not_to_be_served_succeeds_without_deploying(harness: Harness) -> None:
+    job_id = harness.create("ok-unserved", serve=False)
+    harness.wait_state(job_id, JobState.SUCCEEDED)
+    assert harness.deployed == []
+
+
+def test_a_failing_deploy_fails_the_job_with_the_reason(harness: Harness) -> None:
+    harness.deploy_error = RuntimeError("TorchServe said no")
+    job = harness.wait_state(harness.create("ok-bad-deploy", serve=True), JobState.FAILED)
+    assert job.error is not None and "serving failed: RuntimeError: TorchServe said no" in job.error
+
+
+def test_a_killed_worker_is_retried_then_the_job_fails_with_the_reason(harness: Harness) -> None:
+    job = harness.wait_state(harness.create("crash"), JobState.FAILED)
+    assert job.error == "worker killed by SIGKILL (exit -9) (out of memory?), 2 attempts"
+    assert job.attempts == 2
+    [warning] = harness.messages(job.id, EventKind.WARNING)
+    assert "retrying from the last checkpoint (attempt 2 of 2)" in warning
+
+
+def test_a_worker_exiting_with_an_error_code_is_retried_too(harness: Harness) -> None:
+    job = harness.wait_state(harness.create("exit3"), JobState.FAILED)
+    assert job.error is not None and job.error.startswith("worker exited with code 3")
+
+
+def test_a_job_the_worker_failed_is_not_retried(harness: Harness) -> None:
+    job = harness.wait_state(harness.create("fail"), JobState.FAILED)
+    assert (job.error, job.attempts) == ("ValueError: boom", 1)
+
+
+def test_cancel_stops_a_running_worker_at_a_safe_point(harness: Harness) -> None:
+    job_id = harness.create("slow")
+    harness.wait_started(job_id)
+    harness.store.request_cancel(job_id)
+    harness.scheduler.wake()
+    harness.wait_state(job_id, JobState.CANCELLED)
+    assert "fake worker stopping" in harness.messages(job_id, EventKind.INFO)
+
+
+def test_cancel_kills_a_worker_that_ignores_sigterm_after_the_grace_period(harness: Harness) -> None:
+    job_id = harness.create("stubborn")
+    harness.wait_started(job_id)
+    started = time.monotonic()
+    harness.store.request_cancel(job_id)
+    harness.wait_state(job_id, JobState.CANCELLED)
+    assert time.monotonic() - started >= harness.settings.cancel_grace_s
+    assert "fake worker stopping" not in harness.messages(job_id, EventKind.INFO)
+
+
+def test_at_most_max_concurrent_jobs_run_and_the_rest_wait_in_order(harness: Harness) -> None:
+    first, second, third = harness.create("slow-1"), harness.create("ok-2"), harness.create("ok-3")
+    harness.wait_started(first)
+    time.sleep(0.3)
+    assert harness.scheduler.running() == [first]
+    assert harness.store.get_job(second).state == JobState.QUEUED
+    harness.store.request_cancel(first)
+    harness.wait_state(third, JobState.SUCCEEDED)
+    second_job, third_job = harness.store.get_job(second), harness.store.get_job(third)
+    assert second_job.started_at is not None and third_job.started_at is not None
+    assert second_job.started_at < third_job.started_at
+
+
+def test_drain_requeues_running_jobs_without_counting_the_attempt(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.scheduler.start()
+    job_id = h.create("slow")
+    h.wait_started(job_id)
+    h.scheduler.stop(drain=True)
+    job = h.store.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0)
+    assert "fake worker stopping" in h.messages(job_id, EventKind.INFO)
+    h.store.close()
+
+
+def test_a_restarted_scheduler_resumes_requeued_jobs(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    job_id = h.store.create_job(make_spec("ok-after-restart")).id
+    h.store.transition(job_id, JobState.RUNNING)  # as if the previous service died mid-job
+    h.scheduler.start()
+    h.wait_state(job_id, JobState.SUCCEEDED)
+    assert any("the service restarted" in m for m in h.messages(job_id, EventKind.INFO))
+    h.scheduler.stop()
+    h.store.close()
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [(-signal.SIGKILL, "worker killed by SIGKILL (exit -9)"), (-signal.SIGSEGV, "SIGSEGV"), (2, "code 2")],
+)
+def test_exits_are_described_for_people(code: int, text: str) -> None:
+    assert text in describe_exit(code)
+
+
+def test_workers_get_every_setting_but_secrets_with_absolute_paths(tmp_path: Path) -> None:
+    settings = Settings(state_dir=Path("rel/state"), auth_token="s3cret", max_concurrent_jobs=3)  # type: ignore[arg-type]
+    env = worker_env(settings)
+    assert env["TUNESERVE_STATE_DIR"] == str(Path("rel/state").resolve())
+    assert env["TUNESERVE_MAX_CONCURRENT_JOBS"] == "3"
+    assert env["TUNESERVE_TORCHSERVE_ENABLED"] == "true"
+    assert "TUNESERVE_AUTH_TOKEN" not in env
