@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,17 @@ class Service:
     server: TuneserveServer
     serving: Serving | None = None
     torchserve: Any = None  # the ServingManager, when this service started TorchServe
+    _stopped: bool = field(default=False, init=False)
 
     @property
     def port(self) -> int:
         return self.server.port
 
     def stop(self, drain: bool = True) -> None:
-        """Stop the API, then drain (or kill) running jobs back to the queue, then TorchServe."""
+        """Stop the API, then drain (or kill) running jobs back to the queue, then TorchServe. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         log.info("stopping (drain=%s)", drain)
         self.server.stop(API_GRACE_S)
         self.scheduler.stop(drain=drain)
@@ -66,9 +70,15 @@ def start_service(settings: Settings, serving: Serving | None = None) -> Service
         torchserve = start_torchserve(settings, store)
         serving = TorchServeServing(torchserve)
     scheduler = Scheduler(settings, store, deployer=serving.deploy if serving is not None else None)
-    scheduler.start()
-    jobs = JobManager(settings, store, wake=scheduler.wake)
-    server = build_server(settings, jobs, serving)
+    scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
+    try:
+        server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving)
+    except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
+        scheduler.stop(drain=False)
+        if torchserve is not None:
+            torchserve.stop()
+        store.close()
+        raise
     return Service(settings, store, scheduler, server, serving, torchserve)
 
 

@@ -75,6 +75,14 @@ class Client:
     def get_job(self, job_id: str) -> pb.Job:
         return self.call(self.jobs.GetJob, pb.GetJobRequest(job_id=job_id))
 
+    def served_model(self, name: str) -> pb.ServedModel | None:
+        """The served model called `name`, or None when serving cannot tell (callers use it as a nicety)."""
+        try:
+            answer = self.call(self.jobs.ListServedModels, pb.ListServedModelsRequest())
+        except grpc.RpcError:
+            return None
+        return next((m for m in answer.models if m.name == name), None)
+
     def health_status(self, service: str = "") -> int:
         """The health service's status for `service` (a health_pb2.HealthCheckResponse value)."""
         answer = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -94,7 +102,8 @@ class Client:
                 last = f"{exc.code().name}: {exc.details()}"
             time.sleep(0.3)
         raise CliError(
-            "UNAVAILABLE", f"the server at {self.config.address} was not SERVING within {timeout_s:.0f} s ({last})"
+            "UNAVAILABLE",
+            f"the server at {self.config.address} was not SERVING within {timeout_s:.0f} s ({last})",
         )
 
     def close(self) -> None:

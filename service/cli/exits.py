@@ -1,16 +1,16 @@
 """Exit codes, and the one-line error a failed command prints on stderr.
 
-  0  success
-  1  any other error (INTERNAL, UNKNOWN, ...)
-  2  INVALID_ARGUMENT / OUT_OF_RANGE: the request (a spec, a flag) is wrong; also typer's usage errors
-  3  NOT_FOUND: no such job, model or version
-  4  ALREADY_EXISTS / FAILED_PRECONDITION / ABORTED: not possible in the current state
-  5  UNAUTHENTICATED / PERMISSION_DENIED: token or certificate problem
-  6  UNAVAILABLE / DEADLINE_EXCEEDED: the server (or TorchServe behind it) cannot be reached in time
-  7  RESOURCE_EXHAUSTED: queue full, message too large
-  8  the watched job ended FAILED
-  9  the watched job ended CANCELLED
-  130  interrupted (Ctrl-C)
+0  success
+1  any other error (INTERNAL, UNKNOWN, ...)
+2  INVALID_ARGUMENT / OUT_OF_RANGE: the request (a spec, a flag) is wrong; also typer's usage errors
+3  NOT_FOUND: no such job, model or version
+4  ALREADY_EXISTS / FAILED_PRECONDITION / ABORTED: not possible in the current state
+5  UNAUTHENTICATED / PERMISSION_DENIED: token or certificate problem
+6  UNAVAILABLE / DEADLINE_EXCEEDED: the server (or TorchServe behind it) cannot be reached in time
+7  RESOURCE_EXHAUSTED: queue full, message too large
+8  the watched job ended FAILED
+9  the watched job ended CANCELLED
+130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
-import grpc
 import typer
 import yaml
 from google.protobuf import json_format
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.cli import exits, render, specfile
-from service.cli.client import CliError, Client
+from service.cli.client import Client, CliError
 from service.cli.options import connect, err, out
 from service.cli.watch import exit_code_for, watch_job
 
-STATE_NAMES = [name for name in pb.JobState.keys() if name != "JOB_STATE_UNSPECIFIED"]
+STATE_NAMES = [name for name in pb.JobState.DESCRIPTOR.values_by_name if name != "JOB_STATE_UNSPECIFIED"]
 
 JobId = Annotated[str, typer.Argument(help="the job id (see `tuneserve jobs`)")]
 AsJson = Annotated[bool, typer.Option("--json", help="print the proto's JSON instead of a table")]
@@ -48,7 +48,9 @@ def submit(
         list[str] | None,
         typer.Option("--set", metavar="PATH=VALUE", help="override any spec field: --set training.lr=0.01"),
     ] = None,
-    idempotency_key: Annotated[str | None, typer.Option(help="resubmitting with it returns the same job")] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="resubmitting with it returns the same job")
+    ] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="follow the job until it ends")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the job id")] = False,
 ) -> None:
@@ -90,7 +92,9 @@ def _watch(client: Client, job_id: str, after_seq: int = 0) -> None:
     try:
         job = watch_job(client, job_id, out(), after_seq=after_seq)
     except KeyboardInterrupt:
-        err().print(f"stopped watching; job {job_id} keeps running (tuneserve watch / tuneserve cancel {job_id})")
+        err().print(
+            f"stopped watching; job {job_id} keeps running (tuneserve watch / tuneserve cancel {job_id})"
+        )
         raise typer.Exit(exits.INTERRUPTED) from None
     code = exit_code_for(job)
     if code:
@@ -130,10 +134,12 @@ def jobs(
         console.print(f"more: tuneserve jobs --limit {limit} --page-token {page_token}", style="dim")
 
 
-def _state(name: str) -> int:
+def _state(name: str) -> pb.JobState:
     if name.upper() not in STATE_NAMES:
-        raise CliError("INVALID_ARGUMENT", f"--state {name!r} is not a job state; use {', '.join(STATE_NAMES)}")
-    return pb.JobState.Value(name.upper())
+        raise CliError(
+            "INVALID_ARGUMENT", f"--state {name!r} is not a job state; use {', '.join(STATE_NAMES)}"
+        )
+    return cast(pb.JobState, pb.JobState.Value(name.upper()))
 
 
 def show(
@@ -145,7 +151,7 @@ def show(
     """A job's details: state, spec essentials, metrics, and where its checkpoints, logs and archive are."""
     with connect(ctx) as client:
         job = client.get_job(job_id)
-        served = _served_model(client, job.result.served_model) if job.result.served_model else None
+        served = client.served_model(job.result.served_model) if job.result.served_model else None
     if as_json:
         render.print_json(job)
         return
@@ -154,15 +160,6 @@ def show(
     if spec:
         data = json_format.MessageToDict(job.spec, preserving_proto_field_name=True)
         console.print(yaml.safe_dump(data, sort_keys=False).rstrip())
-
-
-def _served_model(client: Client, name: str) -> pb.ServedModel | None:
-    """The served model called `name`, or None when serving cannot tell (it is only a nicety)."""
-    try:
-        answer = client.call(client.jobs.ListServedModels, pb.ListServedModelsRequest())
-    except grpc.RpcError:
-        return None
-    return next((m for m in answer.models if m.name == name), None)
 
 
 def cancel(ctx: typer.Context, job_id: JobId) -> None:
@@ -182,7 +179,7 @@ def tensorboard(
     ctx: typer.Context,
     job_id: JobId,
     host: Annotated[str, typer.Option(help="address TensorBoard listens on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port TensorBoard listens on")] = 6006,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port TensorBoard listens on")] = 6006,
 ) -> None:
     """Start TensorBoard on a job's logs (on this machine) and print its URL; Ctrl-C stops it."""
     with connect(ctx) as client:
@@ -191,24 +188,43 @@ def tensorboard(
     if not logdir:
         raise CliError(
             "FAILED_PRECONDITION",
-            f"job {job_id} has no TensorBoard logs (it has not started training, or logging.tensorboard is off)",
+            f"job {job_id} has no TensorBoard logs (it has not trained yet, or logging.tensorboard is off)",
         )
     if not Path(logdir).is_dir():
         raise CliError(
             "NOT_FOUND",
-            f"{logdir} is not on this machine; run TensorBoard where the service runs: tensorboard --logdir {logdir}",
+            f"{logdir} is not on this machine; run TensorBoard where the service runs: "
+            f"tensorboard --logdir {logdir}",
         )
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", host, "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        logdir,
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it while TensorBoard runs
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         out().print(f"TensorBoard for job {job_id} ({logdir}): http://{host}:{port}/  (Ctrl-C stops it)")
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated CLI takes TensorBoard with it
         try:
             code = process.wait()
         except KeyboardInterrupt:
-            process.terminate()
-            process.wait(10)
             return
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if process.poll() is None:
+                process.terminate()
+                process.wait(10)
         if code:
             log.seek(0)
             tail = " | ".join(log.read().strip().splitlines()[-3:])
             raise CliError("UNKNOWN", f"TensorBoard exited with {code}: {tail}")
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -31,7 +31,9 @@ def serve(
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"TUNESERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"TUNESERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
+        )
         raise CliError("INVALID_ARGUMENT", problems) from None
     try:
         run_service(settings)

@@ -6,6 +6,7 @@ listed in service.cli.exits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -46,7 +47,7 @@ def main(
 
 
 # name -> command; every command prints server errors as one line (service.cli.exits)
-COMMANDS = {
+COMMANDS: dict[str, Callable[..., None]] = {
     "serve": local_cmds.serve,
     "health": local_cmds.health,
     "submit": jobs_cmds.submit,

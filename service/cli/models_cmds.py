@@ -18,12 +18,16 @@ AsJson = Annotated[bool, typer.Option("--json", help="print the proto's JSON ins
 def models(
     ctx: typer.Context,
     source: Annotated[str, typer.Option(help="torchvision, timm or builtin (default: all)")] = "",
-    available: Annotated[bool, typer.Option("--available", help="only those with weights on the server")] = False,
+    available: Annotated[
+        bool, typer.Option("--available", help="only those with weights on the server")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Architectures that can be fine-tuned, and whether their pretrained weights are on the server."""
     with connect(ctx) as client:
-        answer = client.call(client.jobs.ListModels, pb.ListModelsRequest(source=source, available_only=available))
+        answer = client.call(
+            client.jobs.ListModels, pb.ListModelsRequest(source=source, available_only=available)
+        )
     if as_json:
         render.print_json(answer)
     elif answer.models:

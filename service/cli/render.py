@@ -1,9 +1,10 @@
-"""Rich tables for what the server answers. Server text is never read as markup (consoles use markup=False)."""
+"""Rich tables for what the server answers. Server text is never read as markup (markup=False)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -12,7 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
@@ -29,9 +30,15 @@ STATE_STYLES = {
 INFERENCE_KEY_HINT = "the inference key is in the server's $TUNESERVE_STATE_DIR/torchserve/key_file.json"
 
 
+LOG_WIDTH = 160  # lines written to a file or pipe are not wrapped at 80 columns
+
+
 def make_console(stderr: bool = False) -> Console:
     """A console that never interprets server text as markup or emoji codes."""
-    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
+    console = Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = LOG_WIDTH
+    return console
 
 
 def print_json(message: Message | list[Message]) -> None:
@@ -81,7 +88,7 @@ def format_seconds(seconds: float) -> str:
 
 def number(value: float | int) -> str:
     """Metrics and learning rates: 4 significant digits, scientific when tiny."""
-    if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1:
+    if isinstance(value, int) or (float(value).is_integer() and abs(value) >= 1):
         return f"{int(value):,}"
     return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
 
@@ -114,9 +121,16 @@ def jobs_table(jobs: Iterable[pb.Job]) -> Table:
     return table
 
 
-def job_table(job: pb.Job, served: pb.ServedModel | None = None, *, spec: bool = True) -> Table:
+def titled(heading: str, table: Table) -> Group:
+    """A heading that never wraps (a table's own title wraps at the table's width), then the table."""
+    return Group(Text(heading, style="bold", no_wrap=True, overflow="ignore"), table)
+
+
+def job_table(
+    job: pb.Job, served: pb.ServedModel | None = None, *, spec: bool = True, heading: str | None = None
+) -> Group:
     """Everything about one job: state, timing, the spec's essentials, the result and where it lies."""
-    table = Table(box=box.SIMPLE, show_header=False, title=f"job {job.id}", title_justify="left")
+    table = Table(box=box.SIMPLE, show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str | Text]] = [("name", job.spec.name), ("state", state_text(job.state))]
@@ -136,7 +150,7 @@ def job_table(job: pb.Job, served: pb.ServedModel | None = None, *, spec: bool =
     rows += _serving_rows(job, served)
     for name, value in rows:
         table.add_row(name, value)
-    return table
+    return titled(heading or f"job {job.id}", table)
 
 
 def _spec_rows(spec: pb.JobSpec) -> list[tuple[str, str | Text]]:
@@ -234,18 +248,9 @@ def models_table(models: Iterable[pb.ModelInfo]) -> Table:
     return table
 
 
-def layers_table(description: pb.ModelDescription) -> Table:
-    table = Table(
-        box=box.SIMPLE_HEAD,
-        title=f"{description.architecture} at {description.image_size} px",
-        title_justify="left",
-        caption=(
-            f"total {params(description.total_params)} parameters: trainable "
-            f"{params(description.trainable_params)}, frozen {params(description.frozen_params)}; "
-            f"freeze depths 0..{description.freezable_blocks}"
-        ),
-        caption_justify="left",
-    )
+def layers_table(description: pb.ModelDescription) -> Group:
+    """The layer table with frozen rows marked, then the parameter totals."""
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("#", justify="right")
     table.add_column("layer")
     table.add_column("type")
@@ -259,11 +264,16 @@ def layers_table(description: pb.ModelDescription) -> Table:
             str(row.index), row.name, row.type, shape, params(row.params), state,
             style="dim" if row.frozen else None,
         )  # fmt: skip
-    return table
+    totals = Text(
+        f"total params {params(description.total_params)}  trainable {params(description.trainable_params)}  "
+        f"frozen {params(description.frozen_params)}  (freeze depths 0..{description.freezable_blocks})"
+    )
+    return Group(titled(f"{description.architecture} at {description.image_size} px", table), totals)
 
 
-def predictions_table(image: str, prediction: pb.Prediction) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, title=image, title_justify="left")
+def predictions_table(image: str, prediction: pb.Prediction) -> Group:
+    """The image's name (never wrapped: it is a path to copy), then its top-k classes."""
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("rank", justify="right")
     table.add_column("label")
     table.add_column("probability", justify="right")
@@ -271,7 +281,7 @@ def predictions_table(image: str, prediction: pb.Prediction) -> Table:
         table.add_row("-", Text(f"error: {prediction.error}", style="red"), "-")
     for rank, score in enumerate(prediction.scores, start=1):
         table.add_row(str(rank), score.label, f"{score.probability:.4f}")
-    return table
+    return titled(image, table)
 
 
 def served_table(models: Iterable[pb.ServedModel]) -> Table:

@@ -36,13 +36,17 @@ def set_default(
 ) -> None:
     """Make VERSION the one `predict` and /predictions/MODEL answer with."""
     with connect(ctx) as client:
-        served = client.call(client.jobs.SetDefaultVersion, pb.SetDefaultVersionRequest(name=model, version=version))
+        served = client.call(
+            client.jobs.SetDefaultVersion, pb.SetDefaultVersionRequest(name=model, version=version)
+        )
     out().print(render.served_line(served))
 
 
 def served(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="print the proto's JSON instead of a table")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the proto's JSON instead of a table")
+    ] = False,
 ) -> None:
     """Models TorchServe serves now, with their versions and inference URLs."""
     with connect(ctx) as client:

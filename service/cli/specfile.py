@@ -29,13 +29,18 @@ def load_spec_file(path: Path) -> dict[str, Any]:
     except (ValueError, yaml.YAMLError) as exc:
         raise CliError("INVALID_ARGUMENT", f"spec file {path} is not valid YAML/JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise CliError("INVALID_ARGUMENT", f"spec file {path} must hold a mapping (name:, model:, data:, ...)")
+        raise CliError(
+            "INVALID_ARGUMENT", f"spec file {path} must hold a mapping (name:, model:, data:, ...)"
+        )
     return data
 
 
+UNSET = object()  # an override that removes the field, so the server's default applies
+
+
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`data` with `overrides` (dotted paths -> values; None means "not given") merged in."""
-    merged = json.loads(json.dumps(data))  # a deep copy that also rejects non-JSON values early
+    """`data` with `overrides` (dotted paths -> values; None: not given; UNSET: remove) merged in."""
+    merged = json.loads(json.dumps(data, default=str))  # a deep copy
     for dotted, value in overrides.items():
         if value is None:
             continue
@@ -46,21 +51,27 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             if not isinstance(child, dict):
                 raise CliError("INVALID_ARGUMENT", f"spec.{dotted}: {part} is not a mapping (got {child!r})")
             node = child
-        node[leaf] = value
+        if value is UNSET:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
     return merged
 
 
 def parse_set_options(options: list[str]) -> dict[str, Any]:
-    """`--set training.lr=0.01` -> {"training.lr": 0.01}; values are read as YAML scalars."""
+    """`--set training.lr=0.01` -> {"training.lr": 0.01}; values are YAML, `null` removes the field."""
     parsed: dict[str, Any] = {}
     for option in options:
         path, sep, raw = option.partition("=")
         if not sep or not path.strip():
-            raise CliError("INVALID_ARGUMENT", f"--set {option!r}: use PATH=VALUE, e.g. --set training.lr=0.01")
+            raise CliError(
+                "INVALID_ARGUMENT", f"--set {option!r}: use PATH=VALUE, e.g. --set training.lr=0.01"
+            )
         try:
-            parsed[path.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            parsed[path.strip()] = raw
+            value = raw
+        parsed[path.strip()] = UNSET if value is None else value
     return parsed
 
 
@@ -74,7 +85,9 @@ def spec_to_proto(data: dict[str, Any]) -> pb.JobSpec:
 def _fill(message: Message, data: Any, where: str) -> None:
     fields = message.DESCRIPTOR.fields_by_name
     if not isinstance(data, dict):
-        raise CliError("INVALID_ARGUMENT", f"{where}: expected a mapping of {', '.join(fields)} (got {data!r})")
+        raise CliError(
+            "INVALID_ARGUMENT", f"{where}: expected a mapping of {', '.join(fields)} (got {data!r})"
+        )
     for key, value in data.items():
         path = f"{where}.{key}"
         field = fields.get(str(key))
@@ -87,7 +100,9 @@ def _fill(message: Message, data: Any, where: str) -> None:
         elif field.is_repeated:
             if not isinstance(value, list):
                 value = [value]
-            getattr(message, field.name).extend(_scalar(field, item, f"{path}[{i}]") for i, item in enumerate(value))
+            getattr(message, field.name).extend(
+                _scalar(field, item, f"{path}[{i}]") for i, item in enumerate(value)
+            )
         else:
             try:
                 setattr(message, field.name, _scalar(field, value, path))

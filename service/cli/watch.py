@@ -30,7 +30,7 @@ from rich.text import Text
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.cli import exits, render
-from service.cli.client import CliError, Client
+from service.cli.client import Client, CliError
 
 FINAL_STATES = frozenset({pb.SUCCEEDED, pb.FAILED, pb.CANCELLED})
 RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -80,7 +80,9 @@ def follow_events(
     seq, outage_since = after_seq, None
     while True:
         try:
-            for event in client.stream(client.jobs.WatchJob, pb.WatchJobRequest(job_id=job_id, after_seq=seq)):
+            for event in client.stream(
+                client.jobs.WatchJob, pb.WatchJobRequest(job_id=job_id, after_seq=seq)
+            ):
                 seq, outage_since = event.seq, None
                 backoff.reset()
                 yield event
@@ -165,7 +167,11 @@ class WatchView:
         if "images_per_s" in data:
             info += f"  {data['images_per_s']:.0f} img/s"
         self.progress.update(
-            self.step_task, description=f"epoch {epoch}", total=steps, completed=int(data.get("step", 0)), info=info
+            self.step_task,
+            description=f"epoch {epoch}",
+            total=steps,
+            completed=int(data.get("step", 0)),
+            info=info,
         )
 
     def event_line(self, event: pb.JobEvent, data: dict[str, Any]) -> Text:
@@ -205,14 +211,14 @@ def watch_job(client: Client, job_id: str, console: Console, *, after_seq: int =
             view.handle(event)
     job = client.get_job(job_id)
     served = pb.ServedModel(inference_url=view.inference_url) if view.inference_url else None
+    if served is None and job.result.served_model:  # the SERVED event came before `after_seq`
+        served = client.served_model(job.result.served_model)
     console.print(summary_table(job, served))
     return job
 
 
-def summary_table(job: pb.Job, served: pb.ServedModel | None) -> Any:
-    table = render.job_table(job, served, spec=False)
-    table.title = f"job {job.id}: {render.state_name(job.state)}"
-    return table
+def summary_table(job: pb.Job, served: pb.ServedModel | None) -> Group:
+    return render.job_table(job, served, spec=False, heading=f"job {job.id}: {render.state_name(job.state)}")
 
 
 def exit_code_for(job: pb.Job) -> int:

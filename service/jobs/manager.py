@@ -78,6 +78,11 @@ class JobManager:
         with self._watch_slot(stop):
             yield from follow_events(self.store, job_id, after_seq, stop=stop, poll_s=self._watch_poll_s)
 
+    def open_watches(self) -> int:
+        """How many WatchJob streams are open now."""
+        with self._lock:
+            return len(self._open_watches)
+
     def close(self) -> None:
         """End every open watch (the server is stopping)."""
         with self._lock:

@@ -52,7 +52,8 @@ class ModelSpec(_Frozen):
             raise ValueError("weights='file' needs model.weights_file (a path to a local state_dict)")
         if self.weights_file and self.weights != "file":
             raise ValueError(
-                f"model.weights_file is set but model.weights is {self.weights!r}; set weights='file' to use it"
+                f"model.weights_file is set but model.weights is {self.weights!r}; "
+                "set weights='file' to use it"
             )
         return self
 

@@ -10,8 +10,6 @@ AlreadyExists (naming the existing job) when the spec differs: a key names one r
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import json
 import os
 import secrets
@@ -25,6 +23,15 @@ from typing import Any
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.jobs.records import EventKind, Job, JobEvent, JobResult, JobState
+from service.jobs.rows import (
+    RESULT_FIELDS,
+    decode_page_token,
+    encode_page_token,
+    event_from_row,
+    job_from_row,
+    jsonable,
+    result_from_json,
+)
 from service.jobs.spec import JobSpec
 
 SCHEMA_VERSION = 1
@@ -42,7 +49,6 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
 }
 ACTIVE_STATES = (JobState.RUNNING, JobState.PACKAGING)
-_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -112,7 +118,7 @@ class JobStore:
                             f"idempotency_key {key!r} was already used for job {row['id']} with a different "
                             "spec; send the same spec to get that job back, or use a new key"
                         )
-                    return _job_from_row(row)
+                    return job_from_row(row)
             if max_queued is not None:
                 queued = db.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))
                 if queued.fetchone()[0] >= max_queued:
@@ -129,10 +135,10 @@ class JobStore:
             _insert_event(db, job_id, EventKind.STATE, "job queued", {"state": JobState.QUEUED}, now)
             for kind, message, data in notes:
                 _insert_event(db, job_id, kind, message, data, now)
-            return _job_from_row(_fetch_row(db, job_id))
+            return job_from_row(_fetch_row(db, job_id))
 
     def get_job(self, job_id: str) -> Job:
-        return _job_from_row(_fetch_row(self._read(), job_id))
+        return job_from_row(_fetch_row(self._read(), job_id))
 
     def job_for_key(self, idempotency_key: str) -> Job | None:
         """The job created with this idempotency key, if any."""
@@ -141,7 +147,7 @@ class JobStore:
             .execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
             .fetchone()
         )
-        return None if row is None else _job_from_row(row)
+        return None if row is None else job_from_row(row)
 
     def list_jobs(
         self, states: Iterable[JobState] = (), page_size: int = 0, page_token: str = ""
@@ -152,7 +158,7 @@ class JobStore:
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         wanted = sorted({JobState(s) for s in states})
         where = ["num < ?"]
-        args: list[Any] = [_decode_token(page_token) if page_token else 2**62]
+        args: list[Any] = [decode_page_token(page_token) if page_token else 2**62]
         if wanted:
             where.append(f"state IN ({', '.join('?' * len(wanted))})")
             args += wanted
@@ -160,15 +166,15 @@ class JobStore:
             f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY num DESC LIMIT ?", (*args, size + 1)
         )
         page = rows.fetchall()
-        token = _encode_token(page[size - 1]["num"]) if len(page) > size else ""
-        return [_job_from_row(r) for r in page[:size]], token
+        token = encode_page_token(page[size - 1]["num"]) if len(page) > size else ""
+        return [job_from_row(r) for r in page[:size]], token
 
     def next_queued(self, exclude: Sequence[str] = ()) -> Job | None:
         """The oldest QUEUED job (FIFO by creation) not in `exclude`."""
         rows = self._read().execute(
             "SELECT * FROM jobs WHERE state = ? ORDER BY num LIMIT ?", (JobState.QUEUED, len(exclude) + 1)
         )
-        return next((_job_from_row(r) for r in rows if r["id"] not in exclude), None)
+        return next((job_from_row(r) for r in rows if r["id"] not in exclude), None)
 
     def jobs_in(self, states: Iterable[JobState]) -> list[Job]:
         """Every job in one of `states`, oldest first."""
@@ -176,7 +182,7 @@ class JobStore:
         rows = self._read().execute(
             f"SELECT * FROM jobs WHERE state IN ({', '.join('?' * len(wanted))}) ORDER BY num", wanted
         )
-        return [_job_from_row(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def count_queued(self) -> int:
         return int(
@@ -226,7 +232,7 @@ class JobStore:
             data = {"state": to_state, "previous": current, "reason": reason}
             message = f"{current} -> {to_state}" + (f": {reason}" if reason else "")
             _insert_event(db, job_id, EventKind.STATE, message, data, now)
-            return _job_from_row(_fetch_row(db, job_id))
+            return job_from_row(_fetch_row(db, job_id))
 
     def request_cancel(self, job_id: str) -> Job:
         """Mark a job for cancellation; a QUEUED job is CANCELLED at once, a running one by the scheduler."""
@@ -248,7 +254,7 @@ class JobStore:
                 )
             elif not row["cancel_requested"]:
                 _insert_event(db, job_id, EventKind.INFO, "cancel requested; stopping the worker", {}, now)
-            return _job_from_row(_fetch_row(db, job_id))
+            return job_from_row(_fetch_row(db, job_id))
 
     def requeue_interrupted(self, reason: str = "the service restarted") -> list[Job]:
         """On start-up: RUNNING/PACKAGING jobs go back to QUEUED (or CANCELLED if that was asked)."""
@@ -275,14 +281,14 @@ class JobStore:
 
     def update_result(self, job_id: str, **fields: Any) -> JobResult:
         """Merge `fields` into the job's result (names of JobResult fields only)."""
-        unknown = sorted(set(fields) - _RESULT_FIELDS)
+        unknown = sorted(set(fields) - RESULT_FIELDS)
         if unknown:
-            raise ValueError(f"unknown JobResult field(s) {unknown}; known: {sorted(_RESULT_FIELDS)}")
+            raise ValueError(f"unknown JobResult field(s) {unknown}; known: {sorted(RESULT_FIELDS)}")
         with self._write() as db:
             row = _fetch_row(db, job_id)
-            merged = {**json.loads(row["result"]), **_jsonable(fields)}
+            merged = {**json.loads(row["result"]), **jsonable(fields)}
             _update(db, job_id, {"result": json.dumps(merged), "updated_at": time.time()})
-            return _result_from_json(merged)
+            return result_from_json(merged)
 
     def append_event(
         self, job_id: str, kind: EventKind, message: str, data: dict[str, Any] | None = None
@@ -300,7 +306,7 @@ class JobStore:
             "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
             (job_id, after_seq, limit),
         )
-        return [_event_from_row(r) for r in rows]
+        return [event_from_row(r) for r in rows]
 
     def state_at(self, job_id: str, seq: int) -> JobState:
         """The job's state right after event `seq` (the last STATE event up to it)."""
@@ -382,7 +388,7 @@ def _insert_event(
     db: sqlite3.Connection, job_id: str, kind: EventKind, message: str, data: dict[str, Any], now: float
 ) -> JobEvent:
     seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
-    payload = _jsonable(data)
+    payload = jsonable(data)
     db.execute(
         "INSERT INTO events (job_id, seq, time, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
         (job_id, seq, now, kind, message, json.dumps(payload)),
@@ -390,74 +396,7 @@ def _insert_event(
     return JobEvent(job_id, int(seq), now, kind, message, payload)
 
 
-def _job_from_row(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        spec=JobSpec.model_validate(json.loads(row["spec"])),
-        state=JobState(row["state"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        error=row["error"],
-        attempts=row["attempts"],
-        idempotency_key=row["idempotency_key"],
-        cancel_requested=bool(row["cancel_requested"]),
-        result=_result_from_json(json.loads(row["result"])),
-    )
-
-
-def _event_from_row(row: sqlite3.Row) -> JobEvent:
-    return JobEvent(
-        job_id=row["job_id"],
-        seq=row["seq"],
-        time=row["time"],
-        kind=EventKind(row["kind"]),
-        message=row["message"],
-        data=json.loads(row["data"]),
-    )
-
-
-def _result_from_json(data: dict[str, Any]) -> JobResult:
-    known = {k: v for k, v in data.items() if k in _RESULT_FIELDS}
-    if "class_names" in known:
-        known["class_names"] = tuple(known["class_names"])
-    return JobResult(**known)
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types: paths and enums become strings, tuples lists, numpy/torch scalars numbers."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
-    return str(value)
-
-
-# ---------------------------------------------------------------------- tokens, keys, messages
-
-
-def _encode_token(num: int) -> str:
-    return base64.urlsafe_b64encode(f"v1:{num}".encode()).decode().rstrip("=")
-
-
-def _decode_token(token: str) -> int:
-    try:
-        version, num = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
-        if version != "v1" or int(num) < 1:
-            raise ValueError(token)
-        return int(num)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument(
-            f"page_token {token!r} is not a token this service issued; pass the next_page_token of the "
-            "previous ListJobs response unchanged, or '' for the first page"
-        ) from None
+# ---------------------------------------------------------------------- keys, messages
 
 
 def _check_key(key: str | None) -> str | None:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -145,3 +146,15 @@ def _run_archiver(files: dict[str, Path], model_name: str, version: str, work: P
         )
     shutil.rmtree(tmp, ignore_errors=True)
     return built
+
+
+def read_manifest(archive: Path) -> tuple[str, str]:
+    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
+    try:
+        with zipfile.ZipFile(archive) as mar:
+            model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        return str(model["modelName"]), str(model["modelVersion"])
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise FailedPrecondition(
+            f"{archive} is not a readable TorchServe archive ({exc}); package it again"
+        ) from None

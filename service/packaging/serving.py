@@ -7,30 +7,31 @@ every served version again from the registry.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
 import time
-import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.jobs.records import EventKind, Job, JobResult, JobState
 from service.jobs.spec import ServingSpec
-from service.packaging.archiver import Archive, build_archive, sha256_of
+from service.packaging.archiver import Archive, build_archive, read_manifest, sha256_of
 from service.packaging.gate import BF16_TOLERANCE, CPU_TOLERANCE, GateFailed, check_version, synthetic_images
 from service.packaging.management import ManagementClient, RestClient
-from service.packaging.served import ServedEntry, ServedRegistry, ServedVersion, version_key
-from service.packaging.torchserve import (
-    TorchServeProcess,
-    grpc_inference_target,
-    inference_url,
-    management_url,
+from service.packaging.served import (
+    ClassScore,
+    Prediction,
+    ServedEntry,
+    ServedModel,
+    ServedRegistry,
+    ServedVersion,
+    version_key,
 )
+from service.packaging.torchserve import TorchServeProcess
+from service.packaging.ts_config import grpc_inference_target, inference_url, management_url
 from service.packaging.ts_grpc import TorchServeGrpc
 from service.settings import Settings
 
@@ -50,34 +51,6 @@ class JobSource(Protocol):
     def append_event(
         self, job_id: str, kind: EventKind, message: str, data: dict[str, Any] | None = None
     ) -> Any: ...
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """Mirrors tuneserve.v1.ServedModel: one model, described by the version named here."""
-
-    name: str
-    version: str
-    is_default: bool
-    job_id: str
-    archive_sha256: str
-    ready: bool
-    versions: tuple[str, ...]
-    inference_url: str
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    label: str
-    probability: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's answer: its scores, or the error that failed this image alone."""
-
-    scores: tuple[ClassScore, ...] = ()
-    error: str = ""
 
 
 class ServingManager:
@@ -416,18 +389,6 @@ class ServingManager:
             log.warning(
                 "job %s is gone; served %s version %s without recording it", job_id, model.name, model.version
             )
-
-
-def read_manifest(archive: Path) -> tuple[str, str]:
-    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
-    try:
-        with zipfile.ZipFile(archive) as mar:
-            model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
-        return str(model["modelName"]), str(model["modelVersion"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise FailedPrecondition(
-            f"{archive} is not a readable TorchServe archive ({exc}); package it again"
-        ) from None
 
 
 def _prediction(answer: Any) -> Prediction:

@@ -7,6 +7,10 @@ load time (service.training.datasets), and skipped the same way.
 
 Errors (DatasetError, INVALID_ARGUMENT) are for datasets that cannot be used at all: a path outside
 the data root, a missing folder, no class folders, too few classes, an empty class folder, no images.
+
+Tasks: multiclass needs 2+ class folders; binary exactly 2 (the second in sorted order is the
+positive class); multilabel reads `data.manifest` instead of folders (image paths relative to the data
+root), and a `data.val_path` for it is a second manifest.
 """
 
 from __future__ import annotations

@@ -201,9 +201,14 @@ class Loaders:
     skipped: tuple[Skipped, ...]  # found while decoding up front
 
     def set_epoch(self, epoch: int) -> None:
-        sampler = self.train.sampler
-        assert isinstance(sampler, EpochSampler)
-        sampler.set_epoch(epoch)
+        set_epoch(self.train, epoch)
+
+
+def set_epoch(loader: Loader, epoch: int) -> None:
+    """Make the loader's next pass epoch `epoch` (its order and augmentation)."""
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler)
+    sampler.set_epoch(epoch)
 
 
 def build_loaders(
@@ -256,10 +261,25 @@ def build_loaders(
             persistent_workers=workers > 0,
         )
 
-    # a last batch of one image breaks BatchNorm in train mode; drop it only then
-    drop_last = len(train_ds) > batch_size and len(train_ds) % batch_size == 1
+    drop_last = drop_last_batch(len(train_ds), batch_size)
     train, val = loader(train_ds, shuffle=True, drop_last=drop_last), loader(val_ds, False, False)
     return Loaders(train, val, train_ds, val_ds, cached, workers, tuple(skipped))
+
+
+def in_order(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> Loader:
+    """The dataset once through in index order (as epoch 0 with no shuffling)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), 0, shuffle=False),
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
+
+
+def drop_last_batch(size: int, batch_size: int) -> bool:
+    """A last batch of one image breaks BatchNorm in train mode: drop it, and only it."""
+    return size > batch_size and size % batch_size == 1
 
 
 def resolve_num_workers(requested: int | None, train_images: int, cached: bool) -> int:

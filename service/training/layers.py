@@ -154,6 +154,8 @@ def block_table(model: nn.Module, head_names: tuple[str, ...]) -> BlockTable:
         if parent:  # an expanded container stands for all of its blocks
             owners[parent] = index
     is_head = tuple(any(h == name or h.startswith(f"{name}.") for h in head_names) for name, _ in blocks)
+    if head_names and not any(is_head):  # a wrong name would make the head freezable
+        raise ValueError(f"head modules {head_names} are not in {type(model).__name__}")
     return BlockTable(tuple(name for name, _ in blocks), is_head, owners)
 
 

@@ -99,13 +99,13 @@ def train_one_epoch(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         if scheduler is not None:
             scheduler.step()
 
         result.steps += 1
         loss_value = loss.item()
         accuracy = accumulator.update(loss_value, logits, targets)
-        lr = optimizer.param_groups[0]["lr"]
         if log_step is not None:
             log_step(
                 step + result.steps, {"train/loss": loss_value, "train/accuracy": accuracy, "train/lr": lr}

@@ -59,12 +59,12 @@ def train(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) 
 def run_epoch(run: Run, epoch: int) -> str | None:
     """Train and evaluate one epoch, checkpoint it, apply early stopping; the stop reason if asked to stop."""
     spec, reporter, started = run.spec, run.reporter, time.monotonic()
+    freezing.set_train_mode(run.model, run.plan, spec.freeze.batchnorm)
+    loader, forward, holds_images = run.training_batches(epoch)
     # data order and augmentation come from (seed, epoch) in the loaders; dropout from this
     torch.manual_seed(epoch_seed(spec.training.seed, epoch))
-    run.loaders.set_epoch(epoch)
-    freezing.set_train_mode(run.model, run.plan, spec.freeze.batchnorm)
     trained = train_one_epoch(
-        run.forward, run.criterion, run.optimizer, run.loaders.train,
+        forward, run.criterion, run.optimizer, loader,
         task=spec.task, num_classes=run.num_classes, epoch=epoch, step=run.step,
         device=run.device, reporter=reporter, scaler=run.scaler,
         scheduler=run.scheduler if run.scheduler_per_step else None,
@@ -98,7 +98,7 @@ def run_epoch(run: Run, epoch: int) -> str | None:
         f"epoch {epoch} saved{' (best)' if saved.is_best else ''}",
         {"epoch": epoch, "path": str(saved.path), "is_best": saved.is_best, "metric": monitored},
     )
-    telemetry.log_epoch(run, epoch, metrics, trained.first_images, evaluated)
+    telemetry.log_epoch(run, epoch, metrics, trained.first_images if holds_images else None, evaluated)
     if should_stop:
         stopping = run.early_stopping
         reporter.event(

@@ -6,6 +6,7 @@ model -> freeze -> device -> loaders -> optimizer and scheduler -> restore -> st
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,11 @@ from service.errors import DatasetError, FailedPrecondition
 from service.jobs.records import EventKind
 from service.jobs.spec import JobSpec
 from service.settings import Settings
-from service.training import freezing, telemetry
+from service.training import feature_cache, freezing, telemetry
 from service.training.builder import BuiltModel, Preprocessing, build_model
 from service.training.checkpoints import CheckpointKeeper, checkpoint_dir, load_checkpoint, restore_rng
 from service.training.data import Splits, load_splits
-from service.training.datasets import Loaders, build_loaders
+from service.training.datasets import Loader, Loaders, build_loaders, set_epoch
 from service.training.early_stopping import EarlyStopping, comparator
 from service.training.loop import DevicePlan, Forward
 from service.training.metrics import TOP_K, make_criterion, output_units
@@ -56,6 +57,9 @@ class Run:
     wandb: WandbLogger
     model_config: dict[str, Any]
     torch_home: Path
+    split: freezing.FrozenSplit | None = None  # the frozen prefix and the rest, when the model splits
+    cache_features: bool = False  # train on cached prefix outputs (see service.training.feature_cache)
+    feature_loader: Loader | None = None  # built at the first epoch that needs it
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -76,6 +80,37 @@ class Run:
     @property
     def num_outputs(self) -> int:
         return output_units(self.spec.task, len(self.class_names))
+
+    def training_batches(self, epoch: int) -> tuple[Loader, Forward, bool]:
+        """This epoch's training loader and forward pass, and whether its batches hold images: cached
+        prefix outputs through the rest of the network when they can be cached, else images."""
+        if self.cache_features and self.split is not None:
+            if self.feature_loader is None:
+                self.feature_loader = self._cache_features()
+            if self.feature_loader is not None:
+                set_epoch(self.feature_loader, epoch)
+                return self.feature_loader, self.split.rest, False
+        self.loaders.set_epoch(epoch)
+        return self.loaders.train, self.forward, True
+
+    def _cache_features(self) -> Loader | None:
+        assert self.split is not None
+        started = time.monotonic()
+        loader, skipped = feature_cache.cache_features(
+            self.split, self.loaders.train_dataset, self.device, batch_size=self.spec.training.batch_size,
+            seed=self.spec.training.seed, num_workers=self.loaders.num_workers,
+        )  # fmt: skip
+        telemetry.report_skips(self, skipped, "the frozen-feature pass")
+        if loader is None:
+            self.cache_features = False
+            return None
+        self.reporter.event(
+            EventKind.INFO,
+            f"cached the frozen blocks' outputs for {len(loader.dataset)} images "  # type: ignore[arg-type]
+            f"in {time.monotonic() - started:.1f} s; epochs now run only the trainable blocks",
+            {"feature_cache": True, "images": len(loader.dataset)},  # type: ignore[arg-type]
+        )
+        return loader
 
     def best(self) -> tuple[int | None, float | None, dict[str, float]]:
         ranked = self.keeper.rank(self.history)
@@ -135,6 +170,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
     optimizer = make_optimizer(training, freezing.trainable_parameters(built.model))
     scheduler, per_step = make_scheduler(training, optimizer, steps_per_epoch)
     stopping = spec.early_stopping
+    split = freezing.split_frozen_prefix(built.model, plan)
     run = Run(
         spec=spec,
         reporter=reporter,
@@ -143,7 +179,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         built=built,
         preprocessing=preprocessing,
         plan=plan,
-        forward=_make_forward(built.model, plan, training.compile),
+        forward=_make_forward(built.model, split, training.compile),
         loaders=loaders,
         criterion=make_criterion(spec.task, training.label_smoothing),
         optimizer=optimizer,
@@ -161,6 +197,8 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         wandb=WandbLogger(None, reporter),
         model_config=_model_config(spec, built, preprocessing, splits.class_names),
         torch_home=settings.torch_home,
+        split=split,
+        cache_features=feature_cache.can_cache(spec, split),
     )
     wandb_run_id = _resume(run, resume, last) if resume is not None else None
     run.tensorboard = TensorBoardLogger(job_dir / "tensorboard", enabled=spec.logging.tensorboard)
@@ -172,9 +210,8 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
     return run
 
 
-def _make_forward(model: nn.Module, plan: freezing.FreezePlan, compile_model: bool) -> Forward:
+def _make_forward(model: nn.Module, split: freezing.FrozenSplit | None, compile_model: bool) -> Forward:
     """The training forward pass: the frozen prefix under no_grad when the model splits exactly."""
-    split = freezing.split_frozen_prefix(model, plan)
     if split is None:
         return torch.compile(model) if compile_model else model  # type: ignore[return-value]
 

@@ -52,9 +52,12 @@ def make_image_folder(folder: Path, classes: int = 2, per_class: int = 4, size: 
     return folder
 
 
-def spec(name: str = "tiny", **sections: dict[str, Any]) -> pb.JobSpec:
-    """A job that trains in seconds: mobilenet_v3_small, random init, 32 px, no loggers, not served."""
-    base: dict[str, dict[str, Any]] = {
+def spec(name: str = "tiny", **sections: Any) -> pb.JobSpec:
+    """A job that trains in seconds: mobilenet_v3_small, random init, 32 px, no loggers, not served.
+
+    Keyword arguments override a section's fields (`training={"epochs": 3}`) or a top-level field (`task=`).
+    """
+    base: dict[str, Any] = {
         "model": {"architecture": "mobilenet_v3_small", "weights": "none"},
         "data": {"path": "ds", "val_fraction": 0.25},
         "training": {"epochs": 1, "batch_size": 4, "image_size": 32, "augmentation": "none", "device": "cpu"},
@@ -63,10 +66,9 @@ def spec(name: str = "tiny", **sections: dict[str, Any]) -> pb.JobSpec:
         "serving": {"enabled": False},
     }
     for key, value in sections.items():
-        base[key] = {**base.get(key, {}), **value}
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     message = pb.JobSpec(name=name)
-    for key, value in base.items():
-        _fill(getattr(message, key), value)
+    _fill(message, base)
     return message
 
 

@@ -20,6 +20,7 @@ from harness import (
     spec,
     stub,
     wait_event,
+    wait_for,
     wait_state,
 )
 
@@ -63,7 +64,12 @@ def trained(client: pb_grpc.FineTuningStub) -> dict[str, Any]:
             break
     stream.cancel()  # the client goes away mid-job
     rest = list(client.WatchJob(pb.WatchJobRequest(job_id=job.id, after_seq=first[-1].seq), timeout=180))
-    return {"created": job, "first": first, "rest": rest, "final": client.GetJob(pb.GetJobRequest(job_id=job.id))}
+    return {
+        "created": job,
+        "first": first,
+        "rest": rest,
+        "final": client.GetJob(pb.GetJobRequest(job_id=job.id)),
+    }
 
 
 def test_create_job_returns_a_queued_job_with_its_spec_and_defaults(trained: dict[str, Any]) -> None:
@@ -102,12 +108,16 @@ def test_watch_streams_the_lifecycle_and_ends_after_the_final_state(trained: dic
     assert epoch.state == pb.RUNNING and "val_loss" in epoch.data
 
 
-def test_the_same_idempotency_key_returns_the_same_job(client: pb_grpc.FineTuningStub, trained: dict[str, Any]) -> None:
+def test_the_same_idempotency_key_returns_the_same_job(
+    client: pb_grpc.FineTuningStub, trained: dict[str, Any]
+) -> None:
     again = client.CreateJob(pb.CreateJobRequest(spec=spec("trained"), idempotency_key="trained-1"))
     assert again.id == trained["created"].id and again.state == pb.SUCCEEDED
 
 
-def test_cancel_of_a_queued_job_cancels_it_at_once(client: pb_grpc.FineTuningStub, trained: dict[str, Any]) -> None:
+def test_cancel_of_a_queued_job_cancels_it_at_once(
+    client: pb_grpc.FineTuningStub, trained: dict[str, Any]
+) -> None:
     blocker = client.CreateJob(pb.CreateJobRequest(spec=spec("blocker", training={"epochs": 500})))
     queued = client.CreateJob(pb.CreateJobRequest(spec=spec("queued")))
     cancelled = client.CancelJob(pb.CancelJobRequest(job_id=queued.id))
@@ -128,6 +138,19 @@ def test_cancel_of_a_running_job_stops_its_worker_at_a_safe_point(
     assert final.state == pb.CANCELLED
     messages = [e.message for e in all_events(client, job.id)]
     assert any("training stopped (cancelled)" in m for m in messages)
+
+
+def test_a_watcher_that_goes_away_frees_its_stream(
+    service: Service, client: pb_grpc.FineTuningStub, trained: dict[str, Any]
+) -> None:
+    job = client.CreateJob(pb.CreateJobRequest(spec=spec("watched", training={"epochs": 500})))
+    stream = client.WatchJob(pb.WatchJobRequest(job_id=job.id))
+    assert next(stream).seq == 1
+    assert service.server.jobs.open_watches() == 1
+    stream.cancel()
+    wait_for(lambda: service.server.jobs.open_watches() == 0, timeout=10, what="the watch to close")
+    client.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    wait_state(client, job.id, (pb.CANCELLED,))
 
 
 def test_list_jobs_pages_newest_first_and_filters_by_state(
@@ -163,7 +186,9 @@ def test_list_models_says_which_weights_are_on_this_machine(client: pb_grpc.Fine
     assert [m.architecture for m in available] == ["resnet18"]
 
 
-def test_describe_model_shows_the_layer_table_and_what_a_freeze_freezes(client: pb_grpc.FineTuningStub) -> None:
+def test_describe_model_shows_the_layer_table_and_what_a_freeze_freezes(
+    client: pb_grpc.FineTuningStub,
+) -> None:
     request = pb.DescribeModelRequest(
         architecture="resnet18", image_size=64, num_classes=3, freeze=pb.FreezeSpec(depth=5)
     )
@@ -216,7 +241,9 @@ class FakeServing:
 
     def serve_job(self, job_id: str) -> ServedModel:
         self.calls.append(("serve_job", job_id))
-        return ServedModel("pets", "2", True, job_id, "ab" * 32, True, ("1", "2"), "http://x/predictions/pets")
+        return ServedModel(
+            "pets", "2", True, job_id, "ab" * 32, True, ("1", "2"), "http://x/predictions/pets"
+        )
 
     def unserve(self, name: str, version: str | None) -> None:
         self.calls.append(("unserve", name, version))
@@ -245,7 +272,12 @@ def test_serving_rpcs_delegate_to_the_serving_side(serving_service: tuple[Servic
         client.UnserveModel(pb.UnserveModelRequest(name="pets"))
         listed = client.ListServedModels(pb.ListServedModelsRequest())
         answer = pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(model="pets", images=[b"a", b"b"]))
-    assert (served.name, served.version, list(served.versions), served.ready) == ("pets", "2", ["1", "2"], True)
+    assert (served.name, served.version, list(served.versions), served.ready) == (
+        "pets",
+        "2",
+        ["1", "2"],
+        True,
+    )
     assert (default.version, default.is_default) == ("1", True)
     assert [m.name for m in listed.models] == ["pets"]
     assert (answer.version, len(answer.predictions), answer.predictions[0].scores[0].label) == ("2", 2, "cat")
@@ -281,8 +313,12 @@ def auth_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield running
 
 
-@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token"),)])
-def test_auth_refuses_a_missing_or_wrong_token(auth_service: Service, metadata: tuple[tuple[str, str], ...]) -> None:
+@pytest.mark.parametrize(
+    "metadata", [(), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token"),)]
+)
+def test_auth_refuses_a_missing_or_wrong_token(
+    auth_service: Service, metadata: tuple[tuple[str, str], ...]
+) -> None:
     with channel_to(auth_service) as channel, pytest.raises(grpc.RpcError) as caught:
         stub(channel).ListJobs(pb.ListJobsRequest(), metadata=metadata)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -297,7 +333,9 @@ def test_auth_refuses_streaming_calls_without_a_token(auth_service: Service) -> 
 
 def test_auth_lets_the_right_token_through(auth_service: Service) -> None:
     with channel_to(auth_service) as channel:
-        jobs = stub(channel).ListJobs(pb.ListJobsRequest(), metadata=(("authorization", "Bearer s3cret-token"),))
+        jobs = stub(channel).ListJobs(
+            pb.ListJobsRequest(), metadata=(("authorization", "Bearer s3cret-token"),)
+        )
     assert list(jobs.jobs) == []
 
 
@@ -318,6 +356,9 @@ def test_tls_serves_over_an_encrypted_channel(tmp_path: Path) -> None:
     )  # fmt: skip
     settings = make_settings(tmp_path, tls_cert=cert, tls_key=key)
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
-    with running_service(settings) as running, grpc.secure_channel(f"localhost:{running.port}", credentials) as channel:
+    with (
+        running_service(settings) as running,
+        grpc.secure_channel(f"localhost:{running.port}", credentials) as channel,
+    ):
         jobs = stub(channel).ListJobs(pb.ListJobsRequest())
     assert list(jobs.jobs) == []

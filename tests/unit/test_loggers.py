@@ -122,7 +122,7 @@ def read_wandb_records(run_dir: Path) -> dict[str, Any]:
             continue
         pending = chunk if kind in (1, 2) else pending + chunk
         if kind in (1, 4):  # FULL or LAST: a whole record
-            records.append(wandb_internal_pb2.Record.FromString(pending))
+            records.append(wandb_internal_pb2.Record.FromString(pending))  # type: ignore[attr-defined]
     result: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
     for record in records:
         kind = record.WhichOneof("record_type")

@@ -26,7 +26,12 @@ def fake_command(job_id: str) -> list[str]:
 
 def make_spec(name: str, serve: bool = False) -> JobSpec:
     return JobSpec.model_validate(
-        {"name": name, "model": {"architecture": "resnet18"}, "data": {"path": "ds"}, "serving": {"enabled": serve}}
+        {
+            "name": name,
+            "model": {"architecture": "resnet18"},
+            "data": {"path": "ds"},
+            "serving": {"enabled": serve},
+        }
     )
 
 

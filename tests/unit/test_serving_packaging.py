@@ -16,7 +16,8 @@ from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.gate import compare
 from service.packaging.served import ServedRegistry, ServedVersion
-from service.packaging.torchserve import TorchServeKeys, parse_key_expiry, render_config
+from service.packaging.torchserve import TorchServeKeys, parse_key_expiry
+from service.packaging.ts_config import render_config
 from service.packaging.ts_protos import build_descriptor_set, frontend_jar, generate_stubs
 from service.settings import Settings
 

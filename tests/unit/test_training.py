@@ -121,6 +121,7 @@ def _pretrained_file(tmp_path: Path) -> Path:
     model = torchvision.models.mobilenet_v3_small()
     for module in model.modules():  # statistics unlike a fresh BatchNorm's, so a change would show
         if isinstance(module, torch.nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "pretrained.pth"
@@ -160,10 +161,11 @@ def test_early_stopping_ends_the_job_and_says_why(tmp_path: Path, data_root: Pat
 
 
 def test_binary_task_trains_one_logit(tmp_path: Path) -> None:
-    make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=6)
-    spec = job_spec(task="binary", training={"epochs": 1})
+    make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=12)
+    spec = job_spec(task="binary", training={"epochs": 1, "max_steps_per_epoch": 1})
     outcome, _ = _train(spec, tmp_path, tmp_path / "data")
     checkpoint = load_checkpoint(tmp_path / "job/checkpoints/last.pt")
+    assert checkpoint["step"] == 1  # of 3 batches: max_steps_per_epoch holds
     assert checkpoint["model"]["classifier.3.weight"].shape[0] == 1
     assert checkpoint["model_config"]["num_classes"] == 1 and checkpoint["class_names"] == [
         "class_0",
@@ -202,7 +204,7 @@ def test_top5_monitor_needs_more_than_five_classes(tmp_path: Path, data_root: Pa
 
 
 def test_an_unknown_optimizer_lists_the_valid_ones() -> None:
-    training = TrainingSpec.model_construct(optimizer="lamb", lr=0.1)
+    training = TrainingSpec.model_construct(optimizer="lamb", lr=0.1)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match=r"Invalid optimizer 'lamb'\. Only sgd, adam, adamw, rmsprop"):
         make_optimizer(training, [torch.nn.Parameter(torch.zeros(1))])
 
@@ -215,7 +217,8 @@ def test_no_trainable_parameter_is_an_error() -> None:
 def test_schedulers_step_per_step_or_per_epoch() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     for name, per_step in (("cosine", True), ("onecycle", True), ("step", False), ("none", False)):
-        _, stepped_per_step = make_scheduler(TrainingSpec(scheduler=name, optimizer="sgd"), optimizer, 4)
+        training = TrainingSpec.model_validate({"scheduler": name, "optimizer": "sgd"})
+        _, stepped_per_step = make_scheduler(training, optimizer, 4)
         assert stepped_per_step is per_step, name
 
 
@@ -227,3 +230,27 @@ def test_device_choice_on_a_cpu_machine() -> None:
         select_device(TrainingSpec(precision="fp16"))
     with pytest.raises(FailedPrecondition, match="sees no CUDA device"):
         select_device(TrainingSpec(device="cuda"))
+
+
+def test_cached_frozen_features_train_like_images(tmp_path: Path, data_root: Path) -> None:
+    def run(job: str, feature_cache: bool) -> tuple[list[dict[str, Any]], CollectingReporter]:
+        spec = job_spec(
+            freeze={"until_layer": "features.12"},
+            # sgd: Adam's first steps amplify float noise (the prefix batches differently when cached)
+            training={
+                "epochs": 2,
+                "augmentation": "none",
+                "feature_cache": feature_cache,
+                "optimizer": "sgd",
+            },
+        )
+        _, reporter = _train(spec, tmp_path, data_root, job=job)
+        return load_checkpoint(tmp_path / job / "checkpoints/last.pt")["history"], reporter
+
+    cached, reporter = run("cached", True)
+    images, plain = run("images", False)
+    assert any(d.get("feature_cache") for k, _, d in reporter.events if k == EventKind.INFO)
+    assert not any(d.get("feature_cache") for k, _, d in plain.events if k == EventKind.INFO)
+    for a, b in zip(cached, images, strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key

@@ -1,0 +1,1 @@
+"""The gRPC layer: server, servicers (translation only), interceptors (errors, auth)."""

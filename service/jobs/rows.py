@@ -1,0 +1,83 @@
+"""How jobs and events are kept as rows and JSON in the store, and the ListJobs page token."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import sqlite3
+from typing import Any
+
+from service.errors import InvalidArgument
+from service.jobs.records import EventKind, Job, JobEvent, JobResult, JobState
+from service.jobs.spec import JobSpec
+
+RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        spec=JobSpec.model_validate(json.loads(row["spec"])),
+        state=JobState(row["state"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        attempts=row["attempts"],
+        idempotency_key=row["idempotency_key"],
+        cancel_requested=bool(row["cancel_requested"]),
+        result=result_from_json(json.loads(row["result"])),
+    )
+
+
+def event_from_row(row: sqlite3.Row) -> JobEvent:
+    return JobEvent(
+        job_id=row["job_id"],
+        seq=row["seq"],
+        time=row["time"],
+        kind=EventKind(row["kind"]),
+        message=row["message"],
+        data=json.loads(row["data"]),
+    )
+
+
+def result_from_json(data: dict[str, Any]) -> JobResult:
+    known = {k: v for k, v in data.items() if k in RESULT_FIELDS}
+    if "class_names" in known:
+        known["class_names"] = tuple(known["class_names"])
+    return JobResult(**known)
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON types: paths and enums become strings, tuples lists, numpy/torch scalars numbers."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def encode_page_token(num: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{num}".encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> int:
+    try:
+        version, num = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
+        if version != "v1" or int(num) < 1:
+            raise ValueError(token)
+        return int(num)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument(
+            f"page_token {token!r} is not a token this service issued; pass the next_page_token of the "
+            "previous ListJobs response unchanged, or '' for the first page"
+        ) from None

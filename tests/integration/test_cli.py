@@ -1,0 +1,427 @@
+"""The `tuneserve` CLI against a real in-process service on loopback: output and exit code of each command.
+
+The serving side is an in-memory fake (no TorchServe here; tests/e2e/test_demo.py runs the real one), so
+predict, served, serve-job, unserve and set-default show their tables and error lines in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from harness import make_image_folder, make_settings, running_service
+from typer.testing import CliRunner, Result
+
+from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from service.api.serving import ClassScore, Prediction, PredictResult, ServedModel
+from service.app import Service
+from service.cli.client import Client, ClientConfig
+from service.cli.main import app
+from service.cli.watch import Backoff, follow_events
+from service.errors import NotFound
+from service.jobs.records import Job
+
+TOKEN = "cli-test-token"
+TINY_SPEC = """\
+name: tiny-cli
+model: {architecture: mobilenet_v3_small, weights: none}
+data: {path: ds, val_fraction: 0.25}
+training: {epochs: 1, batch_size: 4, image_size: 32, augmentation: none, device: cpu}
+early_stopping: {enabled: false}
+logging: {tensorboard: true, wandb: {mode: disabled}}
+serving: {enabled: false}
+"""
+
+
+class FakeServing:
+    """Serving in memory: one model `pets` with versions 1 and 2."""
+
+    def deploy(self, job: Job) -> None:
+        pass
+
+    def predict(self, model: str, version: str | None, images: Any, top_k: int | None) -> PredictResult:
+        if model != "pets":
+            raise NotFound(f"model {model!r} is not served; `tuneserve served` lists the models")
+        scores = (ClassScore("cat", 0.875), ClassScore("dog", 0.125))[: top_k or 2]
+        return PredictResult(model, version or "2", tuple(Prediction(scores) for _ in images))
+
+    def serve_job(self, job_id: str) -> ServedModel:
+        return ServedModel(
+            "pets", "3", True, job_id, "ab" * 32, True, ("1", "2", "3"), "http://ts/predictions/pets"
+        )
+
+    def unserve(self, name: str, version: str | None) -> None:
+        if name != "pets":
+            raise NotFound(f"model {name!r} is not served")
+
+    def set_default(self, name: str, version: str) -> ServedModel:
+        if version not in ("1", "2"):
+            raise NotFound(f"{name} has no version {version}; versions: 1, 2")
+        return ServedModel(name, version, True, ready=True, inference_url="http://ts/predictions/pets")
+
+    def list_served(self) -> list[ServedModel]:
+        return [
+            ServedModel(
+                "pets",
+                "2",
+                True,
+                "job-1",
+                ready=True,
+                versions=("1", "2"),
+                inference_url="http://ts/predictions/pets",
+            )
+        ]
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("cli")
+    make_image_folder(root / "data" / "ds", classes=2, per_class=4)
+    with running_service(make_settings(root, auth_token=TOKEN), FakeServing()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cli(service: Service) -> Any:
+    """cli(*args) runs `tuneserve --address ... --token ... *args` in-process; returns click's Result."""
+    runner = CliRunner()
+
+    def invoke(*args: str, token: str = TOKEN, address: str | None = None) -> Result:
+        address = address or f"127.0.0.1:{service.port}"
+        return runner.invoke(app, ["--address", address, "--token", token, *args], env={"COLUMNS": "200"})
+
+    return invoke
+
+
+def assert_error_line(result: Result, code: int, status: str, *fragments: str) -> None:
+    """Exactly one line on stderr, `error: STATUS: ...` naming each fragment, and the exit code."""
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {status}: "), lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0]
+    assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_unknown_job_is_one_not_found_line_and_exit_3(cli: Any) -> None:
+    assert_error_line(cli("show", "job-nope"), 3, "NOT_FOUND", "job-nope")
+
+
+def test_cancel_unknown_job_is_not_found(cli: Any) -> None:
+    assert_error_line(cli("cancel", "job-nope"), 3, "NOT_FOUND")
+
+
+def test_wrong_token_is_unauthenticated_and_exit_5(cli: Any) -> None:
+    assert_error_line(cli("jobs", token="wrong"), 5, "UNAUTHENTICATED", "token")
+
+
+def test_unreachable_server_is_unavailable_and_exit_6(cli: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{sock.getsockname()[1]}"
+    assert_error_line(cli("--timeout", "3", "jobs", address=closed), 6, "UNAVAILABLE", "--address")
+
+
+def test_spec_with_unknown_field_names_it_and_lists_the_allowed(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(TINY_SPEC.replace("epochs: 1", "epochz: 1"))
+    assert_error_line(cli("submit", str(path)), 2, "INVALID_ARGUMENT", "spec.training.epochz", "epochs")
+
+
+def test_spec_with_bad_value_is_the_servers_invalid_argument(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "x", "model": {"architecture": "resnet18"}, "data": {"path": "ds"},
+                                "training": {"lr": -1}}))  # fmt: skip
+    assert_error_line(cli("submit", str(path)), 2, "INVALID_ARGUMENT", "spec.training.lr", "-1")
+
+
+def test_spec_file_that_is_not_a_mapping_is_refused(cli: Any, tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- just\n- a list\n")
+    assert_error_line(cli("submit", str(path)), 2, "INVALID_ARGUMENT", "mapping")
+
+
+def test_unknown_state_filter_lists_the_states(cli: Any) -> None:
+    assert_error_line(cli("jobs", "--state", "done"), 2, "INVALID_ARGUMENT", "SUCCEEDED")
+
+
+def test_out_of_range_freeze_depth_is_invalid_argument(cli: Any) -> None:
+    assert_error_line(
+        cli("describe", "resnet18", "--freeze-depth", "99"), 2, "INVALID_ARGUMENT", "freeze.depth"
+    )
+
+
+# ---------------------------------------------------------------------------------- models, describe
+
+
+def test_health_reports_every_service_serving(cli: Any) -> None:
+    result = cli("health")
+    assert result.exit_code == 0, result.output
+    assert "(server)" in result.stdout and "tuneserve.v1.FineTuning" in result.stdout
+    assert result.stdout.count("SERVING") == 3
+
+
+def test_models_lists_the_builtin_lite0(cli: Any) -> None:
+    result = cli("models", "--source", "builtin")
+    assert result.exit_code == 0, result.output
+    assert "efficientnet_lite0" in result.stdout and "builtin" in result.stdout
+
+
+def test_describe_marks_the_frozen_rows_and_totals_them(cli: Any) -> None:
+    result = cli("describe", "resnet18", "--freeze-depth", "5", "--image-size", "64", "--num-classes", "3")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line.split() for line in result.stdout.splitlines() if line.split()[:1] != []
+            and line.split()[0].isdigit()}  # fmt: skip
+    assert [name for name, row in rows.items() if row[-1] == "frozen"] == [
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1",
+    ]
+    assert rows["layer2"][-1] == "trainable" and rows["fc"][-1] == "head"
+    assert rows["fc"][3] == "1x3"  # output shape for --num-classes 3
+    assert "frozen 157,504" in result.stdout  # conv1 9,408 + bn1 128 + layer1 147,968
+    assert "freeze depths 0..9" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- a real job
+
+
+@pytest.fixture(scope="module")
+def watched_job(cli: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Result, str]:
+    """`submit SPEC --watch` of a job that trains for seconds; (its result, the job id)."""
+    path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    path.write_text(TINY_SPEC)
+    result = cli("submit", str(path), "--watch")
+    job_id = result.stdout.split()[2]
+    return result, job_id
+
+
+@pytest.mark.slow
+def test_submit_watch_follows_the_job_to_a_summary(watched_job: tuple[Result, str]) -> None:
+    result, job_id = watched_job
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"submitted job {job_id} (tiny-cli, QUEUED)")
+    for expected in ("QUEUED -> RUNNING", "EPOCH", "epoch 1/1", "CHECKPOINT", "RUNNING -> PACKAGING"):
+        assert expected in result.stdout
+    summary = result.stdout[result.stdout.index(f"job {job_id}: SUCCEEDED") :]
+    for row in ("best epoch", "best val_loss", "val_accuracy", "checkpoint", "tensorboard", "archive"):
+        assert row in summary
+
+
+@pytest.mark.slow
+def test_jobs_table_shows_the_job(cli: Any, watched_job: tuple[Result, str]) -> None:
+    result = cli("jobs", "--state", "succeeded")
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if watched_job[1] in line)
+    assert "tiny-cli" in line and "SUCCEEDED" in line and "mobilenet_v3_small" in line and "1/1" in line
+
+
+@pytest.mark.slow
+def test_show_json_is_the_job_with_its_result_paths(cli: Any, watched_job: tuple[Result, str]) -> None:
+    result = cli("show", watched_job[1], "--json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(result.stdout)
+    assert job["state"] == "SUCCEEDED" and job["spec"]["name"] == "tiny-cli"
+    assert Path(job["result"]["best_checkpoint"]).is_file()
+
+
+@pytest.mark.slow
+def test_watch_of_a_finished_job_replays_it_and_exits_0(cli: Any, watched_job: tuple[Result, str]) -> None:
+    result = cli("watch", watched_job[1])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1" in result.stdout and f"job {watched_job[1]}: SUCCEEDED" in result.stdout
+
+
+@pytest.mark.slow
+def test_cancelled_job_watch_exits_9_and_key_returns_the_same_job(
+    cli: Any, watched_job: tuple[Result, str], tmp_path: Path
+) -> None:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_SPEC)
+    first = cli("submit", str(path), "--idempotency-key", "k-1", "--quiet", "--set", "training.epochs=50")
+    again = cli("submit", str(path), "--idempotency-key", "k-1", "--quiet", "--set", "training.epochs=50")
+    assert first.exit_code == again.exit_code == 0, first.output + again.output
+    job_id = first.stdout.strip()
+    assert again.stdout.strip() == job_id
+    cancelled = cli("cancel", job_id)
+    assert cancelled.exit_code == 0 and job_id in cancelled.stdout
+    watched = cli("watch", job_id)
+    assert watched.exit_code == 9, watched.output
+    assert f"job {job_id}: CANCELLED" in watched.stdout
+
+
+# ---------------------------------------------------------------------------------------- serving
+
+
+def test_predict_prints_a_top_k_table_per_image(cli: Any, tmp_path: Path) -> None:
+    images = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image in images:
+        image.write_bytes(b"\x89PNG fake")  # the fake serving side does not decode
+    result = cli("predict", "pets", *map(str, images), "--top-k", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("cat") == 2 and "dog" not in result.stdout and "0.8750" in result.stdout
+    assert str(images[0]) in result.stdout and str(images[1]) in result.stdout
+
+
+def test_predict_missing_image_names_it(cli: Any, tmp_path: Path) -> None:
+    assert_error_line(cli("predict", "pets", str(tmp_path / "nope.png")), 2, "INVALID_ARGUMENT", "nope.png")
+
+
+def test_predict_unknown_model_is_not_found(cli: Any, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    assert_error_line(cli("predict", "nobody", str(tmp_path / "a.png")), 3, "NOT_FOUND", "nobody")
+
+
+def test_served_lists_models_with_versions_and_url(cli: Any) -> None:
+    result = cli("served")
+    assert result.exit_code == 0, result.output
+    assert (
+        "pets" in result.stdout and "1, 2" in result.stdout and "http://ts/predictions/pets" in result.stdout
+    )
+
+
+def test_set_default_unknown_version_is_not_found(cli: Any) -> None:
+    assert_error_line(cli("set-default", "pets", "9"), 3, "NOT_FOUND", "version 9")
+
+
+def test_set_default_and_unserve_confirm(cli: Any) -> None:
+    assert "pets version 1 (default): ready" in cli("set-default", "pets", "1").stdout
+    assert cli("unserve", "pets", "--version", "2").stdout.strip() == "unserved pets version 2"
+
+
+# ------------------------------------------------------------------------------- watch reconnects
+
+
+class DroppingWatch(pb_grpc.FineTuningServicer):
+    """Streams events 1-2, then drops the stream (UNAVAILABLE); the next call resumes from after_seq."""
+
+    def __init__(self) -> None:
+        self.after_seqs: list[int] = []
+
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
+        self.after_seqs.append(request.after_seq)
+        for seq in range(request.after_seq + 1, 5):
+            yield pb.JobEvent(job_id=request.job_id, seq=seq, kind="INFO", message=f"event {seq}")
+            if len(self.after_seqs) == 1 and seq == 2:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "server restarting")
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        return pb.Job(id=request.job_id, state=pb.SUCCEEDED)
+
+
+def test_watch_resumes_after_the_last_seen_event_when_the_stream_drops() -> None:
+    servicer = DroppingWatch()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_FineTuningServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    retries: list[int] = []
+    try:
+        with Client(ClientConfig(address=f"127.0.0.1:{port}")) as client:
+            events = follow_events(
+                client,
+                "job-x",
+                on_retry=lambda _d, _w, seq: retries.append(seq),
+                backoff=Backoff(initial_s=0.01),
+            )
+            seqs = [event.seq for event in events]
+    finally:
+        server.stop(None)
+    assert seqs == [1, 2, 3, 4]
+    assert servicer.after_seqs == [0, 2] and retries == [2]
+
+
+# ------------------------------------------------------------- local processes: serve, tensorboard
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tuneserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "service.cli.main", *args]
+    return subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_serve_with_a_bad_setting_names_the_variable_and_exits_2(tmp_path: Path) -> None:
+    process = tuneserve("serve", env={"TUNESERVE_PORT": "not-a-port", "TUNESERVE_STATE_DIR": str(tmp_path)})
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 2, output
+    assert output.strip().splitlines()[-1].startswith("error: INVALID_ARGUMENT: TUNESERVE_PORT")
+
+
+@pytest.mark.slow
+def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        "TUNESERVE_STATE_DIR": str(tmp_path / "state"),
+        "TUNESERVE_DATA_ROOT": str(tmp_path),
+        "TUNESERVE_TORCHSERVE_ENABLED": "false",
+        "TUNESERVE_AUTH_TOKEN": TOKEN,
+    }
+    process = tuneserve("serve", "--port", str(port), env=env)
+    try:
+        with Client(ClientConfig(address=f"127.0.0.1:{port}", token=TOKEN)) as client:
+            client.wait_until_serving(120)
+            assert client.call(client.jobs.ListJobs, pb.ListJobsRequest()).jobs == []
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert f"tuneserve is serving on 127.0.0.1:{port}" in output and "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_the_job_logs_and_stops_with_the_cli(
+    service: Service, watched_job: tuple[Result, str]
+) -> None:
+    port = free_port()
+    process = tuneserve(
+        "--address", f"127.0.0.1:{service.port}", "--token", TOKEN, "tensorboard", watched_job[1],
+        "--port", str(port),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("TensorBoard did not answer within 120 s")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert f"TensorBoard for job {watched_job[1]}" in output and url in output
+    with pytest.raises(OSError):  # TensorBoard went with the CLI
+        urllib.request.urlopen(url, timeout=2)
