@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup proto lint format test test-all test-fast serve demo bench docker-build docker-lint k8s-validate weights clean
+.PHONY: setup proto lint format test test-all test-fast serve demo bench reliability-report docker-build docker-lint k8s-validate weights clean
 
 # Re-runs the install only when the dependencies or the contract change (idempotent).
 $(STAMP): pyproject.toml scripts/install.sh scripts/gen_protos.py $(wildcard proto/tuneserve/v1/*.proto)
@@ -41,6 +41,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run_all
+
+# docs/RELIABILITY.md, from the records of the tests marked `reliability`.
+reliability-report: setup
+	$(PY) scripts/reliability_report.py
 
 # Pretrained weights into TORCH_HOME's hub cache (needs internet), e.g. make weights MODELS=resnet18,timm/convnext_atto
 weights: setup
