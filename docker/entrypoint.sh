@@ -11,11 +11,15 @@ if [ -n "${TUNESERVE_VENV:-}" ]; then
 fi
 
 # In the image (TUNESERVE_CONTAINER=1, set by the Dockerfile): the volumes, and listen on all interfaces
-# so published ports reach the API and TensorBoard. On a host the settings' own defaults (loopback) hold.
+# so published ports reach the API, TorchServe's inference and metrics, and TensorBoard. TorchServe's
+# management API stays on loopback (TUNESERVE_TORCHSERVE_HOST): only the service registers models.
+# On a host the settings' own defaults (loopback everywhere) hold.
 if [ "${TUNESERVE_CONTAINER:-0}" = 1 ]; then
     : "${TUNESERVE_HOST:=0.0.0.0}" "${TUNESERVE_TENSORBOARD_HOST:=0.0.0.0}"
+    : "${TUNESERVE_TORCHSERVE_INFERENCE_HOST:=0.0.0.0}"
     : "${TUNESERVE_STATE_DIR:=/state}" "${TUNESERVE_DATA_ROOT:=/data}"
-    export TUNESERVE_HOST TUNESERVE_TENSORBOARD_HOST TUNESERVE_STATE_DIR TUNESERVE_DATA_ROOT
+    export TUNESERVE_HOST TUNESERVE_TENSORBOARD_HOST TUNESERVE_TORCHSERVE_INFERENCE_HOST \
+        TUNESERVE_STATE_DIR TUNESERVE_DATA_ROOT
 fi
 
 die() {

@@ -35,26 +35,41 @@ def main(argv: list[str] | None = None) -> int:
     if not requested:
         parser.error("name at least one model, e.g. `make weights MODELS=resnet18,timm/convnext_atto`")
     torch_home = args.torch_home or _service_torch_home()
-    if not _online():
-        log.error(
-            "this machine is offline (cannot resolve %s): run `make weights MODELS=%s` on a machine with "
-            "internet, then copy its %s/hub/checkpoints folder to %s/hub/checkpoints here",
-            " / ".join(_HOSTS),
-            ",".join(requested),
-            "$TORCH_HOME",
-            torch_home,
-        )
-        return 1
     failures = 0
+    online: bool | None = None  # asked once, and only when something has to be downloaded
     for item in requested:
         try:
-            path = fetch(item.strip(), torch_home)
+            path = cached(item.strip(), torch_home)
+            if path is None:
+                online = _online() if online is None else online
+                if not online:
+                    failures += 1
+                    log.error(
+                        "%s: this machine is offline (cannot resolve %s): run `make weights MODELS=%s` on a "
+                        "machine with internet, then copy its $TORCH_HOME/hub/checkpoints folder to "
+                        "%s/hub/checkpoints here",
+                        item, " / ".join(_HOSTS), item, torch_home,
+                    )  # fmt: skip
+                    continue
+                path = fetch(item.strip(), torch_home)
         except Exception as exc:  # report every model, then fail once
             failures += 1
             log.error("%s: %s", item, _explain(exc))
         else:
             log.info("%s -> %s", item, path)
     return 1 if failures else 0
+
+
+def cached(item: str, torch_home: Path) -> Path | None:
+    """The file of ARCH[:WEIGHTS] when it is already where the service reads it (e.g. the bundled
+    EfficientNet-Lite0), else None."""
+    from service.jobs.spec import ModelSpec
+    from service.training import registry, weights
+
+    arch, _, name = item.partition(":")
+    spec = ModelSpec(architecture=arch, weights=name or registry.DEFAULT, weights_file=None)
+    resolved = weights.resolve_weights(spec, torch_home, require_file=False)
+    return resolved.file if resolved.file is not None and resolved.file.is_file() else None
 
 
 def fetch(item: str, torch_home: Path) -> Path:

@@ -17,7 +17,13 @@ spec="$root"
 # Editable for development checkouts; the image installs a plain copy (TUNESERVE_EDITABLE=0).
 if [ "${TUNESERVE_EDITABLE:-1}" = "1" ]; then
     "$venv/bin/pip" install --quiet -e "$spec"
+    # The stubs land in the source tree, which an editable install imports from.
+    "$venv/bin/python" "$root/scripts/gen_protos.py"
 else
     "$venv/bin/pip" install --quiet "$spec"
+    # protoc and TorchServe's jar (the stubs' sources) arrive with the dependencies, so the stubs are
+    # generated after the first install; a plain copy holds only what was there when it was built, so
+    # the package itself goes in once more, now with its stubs.
+    "$venv/bin/python" "$root/scripts/gen_protos.py"
+    "$venv/bin/pip" install --quiet --no-deps --force-reinstall "$root"
 fi
-"$venv/bin/python" "$root/scripts/gen_protos.py"

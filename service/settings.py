@@ -47,7 +47,10 @@ class Settings(BaseSettings):
 
     # TorchServe
     torchserve_enabled: bool = True
-    torchserve_host: str = "127.0.0.1"
+    torchserve_host: str = Field("127.0.0.1", description="management listens here; the service dials it")
+    torchserve_inference_host: str | None = Field(
+        None, description="inference (REST, gRPC) and metrics listen here; default: torchserve_host"
+    )
     torchserve_inference_port: int = Field(8080, ge=0, le=65535)
     torchserve_management_port: int = Field(8081, ge=0, le=65535)
     torchserve_metrics_port: int = Field(8082, ge=0, le=65535)

@@ -12,8 +12,20 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def inference_bind_host(settings: Settings) -> str:
+    """Where inference and metrics listen. Management always stays on torchserve_host, so a container
+    can publish inference (0.0.0.0) while model registration is reachable from inside only."""
+    return settings.torchserve_inference_host or settings.torchserve_host
+
+
+def _dial_host(settings: Settings) -> str:
+    # A wildcard is no address to connect to; the service reaches a wildcard listener on torchserve_host.
+    bind = inference_bind_host(settings)
+    return settings.torchserve_host if bind in ("0.0.0.0", "::") else bind
+
+
 def inference_url(settings: Settings) -> str:
-    return f"http://{_host(settings.torchserve_host)}:{settings.torchserve_inference_port}"
+    return f"http://{_host(_dial_host(settings))}:{settings.torchserve_inference_port}"
 
 
 def management_url(settings: Settings) -> str:
@@ -21,11 +33,11 @@ def management_url(settings: Settings) -> str:
 
 
 def metrics_url(settings: Settings) -> str:
-    return f"http://{_host(settings.torchserve_host)}:{settings.torchserve_metrics_port}"
+    return f"http://{_host(_dial_host(settings))}:{settings.torchserve_metrics_port}"
 
 
 def grpc_inference_target(settings: Settings) -> str:
-    return f"{_host(settings.torchserve_host)}:{settings.torchserve_grpc_inference_port}"
+    return f"{_host(_dial_host(settings))}:{settings.torchserve_grpc_inference_port}"
 
 
 def render_config(settings: Settings) -> str:
@@ -33,12 +45,12 @@ def render_config(settings: Settings) -> str:
     store = settings.model_store.resolve()
     # Only archives at the top of our own model store can be registered, never a URL elsewhere.
     allowed = "file://" + _java_regex_literal(str(store)) + r"/[^/]+\.mar"
-    host = settings.torchserve_host
+    host, bind = settings.torchserve_host, inference_bind_host(settings)
     lines = {
-        "inference_address": inference_url(settings),
+        "inference_address": f"http://{_host(bind)}:{settings.torchserve_inference_port}",
         "management_address": management_url(settings),
-        "metrics_address": metrics_url(settings),
-        "grpc_inference_address": host,
+        "metrics_address": f"http://{_host(bind)}:{settings.torchserve_metrics_port}",
+        "grpc_inference_address": bind,
         "grpc_inference_port": settings.torchserve_grpc_inference_port,
         "grpc_management_address": host,
         "grpc_management_port": settings.torchserve_grpc_management_port,

@@ -19,6 +19,9 @@ import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from service.packaging.ts_config import inference_url, render_config
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
@@ -78,6 +81,81 @@ def test_dockerfile_runs_as_a_non_root_user_under_tini() -> None:
     assert entrypoint == ["/usr/bin/tini", "--", "/app/docker/entrypoint.sh"]
 
 
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """The Dockerfile's instructions by stage name (`FROM x AS name`)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for name, args in dockerfile_instructions():
+        if name == "FROM":
+            current = found.setdefault(args.split()[-1], [])
+        current.append((name, args))
+    return found
+
+
+def build_args() -> dict[str, str]:
+    """The global ARG defaults (before the first FROM)."""
+    found = {}
+    for name, args in dockerfile_instructions():
+        if name == "FROM":
+            return found
+        if name == "ARG" and "=" in args:
+            key, value = args.split("=", 1)
+            found[key] = value.strip('"')
+    return found
+
+
+def test_one_dockerfile_builds_the_cpu_and_the_gpu_variant_on_pinned_bases() -> None:
+    args, graph = build_args(), stages()
+    assert args["VARIANT"] == "cpu"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm", args["CPU_BASE"])
+    assert re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-runtime-ubuntu\d+\.\d+", args["GPU_BASE"])
+    assert graph["base-cpu"][0][1] == "${CPU_BASE} AS base-cpu"
+    assert graph["base-gpu"][0][1] == "${GPU_BASE} AS base-gpu"
+    assert any("uv python install 3.11." in a for n, a in graph["base-gpu"] if n == "RUN")  # no 3.11 on 24.04
+    assert graph["base"][0][1] == "base-${VARIANT} AS base"
+    assert ("ENV", "PYTHONUNBUFFERED=1") in graph["base"]
+
+
+def test_the_final_stage_adds_only_a_headless_jre_17_tini_and_certificates() -> None:
+    runtime = stages()["runtime"]
+    assert runtime[0][1] == "base AS runtime"  # not the builder: no pip cache, no build context
+    (install,) = [a for n, a in runtime if n == "RUN" and "apt-get install" in a]
+    packages = install.split("--no-install-recommends", 1)[1].split("&&")[0].split()
+    assert packages == ["openjdk-17-jre-headless", "tini", "ca-certificates"]
+    copied = [a for n, a in runtime if n == "COPY" and a.startswith("--from=builder")]
+    assert copied == ["--from=builder /opt/venv /opt/venv", "--from=builder /opt/torch /opt/torch"]
+
+
+def test_the_builder_bakes_the_weights_build_arg_and_checks_the_bundled_lite0() -> None:
+    builder = stages()["builder"]
+    runs = [a for n, a in builder if n == "RUN"]
+    assert any("fetch_weights.py --torch-home /opt/torch $WEIGHTS" in r for r in runs)
+    assert any("lite0_weights_file" in r for r in runs)  # the build fails without EfficientNet-Lite0
+    assert any("ts_gen" in r and "tuneserve_pb2_grpc" in r for r in runs)  # and without the stubs
+
+
+def test_the_image_exposes_the_default_ports_but_not_torchserve_management() -> None:
+    (exposed,) = [a for n, a in dockerfile_instructions() if n == "EXPOSE"]
+    defaults = Settings.model_construct()  # the defaults alone, whatever TUNESERVE_* this shell has
+    published = {
+        defaults.port,
+        defaults.torchserve_inference_port,
+        defaults.torchserve_grpc_inference_port,
+        defaults.torchserve_metrics_port,
+        6006,  # `tuneserve jobs tensorboard`'s default port
+    }
+    assert {int(p) for p in exposed.split()} == published
+    assert defaults.torchserve_management_port not in published
+    assert defaults.torchserve_grpc_management_port not in published
+
+
+def test_the_healthcheck_runs_the_grpc_health_script_in_exec_form() -> None:
+    (check,) = [a for n, a in dockerfile_instructions() if n == "HEALTHCHECK"]
+    command = json.loads(check.split(" CMD ", 1)[1])
+    assert command == ["/opt/venv/bin/python", "/app/scripts/healthcheck.py"]
+    assert ("COPY", "scripts/healthcheck.py /app/scripts/healthcheck.py") in stages()["runtime"]
+
+
 # ---- entrypoint ----
 
 
@@ -122,6 +200,24 @@ def test_entrypoint_in_a_container_defaults_to_the_volumes_and_keeps_set_values(
     assert seen["TUNESERVE_DATA_ROOT"] == "/data"
 
 
+def test_in_a_container_torchserve_publishes_inference_and_keeps_management_inside(
+    fake_venv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [k for k in os.environ if k.startswith("TUNESERVE_")]:
+        monkeypatch.delenv(name)  # Settings below must see only what the entrypoint set
+    *_, seen = start_entrypoint(fake_venv, TUNESERVE_CONTAINER="1")
+    settings = Settings(**{k.removeprefix("TUNESERVE_").lower(): v for k, v in seen.items()})
+    props = dict(
+        line.split("=", 1) for line in render_config(settings).splitlines() if not line.startswith("#")
+    )
+    assert props["inference_address"] == "http://0.0.0.0:8080"
+    assert props["metrics_address"] == "http://0.0.0.0:8082"
+    assert props["grpc_inference_address"] == "0.0.0.0"
+    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["grpc_management_address"] == "127.0.0.1"
+    assert inference_url(settings) == "http://127.0.0.1:8080"  # the service dials loopback, not 0.0.0.0
+
+
 def test_entrypoint_refuses_the_placeholder_token(fake_venv: Path) -> None:
     env = {"PATH": os.environ["PATH"], "TUNESERVE_VENV": str(fake_venv), "TUNESERVE_AUTH_TOKEN": "REPLACE-ME"}
     result = run(DOCKER / "entrypoint.sh", env=env)
@@ -164,6 +260,27 @@ def test_healthcheck_fails_when_not_serving(health_server: tuple[str, health.Hea
     assert healthcheck("--address", address, "--service", "tuneserve.v1.FineTuning") == 1
 
 
+# ---- weights ----
+
+
+def fetch_weights(*args: str) -> int:
+    spec = importlib.util.spec_from_file_location("fetch_weights", ROOT / "scripts" / "fetch_weights.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(list(args))
+
+
+def test_fetch_weights_takes_the_bundled_lite0_without_a_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_network(*_args: object) -> None:
+        raise AssertionError("fetch_weights looked at the network for weights it already has")
+
+    monkeypatch.setattr("socket.getaddrinfo", no_network)
+    assert fetch_weights("efficientnet_lite0", "--torch-home", str(tmp_path)) == 0
+
+
 # ---- compose ----
 
 
@@ -190,6 +307,21 @@ def test_kubernetes_validate_rejects_an_unknown_field(tmp_path: Path) -> None:
     result = kubernetes_validate(bad)
     assert result.returncode != 0
     assert "readOnlyRootFs" in result.stdout + result.stderr
+
+
+def test_the_pod_runs_as_the_image_user_with_a_gpu_and_grpc_health_probes() -> None:
+    pod = yaml.safe_load((K8S / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    user = [a for n, a in dockerfile_instructions() if n == "USER"][-1]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
+    api_port = int(yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]["TUNESERVE_PORT"])
+    probes = {name: container[name]["grpc"] for name in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {p["port"] for p in probes.values()} == {api_port}
+    assert probes["readinessProbe"]["service"] == "tuneserve.v1.FineTuning"  # ready for jobs
+    assert probes["livenessProbe"]["service"] == ""  # the whole server
 
 
 def test_kustomization_lists_every_manifest() -> None:
