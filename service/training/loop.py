@@ -111,7 +111,8 @@ def train_one_epoch(
                 step + result.steps, {"train/loss": loss_value, "train/accuracy": accuracy, "train/lr": lr}
             )
         now = time.monotonic()
-        if now - last_report >= progress_every_s or i + 1 == steps:
+        # the first step at once: it tells a watcher the job is past its set-up and training
+        if result.steps == 1 or now - last_report >= progress_every_s or i + 1 == steps:
             last_report = now
             reporter.event(
                 EventKind.PROGRESS,

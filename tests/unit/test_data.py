@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from imagefolders import make_image_folder, one_thread, write_image, write_truncated_png
+from PIL import Image
 
 from service.errors import DatasetError
 from service.jobs.spec import DataSpec
@@ -18,6 +19,7 @@ from service.training.data import (
     SKIP_OUTSIDE_ROOT,
     SKIP_TOO_LARGE,
     SKIP_UNDECODABLE,
+    Sample,
     Skipped,
     Splits,
     load_splits,
@@ -26,6 +28,7 @@ from service.training.data import (
     split_stratified,
 )
 from service.training.datasets import build_loaders, make_transforms
+from service.training.decoding import decode_image, preload
 
 PRE = Preprocessing(36, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
 
@@ -229,3 +232,36 @@ def test_an_image_that_fails_to_decode_is_skipped_and_counted(root: Path) -> Non
     skipped: list[Skipped] = [s for b in batches for s in b.skipped]
     assert [s.path.name for s in skipped] == ["zz_truncated.png"]
     assert sum(len(b.images) for b in batches) == 12
+
+
+def _jpeg_samples(folder: Path, count: int) -> list[Sample]:
+    samples = []
+    for i in range(count):
+        png = write_image(folder / f"{i}.png", (200, 60 + 40 * i, 30), size=40 + 8 * i, seed=i)
+        jpeg = png.with_suffix(".jpg")
+        with Image.open(png) as image:
+            image.save(jpeg, quality=95)
+        samples.append(Sample(jpeg, 0, (40 + 8 * i, 40 + 8 * i)))
+    return samples
+
+
+def test_jpegs_decoded_on_a_device_match_pil_decoding(tmp_path: Path) -> None:
+    samples = _jpeg_samples(tmp_path, 3)
+    # the CPU stands in for CUDA here: the same torchvision.io path, another decoder back-end
+    kept, images, lost = preload(samples, PRE, None, decode_device=torch.device("cpu"))
+    assert kept == tuple(samples) and not lost
+    for sample, image in zip(samples, images, strict=True):
+        reference = decode_image(sample.path, PRE.resize_size, PRE.interpolation, None)
+        assert image.dtype == torch.uint8 and image.shape == reference.shape
+        # two decoders and two resize implementations: a level or two apart, never a different picture
+        assert (image.float() - reference.float()).abs().mean() < 3.0
+
+
+def test_a_corrupt_jpeg_in_a_device_chunk_is_skipped_and_the_others_kept(tmp_path: Path) -> None:
+    samples = _jpeg_samples(tmp_path, 2)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(samples[0].path.read_bytes()[:200])
+    samples.append(Sample(broken, 0, (40, 40)))
+    kept, images, lost = preload(samples, PRE, None, decode_device=torch.device("cpu"))
+    assert kept == tuple(samples[:2]) and len(images) == 2
+    assert [(s.path.name, s.reason) for s in lost] == [("broken.jpg", SKIP_UNDECODABLE)]

@@ -18,6 +18,8 @@ from service.jobs.records import EventKind
 from service.jobs.spec import JobSpec, TrainingSpec
 from service.settings import Settings
 from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
+from service.training.datasets import Batch
+from service.training.loop import DevicePlan, train_one_epoch
 from service.training.optim import make_optimizer, make_scheduler, select_device
 from service.training.reporting import CollectingReporter
 from service.training.runner import TrainingOutcome, train
@@ -254,3 +256,26 @@ def test_cached_frozen_features_train_like_images(tmp_path: Path, data_root: Pat
     for a, b in zip(cached, images, strict=True):
         for key in ("train_loss", "val_loss", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_cpu_optimizers_use_foreach_kernels() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    for name in ("sgd", "adam", "adamw", "rmsprop"):
+        optimizer = make_optimizer(TrainingSpec(optimizer=name), params)
+        assert optimizer.defaults["foreach"] is True, name
+        assert not optimizer.defaults.get("fused"), name
+
+
+def test_the_first_step_is_reported_at_once_then_at_most_once_a_period() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    batches = [Batch(torch.randn(2, 4), torch.tensor([0, 2]), []) for _ in range(4)]
+    reporter = CollectingReporter()
+    result = train_one_epoch(
+        model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), batches,  # type: ignore[arg-type]
+        task="multiclass", num_classes=3, epoch=1, step=0, device=DevicePlan(torch.device("cpu")),
+        reporter=reporter, scaler=torch.amp.GradScaler("cpu", enabled=False), progress_every_s=3600.0,
+    )  # fmt: skip
+    assert result.steps == 4
+    # step 1 tells a watcher training has begun (the job-latency benchmark reads it); step 4 ends the epoch
+    assert [d["step"] for k, _, d in reporter.events if k == EventKind.PROGRESS] == [1, 4]

@@ -1,0 +1,1 @@
+"""Benchmarks that print JSON ratios, each measured against a baseline in the same run (`make bench`)."""

@@ -1,0 +1,84 @@
+"""Run the benchmarks (`make bench`); each prints one JSON object on its own line to stdout.
+
+  python -m bench.run_all [--quick] [--only NAME ...] [--no-torchserve]
+
+--quick: small sizes (seconds each; what CI-like runs use). --only: run just these (repeatable).
+--no-torchserve: skip what needs TorchServe (and Java): `serving`, and the serving half of
+`job_latency` / `peak_memory`. `job_latency` and `peak_memory` read the same service run when both
+are selected. A benchmark that fails prints {"benchmark": NAME, "error": ...} and the others go on;
+the exit status is 1 when any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bench import cache_speed, control_plane, latency, loop_speed, memory
+from bench.common import emit
+
+NAMES = ("loop_speed", "feature_cache", "job_latency", "serving", "control_plane", "peak_memory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: seconds per benchmark")
+    parser.add_argument(
+        "--only", action="append", choices=NAMES, metavar="NAME", help=f"one of {', '.join(NAMES)}"
+    )
+    parser.add_argument("--no-torchserve", action="store_true", help="skip the parts that need TorchServe")
+    args = parser.parse_args(argv)
+    selected = args.only or list(NAMES)
+    torchserve = not args.no_torchserve and shutil.which("java") is not None
+    cuda = torch.cuda.is_available()
+    shared: dict[str, Any] = {}
+
+    def service_run() -> Any:  # one job through the service, for both latency and memory
+        if "run" not in shared:
+            from bench.service_run import run_job
+
+            shared["run"] = run_job(torchserve=torchserve, epochs=1 if args.quick else 3,
+                                    per_class=8 if args.quick else 40)  # fmt: skip
+        return shared["run"]
+
+    benchmarks: dict[str, Callable[[], dict[str, Any]]] = {
+        "loop_speed": lambda: loop_speed.run(
+            loop_speed.QUICK if args.quick else (loop_speed.GPU if cuda else loop_speed.FULL)
+        ),
+        "feature_cache": lambda: cache_speed.run(
+            cache_speed.QUICK if args.quick else (cache_speed.GPU if cuda else cache_speed.FULL)
+        ),
+        "job_latency": lambda: latency.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
+        "serving": lambda: _serving(args.quick, torchserve),
+        "control_plane": lambda: control_plane.run(control_plane.QUICK if args.quick else control_plane.FULL),
+        "peak_memory": lambda: memory.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
+    }
+    failed = False
+    for name in NAMES:
+        if name not in selected:
+            continue
+        try:
+            emit(benchmarks[name]())
+        except Exception as exc:  # one broken benchmark must not hide the others' numbers
+            failed = True
+            traceback.print_exc(file=sys.stderr)
+            emit({"benchmark": name, "error": f"{type(exc).__name__}: {exc}"})
+    return 1 if failed else 0
+
+
+def _serving(quick: bool, torchserve: bool) -> dict[str, Any]:
+    if not torchserve:
+        return {"benchmark": "serving", "skipped": "TorchServe is off (--no-torchserve, or no java on PATH)"}
+    from bench import serving
+
+    return serving.run(quick=quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""One job through a real service process: the run that benchmarks 3 (latency) and 6 (memory) read.
+
+`tuneserve serve` runs as a child process (its own memory, like production) with TorchServe on (or
+off) and every port free on loopback. One small job is submitted over gRPC and watched: its first
+PROGRESS event is its first training step (the loop reports step 1 at once), and once its SERVED
+event arrives the served model is asked for a prediction through the service's Inference API.
+Meanwhile a sampler reads the peak RSS (VmHWM) of the service, its worker and TorchServe's processes
+from /proc every 50 ms (a worker's peak is read just before it exits).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import free_ports, make_image_folder, png_bytes
+
+ROLES = ("service", "worker", "torchserve_frontend", "torchserve_worker")
+
+
+@dataclass
+class ServiceRun:
+    latency: dict[str, Any]
+    peak_rss_mib: dict[str, float]  # by role: the largest process of that role
+    processes: dict[str, int] = field(default_factory=dict)  # by role: how many were seen
+
+
+def run_job(*, torchserve: bool, epochs: int = 1, per_class: int = 8, timeout_s: float = 300.0) -> ServiceRun:
+    """Start the service, run one job to served (or to done without TorchServe), stop the service."""
+    import grpc
+
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        root = Path(tmp)
+        make_image_folder(root / "data" / "ds", classes=2, per_class=per_class, size=40)
+        port, *ts_ports = free_ports(6)
+        env = {
+            **os.environ,
+            "TUNESERVE_STATE_DIR": str(root / "state"),
+            "TUNESERVE_DATA_ROOT": str(root / "data"),
+            "TUNESERVE_TORCH_HOME": str(root / "torch"),
+            "TUNESERVE_PORT": str(port),
+            "TUNESERVE_MAX_CONCURRENT_JOBS": "1",
+            "TUNESERVE_TORCHSERVE_ENABLED": "true" if torchserve else "false",
+            "TUNESERVE_TORCHSERVE_JAVA_HEAP": "256m",
+            "TUNESERVE_TORCHSERVE_START_TIMEOUT_S": "180",
+            "OMP_NUM_THREADS": "1",  # the shared CPUs here: one thread per process runs far faster
+        }
+        names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
+        env |= {f"TUNESERVE_TORCHSERVE_{n}_PORT": str(p) for n, p in zip(names, ts_ports, strict=True)}
+        log = open(root / "service.log", "wb")  # noqa: SIM115  # closed below, after the process
+        started = time.time()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli.main", "serve", "--log-level", "WARNING"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        sampler = MemorySampler(process.pid, str(root))
+        sampler.start()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                grpc.channel_ready_future(channel).result(timeout=timeout_s)
+                _wait_healthy(channel, timeout_s)
+                ready = time.time()
+                latency = _one_job(pb, pb_grpc.FineTuningStub(channel), pb_grpc.InferenceStub(channel),
+                                   torchserve, epochs, timeout_s)  # fmt: skip
+                latency["service_start_to_ready_s"] = round(ready - started, 3)
+        except BaseException:
+            log.flush()
+            sys.stderr.write((root / "service.log").read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            sampler.stop_sampling()
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+        return ServiceRun(latency, sampler.peaks_mib(), sampler.counts())
+
+
+def _wait_healthy(channel: Any, timeout_s: float) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the service was not SERVING after {timeout_s} s")
+
+
+def _one_job(
+    pb: Any, jobs: Any, inference: Any, torchserve: bool, epochs: int, timeout_s: float
+) -> dict[str, Any]:
+    spec = pb.JobSpec(name="bench-latency")
+    spec.model.architecture, spec.model.weights = "mobilenet_v3_small", "none"
+    spec.data.path, spec.data.val_fraction = "ds", 0.25
+    spec.training.epochs, spec.training.batch_size, spec.training.image_size = epochs, 4, 32
+    spec.training.augmentation, spec.training.device = "none", "cpu"
+    spec.early_stopping.enabled = False
+    spec.logging.tensorboard = False
+    spec.logging.wandb.mode = "disabled"
+    spec.serving.enabled = torchserve
+    if torchserve:
+        spec.serving.model_name, spec.serving.batch_size, spec.serving.max_batch_delay_ms = "bench", 1, 0
+    submitted = time.time()
+    job_id = jobs.CreateJob(pb.CreateJobRequest(spec=spec)).id
+    marks: dict[str, float] = {}
+    answer_at = None
+    for event in jobs.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout_s):
+        at = event.time.seconds + event.time.nanos / 1e9
+        if event.kind == "STATE" and event.state == pb.RUNNING:
+            marks.setdefault("running", at)
+        if event.kind == "PROGRESS":
+            marks.setdefault("first_step", at)
+        if event.kind in ("EPOCH", "CHECKPOINT"):
+            marks["training_end"] = at
+        if event.kind == "SERVED":
+            marks["served"] = at
+            image = png_bytes(0)
+            while answer_at is None:  # the model is the default now: its first answer
+                answer = inference.Predict(pb.PredictRequest(model="bench", images=[image]), timeout=60)
+                if answer.predictions and answer.predictions[0].scores:
+                    answer_at = time.time()
+    job = jobs.GetJob(pb.GetJobRequest(job_id=job_id))
+    if job.state != pb.SUCCEEDED:
+        raise RuntimeError(f"the benchmark job ended {pb.JobState.Name(job.state)}: {job.error}")
+    result: dict[str, Any] = {
+        "submit_to_running_s": round(marks["running"] - submitted, 3),
+        "submit_to_first_step_s": round(marks["first_step"] - submitted, 3),
+        "training_s": round(marks["training_end"] - marks["first_step"], 3),
+    }
+    if answer_at is not None:
+        result["training_end_to_served_s"] = round(marks["served"] - marks["training_end"], 3)
+        result["training_end_to_first_answer_s"] = round(answer_at - marks["training_end"], 3)
+    return result
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS per process of the service's tree and of TorchServe (found by our state folder)."""
+
+    def __init__(self, service_pid: int, marker: str, period_s: float = 0.05) -> None:
+        super().__init__(name="memory-sampler", daemon=True)
+        self.service_pid, self.marker, self.period_s = service_pid, marker, period_s
+        self.peak_kib: dict[int, tuple[str, int]] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.period_s):
+            self.sample()
+
+    def stop_sampling(self) -> None:
+        self.sample()
+        self._stop_event.set()
+        self.join(timeout=5)
+
+    def sample(self) -> None:
+        for pid, role in self._processes().items():
+            peak = _vm_hwm_kib(pid)
+            if peak is not None and peak > self.peak_kib.get(pid, ("", 0))[1]:
+                self.peak_kib[pid] = (role, peak)
+
+    def peaks_mib(self) -> dict[str, float]:
+        peaks: dict[str, float] = {}
+        for role, kib in self.peak_kib.values():
+            peaks[role] = max(peaks.get(role, 0.0), round(kib / 1024, 1))
+        return peaks
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for role, _ in self.peak_kib.values():
+            counts[role] = counts.get(role, 0) + 1
+        return counts
+
+    def _processes(self) -> dict[int, str]:
+        found: dict[int, str] = {}
+        parents: dict[int, int] = {}
+        commands: dict[int, str] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                commands[int(entry)] = (
+                    Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        for pid, command in commands.items():
+            if pid == self.service_pid:
+                found[pid] = "service"
+            elif "model_service_worker" in command and self._descends_from_java(pid, parents, commands):
+                found[pid] = "torchserve_worker"
+            elif command.startswith("java") and self.marker in command:
+                found[pid] = "torchserve_frontend"
+            elif parents.get(pid) == self.service_pid and "python" in command:
+                found[pid] = "worker"
+        return found
+
+    def _descends_from_java(self, pid: int, parents: dict[int, int], commands: dict[int, str]) -> bool:
+        parent = parents.get(pid, 0)
+        return commands.get(parent, "").startswith("java") and self.marker in commands.get(parent, "")
+
+
+def _vm_hwm_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def bare_python_torch_mib() -> float:
+    """The baseline: peak RSS of a Python process that only imports torch and torchvision."""
+    code = "import torch, torchvision, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(int(out.stdout.strip()) / 1024, 1)

@@ -1,0 +1,177 @@
+"""Benchmark 4: TorchServe REST throughput and p50/p99 latency at concurrency 1, 8 and 32, with and
+without dynamic batching, against the same model called in-process.
+
+The model is a real job's best checkpoint (a tiny mobilenet_v3_small trained here for one epoch),
+packaged and deployed by service.packaging's ServingManager twice: `single` (batch_size 1) and
+`batched` (batch_size 8, max_batch_delay 5 ms). Requests are one PNG each, through TorchServe's REST
+inference API with its token. The baseline: the handler (handlers.inference.ImageClassifier) called
+in this process, one image at a time, which is what a request costs without any server around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.common import free_ports, make_image_folder, percentile, png_bytes, ratio, torch_threads
+
+NAME = "serving"
+CONCURRENCY = (1, 8, 32)
+MODES = {"single": (1, 0), "batched": (8, 5)}  # name -> (batch_size, max_batch_delay_ms)
+
+
+def run(*, quick: bool) -> dict[str, Any]:
+    import torch
+
+    from handlers.inference import ImageClassifier
+    from service.jobs.spec import ServingSpec
+    from service.packaging.serving import ServingManager
+    from service.packaging.ts_config import inference_url
+    from service.settings import Settings
+
+    requests_per_client = 6 if quick else 40
+    images = [png_bytes(i) for i in range(16)]
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp, torch_threads(1):
+        root = Path(tmp)
+        checkpoint = _trained_checkpoint(root)
+        ports = free_ports(5)
+        settings = Settings.model_validate(
+            {
+                "state_dir": root / "state",
+                "torchserve_inference_port": ports[0],
+                "torchserve_management_port": ports[1],
+                "torchserve_metrics_port": ports[2],
+                "torchserve_grpc_inference_port": ports[3],
+                "torchserve_grpc_management_port": ports[4],
+                "torchserve_java_heap": "256m",
+                "torchserve_start_timeout_s": 180,
+            }
+        )
+        classifier = ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
+        in_process = _in_process(classifier, images, 20 if quick else 200)
+        manager = ServingManager(settings, worker_threads=1)
+        manager.start()
+        try:
+            results: dict[str, Any] = {}
+            for mode, (batch_size, delay_ms) in MODES.items():
+                serving = ServingSpec(model_name=mode, batch_size=batch_size, max_batch_delay_ms=delay_ms)
+                archive = manager.package(checkpoint, mode)
+                manager.deploy(f"bench-{mode}", archive.path, archive.sha256, serving, checkpoint=checkpoint)
+                url = f"{inference_url(settings)}/predictions/{mode}"
+                key = manager.process.keys().inference
+                _load(url, key, images, 1, 3)  # warm-up: the worker's first calls are slower
+                results[mode] = {
+                    f"c{c}": _load(url, key, images, c, requests_per_client) for c in CONCURRENCY
+                }
+                for stats in results[mode].values():
+                    stats["throughput_vs_in_process"] = round(
+                        ratio(stats["req_per_s"], in_process["req_per_s"]), 3
+                    )
+        finally:
+            manager.stop()
+    return {
+        "benchmark": NAME,
+        "model": "mobilenet_v3_small (random init, 1 epoch), 64 px PNG requests",
+        "requests_per_client": requests_per_client,
+        "in_process": in_process,
+        **results,
+    }
+
+
+def _trained_checkpoint(root: Path) -> Path:
+    from service.jobs.spec import JobSpec
+    from service.settings import Settings
+    from service.training.reporting import CollectingReporter
+    from service.training.runner import train
+
+    make_image_folder(root / "data" / "ds", classes=3, per_class=6, size=40)
+    spec = JobSpec.model_validate(
+        {
+            "name": "bench-serving",
+            "model": {"architecture": "mobilenet_v3_small", "weights": "none"},
+            "data": {"path": "ds", "val_fraction": 0.34},
+            "training": {
+                "epochs": 1,
+                "batch_size": 4,
+                "image_size": 64,
+                "augmentation": "none",
+                "device": "cpu",
+            },
+            "early_stopping": {"enabled": False},
+            "logging": {"tensorboard": False, "wandb": {"mode": "disabled"}},
+            "serving": {"enabled": False},
+        }
+    )
+    settings = Settings(state_dir=root / "train", data_root=root / "data", torch_home=root / "torch")
+    outcome = train(spec, root / "job", settings, CollectingReporter())
+    assert outcome.best_checkpoint is not None
+    return outcome.best_checkpoint
+
+
+def _in_process(classifier: Any, images: list[bytes], count: int) -> dict[str, float]:
+    latencies = []
+    began = time.perf_counter()
+    for i in range(count):
+        started = time.perf_counter()
+        classifier.handle([{"data": images[i % len(images)]}])
+        latencies.append((time.perf_counter() - started) * 1000)
+    elapsed = time.perf_counter() - began
+    return {
+        "req_per_s": round(count / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+    }
+
+
+def _load(url: str, key: str, images: list[bytes], clients: int, per_client: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        for i in range(per_client):
+            body = images[(k * per_client + i) % len(images)]
+            headers = {"Content-Type": "application/octet-stream", "Authorization": f"Bearer {key}"}
+            started = time.perf_counter()
+            try:
+                request = urllib.request.Request(url, data=body, headers=headers)
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    response.read()
+            except OSError:
+                with lock:
+                    errors[0] += 1
+                continue
+            with lock:
+                latencies.append((time.perf_counter() - started) * 1000)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    began = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - began
+    return {
+        "req_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "errors": errors[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    from bench.common import emit
+
+    emit(run(quick=args.quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The benchmarks at their smallest: each gives its JSON shape with positive, finite figures."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from imagefolders import one_thread
+
+from bench import cache_speed, control_plane, loop_speed, run_all
+from bench.common import emit
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_loop_speed_compares_full_and_frozen_with_the_reference_loop() -> None:
+    result = loop_speed.run(loop_speed.Size("resnet18", 32, 8, steps=2, rounds=2))
+    assert result["benchmark"] == "loop_speed" and result["plan"] == "cpu (fp32)"
+    for case in ("full", "frozen"):
+        figures = result[case]
+        assert set(figures) == {"ours_img_per_s", "reference_img_per_s", "ratio"}
+        assert all(_positive(v) for v in figures.values()), figures
+    # the frozen prefix runs without autograd on both sides: it must be the faster case
+    assert result["frozen"]["reference_img_per_s"] > result["full"]["reference_img_per_s"]
+
+
+def test_feature_cache_speeds_up_later_epochs_and_trains_the_same(tmp_path: Any) -> None:
+    result = cache_speed.run(cache_speed.Size("resnet18", 32, 6, batch_size=8, epochs=2), tmp_path)
+    assert result["cache_reported"] is True
+    assert _positive(result["later_epoch_s"]["cached"]) and _positive(result["later_epoch_s"]["uncached"])
+    assert result["speedup_later_epochs"] > 1.0, result
+    assert result["max_rel_loss_diff"] < 1e-4, result
+
+
+def test_control_plane_measures_both_rpcs_under_32_clients() -> None:
+    result = control_plane.run(control_plane.Size(jobs=3, seconds=0.3))
+    for rpc in ("GetJob", "ListJobs"):
+        figures = result[rpc]
+        assert figures["errors"] == 0
+        assert _positive(figures["calls_per_s_32_clients"]) and _positive(figures["p99_ms"])
+        assert figures["p50_ms"] <= figures["p99_ms"]
+        assert _positive(figures["grpc_vs_in_process"])
+
+
+def test_a_result_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    emit({"benchmark": "x", "ratio": 1.5})
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == {"benchmark": "x", "ratio": 1.5}
+
+
+def test_run_all_refuses_an_unknown_benchmark_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_all.main(["--only", "warp_speed"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'warp_speed'" in capsys.readouterr().err
