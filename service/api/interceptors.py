@@ -2,6 +2,8 @@
 
 A TuneserveError aborts the call with its own status and message. Anything else is a bug: it is logged
 with its traceback under a short id, and the client gets INTERNAL with that id only, never a trace.
+Request bytes that are not the method's message are the client's fault: INVALID_ARGUMENT, not the
+INTERNAL grpc gives a failed deserialization by itself.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from service.errors import TuneserveError
+from service.errors import InvalidArgument, TuneserveError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        return _rebuild(handler, lambda b: _guard_unary(b, method), lambda b: _guard_stream(b, method))
+        return _rebuild(
+            handler,
+            lambda b: _guard_unary(b, method),
+            lambda b: _guard_stream(b, method),
+            _lenient(handler.request_deserializer),
+        )
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -76,9 +83,40 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return None
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the call can fail as the client's error."""
+
+    def __init__(self, message_type: str, size: int, error: Exception) -> None:
+        self.problem = (
+            f"the request ({size} bytes) is not a valid {message_type} message ({error}); send that message "
+            "serialized, as the generated tuneserve.v1 stubs do"
+        )
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)  # the generated class of `Message.FromString`
+    message_type = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or invalid UTF-8 in a string field
+            return _Undecodable(message_type, len(data), exc)
+
+    return deserialize
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(request.problem)
+
+
 def _guard_unary(behavior: Behavior, method: str) -> Behavior:
     def guarded(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            _refuse_undecodable(request)
             return behavior(request, context)
         except TuneserveError as exc:
             _abort_domain(context, exc, method)
@@ -91,6 +129,7 @@ def _guard_unary(behavior: Behavior, method: str) -> Behavior:
 def _guard_stream(behavior: Behavior, method: str) -> Behavior:
     def guarded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
+            _refuse_undecodable(request)
             yield from behavior(request, context)
         except TuneserveError as exc:
             _abort_domain(context, exc, method)
@@ -118,9 +157,11 @@ def _rebuild(
     handler: grpc.RpcMethodHandler,
     wrap_unary_response: Callable[[Behavior], Behavior],
     wrap_stream_response: Callable[[Behavior], Behavior],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped (unary or streaming response, as it was)."""
-    args = (handler.request_deserializer, handler.response_serializer)
+    """The same handler with its behaviour wrapped (unary or streaming response, as it was), and its
+    request deserializer replaced when one is given."""
+    args = (request_deserializer or handler.request_deserializer, handler.response_serializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(wrap_unary_response(handler.unary_unary), *args)
     if handler.unary_stream:

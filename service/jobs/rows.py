@@ -73,7 +73,7 @@ def encode_page_token(num: int) -> str:
 def decode_page_token(token: str) -> int:
     try:
         version, num = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode().split(":")
-        if version != "v1" or int(num) < 1:
+        if version != "v1" or not 1 <= int(num) < 2**62:  # SQLite integers are 64-bit
             raise ValueError(token)
         return int(num)
     except (ValueError, UnicodeDecodeError):

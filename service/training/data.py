@@ -16,6 +16,7 @@ root), and a `data.val_path` for it is a second manifest.
 from __future__ import annotations
 
 import csv
+import os
 import random
 import warnings
 from collections import Counter, defaultdict
@@ -80,14 +81,27 @@ def skip_summary(skipped: Iterable[Skipped], examples: int = 5) -> dict[str, Any
     return {
         "skipped": len(skipped),
         "reasons": dict(Counter(s.reason for s in skipped)),
-        "examples": [f"{s.path} ({s.reason})" for s in skipped[:examples]],
+        "examples": [f"{printable(s.path)} ({s.reason})" for s in skipped[:examples]],
     }
+
+
+def printable(path: str | Path) -> str:
+    """`path` as UTF-8 text: the bytes of a name that is not UTF-8 become `\\xNN` (events need text)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def resolve_under_root(path: str | Path, data_root: Path, field: str = "data.path") -> Path:
     """`path` (relative to the data root, or absolute) with symlinks and `..` resolved; must stay inside."""
     root = data_root.resolve()
-    resolved = (root / path).resolve()
+    try:
+        resolved = (root / path).resolve()
+        resolved.exists()  # raises for a name the OS cannot look up (too long), not for a missing one
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise DatasetError(
+            f"{field} {str(path)[:200]!r} is not a usable path ({reason}); give a folder path relative to "
+            "the data root, of printable characters and at most 255 per name"
+        ) from None
     if not resolved.is_relative_to(root):
         raise DatasetError(
             f"{field} {str(path)!r} resolves to {resolved}, outside the data root {root}; "
@@ -110,6 +124,7 @@ def scan_dataset(
             f"dataset folder {str(path)!r} has no class folders; put each class's images in its own "
             f"sub-folder, e.g. {path}/cat/1.jpg and {path}/dog/1.jpg"
         )
+    _check_class_names(class_dirs, str(path))
     root = data_root.resolve()
     samples: list[Sample] = []
     skipped: list[Skipped] = []
@@ -144,8 +159,14 @@ def scan_manifest(
     if not file.is_file():
         raise DatasetError(f"data.manifest {str(manifest)!r} is not a file under the data root")
     root = data_root.resolve()
-    with open(file, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"data.manifest {str(manifest)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV "
+            "with rows `path,labels`"
+        ) from None
     if rows and [c.strip().lower() for c in rows[0]] == ["path", "labels"]:
         rows = rows[1:]
     entries: list[tuple[Path, tuple[str, ...]]] = []
@@ -178,10 +199,13 @@ def check_image(file: Path, root: Path, max_image_pixels: int | None = None) -> 
     """(width, height) from the header, or why the file is skipped. Reads the header only, never decodes."""
     if file.name.startswith(".") or file.suffix.lower() not in IMAGE_EXTENSIONS:
         return Skipped(file, SKIP_NOT_IMAGE)
-    if not file.is_file():
+    try:
+        if not file.is_file():
+            return Skipped(file, SKIP_MISSING)
+        if not file.resolve().is_relative_to(root):
+            return Skipped(file, SKIP_OUTSIDE_ROOT)  # a symlink that leads out of the data root
+    except (OSError, ValueError):  # a manifest row naming a path the OS cannot look up (too long, NUL)
         return Skipped(file, SKIP_MISSING)
-    if not file.resolve().is_relative_to(root):
-        return Skipped(file, SKIP_OUTSIDE_ROOT)  # a symlink that leads out of the data root
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we check the size ourselves
@@ -266,6 +290,16 @@ def _same_classes(train: DatasetInfo, val: DatasetInfo, task: Task) -> tuple[Sam
         )
         for s in val.samples
     )
+
+
+def _check_class_names(class_dirs: list[Path], path: str) -> None:
+    # a class name becomes a label in events, results and the served model: it must be text
+    bad = [printable(d.name) for d in class_dirs if printable(d.name) != d.name]
+    if bad:
+        raise DatasetError(
+            f"class folder {', '.join(repr(b) for b in bad)} in {path!r} has a name that is not UTF-8; "
+            "class folder names become the labels: rename it in UTF-8"
+        )
 
 
 def _check_class_count(task: Task, class_names: list[str], path: str) -> None:

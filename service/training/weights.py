@@ -83,11 +83,11 @@ def resolve_weights(model_spec: ModelSpec, torch_home: Path, *, require_file: bo
 
 def require_weights_file(resolved: ResolvedWeights) -> None:
     """FailedPrecondition naming the expected path and the fix, when the weights file is not on disk."""
-    if not resolved.pretrained or (resolved.file is not None and resolved.file.is_file()):
+    if not resolved.pretrained or (resolved.file is not None and _is_file(resolved.file)):
         return
     if resolved.name == FILE:
         raise FailedPrecondition(
-            f"model.weights_file {str(resolved.file)!r} does not exist or is not a file; "
+            f"model.weights_file {str(resolved.file)[:200]!r} does not exist or is not a file; "
             "give the path of a state_dict (.pt/.pth/.safetensors) readable by the service"
         )
     if resolved.source == "builtin":
@@ -101,6 +101,13 @@ def require_weights_file(resolved: ResolvedWeights) -> None:
         f"machine with internet and copy the file to {resolved.file} (the service's TORCH_HOME is "
         f"{_torch_home_of(resolved.file)}), or use weights='none' to start from random weights"
     )
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a user-given name the OS cannot look up (too long): as good as missing
+        return False
 
 
 def read_state_dict(resolved: ResolvedWeights, model: nn.Module) -> dict[str, torch.Tensor]:
