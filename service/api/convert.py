@@ -47,10 +47,10 @@ def states_from_proto(states: Iterable[int]) -> list[JobState]:
     return result
 
 
-def optional_size(value: int, field: str, allowed: str) -> int | None:
-    """0 means "the default"; a negative number is refused."""
-    if value < 0:
-        raise InvalidArgument(f"{field} {value} is negative; use 0 for the default or {allowed}")
+def optional_size(value: int, field: str, low: int, high: int) -> int | None:
+    """0 means "the default"; anything else must lie in low..high."""
+    if value and not low <= value <= high:
+        raise InvalidArgument(f"{field} {value} is out of range; use 0 for the default or {low}..{high}")
     return value or None
 
 

@@ -21,7 +21,9 @@ from service.errors import InvalidArgument, TuneserveError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 4000  # status details travel in trailers; keep them well under their size limit
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
+# Probes (Docker HEALTHCHECK, Kubernetes) must work without the secret. Reflection is not open: a stranger
+# learns nothing, and grpcurl sends the token with -H 'authorization: Bearer ...'.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
@@ -47,7 +49,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Every RPC but health and reflection needs `authorization: Bearer <token>`."""
+    """Every RPC but health (reflection included) needs `authorization: Bearer <token>`."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()

@@ -19,6 +19,8 @@ from service.errors import FailedPrecondition
 from service.jobs.manager import JobManager
 from service.settings import Settings
 
+# A layer table is built for real where the meta device cannot be used: bound the head it allocates.
+MAX_DESCRIBED_CLASSES = 100_000
 SERVING_DISABLED = (
     "serving is disabled (TUNESERVE_TORCHSERVE_ENABLED=false); enable it and restart the service"
 )
@@ -66,8 +68,8 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
 
         description = describe_model(
             request.architecture,
-            image_size=convert.optional_size(request.image_size, "image_size", "16..1024"),
-            num_classes=convert.optional_size(request.num_classes, "num_classes", "1 or more"),
+            image_size=convert.optional_size(request.image_size, "image_size", 16, 1024),
+            num_classes=convert.optional_size(request.num_classes, "num_classes", 1, MAX_DESCRIBED_CLASSES),
             freeze=convert.freeze_from_proto(request.freeze),
             torch_home=self.settings.torch_home,
         )

@@ -307,6 +307,22 @@ CASES = [
         "-5",
     ),
     case(
+        "describe with an image size over the cap",
+        rpc("DescribeModel", pb.DescribeModelRequest(architecture="resnet18", image_size=100_000)),
+        INVALID,
+        "image_size",
+        "100000",
+        "16..1024",
+    ),
+    case(
+        "describe with a head too large to build",
+        rpc("DescribeModel", pb.DescribeModelRequest(architecture="resnet18", num_classes=2_000_000_000)),
+        INVALID,
+        "num_classes",
+        "2000000000",
+        "1..100000",
+    ),
+    case(
         "predict with serving disabled",
         predict(pb.PredictRequest(model="m", images=[b"x"])),
         PRECONDITION,

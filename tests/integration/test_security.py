@@ -1,8 +1,8 @@
 """Who may call what: the bearer token on every RPC, TLS and mutual TLS, and no user-supplied pickle loaded.
 
 Every method of both services is taken from the proto descriptor, so a new RPC is covered without
-editing this file. Health and reflection stay open by design (service.api.interceptors): probes need
-health without a secret, and reflection serves only the schema published in proto/, no jobs or data.
+editing this file. Only health stays open (service.api.interceptors): probes need it without a secret.
+Server reflection needs the token like every other RPC.
 """
 
 from __future__ import annotations
@@ -94,18 +94,33 @@ def test_an_unauthenticated_call_reaches_no_servicer(service: Service, channel: 
     assert service.store.list_jobs()[0] == []  # nothing was created
 
 
-def test_reflection_without_a_token_shows_the_schema_only(channel: grpc.Channel) -> None:
-    database = ProtoReflectionDescriptorDatabase(channel)
-    services = set(database.get_services())
-    file = database.FindFileContainingSymbol("tuneserve.v1.FineTuning")
+def test_reflection_needs_the_token_too(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert caught.value.code() == UNAUTHENTICATED
+    with grpc.intercept_channel(channel, _BearerToken(TOKEN)) as authorized:
+        database = ProtoReflectionDescriptorDatabase(authorized)
+        services = set(database.get_services())
+        file = database.FindFileContainingSymbol("tuneserve.v1.FineTuning")
     assert {"tuneserve.v1.FineTuning", "tuneserve.v1.Inference"} <= services
-    assert file.name == pb.DESCRIPTOR.name  # the published proto file, nothing more
+    assert file.name == pb.DESCRIPTOR.name
     record(
         "security",
-        "server reflection without a token",
-        1,
-        "open by design: it serves the published proto schema, no jobs, models or data",
+        "server reflection without a token, then with it",
+        2,
+        "UNAUTHENTICATED without; with the token it lists the services (as grpcurl -H would)",
     )
+
+
+class _BearerToken(grpc.StreamStreamClientInterceptor):
+    """Adds the token to reflection's stream-stream call, the way `grpcurl -H` does."""
+
+    def __init__(self, token: str) -> None:
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        details = details._replace(metadata=tuple(details.metadata or ()) + self.metadata)
+        return continuation(details, requests)
 
 
 # ---------------------------------------------------------------------- TLS and mutual TLS
