@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.api.server import TuneserveServer, build_server
+from service.api.server import INFERENCE, TuneserveServer, build_server
 from service.api.serving import PredictResult, ServedModel, Serving
 from service.errors import FailedPrecondition
 from service.jobs.manager import JobManager
@@ -79,6 +79,8 @@ def start_service(settings: Settings, serving: Serving | None = None) -> Service
             torchserve.stop()
         store.close()
         raise
+    if torchserve is not None:  # Inference's health follows TorchServe: down while it restarts
+        torchserve.on_availability(lambda available: server.set_serving(INFERENCE, available))
     return Service(settings, store, scheduler, server, serving, torchserve)
 
 

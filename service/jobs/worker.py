@@ -84,6 +84,11 @@ def run_job(job_id: str, settings: Settings, store: JobStore) -> int:
         return EXIT_STOPPED
     except Exception as exc:
         reason = one_line(exc)
+        if reporter.stop_requested():
+            # the SIGTERM to our process group (drain, cancel, a restarted service) also ends children
+            # such as torch-model-archiver: that is the stop, not a failure of the job
+            log.warning("job %s stopped on request during %s", job_id, reason)
+            return EXIT_STOPPED
         log.exception("job %s failed: %s", job_id, reason)
         store.append_event(job_id, EventKind.ERROR, reason, {"traceback": traceback.format_exc()})
         store.transition(job_id, JobState.FAILED, reason)

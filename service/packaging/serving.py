@@ -2,7 +2,8 @@
 
 ServingManager owns the TorchServe child process, the management client, the gRPC inference client
 and the served-model registry. A watchdog notices when TorchServe dies, restarts it and registers
-every served version again from the registry.
+every served version again from the registry. Meanwhile predictions are UNAVAILABLE and availability
+listeners (the gRPC health service) hear `False`, then `True` once every version is registered again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +71,8 @@ class ServingManager:
         self._lock = threading.RLock()  # one registry-changing operation at a time
         self._stopping = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self._available = threading.Event()  # TorchServe is up and every served version is registered
+        self._listeners: list[Callable[[bool], None]] = []
         self.restarts = 0
 
     # ------------------------------------------------------------------------------------- lifecycle
@@ -87,11 +90,13 @@ class ServingManager:
             grpc_inference_target(self.settings), self.process.keys, self.process.renew_keys,
             self.settings.max_message_bytes,
         )  # fmt: skip
+        self._set_available(True)
         self._watchdog = threading.Thread(target=self._watch, name="torchserve-watchdog", daemon=True)
         self._watchdog.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._set_available(False)
         if self._watchdog is not None:
             self._watchdog.join(timeout=30)
             self._watchdog = None
@@ -100,6 +105,11 @@ class ServingManager:
             self._grpc = None
         with self._lock:
             self.process.stop()
+
+    def on_availability(self, listener: Callable[[bool], None]) -> None:
+        """Call `listener(available)` now and whenever TorchServe goes down or is back with its models."""
+        self._listeners.append(listener)
+        listener(self._available.is_set())
 
     # ----------------------------------------------------------------------------------- packaging
 
@@ -311,6 +321,7 @@ class ServingManager:
             if self.process.is_running():
                 failures = 0
                 continue
+            self._set_available(False)  # before the lock: predictions fail fast while we restart
             with self._lock:
                 if self._stopping.is_set():
                     return
@@ -318,6 +329,7 @@ class ServingManager:
                 try:
                     self.process.restart()
                     self._restore()
+                    self._set_available(True)  # before the count: whoever waits on it may predict at once
                     self.restarts += 1
                     failures = 0
                 except Exception:
@@ -359,8 +371,22 @@ class ServingManager:
     def _require_running(self) -> None:
         if not self.settings.torchserve_enabled:
             raise Unavailable("serving is off (TUNESERVE_TORCHSERVE_ENABLED=false)")
-        if not self.process.is_running():
+        if not self.process.is_running() or not self._available.is_set():
             raise Unavailable("TorchServe is not running (starting or restarting); retry in a few seconds")
+
+    def _set_available(self, available: bool) -> None:
+        if available == self._available.is_set():
+            return
+        if available:
+            self._available.set()
+        else:
+            self._available.clear()
+        log.info("serving is %s", "available" if available else "unavailable")
+        for listener in self._listeners:
+            try:
+                listener(available)
+            except Exception:  # a listener must not stop the watchdog
+                log.exception("availability listener failed")
 
     def _unregister_quietly(self, name: str, version: str) -> None:
         try:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ MODEL_CONFIG_KEYS = frozenset(
 )
 LAST, BEST = "last.pt", "best.pt"
 _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.pt$")
+_PARTIAL_FILE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # what _atomic_target writes before the rename
 
 
 def checkpoint_dir(job_dir: Path) -> Path:
@@ -77,13 +78,52 @@ def epoch_file(epoch: int) -> str:
     return f"epoch-{epoch:04d}.pt"
 
 
+def discard_partial_writes(directory: Path) -> list[Path]:
+    """Delete the temporary files of writes a crash (SIGKILL, power loss) cut short; returns them.
+
+    Only a process that died mid-write leaves one, and nothing ever reads them: without this, every
+    crash during a checkpoint write would leave up to a checkpoint's size of garbage behind.
+    """
+    if not directory.is_dir():
+        return []
+    partial = [p for p in directory.iterdir() if _PARTIAL_FILE.match(p.name)]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Validate `state` and write it to `path` atomically; a full disk raises ResourceExhausted."""
     validate_checkpoint(state, path)
     with _atomic_target(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(state, cast(IO[bytes], recorder))  # it needs only write() and flush()
+        except RuntimeError as exc:
+            if recorder.error is None:
+                raise
+            # torch reports a failed write only as "unexpected pos"; the OSError says what happened
+            raise recorder.error from exc
         f.flush()
         os.fsync(f.fileno())
+
+
+class _WriteRecorder:
+    """A file for torch.save that remembers the OSError of a failed write (e.g. ENOSPC)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -227,6 +267,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def _publish_copy(source: Path, target: Path) -> None:
     """Atomically make `target` a copy of `source`: a hard link when possible, else a byte copy."""
+    if target.exists() and os.path.samefile(source, target):
+        # already linked (publish() on resume): rename(2) of one link onto another of the same file
+        # does nothing and would leave the temporary link behind
+        return
     with _atomic_target(target) as tmp:
         try:
             os.link(source, tmp)

@@ -21,7 +21,13 @@ from service.jobs.spec import JobSpec
 from service.settings import Settings
 from service.training import feature_cache, freezing, telemetry
 from service.training.builder import BuiltModel, Preprocessing, build_model
-from service.training.checkpoints import CheckpointKeeper, checkpoint_dir, load_checkpoint, restore_rng
+from service.training.checkpoints import (
+    CheckpointKeeper,
+    checkpoint_dir,
+    discard_partial_writes,
+    load_checkpoint,
+    restore_rng,
+)
 from service.training.data import Splits, load_splits
 from service.training.datasets import Loader, Loaders, build_loaders, set_epoch
 from service.training.early_stopping import EarlyStopping, comparator
@@ -138,6 +144,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
             f"{len(splits.class_names)}: monitor val_accuracy or val_loss instead"
         )
     last = checkpoint_dir(job_dir) / "last.pt"
+    discard_partial_writes(last.parent)  # left by a previous attempt that died mid-write
     resume = load_checkpoint(last) if last.exists() else None
     built = build_model(
         spec.model,
@@ -161,6 +168,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         num_workers=spec.data.num_workers,
         pin_memory=device.device.type == "cuda",
         max_image_pixels=settings.max_image_pixels,
+        decode_device=device.device if device.device.type == "cuda" else None,
     )
     if len(loaders.train_dataset) == 0 or len(loaders.val_dataset) == 0:
         raise DatasetError("no training or no validation image could be decoded; see the WARNING events")
@@ -220,7 +228,7 @@ def _make_forward(model: nn.Module, split: freezing.FrozenSplit | None, compile_
             features = split.prefix(images)
         return split.rest(features)
 
-    return forward
+    return torch.compile(forward) if compile_model else forward  # type: ignore[return-value]
 
 
 def _model_config(
