@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.api.health import HealthReporter
 from service.api.server import INFERENCE, TuneserveServer, build_server
 from service.api.serving import PredictResult, ServedModel, Serving
 from service.errors import FailedPrecondition
@@ -39,6 +40,7 @@ class Service:
     server: TuneserveServer
     serving: Serving | None = None
     torchserve: Any = None  # the ServingManager, when this service started TorchServe
+    health_reporter: HealthReporter | None = None
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -51,6 +53,8 @@ class Service:
             return
         self._stopped = True
         log.info("stopping (drain=%s)", drain)
+        if self.health_reporter is not None:
+            self.health_reporter.stop()
         self.server.stop(API_GRACE_S)
         self.scheduler.stop(drain=drain)
         if self.torchserve is not None:
@@ -79,9 +83,12 @@ def start_service(settings: Settings, serving: Serving | None = None) -> Service
             torchserve.stop()
         store.close()
         raise
+    reporter = None
     if torchserve is not None:  # Inference's health follows TorchServe: down while it restarts
         torchserve.on_availability(lambda available: server.set_serving(INFERENCE, available))
-    return Service(settings, store, scheduler, server, serving, torchserve)
+        reporter = HealthReporter(torchserve.health, server.set_serving)  # torchserve, torchserve/<model>
+        reporter.start()
+    return Service(settings, store, scheduler, server, serving, torchserve, reporter)
 
 
 def run_service(settings: Settings | None = None) -> None:
@@ -89,15 +96,16 @@ def run_service(settings: Settings | None = None) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings or Settings()  # type: ignore[call-arg]  # defaults + TUNESERVE_* env
-    service = start_service(settings)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Any) -> None:
         log.info("received %s; draining", signal.Signals(signum).name)
         stop.set()
 
+    # Before start-up: a SIGTERM while TorchServe starts must still stop it, not orphan its JVM.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    service = start_service(settings)
     log.info("tuneserve is serving on %s:%d", settings.host, service.port)
     stop.wait()
     service.stop(drain=True)

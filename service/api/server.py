@@ -29,6 +29,7 @@ OVERALL = ""  # the health service's name for the server as a whole
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 @dataclass
@@ -40,8 +41,10 @@ class TuneserveServer:
     health: health.HealthServicer
     jobs: JobManager
 
-    def set_serving(self, service: str, serving: bool) -> None:
-        self.health.set(service, SERVING if serving else NOT_SERVING)
+    def set_serving(self, service: str, serving: bool | None) -> None:
+        """SERVING, NOT_SERVING, or (None) SERVICE_UNKNOWN for a name that is gone."""
+        status = UNKNOWN if serving is None else SERVING if serving else NOT_SERVING
+        self.health.set(service, status)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, end open watches, finish in-flight calls for up to `grace_s`, then stop."""

@@ -1,4 +1,5 @@
-"""Served models: the records the gRPC layer translates, and the registry of what TorchServe serves.
+"""Served models: the registry of what TorchServe serves (the records the gRPC layer translates are
+service.api.serving's, which this package implements).
 
 TorchServe forgets everything when it restarts (we run it without config snapshots), so this JSON
 file, rewritten atomically on every change, is what the service re-registers from.
@@ -15,34 +16,6 @@ from pathlib import Path
 from typing import Any
 
 REGISTRY_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """Mirrors tuneserve.v1.ServedModel: one model, described by the version named here."""
-
-    name: str
-    version: str
-    is_default: bool
-    job_id: str
-    archive_sha256: str
-    ready: bool
-    versions: tuple[str, ...]
-    inference_url: str
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    label: str
-    probability: float
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One image's answer: its scores, or the error that failed this image alone."""
-
-    scores: tuple[ClassScore, ...] = ()
-    error: str = ""
 
 
 @dataclass(frozen=True)

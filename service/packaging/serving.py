@@ -16,21 +16,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from service.api.serving import ClassScore, Prediction, ServedModel
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.jobs.records import EventKind, Job, JobResult, JobState
 from service.jobs.spec import ServingSpec
 from service.packaging.archiver import Archive, build_archive, read_manifest, sha256_of
 from service.packaging.gate import BF16_TOLERANCE, CPU_TOLERANCE, GateFailed, check_version, synthetic_images
 from service.packaging.management import ManagementClient, RestClient
-from service.packaging.served import (
-    ClassScore,
-    Prediction,
-    ServedEntry,
-    ServedModel,
-    ServedRegistry,
-    ServedVersion,
-    version_key,
-)
+from service.packaging.served import ServedEntry, ServedRegistry, ServedVersion, version_key
 from service.packaging.torchserve import TorchServeProcess
 from service.packaging.ts_config import grpc_inference_target, inference_url, management_url
 from service.packaging.ts_grpc import TorchServeGrpc

@@ -1,9 +1,12 @@
-"""Every RPC against a real server on loopback, over a real channel."""
+"""Every RPC against a real server on loopback, over a real channel (serving: test_api_serving.py)."""
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +29,8 @@ from harness import (
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-from service.api.serving import ClassScore, Prediction, PredictResult, ServedModel
+from service.api.interceptors import ErrorInterceptor
 from service.app import Service
-from service.jobs.records import Job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -222,85 +224,55 @@ def test_reflection_lists_the_services(service: Service) -> None:
     assert {"CreateJob", "WatchJob", "DescribeModel"} <= {m.name for m in fine_tuning.method}
 
 
-# ---------------------------------------------------------------------- serving delegation
+# ---------------------------------------------------------------------- unexpected errors
 
 
-class FakeServing:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
+class Exploding(pb_grpc.InferenceServicer, pb_grpc.FineTuningServicer):
+    """A servicer with a bug: each method raises an exception that is no domain error."""
 
-    def deploy(self, job: Job) -> None:
-        self.calls.append(("deploy", job.id))
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        raise RuntimeError("secret internals /etc/passwd")
 
-    def predict(self, model: str, version: str | None, images: Any, top_k: int | None) -> PredictResult:
-        self.calls.append(("predict", model, version, len(images), top_k))
-        if model == "explode":
-            raise RuntimeError("secret internals /etc/passwd")
-        scores = (ClassScore("cat", 0.9), ClassScore("dog", 0.1))
-        return PredictResult(model, version or "2", tuple(Prediction(scores) for _ in images))
-
-    def serve_job(self, job_id: str) -> ServedModel:
-        self.calls.append(("serve_job", job_id))
-        return ServedModel(
-            "pets", "2", True, job_id, "ab" * 32, True, ("1", "2"), "http://x/predictions/pets"
-        )
-
-    def unserve(self, name: str, version: str | None) -> None:
-        self.calls.append(("unserve", name, version))
-
-    def set_default(self, name: str, version: str) -> ServedModel:
-        self.calls.append(("set_default", name, version))
-        return ServedModel(name, version, True)
-
-    def list_served(self) -> list[ServedModel]:
-        return [ServedModel("pets", "2", True, versions=("1", "2"))]
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
+        yield pb.JobEvent(job_id=request.job_id, seq=1, kind="INFO")
+        raise RuntimeError("secret internals /etc/passwd")
 
 
 @pytest.fixture(scope="module")
-def serving_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, FakeServing]]:
-    fake = FakeServing()
-    with running_service(make_settings(tmp_path_factory.mktemp("serving")), fake) as running:
-        yield running, fake
+def exploding_channel() -> Iterator[grpc.Channel]:
+    """A real server with the service's ErrorInterceptor in front of the Exploding servicer."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[ErrorInterceptor()])
+    pb_grpc.add_InferenceServicer_to_server(Exploding(), server)
+    pb_grpc.add_FineTuningServicer_to_server(Exploding(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        server.stop(None)
 
 
-def test_serving_rpcs_delegate_to_the_serving_side(serving_service: tuple[Service, FakeServing]) -> None:
-    service, fake = serving_service
-    with channel_to(service) as channel:
-        client = stub(channel)
-        served = client.ServeJob(pb.ServeJobRequest(job_id="job-1"))
-        default = client.SetDefaultVersion(pb.SetDefaultVersionRequest(name="pets", version="1"))
-        client.UnserveModel(pb.UnserveModelRequest(name="pets"))
-        listed = client.ListServedModels(pb.ListServedModelsRequest())
-        answer = pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(model="pets", images=[b"a", b"b"]))
-    assert (served.name, served.version, list(served.versions), served.ready) == (
-        "pets",
-        "2",
-        ["1", "2"],
-        True,
-    )
-    assert (default.version, default.is_default) == ("1", True)
-    assert [m.name for m in listed.models] == ["pets"]
-    assert (answer.version, len(answer.predictions), answer.predictions[0].scores[0].label) == ("2", 2, "cat")
-    assert ("unserve", "pets", None) in fake.calls and ("predict", "pets", None, 2, None) in fake.calls
-
-
-def test_inference_is_serving_when_serving_is_on(serving_service: tuple[Service, FakeServing]) -> None:
-    service, _ = serving_service
-    with channel_to(service) as channel:
-        request = health_pb2.HealthCheckRequest(service="tuneserve.v1.Inference")
-        status = health_pb2_grpc.HealthStub(channel).Check(request).status
-    assert status == health_pb2.HealthCheckResponse.SERVING
-
-
+@pytest.mark.parametrize("method", ["Predict", "WatchJob"])
 def test_an_unexpected_error_is_internal_with_an_id_and_no_details(
-    serving_service: tuple[Service, FakeServing],
+    exploding_channel: grpc.Channel, caplog: pytest.LogCaptureFixture, method: str
 ) -> None:
-    service, _ = serving_service
-    with channel_to(service) as channel, pytest.raises(grpc.RpcError) as caught:
-        pb_grpc.InferenceStub(channel).Predict(pb.PredictRequest(model="explode", images=[b"x"]))
+    with (
+        caplog.at_level(logging.ERROR, logger="service.api.interceptors"),
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        if method == "Predict":
+            pb_grpc.InferenceStub(exploding_channel).Predict(pb.PredictRequest(model="m", images=[b"x"]))
+        else:
+            list(stub(exploding_channel).WatchJob(pb.WatchJobRequest(job_id="job-x")))
+    details = caught.value.details()
     assert caught.value.code() == grpc.StatusCode.INTERNAL
-    assert caught.value.details().startswith("internal error (id ")
-    assert "secret" not in caught.value.details() and "Traceback" not in caught.value.details()
+    error_id = re.fullmatch(r"internal error \(id ([0-9a-f]{8})\); the server log has the details", details)
+    assert error_id, details
+    assert "secret" not in details and "Traceback" not in details
+    logged = [r for r in caplog.records if f"error id {error_id.group(1)}" in r.getMessage()]
+    assert len(logged) == 1 and method in logged[0].getMessage()
+    assert logged[0].exc_info and "secret internals" in str(logged[0].exc_info[1])  # the log has it all
 
 
 # ---------------------------------------------------------------------- auth and TLS

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 from harness import make_image_folder, make_settings, running_service
+from ports import free_ports
 from typer.testing import CliRunner, Result
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -353,12 +354,6 @@ def test_watch_resumes_after_the_last_seen_event_when_the_stream_drops() -> None
 # ------------------------------------------------------------- local processes: serve, tensorboard
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def tuneserve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "service.cli.main", *args]
     return subprocess.Popen(
@@ -379,7 +374,7 @@ def test_serve_with_a_bad_setting_names_the_variable_and_exits_2(tmp_path: Path)
 
 @pytest.mark.slow
 def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
+    port = free_ports(1)[0]
     env = {
         "TUNESERVE_STATE_DIR": str(tmp_path / "state"),
         "TUNESERVE_DATA_ROOT": str(tmp_path),
@@ -402,7 +397,7 @@ def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path: Pat
 def test_tensorboard_serves_the_job_logs_and_stops_with_the_cli(
     service: Service, watched_job: tuple[Result, str]
 ) -> None:
-    port = free_port()
+    port = free_ports(1)[0]
     process = tuneserve(
         "--address", f"127.0.0.1:{service.port}", "--token", TOKEN, "tensorboard", watched_job[1],
         "--port", str(port),

@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import make_image_folder, spec, wait_for
+from ports import free_ports
 from reliability import record
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -186,16 +186,6 @@ def torchserve_pid(state_dir: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return pid if alive(pid) else None
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 # ------------------------------------------------------------------------------------ job helpers
@@ -566,6 +556,8 @@ def test_a_killed_torchserve_is_restarted_and_predict_is_unavailable_until_it_is
         assert done.state == JobState.SUCCEEDED, done.error
         before = inference.Predict(request, timeout=60)
         assert health_of(channel, INFERENCE) == health_pb2.HealthCheckResponse.SERVING
+        wait_for(lambda: health_of(channel, "torchserve/faulty") == health_pb2.HealthCheckResponse.SERVING,
+                 30, "the model's own health to be SERVING")  # fmt: skip
         java = torchserve_pid(service.state_dir)
         assert java is not None
 
@@ -594,11 +586,46 @@ def test_a_killed_torchserve_is_restarted_and_predict_is_unavailable_until_it_is
         served = client.ListServedModels(pb.ListServedModelsRequest()).models
         assert [(m.name, m.ready) for m in served] == [("faulty", True)]
         assert health_of(channel, "") == health_pb2.HealthCheckResponse.SERVING
+        wait_for(lambda: health_of(channel, "torchserve/faulty") == health_pb2.HealthCheckResponse.SERVING,
+                 30, "the model's own health to be SERVING again")  # fmt: skip
     store.close()
     record(
         "fault", "SIGKILL of TorchServe's JVM while a model is served", 1,
         f"Inference health NOT_SERVING and Predict UNAVAILABLE ({unavailable} calls) until TorchServe was "
         "restarted with the model registered again; then SERVING and the same predictions",
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
+def test_sigterm_while_torchserve_starts_stops_torchserve_too(
+    services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    ports = free_ports(5)
+    names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
+    service = new_service(
+        services,
+        tmp_path,
+        TUNESERVE_TORCHSERVE_ENABLED="true",
+        TUNESERVE_TORCHSERVE_JAVA_HEAP="256m",
+        **{f"TUNESERVE_TORCHSERVE_{n}_PORT": str(p) for n, p in zip(names, ports, strict=True)},
+    )
+    log = service.log_path(1)
+    with open(log, "wb") as out:
+        service.process = subprocess.Popen(
+            [sys.executable, "-c", "from service.app import run_service; run_service()"],
+            cwd=PROJECT_ROOT, env=service.env(), stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    java = wait_for(lambda: torchserve_pid(service.state_dir), 120, "TorchServe's JVM to start")
+    assert "tuneserve is serving on" not in log.read_text()  # still starting up
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(timeout=120) == 0, log.read_text()[-3000:]
+    wait_for(lambda: not alive(java), 30, "TorchServe's JVM to stop")
+    assert "received SIGTERM; draining" in log.read_text()
+    record(
+        "fault", "SIGTERM to the service while TorchServe is still starting", 1,
+        "the service finished starting, drained, stopped TorchServe and exited 0; no JVM left behind",
     )  # fmt: skip
 
 

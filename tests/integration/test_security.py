@@ -98,10 +98,11 @@ def test_reflection_needs_the_token_too(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         ProtoReflectionDescriptorDatabase(channel).get_services()
     assert caught.value.code() == UNAUTHENTICATED
-    with grpc.intercept_channel(channel, _BearerToken(TOKEN)) as authorized:
-        database = ProtoReflectionDescriptorDatabase(authorized)
-        services = set(database.get_services())
-        file = database.FindFileContainingSymbol("tuneserve.v1.FineTuning")
+    # Not closed here: closing an intercepted channel closes the module's shared channel under it.
+    authorized = grpc.intercept_channel(channel, _BearerToken(TOKEN))
+    database = ProtoReflectionDescriptorDatabase(authorized)
+    services = set(database.get_services())
+    file = database.FindFileContainingSymbol("tuneserve.v1.FineTuning")
     assert {"tuneserve.v1.FineTuning", "tuneserve.v1.Inference"} <= services
     assert file.name == pb.DESCRIPTOR.name
     record(

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ import grpc
 import pytest
 import torch
 from PIL import Image
+from ports import free_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound
@@ -42,19 +42,9 @@ SERVING = ServingSpec(model_name="pets", batch_size=4, max_batch_delay_ms=200, w
 MAX_PIXELS = 1_000_000
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
-    inference, management, metrics, grpc_inference, grpc_management = _free_ports(5)
+    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = Settings.model_validate(
         {
             "state_dir": tmp_path_factory.mktemp("state"),

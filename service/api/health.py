@@ -1,0 +1,56 @@
+"""Publishes TorchServe's readiness and each served model's on the gRPC health service.
+
+`tuneserve.v1.Inference` already follows TorchServe's availability as it changes (service.app). This
+adds a name per thing a probe may care about, refreshed every few seconds: `torchserve` (TorchServe
+answers its ping) and `torchserve/<model>` (the model's default version has a ready worker). A model
+that is no longer served goes back to SERVICE_UNKNOWN, as if it had never been there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 2.0
+
+Probe = Callable[[], Mapping[str, bool]]  # name -> ready, e.g. ServingManager.health
+Publish = Callable[[str, bool | None], None]  # None: unknown (no longer there)
+
+
+class HealthReporter:
+    """Calls `probe` every `interval_s` and publishes what it says; start() once, stop() once."""
+
+    def __init__(self, probe: Probe, publish: Publish, interval_s: float = INTERVAL_S) -> None:
+        self._probe, self._publish, self._interval_s = probe, publish, interval_s
+        self._known: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-reporter", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def report_once(self) -> None:
+        """Probe and publish now (the thread's one step)."""
+        try:
+            status = dict(self._probe())
+        except Exception:  # a failing probe means nothing is known to be ready
+            log.exception("the health probe failed; reporting everything NOT_SERVING")
+            status = dict.fromkeys(self._known, False)
+        for name, ready in status.items():
+            self._publish(name, ready)
+        for name in self._known - status.keys():
+            self._publish(name, None)
+        self._known = set(status)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.report_once()
+            self._stop.wait(self._interval_s)
