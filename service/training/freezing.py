@@ -127,7 +127,8 @@ def _relu_pool_flatten(x: torch.Tensor) -> torch.Tensor:
 
 # What each family's forward() does, step by step: a top-level child's name, or the functional op
 # between children. Only exact classes: a subclass may override forward. Not here, so no split:
-# ViT (class token, reshapes), GoogLeNet / Inception v3 (transform_input, branches), timm models.
+# ViT (class token, reshapes), GoogLeNet / Inception v3 (transform_input, branches), and timm models
+# other than its EfficientNet family (_timm_efficientnet_program), which the demo's Lite0 belongs to.
 _PROGRAMS: dict[type[nn.Module], tuple[str | Callable[[torch.Tensor], torch.Tensor], ...]] = {
     tvm.ResNet: (
         "conv1",
@@ -164,7 +165,7 @@ def split_frozen_prefix(model: nn.Module, plan: FreezePlan) -> FrozenSplit | Non
     None when nothing is frozen, or when the family's forward is not a plain chain of its blocks (see
     _PROGRAMS): then run the whole model; frozen parameters get no gradient either way.
     """
-    program = _PROGRAMS.get(type(model))
+    program = _PROGRAMS.get(type(model)) or _timm_efficientnet_program(model)
     if program is None or plan.depth == 0 or any(True for _ in root_parameters(model)):
         return None
     blocks = list_blocks(model)
@@ -184,3 +185,21 @@ def split_frozen_prefix(model: nn.Module, plan: FreezePlan) -> FrozenSplit | Non
     prefix = Chain([step for _, step in steps[:cut]])
     rest = Chain([step for _, step in steps[cut:]], copy_input=True)
     return FrozenSplit(prefix, rest, plan.depth)
+
+
+def _timm_efficientnet_program(
+    model: nn.Module,
+) -> tuple[str | Callable[[torch.Tensor], torch.Tensor], ...] | None:
+    """timm's EfficientNet.forward (timm 1.0): forward_features, then forward_head, as a chain."""
+    cls = type(model)
+    if (cls.__module__, cls.__name__) != ("timm.models.efficientnet", "EfficientNet"):
+        return None
+    if getattr(model, "grad_checkpointing", False):  # then blocks run through checkpoint_seq
+        return None
+    drop_rate = float(getattr(model, "drop_rate", 0.0))
+
+    def dropout(x: torch.Tensor) -> torch.Tensor:  # forward_head's functional dropout, as timm calls it
+        return F.dropout(x, p=drop_rate, training=model.training)
+
+    head = (dropout, "classifier") if drop_rate > 0 else ("classifier",)
+    return ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", *head)

@@ -1,7 +1,7 @@
 """The `tuneserve` CLI against a real in-process service on loopback: output and exit code of each command.
 
-The serving side is an in-memory fake (no TorchServe here; tests/e2e/test_demo.py runs the real one), so
-predict, served, serve-job, unserve and set-default show their tables and error lines in milliseconds.
+This service runs without TorchServe, so it starts in seconds; the serving commands (predict, served,
+serve-job, set-default, unserve) run against a real TorchServe in test_cli_serving.py.
 """
 
 from __future__ import annotations
@@ -17,23 +17,19 @@ import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+from cli_harness import Cli, assert_error_line, cli_for
 from harness import make_image_folder, make_settings, running_service
 from ports import free_ports
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-from service.api.serving import ClassScore, Prediction, PredictResult, ServedModel
 from service.app import Service
 from service.cli.client import Client, ClientConfig
-from service.cli.main import app
 from service.cli.watch import Backoff, follow_events
-from service.errors import NotFound
-from service.jobs.records import Job
 
 TOKEN = "cli-test-token"
 TINY_SPEC = """\
@@ -47,123 +43,65 @@ serving: {enabled: false}
 """
 
 
-class FakeServing:
-    """Serving in memory: one model `pets` with versions 1 and 2."""
-
-    def deploy(self, job: Job) -> None:
-        pass
-
-    def predict(self, model: str, version: str | None, images: Any, top_k: int | None) -> PredictResult:
-        if model != "pets":
-            raise NotFound(f"model {model!r} is not served; `tuneserve served` lists the models")
-        scores = (ClassScore("cat", 0.875), ClassScore("dog", 0.125))[: top_k or 2]
-        return PredictResult(model, version or "2", tuple(Prediction(scores) for _ in images))
-
-    def serve_job(self, job_id: str) -> ServedModel:
-        return ServedModel(
-            "pets", "3", True, job_id, "ab" * 32, True, ("1", "2", "3"), "http://ts/predictions/pets"
-        )
-
-    def unserve(self, name: str, version: str | None) -> None:
-        if name != "pets":
-            raise NotFound(f"model {name!r} is not served")
-
-    def set_default(self, name: str, version: str) -> ServedModel:
-        if version not in ("1", "2"):
-            raise NotFound(f"{name} has no version {version}; versions: 1, 2")
-        return ServedModel(name, version, True, ready=True, inference_url="http://ts/predictions/pets")
-
-    def list_served(self) -> list[ServedModel]:
-        return [
-            ServedModel(
-                "pets",
-                "2",
-                True,
-                "job-1",
-                ready=True,
-                versions=("1", "2"),
-                inference_url="http://ts/predictions/pets",
-            )
-        ]
-
-
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("cli")
     make_image_folder(root / "data" / "ds", classes=2, per_class=4)
-    with running_service(make_settings(root, auth_token=TOKEN), FakeServing()) as running:
+    with running_service(make_settings(root, auth_token=TOKEN)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def cli(service: Service) -> Any:
-    """cli(*args) runs `tuneserve --address ... --token ... *args` in-process; returns click's Result."""
-    runner = CliRunner()
-
-    def invoke(*args: str, token: str = TOKEN, address: str | None = None) -> Result:
-        address = address or f"127.0.0.1:{service.port}"
-        return runner.invoke(app, ["--address", address, "--token", token, *args], env={"COLUMNS": "200"})
-
-    return invoke
-
-
-def assert_error_line(result: Result, code: int, status: str, *fragments: str) -> None:
-    """Exactly one line on stderr, `error: STATUS: ...` naming each fragment, and the exit code."""
-    assert result.exit_code == code, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {status}: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0]
-    assert "Traceback" not in result.output
+def cli(service: Service) -> Cli:
+    return cli_for(service, TOKEN)
 
 
 # ------------------------------------------------------------------------------------------ errors
 
 
-def test_unknown_job_is_one_not_found_line_and_exit_3(cli: Any) -> None:
+def test_unknown_job_is_one_not_found_line_and_exit_3(cli: Cli) -> None:
     assert_error_line(cli("show", "job-nope"), 3, "NOT_FOUND", "job-nope")
 
 
-def test_cancel_unknown_job_is_not_found(cli: Any) -> None:
+def test_cancel_unknown_job_is_not_found(cli: Cli) -> None:
     assert_error_line(cli("cancel", "job-nope"), 3, "NOT_FOUND")
 
 
-def test_wrong_token_is_unauthenticated_and_exit_5(cli: Any) -> None:
+def test_wrong_token_is_unauthenticated_and_exit_5(cli: Cli) -> None:
     assert_error_line(cli("jobs", token="wrong"), 5, "UNAUTHENTICATED", "token")
 
 
-def test_unreachable_server_is_unavailable_and_exit_6(cli: Any) -> None:
+def test_unreachable_server_is_unavailable_and_exit_6(cli: Cli) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"127.0.0.1:{sock.getsockname()[1]}"
     assert_error_line(cli("--timeout", "3", "jobs", address=closed), 6, "UNAVAILABLE", "--address")
 
 
-def test_spec_with_unknown_field_names_it_and_lists_the_allowed(cli: Any, tmp_path: Path) -> None:
+def test_spec_with_unknown_field_names_it_and_lists_the_allowed(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(TINY_SPEC.replace("epochs: 1", "epochz: 1"))
     assert_error_line(cli("submit", str(path)), 2, "INVALID_ARGUMENT", "spec.training.epochz", "epochs")
 
 
-def test_spec_with_bad_value_is_the_servers_invalid_argument(cli: Any, tmp_path: Path) -> None:
+def test_spec_with_bad_value_is_the_servers_invalid_argument(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"name": "x", "model": {"architecture": "resnet18"}, "data": {"path": "ds"},
                                 "training": {"lr": -1}}))  # fmt: skip
     assert_error_line(cli("submit", str(path)), 2, "INVALID_ARGUMENT", "spec.training.lr", "-1")
 
 
-def test_spec_file_that_is_not_a_mapping_is_refused(cli: Any, tmp_path: Path) -> None:
+def test_spec_file_that_is_not_a_mapping_is_refused(cli: Cli, tmp_path: Path) -> None:
     path = tmp_path / "list.yaml"
     path.write_text("- just\n- a list\n")
     assert_error_line(cli("submit", str(path)), 2, "INVALID_ARGUMENT", "mapping")
 
 
-def test_unknown_state_filter_lists_the_states(cli: Any) -> None:
+def test_unknown_state_filter_lists_the_states(cli: Cli) -> None:
     assert_error_line(cli("jobs", "--state", "done"), 2, "INVALID_ARGUMENT", "SUCCEEDED")
 
 
-def test_out_of_range_freeze_depth_is_invalid_argument(cli: Any) -> None:
+def test_out_of_range_freeze_depth_is_invalid_argument(cli: Cli) -> None:
     assert_error_line(
         cli("describe", "resnet18", "--freeze-depth", "99"), 2, "INVALID_ARGUMENT", "freeze.depth"
     )
@@ -172,20 +110,24 @@ def test_out_of_range_freeze_depth_is_invalid_argument(cli: Any) -> None:
 # ---------------------------------------------------------------------------------- models, describe
 
 
-def test_health_reports_every_service_serving(cli: Any) -> None:
+def test_health_reports_each_service_and_inference_off_without_torchserve(cli: Cli) -> None:
     result = cli("health")
     assert result.exit_code == 0, result.output
-    assert "(server)" in result.stdout and "tuneserve.v1.FineTuning" in result.stdout
-    assert result.stdout.count("SERVING") == 3
+    statuses = dict(line.split() for line in result.stdout.splitlines())
+    assert statuses == {
+        "(server)": "SERVING",
+        "tuneserve.v1.FineTuning": "SERVING",
+        "tuneserve.v1.Inference": "NOT_SERVING",
+    }
 
 
-def test_models_lists_the_builtin_lite0(cli: Any) -> None:
+def test_models_lists_the_builtin_lite0(cli: Cli) -> None:
     result = cli("models", "--source", "builtin")
     assert result.exit_code == 0, result.output
     assert "efficientnet_lite0" in result.stdout and "builtin" in result.stdout
 
 
-def test_describe_marks_the_frozen_rows_and_totals_them(cli: Any) -> None:
+def test_describe_marks_the_frozen_rows_and_totals_them(cli: Cli) -> None:
     result = cli("describe", "resnet18", "--freeze-depth", "5", "--image-size", "64", "--num-classes", "3")
     assert result.exit_code == 0, result.output
     rows = {line.split()[1]: line.split() for line in result.stdout.splitlines() if line.split()[:1] != []
@@ -207,7 +149,7 @@ def test_describe_marks_the_frozen_rows_and_totals_them(cli: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def watched_job(cli: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Result, str]:
+def watched_job(cli: Cli, tmp_path_factory: pytest.TempPathFactory) -> tuple[Result, str]:
     """`submit SPEC --watch` of a job that trains for seconds; (its result, the job id)."""
     path = tmp_path_factory.mktemp("spec") / "tiny.yaml"
     path.write_text(TINY_SPEC)
@@ -229,7 +171,7 @@ def test_submit_watch_follows_the_job_to_a_summary(watched_job: tuple[Result, st
 
 
 @pytest.mark.slow
-def test_jobs_table_shows_the_job(cli: Any, watched_job: tuple[Result, str]) -> None:
+def test_jobs_table_shows_the_job(cli: Cli, watched_job: tuple[Result, str]) -> None:
     result = cli("jobs", "--state", "succeeded")
     assert result.exit_code == 0, result.output
     line = next(line for line in result.stdout.splitlines() if watched_job[1] in line)
@@ -237,7 +179,7 @@ def test_jobs_table_shows_the_job(cli: Any, watched_job: tuple[Result, str]) -> 
 
 
 @pytest.mark.slow
-def test_show_json_is_the_job_with_its_result_paths(cli: Any, watched_job: tuple[Result, str]) -> None:
+def test_show_json_is_the_job_with_its_result_paths(cli: Cli, watched_job: tuple[Result, str]) -> None:
     result = cli("show", watched_job[1], "--json")
     assert result.exit_code == 0, result.output
     job = json.loads(result.stdout)
@@ -246,7 +188,7 @@ def test_show_json_is_the_job_with_its_result_paths(cli: Any, watched_job: tuple
 
 
 @pytest.mark.slow
-def test_watch_of_a_finished_job_replays_it_and_exits_0(cli: Any, watched_job: tuple[Result, str]) -> None:
+def test_watch_of_a_finished_job_replays_it_and_exits_0(cli: Cli, watched_job: tuple[Result, str]) -> None:
     result = cli("watch", watched_job[1])
     assert result.exit_code == 0, result.output
     assert "epoch 1/1" in result.stdout and f"job {watched_job[1]}: SUCCEEDED" in result.stdout
@@ -254,7 +196,7 @@ def test_watch_of_a_finished_job_replays_it_and_exits_0(cli: Any, watched_job: t
 
 @pytest.mark.slow
 def test_cancelled_job_watch_exits_9_and_key_returns_the_same_job(
-    cli: Any, watched_job: tuple[Result, str], tmp_path: Path
+    cli: Cli, watched_job: tuple[Result, str], tmp_path: Path
 ) -> None:
     path = tmp_path / "tiny.yaml"
     path.write_text(TINY_SPEC)
@@ -270,43 +212,18 @@ def test_cancelled_job_watch_exits_9_and_key_returns_the_same_job(
     assert f"job {job_id}: CANCELLED" in watched.stdout
 
 
-# ---------------------------------------------------------------------------------------- serving
+# ------------------------------------------------------------------------- serving, when it is off
 
 
-def test_predict_prints_a_top_k_table_per_image(cli: Any, tmp_path: Path) -> None:
-    images = [tmp_path / "a.png", tmp_path / "b.png"]
-    for image in images:
-        image.write_bytes(b"\x89PNG fake")  # the fake serving side does not decode
-    result = cli("predict", "pets", *map(str, images), "--top-k", "1")
-    assert result.exit_code == 0, result.output
-    assert result.stdout.count("cat") == 2 and "dog" not in result.stdout and "0.8750" in result.stdout
-    assert str(images[0]) in result.stdout and str(images[1]) in result.stdout
-
-
-def test_predict_missing_image_names_it(cli: Any, tmp_path: Path) -> None:
+def test_predict_missing_image_names_it(cli: Cli, tmp_path: Path) -> None:
     assert_error_line(cli("predict", "pets", str(tmp_path / "nope.png")), 2, "INVALID_ARGUMENT", "nope.png")
 
 
-def test_predict_unknown_model_is_not_found(cli: Any, tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"x")
-    assert_error_line(cli("predict", "nobody", str(tmp_path / "a.png")), 3, "NOT_FOUND", "nobody")
-
-
-def test_served_lists_models_with_versions_and_url(cli: Any) -> None:
-    result = cli("served")
-    assert result.exit_code == 0, result.output
-    assert (
-        "pets" in result.stdout and "1, 2" in result.stdout and "http://ts/predictions/pets" in result.stdout
-    )
-
-
-def test_set_default_unknown_version_is_not_found(cli: Any) -> None:
-    assert_error_line(cli("set-default", "pets", "9"), 3, "NOT_FOUND", "version 9")
-
-
-def test_set_default_and_unserve_confirm(cli: Any) -> None:
-    assert "pets version 1 (default): ready" in cli("set-default", "pets", "1").stdout
-    assert cli("unserve", "pets", "--version", "2").stdout.strip() == "unserved pets version 2"
+@pytest.mark.parametrize(
+    "args", [("served",), ("set-default", "pets", "1"), ("unserve", "pets"), ("serve-job", "job-x")]
+)
+def test_serving_commands_without_torchserve_say_how_to_enable_it(cli: Cli, args: tuple[str, ...]) -> None:
+    assert_error_line(cli(*args), 4, "FAILED_PRECONDITION", "TUNESERVE_TORCHSERVE_ENABLED")
 
 
 # ------------------------------------------------------------------------------- watch reconnects

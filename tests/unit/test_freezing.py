@@ -139,6 +139,7 @@ SPLITTABLE = [
     ("shufflenet_v2_x0_5", 5),
     ("mnasnet0_5", 8),
     ("regnet_x_400mf", 3),
+    ("efficientnet_lite0", 9),  # timm's EfficientNet: the demo's model, frozen through blocks.6
 ]
 
 
@@ -158,11 +159,32 @@ def test_frozen_prefix_split_is_exact(architecture: str, depth: int) -> None:
     assert torch.equal(features, cached)  # the rest never writes into the prefix's output
 
 
-@pytest.mark.parametrize("architecture", ["googlenet", "efficientnet_lite0"])
+@pytest.mark.parametrize("architecture", ["googlenet", "inception_v3"])
 def test_no_split_where_the_forward_is_not_a_chain_of_blocks(architecture: str) -> None:
     model = build_architecture(architecture)
     plan = apply_freeze(model, FreezeSpec(depth=3), replace_head(model, 3))
     assert split_frozen_prefix(model, plan) is None
+
+
+def test_timm_efficientnet_split_keeps_its_head_dropout_in_training() -> None:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", drop_rate=0.3, num_classes=3)
+    plan = apply_freeze(model, FreezeSpec(until_layer="blocks.6"), ("classifier",))
+    split = split_frozen_prefix(model, plan)
+    assert split is not None
+    model.train()
+    set_train_mode(model, plan, "eval")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = model(x)
+        torch.manual_seed(5)
+        actual = split.rest(split.prefix(x))
+        torch.manual_seed(6)
+        other = split.rest(split.prefix(x))
+    assert torch.equal(actual, expected)
+    assert not torch.equal(other, expected)  # dropout really runs in the split's rest
 
 
 def test_no_split_when_nothing_is_frozen() -> None:
