@@ -15,6 +15,16 @@ from service.jobs.spec import JobSpec, ModelSpec
 from service.training.builder import build_model
 from service.training.checkpoints import FORMAT_VERSION, save_checkpoint
 
+
+@pytest.fixture(autouse=True)
+def _pil_bomb_limit_restored() -> Any:
+    """A job's prepare() sets PIL's process-wide bomb limit (right in a worker process); tests that run
+    it in-process must not leave it set for the tests after them."""
+    limit = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = limit
+
+
 # ------------------------------------------------------------------------------------------ serving
 
 

@@ -525,8 +525,14 @@ def test_sigterm_drains_the_running_job_and_it_resumes_like_an_uninterrupted_run
 
 
 def health_of(channel: grpc.Channel, service: str) -> int:
+    """The status of `service`; SERVICE_UNKNOWN for a name not published yet (the server's NOT_FOUND)."""
     stub = health_pb2_grpc.HealthStub(channel)
-    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+    try:
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
 
 @pytest.mark.slow
