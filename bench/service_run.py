@@ -227,6 +227,11 @@ def _vm_hwm_kib(pid: int) -> int | None:
 
 def bare_python_torch_mib() -> float:
     """The baseline: peak RSS of a Python process that only imports torch and torchvision."""
-    code = "import torch, torchvision, resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across fork+exec, so a child of this (large) process
+    # would report the parent's peak. VmHWM belongs to the new address space the exec made.
+    code = (
+        "import torch, torchvision\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return round(int(out.stdout.strip()) / 1024, 1)
+    return round(int(out.stdout.strip()) / 1024, 1)  # kB -> MiB

@@ -88,7 +88,8 @@ class ServiceProcess:
         }
         return env | self.env_overrides
 
-    def start(self, timeout: float = 240) -> int:
+    def launch(self) -> Path:
+        """Start the process and return its log, without waiting for it to serve."""
         self.starts += 1
         log = self.log_path(self.starts)
         with open(log, "wb") as out:
@@ -96,6 +97,10 @@ class ServiceProcess:
                 [sys.executable, "-c", "from service.app import run_service; run_service()"],
                 cwd=PROJECT_ROOT, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
+        return log
+
+    def start(self, timeout: float = 240) -> int:
+        log = self.launch()
 
         def serving() -> int | None:
             assert self.process is not None
@@ -157,6 +162,15 @@ def new_service(services: list[ServiceProcess], root: Path, **env: str) -> Servi
     service = ServiceProcess(root, env)
     services.append(service)
     return service
+
+
+def new_torchserve_service(services: list[ServiceProcess], root: Path) -> ServiceProcess:
+    """A service with TorchServe on five free ports and a small JVM heap."""
+    names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
+    ports = {f"TUNESERVE_TORCHSERVE_{n}_PORT": str(p) for n, p in zip(names, free_ports(5), strict=True)}
+    return new_service(
+        services, root, TUNESERVE_TORCHSERVE_ENABLED="true", TUNESERVE_TORCHSERVE_JAVA_HEAP="256m", **ports
+    )
 
 
 def alive(pid: int) -> bool:
@@ -541,15 +555,7 @@ def health_of(channel: grpc.Channel, service: str) -> int:
 def test_a_killed_torchserve_is_restarted_and_predict_is_unavailable_until_it_is_back(
     services: list[ServiceProcess], tmp_path: Path
 ) -> None:
-    ports = free_ports(5)
-    names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
-    service = new_service(
-        services,
-        tmp_path,
-        TUNESERVE_TORCHSERVE_ENABLED="true",
-        TUNESERVE_TORCHSERVE_JAVA_HEAP="256m",
-        **{f"TUNESERVE_TORCHSERVE_{n}_PORT": str(p) for n, p in zip(names, ports, strict=True)},
-    )
+    service = new_torchserve_service(services, tmp_path)
     service.start()
     image = next((tmp_path / "data" / "ds" / "class_0").glob("*.png")).read_bytes()
     request = pb.PredictRequest(model="faulty", images=[image], top_k=2)
@@ -608,21 +614,8 @@ def test_a_killed_torchserve_is_restarted_and_predict_is_unavailable_until_it_is
 def test_sigterm_while_torchserve_starts_stops_torchserve_too(
     services: list[ServiceProcess], tmp_path: Path
 ) -> None:
-    ports = free_ports(5)
-    names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
-    service = new_service(
-        services,
-        tmp_path,
-        TUNESERVE_TORCHSERVE_ENABLED="true",
-        TUNESERVE_TORCHSERVE_JAVA_HEAP="256m",
-        **{f"TUNESERVE_TORCHSERVE_{n}_PORT": str(p) for n, p in zip(names, ports, strict=True)},
-    )
-    log = service.log_path(1)
-    with open(log, "wb") as out:
-        service.process = subprocess.Popen(
-            [sys.executable, "-c", "from service.app import run_service; run_service()"],
-            cwd=PROJECT_ROOT, env=service.env(), stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    service = new_torchserve_service(services, tmp_path)
+    log = service.launch()
     java = wait_for(lambda: torchserve_pid(service.state_dir), 120, "TorchServe's JVM to start")
     assert "tuneserve is serving on" not in log.read_text()  # still starting up
     service.process.send_signal(signal.SIGTERM)
