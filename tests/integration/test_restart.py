@@ -106,11 +106,15 @@ def test_a_killed_worker_is_retried_then_the_job_fails_and_the_server_lives_on(s
         assert client.ListJobs(pb.ListJobsRequest()).jobs[0].id == job.id  # the server still answers
 
 
+EPOCHS = 30
+
+
 @pytest.mark.slow
 def test_a_drained_job_resumes_from_its_checkpoint_after_a_restart(settings: Settings) -> None:
     with running_service(settings) as first, channel_to(first) as channel:
         client = stub(channel)
-        job = client.CreateJob(pb.CreateJobRequest(spec=spec("resumable", training={"epochs": 3})))
+        # enough epochs that the drain always lands mid-training: 3 tiny ones could all finish before it
+        job = client.CreateJob(pb.CreateJobRequest(spec=spec("resumable", training={"epochs": EPOCHS})))
         wait_event(client, job.id, "CHECKPOINT", timeout=180)
         first.stop(drain=True)  # the worker stops at its next safe point; the job goes back to the queue
         assert first.store.get_job(job.id).state == JobState.QUEUED
@@ -118,7 +122,7 @@ def test_a_drained_job_resumes_from_its_checkpoint_after_a_restart(settings: Set
         client = stub(channel)
         done = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED), timeout=180)
         assert done.state == pb.SUCCEEDED, done.error
-        assert done.result.epochs_completed == 3 and done.attempts == 1
+        assert done.result.epochs_completed == EPOCHS and done.attempts == 1
         messages = [e.message for e in all_events(client, job.id)]
         assert any(m.startswith("resumed from") for m in messages)
 
