@@ -26,6 +26,7 @@ class HealthReporter:
     def __init__(self, probe: Probe, publish: Publish, interval_s: float = INTERVAL_S) -> None:
         self._probe, self._publish, self._interval_s = probe, publish, interval_s
         self._known: set[str] = set()
+        self._failing = False  # log a failing probe once per streak, not every interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-reporter", daemon=True)
 
@@ -41,8 +42,13 @@ class HealthReporter:
         """Probe and publish now (the thread's one step)."""
         try:
             status = dict(self._probe())
+            if self._failing:
+                log.info("the health probe works again")
+            self._failing = False
         except Exception:  # a failing probe means nothing is known to be ready
-            log.exception("the health probe failed; reporting everything NOT_SERVING")
+            if not self._failing:
+                log.exception("the health probe failed; reporting everything NOT_SERVING until it works")
+            self._failing = True
             status = dict.fromkeys(self._known, False)
         for name, ready in status.items():
             self._publish(name, ready)
