@@ -12,13 +12,11 @@ import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from service.api.health import HealthReporter
 from service.api.server import INFERENCE, TuneserveServer, build_server
 from service.api.serving import PredictResult, ServedModel, Serving
-from service.errors import FailedPrecondition
 from service.jobs.manager import JobManager
 from service.jobs.records import Job
 from service.jobs.scheduler import Scheduler
@@ -127,16 +125,7 @@ class TorchServeServing:
         self.manager = manager
 
     def deploy(self, job: Job) -> None:
-        result = job.result
-        if not result.archive_path or not result.archive_sha256 or not result.best_checkpoint:
-            raise FailedPrecondition(f"job {job.id} has no archive to serve (packaging did not produce one)")
-        self.manager.deploy(
-            job.id,
-            Path(result.archive_path),
-            result.archive_sha256,
-            job.spec.serving,
-            checkpoint=Path(result.best_checkpoint),
-        )
+        self.manager.deploy_job(job)  # gated on the job's own validation images
 
     def predict(
         self, model: str, version: str | None, images: Sequence[bytes], top_k: int | None

@@ -101,11 +101,13 @@ def _spec_bytes(spec: JobSpec) -> bytes:
 
 
 def result_to_proto(result: JobResult) -> pb.JobResult:
-    fields = {k: v for k, v in vars(result).items() if v is not None and k not in ("metrics", "class_names")}
+    lists = ("metrics", "class_names", "gate_sample")
+    fields = {k: v for k, v in vars(result).items() if v is not None and k not in lists}
     return pb.JobResult(
         **fields,
         metrics={k: float(v) for k, v in result.metrics.items() if isinstance(v, int | float)},
         class_names=list(result.class_names),
+        gate_sample=list(result.gate_sample),
     )
 
 

@@ -188,6 +188,8 @@ def _result_rows(result: pb.JobResult) -> list[tuple[str, str | Text]]:
             rows.append((f"  {key}", number(result.metrics[key])))
     if result.class_names:
         rows.append(("classes", ", ".join(result.class_names)))
+    if result.gate_sample:
+        rows.append(("gate sample", f"{len(result.gate_sample)} validation images"))
     paths = [
         ("checkpoint", result.best_checkpoint),
         ("checkpoints", result.checkpoint_dir),

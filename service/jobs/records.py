@@ -69,6 +69,8 @@ class JobResult:
     served_model: str | None = None
     served_version: str | None = None
     class_names: tuple[str, ...] = ()
+    # the validation images the promotion gate compares on (paths relative to the data root)
+    gate_sample: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

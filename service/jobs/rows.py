@@ -46,8 +46,9 @@ def event_from_row(row: sqlite3.Row) -> JobEvent:
 
 def result_from_json(data: dict[str, Any]) -> JobResult:
     known = {k: v for k, v in data.items() if k in RESULT_FIELDS}
-    if "class_names" in known:
-        known["class_names"] = tuple(known["class_names"])
+    for name in ("class_names", "gate_sample"):
+        if name in known:
+            known[name] = tuple(known[name])
     return JobResult(**known)
 
 

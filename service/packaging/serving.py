@@ -21,7 +21,8 @@ from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, N
 from service.jobs.records import EventKind, Job, JobResult, JobState
 from service.jobs.spec import ServingSpec
 from service.packaging.archiver import Archive, build_archive, read_manifest, sha256_of
-from service.packaging.gate import BF16_TOLERANCE, CPU_TOLERANCE, GateFailed, check_version, synthetic_images
+from service.packaging.gate import BF16_TOLERANCE, CPU_TOLERANCE, GateFailed, GateImage, check_version
+from service.packaging.gate_images import GateImages, given_images, images_for_job
 from service.packaging.management import ManagementClient, RestClient
 from service.packaging.served import ServedEntry, ServedRegistry, ServedVersion, version_key
 from service.packaging.torchserve import TorchServeProcess
@@ -139,13 +140,15 @@ class ServingManager:
         serving: ServingSpec,
         *,
         checkpoint: Path,
-        gate_images: Sequence[bytes] = (),
+        gate_images: GateImages | Sequence[bytes | GateImage] = (),
     ) -> ServedModel:
         """Register the archive as a new version, wait until it is ready, gate it, make it the default.
 
-        Older versions stay registered for rollback. A version that fails the gate is unregistered
-        and GateFailed says why; the default does not change.
+        The gate compares on `gate_images` (deploy_job passes the job's validation sample; synthetic
+        images when none are given). Older versions stay registered for rollback. A version that fails
+        the gate is unregistered and GateFailed says why; the default does not change.
         """
+        images = gate_images if isinstance(gate_images, GateImages) else given_images(gate_images)
         archive_path = self._check_archive(archive_path, sha256)
         name, version = read_manifest(archive_path)
         with self._lock:
@@ -159,7 +162,7 @@ class ServingManager:
                 return self.set_default(name, version)  # already served and gated: serving again = promote
             self._register(name, archive_path.name, serving)
             try:
-                self._gate(name, version, checkpoint, gate_images)
+                self._gate(job_id, name, version, checkpoint, images)
             except BaseException:
                 self._unregister_quietly(name, version)
                 raise
@@ -180,7 +183,7 @@ class ServingManager:
         self._record_served(job_id, model)
         return model
 
-    def serve_job(self, job_id: str, gate_images: Sequence[bytes] = ()) -> ServedModel:
+    def serve_job(self, job_id: str) -> ServedModel:
         """Serve a finished job's archive again (and make it the default version)."""
         if self.store is None:
             raise FailedPrecondition("this ServingManager has no job store; use deploy() with the archive")
@@ -193,9 +196,20 @@ class ServingManager:
             )
         if not result.best_checkpoint:
             raise FailedPrecondition(f"job {job_id} has no best checkpoint to gate its archive against")
+        return self.deploy_job(job)
+
+    def deploy_job(self, job: Job) -> ServedModel:
+        """deploy() a packaged job's archive, gated on the job's own validation images."""
+        result = job.result
+        if not result.archive_path or not result.archive_sha256 or not result.best_checkpoint:
+            raise FailedPrecondition(f"job {job.id} has no archive to serve (packaging did not produce one)")
+        images = images_for_job(job, self.settings)
+        if images.warning:
+            log.warning("job %s: %s", job.id, images.warning)
+            self._event(job.id, EventKind.WARNING, images.warning, {"gate_images": images.describe()})
         return self.deploy(
-            job_id, Path(result.archive_path), result.archive_sha256, job.spec.serving,
-            checkpoint=Path(result.best_checkpoint), gate_images=gate_images,
+            job.id, Path(result.archive_path), result.archive_sha256, job.spec.serving,
+            checkpoint=Path(result.best_checkpoint), gate_images=images,
         )  # fmt: skip
 
     def unserve(self, name: str, version: str | None = None) -> None:
@@ -278,18 +292,30 @@ class ServingManager:
             )  # fmt: skip
         self.management.wait_ready(name, version, READY_TIMEOUT_S)
 
-    def _gate(self, name: str, version: str, checkpoint: Path, images: Sequence[bytes]) -> None:
+    def _gate(self, job_id: str, name: str, version: str, checkpoint: Path, images: GateImages) -> None:
         tolerance = BF16_TOLERANCE if _cuda_available() else CPU_TOLERANCE
-        result = check_version(
-            self.rest_inference, name, version, checkpoint, list(images) or synthetic_images(), tolerance
-        )
-        if not result.passed:
-            default = self.registry.get(name)
-            raise GateFailed(
-                f"version {version} of model {name} was not promoted: it answers differently from its "
-                f"checkpoint ({result.reason}); the default stays {default.default if default else 'unset'}",
-                result,
+        result = check_version(self.rest_inference, name, version, checkpoint, images.images, tolerance)
+        data = {
+            "model": name, "version": version, "passed": result.passed, "images": result.images,
+            "source": images.source, "tolerance": tolerance, "max_difference": result.max_difference,
+            "image": result.image,
+        }  # fmt: skip
+        if result.passed:
+            message = (
+                f"promotion gate: version {version} of {name} answers like its checkpoint on "
+                f"{images.describe()} (max difference {result.max_difference:.2e}, tolerance {tolerance:g})"
             )
+            log.info("job %s: %s", job_id, message)
+            self._event(job_id, EventKind.INFO, message, data)
+            return
+        default = self.registry.get(name)
+        message = (
+            f"version {version} of model {name} was not promoted: on {images.describe()} it answers "
+            f"differently from its checkpoint ({result.reason}); the default stays "
+            f"{default.default if default else 'unset'}"
+        )
+        self._event(job_id, EventKind.WARNING, f"promotion gate: {message}", data)
+        raise GateFailed(message, result)
 
     def _restore(self) -> None:
         """Register every version in the registry again (after a start or a restart)."""
@@ -400,14 +426,24 @@ class ServingManager:
             return
         try:
             self.store.update_result(job_id, served_model=model.name, served_version=model.version)
-            self.store.append_event(
-                job_id, EventKind.SERVED, f"serving {model.name} version {model.version} (default)",
-                {"model": model.name, "version": model.version, "inference_url": model.inference_url},
-            )  # fmt: skip
         except NotFound:
             log.warning(
                 "job %s is gone; served %s version %s without recording it", job_id, model.name, model.version
             )
+            return
+        self._event(
+            job_id, EventKind.SERVED, f"serving {model.name} version {model.version} (default)",
+            {"model": model.name, "version": model.version, "inference_url": model.inference_url},
+        )  # fmt: skip
+
+    def _event(self, job_id: str, kind: EventKind, message: str, data: dict[str, Any]) -> None:
+        """An event on the job, when there is a job store and the job is in it (deploy() takes any id)."""
+        if self.store is None:
+            return
+        try:
+            self.store.append_event(job_id, kind, message, data)
+        except NotFound:
+            log.info("job %s is not in the store; not recorded: %s", job_id, message)
 
 
 def _prediction(answer: Any) -> Prediction:

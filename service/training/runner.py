@@ -24,6 +24,7 @@ from service.settings import Settings
 from service.training import freezing, telemetry
 from service.training.checkpoints import FORMAT_VERSION, capture_rng, load_checkpoint
 from service.training.datasets import epoch_seed
+from service.training.gate_sample import choose_gate_sample
 from service.training.loop import evaluate, train_one_epoch
 from service.training.reporting import Reporter
 from service.training.session import Run, float_metrics, prepare
@@ -43,6 +44,8 @@ class TrainingOutcome:
 def train(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) -> TrainingOutcome:
     """Fine-tune `spec` in `job_dir`, resuming from `<job_dir>/checkpoints/last.pt` when it exists."""
     run = prepare(spec, job_dir, settings, reporter)
+    # recorded up front, so the job's result names the promotion gate's images from its first epoch on
+    reporter.result(gate_sample=choose_gate_sample(run.splits.val, settings.data_root, spec.training.seed))
     try:
         for epoch in range(run.epoch + 1, spec.training.epochs + 1):
             if run.early_stopping.should_stop:

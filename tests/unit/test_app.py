@@ -11,14 +11,16 @@ from service.app import TorchServeServing
 from service.errors import FailedPrecondition
 from service.jobs.records import Job, JobResult, JobState
 from service.jobs.spec import JobSpec
+from service.packaging.serving import ServingManager
+from service.settings import Settings
 
 
 class FakeManager:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
-    def deploy(self, job_id: str, archive: Path, sha256: str, serving: Any, *, checkpoint: Path) -> Any:
-        self.calls.append((job_id, archive, sha256, serving.top_k, checkpoint))
+    def deploy_job(self, job: Job) -> Any:
+        self.calls.append(("deploy_job", job.id))
 
     def predict(self, model: str, version: str, images: Any, top_k: int = 0) -> list[str]:
         self.calls.append((model, version, top_k))
@@ -37,16 +39,17 @@ def job(**result: Any) -> Job:
     return Job("job-1", spec, JobState.PACKAGING, 1.0, 1.0, result=JobResult(**result))
 
 
-def test_deploy_hands_over_the_archive_its_hash_and_the_best_checkpoint() -> None:
+def test_deploy_hands_the_whole_job_to_the_manager_which_gates_on_its_images() -> None:
     manager = FakeManager()
     packaged = job(archive_path="/s/pets-v1.mar", archive_sha256="ab", best_checkpoint="/j/best.pt")
     TorchServeServing(manager).deploy(packaged)
-    assert manager.calls == [("job-1", Path("/s/pets-v1.mar"), "ab", 2, Path("/j/best.pt"))]
+    assert manager.calls == [("deploy_job", "job-1")]
 
 
-def test_deploy_without_an_archive_is_a_failed_precondition() -> None:
+def test_deploy_without_an_archive_is_a_failed_precondition(tmp_path: Path) -> None:
+    manager = ServingManager(Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data"))
     with pytest.raises(FailedPrecondition, match="job-1 has no archive"):
-        TorchServeServing(FakeManager()).deploy(job(best_checkpoint="/j/best.pt"))
+        TorchServeServing(manager).deploy(job(best_checkpoint="/j/best.pt"))
 
 
 def test_predict_names_the_model_and_passes_defaults_as_the_managers_zero_values() -> None:

@@ -14,7 +14,7 @@ import torch
 from handlers.inference import ImageClassifier
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from service.packaging.archiver import build_archive, sha256_of
-from service.packaging.gate import compare
+from service.packaging.gate import Decision, compare
 from service.packaging.served import ServedRegistry, ServedVersion
 from service.packaging.torchserve import TorchServeKeys, parse_key_expiry
 from service.packaging.ts_config import render_config
@@ -167,19 +167,56 @@ def test_gate_passes_answers_within_tolerance():
     assert result.passed and result.max_difference == pytest.approx(5e-5)
 
 
-def test_gate_fails_a_different_top_1():
-    result = compare([_scores(("a", 0.51), ("b", 0.49))], [_scores(("b", 0.51), ("a", 0.49))], 1e-4)
-    assert not result.passed and "top-1 is 'b'" in result.reason
+def test_gate_passes_a_near_tie_whose_top_1_flipped_within_the_margin():
+    # the checkpoint's top-2 margin is 6e-5, under the tolerance: float noise may reorder the two
+    want, have = _scores(("a", 0.50003), ("b", 0.49997)), _scores(("b", 0.50001), ("a", 0.49999))
+    result = compare([want], [have], 1e-4, names=["cats/1.png"])
+    assert result.passed and result.max_difference == pytest.approx(4e-5)
 
 
-def test_gate_fails_a_probability_beyond_tolerance():
-    result = compare([_scores(("a", 0.7), ("b", 0.3))], [_scores(("a", 0.71), ("b", 0.29))], 1e-4)
-    assert not result.passed and "P(a) is 0.710000 in TorchServe but 0.700000" in result.reason
+def test_gate_refuses_a_flip_outside_the_margin_naming_the_image_both_answers_and_the_tolerance():
+    want, have = _scores(("a", 0.50015), ("b", 0.49985)), _scores(("b", 0.50002), ("a", 0.49998))
+    result = compare([_scores(("a", 0.9), ("b", 0.1)), want], [_scores(("a", 0.9), ("b", 0.1)), have], 1e-4,
+                     names=["dogs/3.png", "cats/1.png"])  # fmt: skip
+    assert not result.passed and result.image == "cats/1.png"
+    assert result.reason.startswith("cats/1.png: the top-1 differs and the checkpoint's margin 3.00e-04")
+    assert "the checkpoint answered 'a' (p=0.500150), TorchServe 'b' (p=0.500020)" in result.reason
+    assert result.reason.endswith("(tolerance 0.0001)")
 
 
-def test_gate_fails_an_error_where_the_checkpoint_answers():
+def test_gate_refuses_a_probability_beyond_tolerance_naming_the_image_and_both_answers():
+    result = compare([_scores(("a", 0.7), ("b", 0.3))], [_scores(("a", 0.71), ("b", 0.29))], 1e-4,
+                     names=["cats/1.png"])  # fmt: skip
+    assert not result.passed and "cats/1.png: P(a) is 0.710000 in TorchServe but 0.700000" in result.reason
+    assert "the checkpoint answered 'a' (p=0.700000), TorchServe 'a' (p=0.710000)" in result.reason
+    assert "(tolerance 0.0001)" in result.reason
+
+
+def test_gate_refuses_an_error_where_the_checkpoint_answers():
     result = compare([_scores(("a", 1.0))], [{"error": "boom"}], 1e-4)
-    assert not result.passed and "TorchServe answered error 'boom'" in result.reason
+    assert not result.passed and "image 0: one side refused the image" in result.reason
+    assert "TorchServe error 'boom'" in result.reason
+
+
+def test_gate_binary_near_tie_is_measured_at_the_threshold():
+    decision = Decision("binary", threshold=0.7, positive="yes")
+    # P(yes) 0.70004 is 4e-5 over the threshold, TorchServe's 0.69998 just under it: a near-tie may flip
+    near = compare([_scores(("yes", 0.70004), ("no", 0.29996))], [_scores(("no", 0.30002), ("yes", 0.69998))],
+                   1e-4, decision=decision)  # fmt: skip
+    assert near.passed
+    # P(yes) 0.05 is 0.05 under a 0.1 threshold: no near-tie, TorchServe must not say "yes"
+    far = compare([_scores(("no", 0.95), ("yes", 0.05))], [_scores(("yes", 0.15), ("no", 0.85))], 1e-4,
+                  decision=Decision("binary", threshold=0.1, positive="yes"))  # fmt: skip
+    assert not far.passed and "margin 5.00e-02" in far.reason
+
+
+def test_gate_multilabel_compares_the_labels_over_the_threshold():
+    decision = Decision("multilabel", threshold=0.5)
+    assert compare([[]], [[]], 1e-4, decision=decision).passed  # no label over the threshold on either side
+    near = compare([_scores(("a", 0.9), ("b", 0.50003))], [_scores(("a", 0.9))], 1e-4, decision=decision)
+    assert near.passed
+    far = compare([_scores(("a", 0.9), ("b", 0.6))], [_scores(("a", 0.9))], 1e-4, decision=decision)
+    assert not far.passed and "only the checkpoint puts 'b' (p=0.600000) over the threshold" in far.reason
 
 
 # --------------------------------------------------------------------------------------- registry

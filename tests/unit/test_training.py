@@ -19,6 +19,7 @@ from service.jobs.spec import JobSpec, TrainingSpec
 from service.settings import Settings
 from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
 from service.training.datasets import Batch
+from service.training.gate_sample import gate_sample_for
 from service.training.loop import DevicePlan, train_one_epoch
 from service.training.optim import make_optimizer, make_scheduler, select_device
 from service.training.reporting import CollectingReporter
@@ -69,6 +70,8 @@ def test_a_job_trains_checkpoints_and_reports(tmp_path: Path, data_root: Path) -
     fields = reporter.fields
     assert fields["device"] == "cpu (fp32)" and fields["epochs_completed"] == 2
     assert fields["class_names"] == ("class_0", "class_1", "class_2") and fields["monitor"] == "val_loss"
+    # the promotion gate's images: the whole validation split here (2 per class), as the spec recomputes it
+    assert fields["gate_sample"] == gate_sample_for(spec, data_root) and len(fields["gate_sample"]) == 6
     assert Path(fields["best_checkpoint"]) == outcome.best_checkpoint == tmp_path / "job/checkpoints/best.pt"
     files = sorted(p.name for p in (tmp_path / "job" / "checkpoints").iterdir())
     assert files == ["best.pt", "epoch-0001.pt", "epoch-0002.pt", "last.pt"]
