@@ -294,11 +294,12 @@ class ServingManager:
 
     def _gate(self, job_id: str, name: str, version: str, checkpoint: Path, images: GateImages) -> None:
         tolerance = BF16_TOLERANCE if _cuda_available() else CPU_TOLERANCE
+        started = time.monotonic()
         result = check_version(self.rest_inference, name, version, checkpoint, images.images, tolerance)
         data = {
             "model": name, "version": version, "passed": result.passed, "images": result.images,
             "source": images.source, "tolerance": tolerance, "max_difference": result.max_difference,
-            "image": result.image,
+            "image": result.image, "seconds": round(time.monotonic() - started, 3),
         }  # fmt: skip
         if result.passed:
             message = (

@@ -1,13 +1,16 @@
 """The serving RPCs against a real service and its real TorchServe (started once for the module).
 
-A tiny job trains for real (not served on its own), ServeJob serves it as version 1 of `pets`, and a
-second checkpoint is deployed as version 2, so the version RPCs have something to switch between.
+A tiny job trains for real (not served on its own), ServeJob serves it as version 1 of `pets` behind
+the promotion gate (on the job's own validation images), and a second checkpoint is deployed as
+version 2, so the version RPCs have something to switch between.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import shutil
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,15 +19,17 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import channel_to, make_image_folder, spec, stub, wait_for, wait_state
+from harness import FINAL, all_events, channel_to, make_image_folder, spec, stub, wait_for, wait_state
 from torchserve_service import running_torchserve_service
 
 from handlers.inference import ImageClassifier
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.app import Service
-from service.jobs.spec import ServingSpec
+from service.jobs.spec import DataSpec, ServingSpec
+from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.ts_config import inference_url
+from service.training.data import load_splits
 
 pytestmark = [
     pytest.mark.torchserve,
@@ -127,6 +132,21 @@ def test_serve_job_serves_a_trained_job_as_the_ready_default(
     assert served.inference_url.startswith("http://127.0.0.1:")
     job = client.GetJob(pb.GetJobRequest(job_id=trained.id))
     assert (job.result.served_model, job.result.served_version) == ("pets", "1")
+
+
+def test_the_job_records_its_gate_sample_and_the_gate_compared_exactly_those_images(
+    service: Service, client: pb_grpc.FineTuningStub, trained: pb.Job, served: pb.ServedModel
+) -> None:
+    root = service.settings.data_root.resolve()
+    splits = load_splits(DataSpec(path="ds", val_fraction=0.25), "multiclass", root, seed=0)
+    validation = {s.path.relative_to(root).as_posix() for s in splits.val}
+    sample = list(trained.result.gate_sample)  # as GetJob reports it
+    assert len(sample) == 2 and set(sample) == validation  # 1 of the 4 images per class is held out
+    assert {path.split("/")[1] for path in sample} == set(CLASSES)
+    gate = [e for e in all_events(client, trained.id) if e.message.startswith("promotion gate")]
+    assert len(gate) == 1 and gate[0].kind == "INFO", [e.message for e in gate]
+    assert "version 1 of pets answers like its checkpoint on 2 validation images" in gate[0].message
+    assert (gate[0].data["images"], gate[0].data["source"]) == (len(sample), "validation images")
 
 
 def test_predict_answers_like_the_served_checkpoint_in_process(
@@ -260,3 +280,58 @@ def test_unserve_of_the_whole_model_empties_the_list(
     with pytest.raises(grpc.RpcError) as caught:
         inference.Predict(pb.PredictRequest(model="pets", images=serving_images[:1]))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_version_that_disagrees_on_the_validation_images_is_refused_naming_the_image(
+    service: Service, client: pb_grpc.FineTuningStub, trained: pb.Job, tmp_path: Path
+) -> None:
+    """The job's archive swapped for one whose head was altered: the gate compares on the job's own
+    validation images and the refusal names one of them, both answers and the tolerance."""
+    archive = build_archive(Path(trained.result.best_checkpoint), tmp_path, "pets", "9")
+    altered = service.settings.model_store / archive.path.name
+    with zipfile.ZipFile(archive.path) as original, zipfile.ZipFile(altered, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename == "model.pt":
+                state = torch.load(io.BytesIO(data), weights_only=True)
+                state["classifier.3.bias"][0] += 2.0  # mobilenet_v3_small's last layer: class_0 favoured
+                buffer = io.BytesIO()
+                torch.save(state, buffer)
+                data = buffer.getvalue()
+            copy.writestr(item, data)
+    store, result = service.store, trained.result
+    store.update_result(trained.id, archive_path=str(altered), archive_sha256=sha256_of(altered))
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            client.ServeJob(pb.ServeJobRequest(job_id=trained.id), timeout=600)
+    finally:
+        store.update_result(
+            trained.id, archive_path=result.archive_path, archive_sha256=result.archive_sha256
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = caught.value.details()
+    assert details.startswith("version 9 of model pets was not promoted: on 2 validation images")
+    image = next(path for path in result.gate_sample if f"({path}: " in details)  # the image, by its path
+    assert "the checkpoint answered 'class_" in details and ", TorchServe 'class_" in details
+    assert "(tolerance 0.0001)" in details
+    refused = [e for e in all_events(client, trained.id) if "was not promoted" in e.message]
+    assert len(refused) == 1 and refused[0].kind == "WARNING" and refused[0].data["image"] == image
+    assert "9" not in [
+        v for m in client.ListServedModels(pb.ListServedModelsRequest()).models for v in m.versions
+    ]
+
+
+def test_a_job_served_when_it_finishes_is_gated_on_its_recorded_validation_images(
+    client: pb_grpc.FineTuningStub, trained: pb.Job
+) -> None:
+    """The production path: the scheduler deploys a finished job (TorchServeServing.deploy)."""
+    job = client.CreateJob(pb.CreateJobRequest(spec=spec("auto", serving={"enabled": True})))
+    final = wait_state(client, job.id, FINAL, timeout=600)
+    try:
+        assert final.state == pb.SUCCEEDED, final.error
+        assert (final.result.served_model, len(final.result.gate_sample)) == ("auto", 2)
+        gate = [e for e in all_events(client, job.id) if e.message.startswith("promotion gate")]
+        assert len(gate) == 1 and "on 2 validation images" in gate[0].message
+        assert gate[0].data["passed"] and gate[0].data["max_difference"] <= 1e-4
+    finally:
+        client.UnserveModel(pb.UnserveModelRequest(name="auto"))
