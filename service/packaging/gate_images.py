@@ -26,6 +26,7 @@ from service.settings import Settings
 from service.training.gate_sample import gate_sample_for
 
 SYNTHETIC_COUNT = 4
+MULTIPART_OVERHEAD = 4096  # the form fields around an image in the gate's request to TorchServe
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,20 @@ def images_for_job(job: Job, settings: Settings) -> GateImages:
                 "a broken archive but not a change only real images show"
             )
         source = "validation images (recomputed from the spec: the job recorded no sample)"
-    images, missing = read_sample(sample, settings.data_root)
+    # TorchServe refuses a request over its max_request_size (settings.max_message_bytes), so would a client
+    images, missing = read_sample(sample, settings.data_root, settings.max_message_bytes - MULTIPART_OVERHEAD)
     if not images:
         return synthetic(
             f"the {len(sample)} validation images job {job.id} recorded for the gate are gone from the "
-            f"data root (e.g. {missing[0]!r}); gated on {SYNTHETIC_COUNT} synthetic images instead, which "
-            "catch a broken archive but not a change only real images show"
+            f"data root or too large to send (e.g. {missing[0]!r}); gated on {SYNTHETIC_COUNT} synthetic "
+            "images instead, which catch a broken archive but not a change only real images show"
         )
     warning = ""
     if missing:
         warning = (
             f"{len(missing)} of the {len(sample)} validation images job {job.id} recorded for the gate are "
-            f"gone from the data root (e.g. {missing[0]!r}); gated on the other {len(images)}"
+            f"gone from the data root or too large to send (e.g. {missing[0]!r}); gated on the other "
+            f"{len(images)}"
         )
     return GateImages(tuple(images), source, warning)
 
@@ -76,8 +79,11 @@ def given_images(images: Sequence[bytes | GateImage]) -> GateImages:
     return GateImages(tuple(named), "given images")
 
 
-def read_sample(sample: Sequence[str], data_root: Path) -> tuple[list[GateImage], list[str]]:
-    """(the images read, the paths that are gone); only files inside the data root are read."""
+def read_sample(
+    sample: Sequence[str], data_root: Path, max_bytes: int | None = None
+) -> tuple[list[GateImage], list[str]]:
+    """(the images read, the paths left out: gone or over `max_bytes`); only files inside the data root
+    are read."""
     root = data_root.resolve()
     images: list[GateImage] = []
     missing: list[str] = []
@@ -85,6 +91,9 @@ def read_sample(sample: Sequence[str], data_root: Path) -> tuple[list[GateImage]
         try:
             path = (root / relative).resolve()
             if not path.is_relative_to(root) or not path.is_file():  # a symlink out counts as gone
+                missing.append(relative)
+                continue
+            if max_bytes is not None and path.stat().st_size > max_bytes:
                 missing.append(relative)
                 continue
             images.append(GateImage(relative, path.read_bytes()))

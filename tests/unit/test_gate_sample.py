@@ -131,6 +131,13 @@ def test_gone_validation_images_mean_synthetic_ones_and_a_warning_that_says_so(t
     assert "recorded no gate sample" in unrecorded.warning and "'gone'" in unrecorded.warning
 
 
+def test_an_image_too_large_for_torchserves_request_limit_is_left_out(tmp_path: Path) -> None:
+    root = _folder(tmp_path, {"a": 2})
+    (root / "ds/a/0.png").write_bytes((root / "ds/a/0.png").read_bytes() + bytes(5000))
+    images, left_out = read_sample(["ds/a/0.png", "ds/a/1.png"], root, max_bytes=5000)
+    assert [i.name for i in images] == ["ds/a/1.png"] and left_out == ["ds/a/0.png"]
+
+
 def test_some_images_gone_gates_on_the_rest_and_says_how_many(root: Path) -> None:
     images = images_for_job(_job(job_spec(), ("ds/a/1.png", "ds/a/999.png")), _settings(root))
     assert [i.name for i in images.images] == ["ds/a/1.png"]
