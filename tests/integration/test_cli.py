@@ -188,6 +188,16 @@ def test_show_json_is_the_job_with_its_result_paths(cli: Cli, watched_job: tuple
 
 
 @pytest.mark.slow
+def test_show_says_how_many_validation_images_the_gate_compares_on(
+    cli: Cli, watched_job: tuple[Result, str]
+) -> None:
+    sample = json.loads(cli("show", watched_job[1], "--json").stdout)["result"]["gate_sample"]
+    assert len(sample) >= 2 and all(not Path(p).is_absolute() for p in sample)
+    shown = cli("show", watched_job[1])
+    assert shown.exit_code == 0 and f"{len(sample)} validation images" in shown.stdout
+
+
+@pytest.mark.slow
 def test_watch_of_a_finished_job_replays_it_and_exits_0(cli: Cli, watched_job: tuple[Result, str]) -> None:
     result = cli("watch", watched_job[1])
     assert result.exit_code == 0, result.output
