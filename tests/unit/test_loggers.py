@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from imagefolders import job_spec, make_image_folder, one_thread
 
 from service.jobs.records import EventKind
@@ -19,7 +18,6 @@ from service.training import wandb_logger
 from service.training.checkpoints import load_checkpoint
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
-from service.training.tb_logger import draw_predictions
 from service.training.wandb_logger import WandbLogger, resolve_mode
 
 
@@ -204,8 +202,3 @@ def test_a_failing_log_call_warns_once_and_never_raises() -> None:
     logger.log({"loss": 0.5}, 2)
     logger.finish()
     assert reporter.kinds() == [EventKind.WARNING] and not logger.enabled
-
-
-def test_prediction_figure_is_drawn_without_matplotlib() -> None:
-    picture = draw_predictions(torch.rand(6, 3, 32, 32), ["a", "b"] * 3, ["a", "a"] * 3, columns=4)
-    assert picture.size == (4 * 120, 2 * (32 + 28))
