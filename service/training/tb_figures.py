@@ -13,9 +13,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-TILE = 160  # px: each image is scaled to this, so a 28 px digit is as legible as a 224 px photo
+# TensorBoard shrinks an image to its card (about 240 px wide): few, large tiles and a large font keep
+# the captions readable there without clicking "actual size".
+TILE = 96  # px: each image is scaled to this, so a 28 px digit shows as well as a 224 px photo
+GAP = 6  # px between tiles
 BAND = 34  # px: the caption band under each image
-FONT_SIZE = 20
+HEADER = 36  # px: the legend above the grid
+FONT_SIZE = 24
 RIGHT, WRONG = (16, 112, 40), (190, 24, 24)  # band colours; white text on both is high contrast
 
 
@@ -59,13 +63,15 @@ def draw_predictions(
     wrong, in white text large enough to read at TensorBoard's default zoom."""
     n = len(images)
     rows = max(1, (n + columns - 1) // columns)
-    gap = 6
-    canvas = Image.new("RGB", (columns * (TILE + gap), rows * (TILE + BAND + gap)), (255, 255, 255))
+    width = columns * (TILE + GAP)
+    canvas = Image.new("RGB", (width, HEADER + rows * (TILE + BAND + GAP)), (255, 255, 255))
     pen = ImageDraw.Draw(canvas)
     font = _font(FONT_SIZE)
+    legend = _fit(pen, "predicted / true", font, width - 8)
+    pen.text((4, (HEADER - FONT_SIZE) // 2 - 2), legend, fill=(0, 0, 0), font=font)
     tiles = nn.functional.interpolate(images.float(), size=(TILE, TILE), mode="nearest")
     for i in range(n):
-        x, y = (i % columns) * (TILE + gap), (i // columns) * (TILE + BAND + gap)
+        x, y = tile_origin(i, columns)
         pixels = (tiles[i].clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         if pixels.shape[2] == 1:
             pixels = np.repeat(pixels, 3, axis=2)
@@ -75,6 +81,11 @@ def draw_predictions(
         caption = _fit(pen, f"{predicted[i]} / {actual[i]}", font, TILE - 8)
         pen.text((x + 4, y + TILE + (BAND - FONT_SIZE) // 2 - 1), caption, fill=(255, 255, 255), font=font)
     return canvas
+
+
+def tile_origin(i: int, columns: int = 4) -> tuple[int, int]:
+    """Top-left pixel of the i-th image in the grid; its band starts TILE px lower."""
+    return (i % columns) * (TILE + GAP), HEADER + (i // columns) * (TILE + BAND + GAP)
 
 
 def _font(size: int) -> Any:
@@ -111,20 +122,21 @@ def confusion_figure(confusion: list[Any], class_names: Sequence[str], title: st
         matrix, columns = np.array(confusion), class_names
         xlabel, ylabel = "predicted", "true"
     rows_n, cols_n = matrix.shape
-    side = min(max(4.0, 0.55 * max(rows_n, cols_n) + 2.0), 20.0)
+    # small figures with large type: TensorBoard shows the figure about 240 px wide until clicked
+    side = min(max(4.0, 0.4 * max(rows_n, cols_n) + 1.5), 20.0)
     figure = Figure(figsize=(side if not multilabel else 6.0, side), dpi=100)
     axes = figure.add_subplot()
     shown = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.04)
     if max(rows_n, cols_n) <= 40:  # beyond that, tick labels and counts overlap into noise
-        axes.set_xticks(range(cols_n), labels=list(columns), rotation=45, ha="right")
-        axes.set_yticks(range(rows_n), labels=list(class_names))
+        axes.set_xticks(range(cols_n), labels=list(columns), rotation=45, ha="right", fontsize=11)
+        axes.set_yticks(range(rows_n), labels=list(class_names), fontsize=11)
         threshold = matrix.max() / 2 if matrix.size else 0
         for (r, c), count in np.ndenumerate(matrix):
             colour = "white" if count > threshold else "black"
-            axes.text(c, r, str(count), ha="center", va="center", color=colour, fontsize=9)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.set_title(title)
+            axes.text(c, r, str(count), ha="center", va="center", color=colour, fontsize=11)
+    axes.set_xlabel(xlabel, fontsize=12)
+    axes.set_ylabel(ylabel, fontsize=12)
+    axes.set_title(title, fontsize=13)
     figure.tight_layout()
     return figure

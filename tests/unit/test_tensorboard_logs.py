@@ -19,7 +19,15 @@ from service.jobs.spec import JobSpec
 from service.settings import Settings
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
-from service.training.tb_figures import BAND, RIGHT, TILE, WRONG, choose_preview, draw_predictions
+from service.training.tb_figures import (
+    BAND,
+    RIGHT,
+    TILE,
+    WRONG,
+    choose_preview,
+    draw_predictions,
+    tile_origin,
+)
 
 
 def _train(root: Path, spec: JobSpec) -> tuple[Path, CollectingReporter]:
@@ -91,11 +99,10 @@ def test_the_confusion_matrix_is_a_figure_every_epoch(cached_run: Any) -> None:
 def test_the_prediction_grid_shows_several_classes_with_mistakes_first(cached_run: Any) -> None:
     _, _, events = cached_run
     picture = _picture(events, "val/predictions")
-    gap = 6
     bands, colours = [], []
-    for row in range(picture.shape[0] // (TILE + BAND + gap)):
-        for column in range(picture.shape[1] // (TILE + gap)):
-            x, y = column * (TILE + gap), row * (TILE + BAND + gap)
+    for i in range(16):
+        x, y = tile_origin(i)
+        if y + TILE + 2 < picture.shape[0]:
             band = tuple(int(v) for v in picture[y + TILE + 2, x + 2])
             if band in (RIGHT, WRONG):
                 bands.append(band)
@@ -150,9 +157,10 @@ def test_choose_preview_of_multilabel_rows_groups_by_first_true_label() -> None:
 
 def test_prediction_grid_bands_are_red_for_wrong_and_green_for_right() -> None:
     picture = np.asarray(draw_predictions(torch.rand(3, 3, 28, 28), ["7", "1", "2"], ["7", "4", "2"]))
-    gap = 6
-    band_colours = [tuple(int(v) for v in picture[TILE + 2, i * (TILE + gap) + 2]) for i in range(3)]
+    origins = [tile_origin(i) for i in range(3)]
+    band_colours = [tuple(int(v) for v in picture[y + TILE + 2, x + 2]) for x, y in origins]
     assert band_colours == [RIGHT, WRONG, RIGHT]
-    band = picture[TILE : TILE + BAND, 0:TILE]
+    x, y = origins[0]
+    band = picture[y + TILE : y + TILE + BAND, x : x + TILE]
     text_rows = np.nonzero((band == 255).all(axis=2).any(axis=1))[0]
     assert text_rows.max() - text_rows.min() >= 12  # letters at least 12 px tall: readable
