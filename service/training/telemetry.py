@@ -114,7 +114,7 @@ def log_epoch(
 ) -> None:
     values = {f"epoch/{k}": float(v) for k, v in metrics.items() if k != "epoch"}
     run.tensorboard.scalars(values, epoch)
-    run.wandb.log({**values, "epoch": epoch}, run.step)
+    run.wandb.log({**values, "epoch": epoch}, run.step, commit=True)  # the epoch is checkpointed: keep it
     run.tensorboard.histograms(run.model, epoch)
     mean, std = mean_std(run)
     if first_images is not None:
