@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.cli import exits, render, specfile
 from service.cli.client import Client, CliError
-from service.cli.options import connect, err, out
+from service.cli.options import connect, err, load_settings, out
 from service.cli.watch import exit_code_for, watch_job
 
 STATE_NAMES = [name for name in pb.JobState.DESCRIPTOR.values_by_name if name != "JOB_STATE_UNSPECIFIED"]
@@ -178,10 +178,14 @@ def cancel(ctx: typer.Context, job_id: JobId) -> None:
 def tensorboard(
     ctx: typer.Context,
     job_id: JobId,
-    host: Annotated[str, typer.Option(help="address TensorBoard listens on")] = "127.0.0.1",
+    host: Annotated[
+        str | None,
+        typer.Option(help="address TensorBoard listens on (default: TUNESERVE_TENSORBOARD_HOST, 127.0.0.1)"),
+    ] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="port TensorBoard listens on")] = 6006,
 ) -> None:
     """Start TensorBoard on a job's logs (on this machine) and print its URL; Ctrl-C stops it."""
+    host = host or load_settings().tensorboard_host  # TUNESERVE_TENSORBOARD_HOST
     with connect(ctx) as client:
         job = client.get_job(job_id)
     logdir = job.result.tensorboard_dir
@@ -209,7 +213,10 @@ def tensorboard(
     ]
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nobody reads it while TensorBoard runs
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        out().print(f"TensorBoard for job {job_id} ({logdir}): http://{host}:{port}/  (Ctrl-C stops it)")
+        everywhere = " (all interfaces: use this machine's address)" if host in ("0.0.0.0", "::") else ""
+        out().print(
+            f"TensorBoard for job {job_id} ({logdir}): http://{host}:{port}/{everywhere}  (Ctrl-C stops it)"
+        )
         previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated CLI takes TensorBoard with it
         try:
             code = process.wait()

@@ -8,10 +8,9 @@ from typing import Annotated, Any
 
 import typer
 from grpc_health.v1 import health_pb2
-from pydantic import ValidationError
 
 from service.cli.client import CliError
-from service.cli.options import connect, out
+from service.cli.options import connect, load_settings, out
 from service.errors import TuneserveError
 
 HEALTH_SERVICES = ("", "tuneserve.v1.FineTuning", "tuneserve.v1.Inference")
@@ -24,17 +23,10 @@ def serve(
 ) -> None:
     """Run the service (gRPC API, scheduler, TorchServe) in the foreground until SIGTERM or Ctrl-C."""
     from service.app import run_service  # deferred: the client commands must start fast
-    from service.settings import Settings
 
     configure_logging(log_level)
     overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"TUNESERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
-        )
-        raise CliError("INVALID_ARGUMENT", problems) from None
+    settings = load_settings(**overrides)
     try:
         run_service(settings)
     except TuneserveError as exc:  # start-up problems the operator can fix (ports, TorchServe, folders)

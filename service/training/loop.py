@@ -136,6 +136,11 @@ class Evaluation:
     accumulator: MetricAccumulator  # for the per-class report
     stopped: str | None = None
     skipped: list[Skipped] = field(default_factory=list)
+    # every decoded image's prediction and target, in loader order; for binary and multilabel also its
+    # probabilities (the PR curves). Small: one row per image, no pixels.
+    all_predictions: Tensor | None = None
+    all_targets: Tensor | None = None
+    scores: Tensor | None = None
     # the first `keep` images, with their targets, predictions and penultimate features (when asked)
     images: Tensor | None = None
     targets: Tensor | None = None
@@ -162,6 +167,7 @@ def evaluate(
     model.eval()
     accumulator = MetricAccumulator(task, num_classes, threshold)
     kept: dict[str, list[Tensor]] = {"images": [], "targets": [], "predictions": [], "features": []}
+    seen: dict[str, list[Tensor]] = {"predictions": [], "targets": [], "scores": []}
     captured: list[Tensor] = []
     hook = None
     if head is not None and keep:
@@ -180,6 +186,11 @@ def evaluate(
                 logits = model(on_device)
                 loss = criterion(logits, loss_targets(task, targets_on_device))
             accumulator.update(loss.item(), logits, targets)
+            on_cpu = logits.float().cpu()
+            seen["predictions"].append(predict(task, on_cpu, threshold))
+            seen["targets"].append(targets.cpu())
+            if task != "multiclass":
+                seen["scores"].append(torch.sigmoid(on_cpu).reshape(len(on_cpu), -1))
             room = keep - sum(len(t) for t in kept["images"])
             if room > 0:
                 kept["images"].append(images[:room])
@@ -195,4 +206,7 @@ def evaluate(
     joined: dict[str, Any] = {k: torch.cat(v) if v else None for k, v in kept.items()}
     evaluation.images, evaluation.targets = joined["images"], joined["targets"]
     evaluation.predictions, evaluation.features = joined["predictions"], joined["features"]
+    every: dict[str, Any] = {k: torch.cat(v) if v else None for k, v in seen.items()}
+    evaluation.all_predictions, evaluation.all_targets = every["predictions"], every["targets"]
+    evaluation.scores = every["scores"]
     return evaluation

@@ -29,7 +29,6 @@ from service.training.loop import evaluate, train_one_epoch
 from service.training.reporting import Reporter
 from service.training.session import Run, float_metrics, prepare
 
-PREVIEW_IMAGES = 16  # validation images in the per-epoch predictions figure
 EMBEDDING_IMAGES = 256  # validation images in the embedding projector
 
 
@@ -80,7 +79,7 @@ def run_epoch(run: Run, epoch: int) -> str | None:
         run.scheduler.step()
     evaluated = evaluate(
         run.model, run.criterion, run.loaders.val, task=spec.task, num_classes=run.num_classes,
-        threshold=spec.threshold, device=run.device, reporter=reporter, keep=PREVIEW_IMAGES,
+        threshold=spec.threshold, device=run.device, reporter=reporter,
     )  # fmt: skip
     if evaluated.stopped:
         return evaluated.stopped
@@ -101,7 +100,8 @@ def run_epoch(run: Run, epoch: int) -> str | None:
         f"epoch {epoch} saved{' (best)' if saved.is_best else ''}",
         {"epoch": epoch, "path": str(saved.path), "is_best": saved.is_best, "metric": monitored},
     )
-    telemetry.log_epoch(run, epoch, metrics, trained.first_images if holds_images else None, evaluated)
+    first_images = trained.first_images if holds_images else telemetry.first_training_images(run, epoch)
+    telemetry.log_epoch(run, epoch, metrics, first_images, evaluated)
     if should_stop:
         stopping = run.early_stopping
         reporter.event(

@@ -1,26 +1,28 @@
-"""TensorBoard adapter: scalars, histograms, image grids, the embedding projector, hparams, text.
+"""TensorBoard adapter: scalars, histograms, the model graph, image grids, figures, PR curves, the
+embedding projector, hparams, text.
 
 TensorBoard is imported when a logger is opened, not when this module is. Everything is written under
-`<job_dir>/tensorboard`; `add_hparams` writes its own run in the `hparams` sub-folder. The predictions
-figure is drawn with PIL (no matplotlib needed).
+`<job_dir>/tensorboard`; `add_hparams` writes its own run in the `hparams` sub-folder. What the images
+and figures show is decided in service.training.tb_figures.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
+
+from service.training.tb_figures import draw_predictions
 
 log = logging.getLogger(__name__)
 
 MAX_GRID_IMAGES = 32
-MAX_PREDICTION_IMAGES = 16
 THUMBNAIL = 32  # px, the projector's sprite images
 HParam = bool | str | float | int | None
 
@@ -78,12 +80,33 @@ class TensorBoardLogger:
         std: Sequence[float],
         step: int,
     ) -> None:
-        """Images captioned with predicted vs actual labels: green when right, red when wrong."""
+        """Images captioned `pred / true` on a green (right) or red (wrong) band; the caller picks them
+        (tb_figures.choose_preview)."""
         if self._writer is None:
             return
-        n = min(len(images), MAX_PREDICTION_IMAGES)
-        picture = draw_predictions(denormalize(images[:n], mean, std), predicted[:n], actual[:n])
+        picture = draw_predictions(denormalize(images, mean, std), predicted, actual)
         self._writer.add_image("val/predictions", np.asarray(picture), step, dataformats="HWC")
+
+    def graph(self, module: nn.Module, example: Tensor) -> None:
+        """The module's graph, traced once on `example` (TensorBoard's Graphs tab)."""
+        if self._writer is None:
+            return
+        try:
+            with warnings.catch_warnings():  # torch.jit.trace's deprecation: add_graph has no other tracer
+                warnings.simplefilter("ignore", FutureWarning)
+                self._writer.add_graph(module, example, use_strict_trace=False)
+        except Exception as exc:  # a graph is a nicety: a model that will not trace must still train
+            log.warning("cannot trace %s for TensorBoard's graph: %s", type(module).__name__, exc)
+
+    def figure(self, tag: str, figure: Any, step: int) -> None:
+        """A matplotlib figure, rendered (Agg) to an image summary; the figure is closed."""
+        if self._writer is not None:
+            self._writer.add_figure(tag, figure, step, close=True)
+
+    def pr_curve(self, tag: str, labels: Tensor, scores: Tensor, step: int) -> None:
+        """A precision-recall curve of one label: 0/1 truths against the model's probabilities."""
+        if self._writer is not None and len(labels):
+            self._writer.add_pr_curve(tag, labels.long().cpu(), scores.float().cpu(), step)
 
     def embedding(
         self,
@@ -131,23 +154,3 @@ def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     m = torch.tensor(mean).view(1, -1, 1, 1)
     s = torch.tensor(std).view(1, -1, 1, 1)
     return (images * s + m).clamp(0, 1)
-
-
-def draw_predictions(
-    images: Tensor, predicted: Sequence[str], actual: Sequence[str], columns: int = 4
-) -> Image.Image:
-    """A PIL grid of [0, 1] images, each with `pred: x / true: y` written under it."""
-    n, _, height, width = images.shape
-    tile_w, caption_h = max(width, 120), 28
-    rows = (n + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * tile_w, rows * (height + caption_h)), "white")
-    pen = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for i in range(n):
-        x, y = (i % columns) * tile_w, (i // columns) * (height + caption_h)
-        pixels = (images[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        canvas.paste(Image.fromarray(pixels), (x, y))
-        colour = (0, 128, 0) if predicted[i] == actual[i] else (200, 0, 0)
-        pen.text((x + 2, y + height + 2), f"pred: {predicted[i]}", fill=colour, font=font)
-        pen.text((x + 2, y + height + 14), f"true: {actual[i]}", fill=(0, 0, 0), font=font)
-    return canvas

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from service.jobs.records import EventKind
 from service.training.data import Skipped, skip_summary
+from service.training.freezing import Chain
 from service.training.loop import Evaluation
+from service.training.tb_figures import choose_preview, confusion_figure
+from service.training.tb_logger import MAX_GRID_IMAGES
 
 if TYPE_CHECKING:
     from service.training.session import Run
 
 log = logging.getLogger(__name__)
+
+PREVIEW_IMAGES = 16  # validation images in the per-epoch predictions grid
 
 
 def announce(run: Run) -> None:
@@ -58,6 +65,33 @@ def announce(run: Run) -> None:
     )
     if run.tensorboard.enabled:
         run.tensorboard.text("model/layers", layer_table(run), 0)
+        log_graph(run)
+
+
+def log_graph(run: Run) -> None:
+    """The graph of what trains: the rest of the network after a split-off frozen prefix (fed the
+    prefix's output, as cached features are), else the whole model. Traced once, on one blank image."""
+    size = run.preprocessing.crop_size
+    example = torch.zeros(1, 3, size, size, device=run.device.device)
+    run.model.eval()  # BatchNorm on one image; run_epoch sets each block's mode before training
+    module: nn.Module = run.model
+    if run.split is not None:
+        with torch.no_grad():
+            example = run.split.prefix(example)
+        module = _ChainModule(run.split.rest)
+    run.tensorboard.graph(module, example)
+
+
+class _ChainModule(nn.Module):
+    """A freezing.Chain as a Module (what the tracer needs); its module steps registered for names."""
+
+    def __init__(self, chain: Chain) -> None:
+        super().__init__()
+        self.chain = chain
+        self.blocks = nn.ModuleList(step for step in chain.steps if isinstance(step, nn.Module))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.chain(x)
 
 
 def report_skips(run: Run, skipped: list[Skipped], where: str) -> None:
@@ -80,16 +114,58 @@ def log_epoch(
 ) -> None:
     values = {f"epoch/{k}": float(v) for k, v in metrics.items() if k != "epoch"}
     run.tensorboard.scalars(values, epoch)
-    run.wandb.log({**values, "epoch": epoch}, run.step)
+    run.wandb.log({**values, "epoch": epoch}, run.step, commit=True)  # the epoch is checkpointed: keep it
     run.tensorboard.histograms(run.model, epoch)
     mean, std = mean_std(run)
     if first_images is not None:
         run.tensorboard.image_grid("train/batch", first_images, mean, std, epoch)
-    if evaluated.images is not None and evaluated.predictions is not None and evaluated.targets is not None:
-        predicted = label_names(run, evaluated.predictions)
-        actual = label_names(run, evaluated.targets)
-        run.tensorboard.predictions(evaluated.images, predicted, actual, mean, std, epoch)
+    if run.tensorboard.enabled:
+        log_evaluation(run, epoch, evaluated)
     run.tensorboard.flush()
+
+
+def log_evaluation(run: Run, epoch: int, evaluated: Evaluation) -> None:
+    """The confusion-matrix figure, the PR curves (binary, multilabel) and the predictions grid."""
+    predictions, targets, tb = evaluated.all_predictions, evaluated.all_targets, run.tensorboard
+    if predictions is None or targets is None:
+        return
+    confusion = evaluated.accumulator.report(run.class_names).confusion
+    figure = confusion_figure(confusion, run.class_names, f"validation, epoch {epoch}")
+    tb.figure("val/confusion_matrix", figure, epoch)
+    if evaluated.scores is not None:
+        if run.spec.task == "binary":  # one logit: the probability of class_names[1]
+            tb.pr_curve(f"val/pr_curve/{run.class_names[1]}", targets, evaluated.scores[:, 0], epoch)
+        else:
+            for c, name in enumerate(run.class_names):
+                tb.pr_curve(f"val/pr_curve/{name}", targets[:, c], evaluated.scores[:, c], epoch)
+    chosen = choose_preview(predictions, targets, PREVIEW_IMAGES)
+    images = validation_images(run, chosen, {s.path for s in evaluated.skipped})
+    if images is not None:
+        predicted = label_names(run, predictions[chosen])
+        actual = label_names(run, targets[chosen])
+        tb.predictions(images, predicted, actual, *mean_std(run), epoch)
+
+
+def validation_images(run: Run, positions: list[int], skipped: set[Any]) -> Tensor | None:
+    """The validation images at `positions` of the evaluation's order (which leaves out the images that
+    failed to decode), read back from the dataset: no pixels are kept during evaluation."""
+    dataset = run.loaders.val_dataset
+    decoded = [i for i, sample in enumerate(dataset.samples) if sample.path not in skipped]
+    items = [dataset[(0, decoded[p])] for p in positions]
+    images = [item[0] for item in items if not isinstance(item, Skipped)]
+    return torch.stack(images) if images and len(images) == len(positions) else None
+
+
+def first_training_images(run: Run, epoch: int) -> Tensor | None:
+    """The first images of epoch `epoch` as the image loader orders them, for the `train/batch` grid of
+    an epoch that trains on cached features (no augmentation then, so these are the pixels it saw)."""
+    if not run.tensorboard.enabled:
+        return None
+    run.loaders.set_epoch(epoch)
+    dataset, limit = run.loaders.train_dataset, min(run.spec.training.batch_size, MAX_GRID_IMAGES)
+    items = (dataset[key] for key in run.loaders.train.sampler)  # type: ignore[union-attr]
+    images = [item[0] for item in islice((i for i in items if not isinstance(i, Skipped)), limit)]
+    return torch.stack(images) if images else None
 
 
 def label_names(run: Run, labels: Tensor) -> list[str]:

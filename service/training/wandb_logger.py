@@ -6,13 +6,17 @@ off (WARNING event). `init_timeout` bounds how long a start may block. Every cal
 wrapped: a failure is reported once and logging goes on without W&B.
 
 The run id is chosen here and kept in the job's checkpoints, so a resumed job continues the same run
-(`resume="allow"`). Files go under `<job_dir>/wandb/`.
+(`resume="allow"`). Files go under `<job_dir>/wandb/`. Offline, wandb cannot append to a folder: each
+start (a resume after a crash or a restart) writes a new `offline-run-<time>-<id>` folder with the same
+run id and the steps continuing; an INFO event then gives the one command that uploads them as one run,
+`wandb sync --id <id> <folder> <folder> ...` (wandb syncs them in order of start time).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,6 +73,8 @@ class WandbLogger:
         for attempt in attempts:
             try:
                 run = _init(spec, attempt, job_dir, dict(config), run_id, name, init_timeout)
+                if attempt == "offline":
+                    _report_offline_parts(job_dir, run_id, reporter)
                 return cls(run, reporter)
             except Exception as exc:  # wandb raises its own errors, timeouts, network errors...
                 fallback = "retrying offline" if attempt == "online" else "W&B logging is off for this job"
@@ -93,8 +99,11 @@ class WandbLogger:
         """The run's folder (`<job_dir>/wandb/<offline-->run-<time>-<id>`)."""
         return Path(self._run.dir).parent if self._run is not None else None
 
-    def log(self, metrics: Mapping[str, float], step: int) -> None:
-        self._call("log", dict(metrics), step=step)
+    def log(self, metrics: Mapping[str, float], step: int, *, commit: bool = False) -> None:
+        """Metrics at `step`. wandb holds a step's row open until a later step arrives (so an epoch's
+        metrics join its last training step's row); `commit=True` closes it now, so a crash later
+        cannot lose it."""
+        self._call("log", dict(metrics), step=step, commit=commit)
 
     def summary(self, values: Mapping[str, Any]) -> None:
         if self._run is not None:
@@ -119,6 +128,29 @@ class WandbLogger:
                 {"error": str(exc)},
             )
             self._run = None
+
+
+def offline_parts(job_dir: Path, run_id: str) -> list[Path]:
+    """The offline folders of run `run_id` in the job, oldest first (their names start with the time)."""
+    return sorted((job_dir / "wandb").glob(f"offline-run-*-{run_id}"), key=lambda p: p.name)
+
+
+def sync_command(parts: list[Path], run_id: str) -> str:
+    """`wandb sync` of every part as one run: `--id` makes wandb upload them to that run in start order."""
+    return " ".join(["wandb", "sync", "--id", run_id, *(shlex.quote(str(p)) for p in parts)])
+
+
+def _report_offline_parts(job_dir: Path, run_id: str, reporter: Reporter) -> None:
+    parts = offline_parts(job_dir, run_id)
+    if len(parts) < 2:
+        return
+    command = sync_command(parts, run_id)
+    reporter.event(
+        EventKind.INFO,
+        f"W&B run {run_id} continues offline in a new folder ({len(parts)} folders now, one per start); "
+        f"upload them as one run with: {command}",
+        {"wandb_run_id": run_id, "wandb_dirs": [str(p) for p in parts], "wandb_sync_command": command},
+    )
 
 
 def _init(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -32,6 +34,7 @@ from service.cli.client import Client, ClientConfig
 from service.cli.watch import Backoff, follow_events
 
 TOKEN = "cli-test-token"
+REPO = Path(__file__).resolve().parents[2]
 TINY_SPEC = """\
 name: tiny-cli
 model: {architecture: mobilenet_v3_small, weights: none}
@@ -347,3 +350,60 @@ def test_tensorboard_serves_the_job_logs_and_stops_with_the_cli(
     assert f"TensorBoard for job {watched_job[1]}" in output and url in output
     with pytest.raises(OSError):  # TensorBoard went with the CLI
         urllib.request.urlopen(url, timeout=2)
+
+
+def _shown_in_docker_readme() -> list[str]:
+    """The tensorboard command docker/README.md tells a user to `docker exec` in the container."""
+    text = (REPO / "docker" / "README.md").read_text()
+    (command,) = re.findall(r"`docker exec -it <container> (tuneserve tensorboard [^`]*)`", text)
+    return shlex.split(command)
+
+
+def _image_env(name: str) -> str:
+    """A variable the Dockerfile's ENV sets: what a `docker exec` shell in the image sees."""
+    (value,) = re.findall(rf"\b{name}=(\S+)", (REPO / "docker" / "Dockerfile").read_text())
+    return value
+
+
+def _listening_on(port: int) -> set[str]:
+    """Local IPv4 addresses a socket listens on at `port` (from /proc/net/tcp, state 0A = LISTEN)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+@pytest.mark.slow
+def test_the_tensorboard_command_docker_readme_shows_works_as_shown(
+    service: Service, watched_job: tuple[Result, str]
+) -> None:
+    shown = _shown_in_docker_readme()
+    assert shown[:3] == ["tuneserve", "tensorboard", "JOB"]
+    host = _image_env("TUNESERVE_TENSORBOARD_HOST")
+    assert host == "0.0.0.0"
+    env = {  # what `docker exec` sees in the container: the image's ENV and the service's address/token
+        "TUNESERVE_TENSORBOARD_HOST": host,
+        "TUNESERVE_ADDRESS": f"127.0.0.1:{service.port}",
+        "TUNESERVE_AUTH_TOKEN": TOKEN,
+    }
+    args = [watched_job[1] if a == "JOB" else a for a in shown[1:]]
+    executable = Path(sys.executable).with_name("tuneserve")
+    process = subprocess.Popen(
+        [str(executable), *args], env={**os.environ, **env}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_until = time.monotonic() + 120
+        while "0.0.0.0" not in _listening_on(6006):
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < wait_until, "TensorBoard did not listen on 0.0.0.0:6006 within 120 s"
+            time.sleep(0.5)
+        with urllib.request.urlopen("http://127.0.0.1:6006/", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert f"TensorBoard for job {watched_job[1]}" in output and "http://0.0.0.0:6006/" in output

@@ -142,7 +142,7 @@ def test_the_image_exposes_the_default_ports_but_not_torchserve_management() -> 
         defaults.torchserve_inference_port,
         defaults.torchserve_grpc_inference_port,
         defaults.torchserve_metrics_port,
-        6006,  # `tuneserve jobs tensorboard`'s default port
+        6006,  # `tuneserve tensorboard`'s default port
     }
     assert {int(p) for p in exposed.split()} == published
     assert defaults.torchserve_management_port not in published

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import struct
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from imagefolders import job_spec, make_image_folder, one_thread
 
 from service.jobs.records import EventKind
@@ -19,7 +23,6 @@ from service.training import wandb_logger
 from service.training.checkpoints import load_checkpoint
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
-from service.training.tb_logger import draw_predictions
 from service.training.wandb_logger import WandbLogger, resolve_mode
 
 
@@ -105,7 +108,7 @@ def test_tensorboard_projector_has_features_labels_and_thumbnails(
     assert (metadata.parent / "sprite.png").exists() and (metadata.parent / "tensors.tsv").exists()
 
 
-def read_wandb_records(run_dir: Path) -> dict[str, Any]:
+def read_wandb_records(run_dir: Path, keep_records: bool = False) -> dict[str, Any]:
     """history rows, summary and config from an offline run's `.wandb` file (a LevelDB-style log)."""
     from wandb.proto import wandb_internal_pb2
 
@@ -124,6 +127,8 @@ def read_wandb_records(run_dir: Path) -> dict[str, Any]:
         if kind in (1, 4):  # FULL or LAST: a whole record
             records.append(wandb_internal_pb2.Record.FromString(pending))  # type: ignore[attr-defined]
     result: dict[str, Any] = {"history": [], "summary": {}, "config": {}}
+    if keep_records:
+        result["records"] = records
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
@@ -206,6 +211,93 @@ def test_a_failing_log_call_warns_once_and_never_raises() -> None:
     assert reporter.kinds() == [EventKind.WARNING] and not logger.enabled
 
 
-def test_prediction_figure_is_drawn_without_matplotlib() -> None:
-    picture = draw_predictions(torch.rand(6, 3, 32, 32), ["a", "b"] * 3, ["a", "a"] * 3, columns=4)
-    assert picture.size == (4 * 120, 2 * (32 + 28))
+CRASHING_JOB = """
+import sys, time
+from pathlib import Path
+from imagefolders import job_spec
+from service.jobs.records import EventKind
+from service.settings import Settings
+from service.training.reporting import CollectingReporter
+from service.training.runner import train
+
+class HangsAfterEpochOne(CollectingReporter):
+    def stop_requested(self):
+        while any(k == EventKind.CHECKPOINT for k, _, _ in self.events):
+            time.sleep(1)  # epoch 1 is checkpointed and logged: wait here for the SIGKILL
+        return None
+
+root = Path(sys.argv[1])
+spec = job_spec(training={"epochs": 3}, logging={"wandb": {"mode": "offline", "project": "resume"}})
+settings = Settings(state_dir=root / "state", data_root=root / "data", torch_home=root / "torch")
+train(spec, root / "job", settings, HangsAfterEpochOne())
+"""
+
+
+def _epoch_one_on_disk(job_dir: Path) -> bool:
+    """Whether wandb has written epoch 1's row to the offline run's file (it buffers for seconds)."""
+    folders = list((job_dir / "wandb").glob("offline-run-*"))
+    if len(folders) != 1 or not list(folders[0].glob("run-*.wandb")):
+        return False
+    try:
+        history = read_wandb_records(folders[0])["history"]
+    except Exception:  # a record half written: look again
+        return False
+    return any(row.get("epoch") == 1 for row in history)
+
+
+def _run_id(run_dir: Path) -> str:
+    from wandb.proto import wandb_internal_pb2
+
+    records = read_wandb_records(run_dir, keep_records=True)["records"]
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert isinstance(run, wandb_internal_pb2.RunRecord)
+    return str(run.run_id)
+
+
+@pytest.mark.slow
+def test_an_offline_job_resumed_after_a_crash_continues_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    make_image_folder(tmp_path / "data" / "ds", classes=3, per_class=6)
+    job_dir = tmp_path / "job"
+    tests_unit = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_unit.parents[1]), str(tests_unit)])}
+    crashing = subprocess.Popen([sys.executable, "-c", CRASHING_JOB, str(tmp_path)], env=env)
+    try:
+        deadline = time.monotonic() + 180  # wandb-core writes its file every few seconds
+        while not _epoch_one_on_disk(job_dir):
+            assert crashing.poll() is None and time.monotonic() < deadline, "epoch 1 never reached W&B's file"
+            time.sleep(1)
+    finally:
+        crashing.kill()  # the crash: no wandb.finish(), no flush
+        crashing.wait()
+    run_id = load_checkpoint(job_dir / "checkpoints" / "last.pt")["wandb_run_id"]
+
+    spec = job_spec(training={"epochs": 3}, logging={"wandb": {"mode": "offline", "project": "resume"}})
+    settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data", torch_home=tmp_path / "t")
+    reporter = CollectingReporter()
+    with one_thread():
+        train(spec, job_dir, settings, reporter)
+
+    first, second = wandb_logger.offline_parts(job_dir, run_id)
+    assert reporter.fields["wandb_run_id"] == run_id and _run_id(first) == _run_id(second) == run_id
+    before, after = read_wandb_records(first)["history"], read_wandb_records(second)["history"]
+    steps_per_epoch = next(row["epoch/steps"] for row in before if row.get("epoch") == 1)
+    assert [r["_step"] for r in before if "train/loss" in r] == list(range(1, steps_per_epoch + 1))
+    total = load_checkpoint(job_dir / "checkpoints" / "last.pt")["step"]
+    assert [r["_step"] for r in after if "train/loss" in r] == list(range(steps_per_epoch + 1, total + 1))
+    assert [r["epoch"] for r in before + after if "epoch" in r] == [1, 2, 3]
+
+    (told,) = [d for k, _, d in reporter.events if k == EventKind.INFO and "wandb_sync_command" in d]
+    command = shlex.split(told["wandb_sync_command"])
+    assert command == ["wandb", "sync", "--id", run_id, str(first), str(second)]
+    # wandb's own CLI accepts it and would upload both parts (a dry run needs no network or login)
+    wandb_cli = Path(sys.executable).with_name("wandb")
+    dry = subprocess.run(
+        [str(wandb_cli), "sync", "--dry-run", *command[2:]], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    assert "Would sync 2 run(s)" in dry.stdout + dry.stderr
