@@ -54,20 +54,21 @@ def test_quick_demo_shows_progress_and_the_served_summary(demo: subprocess.Compl
 
 
 # Floors the quick demo (EfficientNet-Lite0, ImageNet weights, head only, 50 digits a class, 3 epochs at
-# 64 px) clears with margin: measured here 0.89 validation accuracy and 7 of 10 held-out digits before
-# the Lite0 normalisation fix. Chance is 0.10; a backbone that lost its pretrained weights scores near it.
+# 64 px) clears with margin. Measured on the 2-core CPU: 0.89 validation accuracy and 7 of 10 held-out
+# digits with the Lite0 weights as main loads them today, 0.88 and 8 of 10 with the normalisation fix in
+# progress; 0.77 (and 7 of 10) with the backbone's weights not loaded at all. Ten digits cannot tell a
+# pretrained backbone from a random one; the 100 validation images can. Chance is 0.10.
 MIN_VAL_ACCURACY = 0.80
 MIN_HELDOUT_CORRECT = 5
 
 
 @dataclass(frozen=True)
 class Row:
-    """One printed held-out digit: its file, the truth the demo printed, both answers, the mark."""
+    """One printed held-out digit: its file, the truth the demo printed, both answers, the ok/wrong mark."""
 
     file: str
     truth: str
     rest: str
-    rest_probability: float
     predict: str
     mark: str
 
@@ -82,9 +83,9 @@ def heldout_rows(stdout: str) -> list[Row]:
     for line in stdout.splitlines():
         cells = [cell.strip() for cell in line.split("│")[1:-1]]
         if len(cells) == 5 and cells[0].endswith(".png"):
-            rest = re.fullmatch(r"(\S+) \((\d\.\d\d)\)", cells[2])
+            rest = re.fullmatch(r"(\S+) \((0\.\d\d|1\.00)\)", cells[2])  # the label (its probability)
             assert rest is not None, line
-            rows.append(Row(cells[0], cells[1], rest.group(1), float(rest.group(2)), cells[3], cells[4]))
+            rows.append(Row(cells[0], cells[1], rest.group(1), cells[3], cells[4]))
     return rows
 
 
@@ -107,7 +108,7 @@ def test_quick_demo_predicts_the_held_out_digits_above_the_floor(
 def test_quick_demo_job_reaches_the_validation_floor(demo: subprocess.CompletedProcess[str]) -> None:
     best = re.search(r"best val_accuracy\s+([\d.]+)", demo.stdout)
     assert best is not None, demo.stdout[-4000:]
-    assert float(best.group(1)) >= MIN_VAL_ACCURACY
+    assert float(best.group(1)) >= MIN_VAL_ACCURACY, best.group(0)
 
 
 def test_quick_demo_says_where_everything_is(demo: subprocess.CompletedProcess[str]) -> None:
