@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,62 @@ def test_quick_demo_shows_progress_and_the_served_summary(demo: subprocess.Compl
         assert expected in demo.stdout, expected
 
 
-def test_quick_demo_prints_predictions_against_truth_and_accuracy(
+# Floors the quick demo (EfficientNet-Lite0, ImageNet weights, head only, 50 digits a class, 3 epochs at
+# 64 px) clears with margin. Measured on the 2-core CPU: 0.89 validation accuracy and 7 of 10 held-out
+# digits with the Lite0 weights as main loads them today, 0.88 and 8 of 10 with the normalisation fix in
+# progress; 0.77 (and 7 of 10) with the backbone's weights not loaded at all. Ten digits cannot tell a
+# pretrained backbone from a random one; the 100 validation images can. Chance is 0.10.
+MIN_VAL_ACCURACY = 0.80
+MIN_HELDOUT_CORRECT = 5
+
+
+@dataclass(frozen=True)
+class Row:
+    """One printed held-out digit: its file, the truth the demo printed, both answers, the ok/wrong mark."""
+
+    file: str
+    truth: str
+    rest: str
+    predict: str
+    mark: str
+
+    @property
+    def digit(self) -> str:
+        """The true digit, from the file name the demo wrote (<digit>_<n>.png)."""
+        return self.file.split("_")[0]
+
+
+def heldout_rows(stdout: str) -> list[Row]:
+    rows = []
+    for line in stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 5 and cells[0].endswith(".png"):
+            rest = re.fullmatch(r"(\S+) \((0\.\d\d|1\.00)\)", cells[2])  # the label (its probability)
+            assert rest is not None, line
+            rows.append(Row(cells[0], cells[1], rest.group(1), cells[3], cells[4]))
+    return rows
+
+
+def test_quick_demo_predicts_the_held_out_digits_above_the_floor(
     demo: subprocess.CompletedProcess[str],
 ) -> None:
     assert "TorchServe REST" in demo.stdout and "tuneserve Predict" in demo.stdout
-    rows = re.findall(r"│ (\d)_1\.png\s+│ (\d)\s+│ (\d) \((0\.\d\d|1\.00)\)", demo.stdout)
-    assert len(rows) == 10 and all(name == truth for name, truth, _, _ in rows)
-    accuracy = re.search(r"accuracy on 10 held-out digits: ([\d.]+)%", demo.stdout)
-    assert accuracy is not None and 0.0 <= float(accuracy.group(1)) <= 100.0
+    rows = heldout_rows(demo.stdout)
+    assert sorted(row.digit for row in rows) == [str(d) for d in range(10)], demo.stdout[-4000:]
+    for row in rows:
+        assert re.fullmatch(r"\d_1\.png", row.file) and row.truth == row.digit, row
+        assert row.predict == row.rest, f"{row.file}: REST says {row.rest}, Predict says {row.predict}"
+        assert row.mark == ("ok" if row.rest == row.digit else "wrong"), row
+    correct = sum(row.rest == row.digit for row in rows)
+    printed = re.search(r"accuracy on 10 held-out digits: ([\d.]+)%", demo.stdout)
+    assert printed is not None and float(printed.group(1)) == pytest.approx(100 * correct / 10)
+    assert correct >= MIN_HELDOUT_CORRECT, [(row.file, row.rest) for row in rows]
+
+
+def test_quick_demo_job_reaches_the_validation_floor(demo: subprocess.CompletedProcess[str]) -> None:
+    best = re.search(r"best val_accuracy\s+([\d.]+)", demo.stdout)
+    assert best is not None, demo.stdout[-4000:]
+    assert float(best.group(1)) >= MIN_VAL_ACCURACY, best.group(0)
 
 
 def test_quick_demo_says_where_everything_is(demo: subprocess.CompletedProcess[str]) -> None:

@@ -33,6 +33,10 @@ DURATION_S = float(os.environ.get("TUNESERVE_LOAD_SECONDS", "60"))
 MIN_CALLS = 10_000
 WARM_CALLS = 2_000  # memory is compared from here: thread pools, connections and caches exist by then
 MAX_RSS_GROWTH_MIB = 30.0
+CALL_DEADLINE_S = 60.0
+# A call over its deadline fails (an error, not a latency), so p99 < deadline could never fail. A quarter
+# of it: CreateJob/CancelJob, which write the store, measured p99 6.1 s here (docs/RELIABILITY.md).
+MAX_P99_S = CALL_DEADLINE_S / 4
 TOKEN = "load-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
@@ -55,7 +59,7 @@ class Tally:
 
     def timed(self, name: str, call: Callable[..., Any], request: Any) -> Any:
         start = time.perf_counter()
-        result = call(request, metadata=AUTH, timeout=60)
+        result = call(request, metadata=AUTH, timeout=CALL_DEADLINE_S)
         elapsed = time.perf_counter() - start
         with self.lock:
             self.latencies[name].append(elapsed)
@@ -147,12 +151,12 @@ def test_sixty_four_clients_get_no_errors(load: dict[str, Any]) -> None:
     )
 
 
-def test_p99_latency_of_each_rpc_is_reported(load: dict[str, Any]) -> None:
+def test_p99_latency_of_each_rpc_is_under_a_quarter_of_its_deadline(load: dict[str, Any]) -> None:
     tally: Tally = load["tally"]
     assert set(tally.latencies) == {"CreateJob", "GetJob", "CancelJob", "WatchJob", "ListJobs"}
     for name, values in sorted(tally.latencies.items()):
         p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
-        assert p99 < 60  # no call came near its deadline
+        assert p99 < MAX_P99_S, f"{name}: p99 {p99:.1f} s"
         record(
             "load",
             f"{name} latency under {CLIENTS} clients",

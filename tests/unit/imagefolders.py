@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,12 +27,36 @@ def write_image(path: Path, colour: tuple[int, int, int], size: int = 32, seed: 
     return path
 
 
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32) -> Path:
-    """root/class_<i>/<j>.png; returns root."""
+def make_image_folder(
+    root: Path, classes: int = 3, per_class: int = 8, size: int = 32, seed_offset: int = 0
+) -> Path:
+    """root/class_<i>/<j>.png; returns root. Another seed_offset draws other noise (a held-out set)."""
     for c in range(classes):
         for j in range(per_class):
-            write_image(root / f"class_{c}" / f"{j}.png", COLOURS[c % len(COLOURS)], size, seed=c * 1000 + j)
+            seed = c * 1000 + j + seed_offset
+            write_image(root / f"class_{c}" / f"{j}.png", COLOURS[c % len(COLOURS)], size, seed=seed)
     return root
+
+
+CHANNELS = {"red": 0, "green": 1, "blue": 2}
+
+
+def make_channel_labels(
+    data_root: Path, folder: str, labels: tuple[str, ...] = ("red", "blue"), per_combination: int = 6
+) -> list[str]:
+    """Multi-label images: each label is its colour channel, bright (on) or dark (off), independently of
+    the others, every combination (none included) per_combination times. Returns the manifest rows
+    `path,label;label` (paths relative to data_root)."""
+    rows = []
+    for combination in itertools.product((False, True), repeat=len(labels)):
+        present = sorted(label for label, on in zip(labels, combination, strict=True) if on)
+        level = [220 if name in present else 40 for name in CHANNELS]
+        colour = (level[0], level[1], level[2])
+        for j in range(per_combination):
+            path = Path(folder) / ("-".join(present) or "none") / f"{j}.png"
+            write_image(data_root / path, colour, seed=len(rows))
+            rows.append(f"{path},{';'.join(present)}")
+    return rows
 
 
 def write_truncated_png(path: Path, size: int = 32) -> Path:

@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torchvision
-from imagefolders import job_spec, make_image_folder, one_thread, write_truncated_png
+from imagefolders import job_spec, make_channel_labels, make_image_folder, one_thread, write_truncated_png
+from sklearn.metrics import accuracy_score
 
+from handlers.inference import ImageClassifier
 from service.errors import DatasetError, FailedPrecondition, InvalidArgument
 from service.jobs.records import EventKind
 from service.jobs.spec import JobSpec, TrainingSpec
@@ -168,7 +170,7 @@ def test_early_stopping_ends_the_job_and_says_why(tmp_path: Path, data_root: Pat
 def test_binary_task_trains_one_logit(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=12)
     spec = job_spec(task="binary", training={"epochs": 1, "max_steps_per_epoch": 1})
-    outcome, _ = _train(spec, tmp_path, tmp_path / "data")
+    _train(spec, tmp_path, tmp_path / "data")
     checkpoint = load_checkpoint(tmp_path / "job/checkpoints/last.pt")
     assert checkpoint["step"] == 1  # of 3 batches: max_steps_per_epoch holds
     assert checkpoint["model"]["classifier.3.weight"].shape[0] == 1
@@ -176,20 +178,56 @@ def test_binary_task_trains_one_logit(tmp_path: Path) -> None:
         "class_0",
         "class_1",
     ]
-    assert 0.0 <= outcome.metrics["val_accuracy"] <= 1.0
 
 
-def test_multilabel_task_from_a_manifest(tmp_path: Path, data_root: Path) -> None:
-    rows = ["path,labels"] + [
-        f"ds/class_{c}/{i}.png,{'red' if c == 0 else 'green'}{';bright' if i % 2 else ''}"
-        for c in range(3)
-        for i in range(8)
-    ]
-    (data_root / "labels.csv").write_text("\n".join(rows) + "\n")
-    spec = job_spec(task="multilabel", data={"path": "ds", "manifest": "labels.csv"}, training={"epochs": 1})
-    outcome, reporter = _train(spec, tmp_path, data_root)
-    assert reporter.fields["class_names"] == ("bright", "green", "red")
-    assert not math.isnan(outcome.metrics["val_accuracy"])
+# Learning checks: timm/convnext_atto from random weights. It has LayerNorm, not BatchNorm, so what it
+# learns in a few steps also holds in eval mode; a fresh mobilenet_v3_small answers one constant in eval
+# mode on data this small (plain PyTorch does the same), which would only ever measure chance.
+LEARNER = {"architecture": "timm/convnext_atto", "weights": "none"}
+CHANCE_LOSS = math.log(2)  # BCE of always answering p = 0.5
+LEARN = {"epochs": 3, "lr": 0.003}  # AdamW at the tests' usual 0.01 makes convnext_atto's first epochs jumpy
+
+
+def _first_step_loss(reporter: CollectingReporter) -> float:
+    """The loss of the first training step: the model's loss before it learned anything."""
+    return float(next(d for k, _, d in reporter.events if k == EventKind.PROGRESS)["loss"])
+
+
+def test_a_binary_job_separates_two_colours_above_chance(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=12)  # red and green
+    make_image_folder(tmp_path / "data" / "val", classes=2, per_class=4, seed_offset=500)
+    spec = job_spec(task="binary", model=LEARNER, data={"path": "ds", "val_path": "val"}, training=LEARN)
+    _, reporter = _train(spec, tmp_path, tmp_path / "data")
+
+    last = load_checkpoint(tmp_path / "job/checkpoints/last.pt")
+    final = last["history"][-1]
+    assert final["val_accuracy"] >= 0.875  # chance is 0.5; at most one of the 8 held-out images wrong
+    assert final["val_loss"] < CHANCE_LOSS / 2
+    assert final["train_loss"] < _first_step_loss(reporter) / 2
+    # the reported accuracy is what the checkpoint really does on those images, counted by scikit-learn
+    classifier = ImageClassifier.from_checkpoint(last)
+    images = sorted((tmp_path / "data" / "val").glob("*/*.png"))
+    answers = classifier.handle([image.read_bytes() for image in images])
+    predicted = [answer[0]["label"] for answer in answers]  # type: ignore[index]
+    truth = [image.parent.name for image in images]
+    assert accuracy_score(truth, predicted) == pytest.approx(final["val_accuracy"])
+
+
+def test_a_multilabel_job_learns_each_label_above_chance(tmp_path: Path) -> None:
+    """Each label is one colour channel, on or off independently: learning only one label scores 0.75."""
+    data_root = tmp_path / "data"
+    rows = make_channel_labels(data_root, "ds", labels=("red", "blue"), per_combination=6)
+    (data_root / "labels.csv").write_text("\n".join(["path,labels", *rows]) + "\n")
+    spec = job_spec(
+        task="multilabel", model=LEARNER, data={"path": "ds", "manifest": "labels.csv"}, training=LEARN
+    )
+    _, reporter = _train(spec, tmp_path, data_root)
+
+    assert reporter.fields["class_names"] == ("blue", "red")
+    final = load_checkpoint(tmp_path / "job/checkpoints/last.pt")["history"][-1]
+    assert final["val_accuracy"] >= 0.9  # chance 0.5; one label learned, the other guessed: 0.75
+    assert final["val_loss"] < CHANCE_LOSS / 2
+    assert final["train_loss"] < _first_step_loss(reporter) / 2
 
 
 def test_unusable_files_are_skipped_with_a_warning(tmp_path: Path, data_root: Path) -> None:
