@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".state"), description="jobs database, job folders, model store")
     data_root: Path = Field(Path("data"), description="datasets must live under this folder")
     torch_home: Path = Field(default_factory=_default_torch_home, description="torch hub cache (weights)")
+    weights_root: Path | None = Field(
+        None, description="a job's model.weights_file must be under this folder; default <state_dir>/weights"
+    )
 
     # gRPC API
     host: str = "127.0.0.1"
@@ -60,6 +63,9 @@ class Settings(BaseSettings):
     torchserve_start_timeout_s: float = Field(180.0, gt=0)
     torchserve_token_auth: bool = True
 
+    # Health: the job store's writability and the scheduler thread are probed this often
+    health_interval_s: float = Field(2.0, gt=0)
+
     # TensorBoard started by the service for a job's logs
     tensorboard_host: str = "127.0.0.1"
 
@@ -69,6 +75,11 @@ class Settings(BaseSettings):
     @cached_property
     def jobs_db(self) -> Path:
         return self.state_dir / "jobs.sqlite3"
+
+    @cached_property
+    def weights_dir(self) -> Path:
+        """Where users' own state_dicts (model.weights_file) must be: weights_root or <state_dir>/weights."""
+        return self.weights_root if self.weights_root is not None else self.state_dir / "weights"
 
     @cached_property
     def jobs_dir(self) -> Path:

@@ -45,7 +45,7 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
     with _field("model.architecture"):
         architecture = registry.check_architecture(spec.model.architecture)
     with _field("model.weights"):
-        weights.resolve_weights(spec.model, settings.torch_home)
+        weights.resolve_weights(spec.model, settings.torch_home, weights_root=settings.weights_dir)
     with _field("training.device"):
         _check_device(spec)
     info, val_info = _scan_data(spec, settings)

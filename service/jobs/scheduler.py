@@ -5,6 +5,9 @@ codes): a packaged job is handed to the deployer and SUCCEEDS; a crash is retrie
 checkpoint up to `max_job_retries` times, then FAILS with the reason; a cancelled job is stopped
 (SIGTERM to its process group, SIGKILL after `cancel_grace_s`) and CANCELLED. drain() stops starting
 jobs, asks the running ones to checkpoint and stop, and re-queues them to resume after a restart.
+
+The polling thread is supervised: `healthy()` (called by the service's health probe) restarts it when
+it has died and reports unhealthy until the new thread has completed a tick.
 """
 
 from __future__ import annotations
@@ -76,6 +79,8 @@ class Scheduler:
         self._deploys = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deploy")
         self._capacity = 1
         self._env: dict[str, str] = {}
+        self._supervise = threading.Lock()
+        self._last_tick_ok = False  # the thread's last tick ran through (reset when it is restarted)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,9 +94,25 @@ class Scheduler:
                 stop_stale_worker(pid, job.id, self.settings.cancel_grace_s)
         for job in self.store.requeue_interrupted():
             log.info("re-queued interrupted job %s", job.id)
+        self._start_thread()
+        log.info("scheduler started: at most %d job(s) at once", self._capacity)
+
+    def healthy(self) -> bool:
+        """The scheduling thread is alive and its last tick ran through. A dead thread is restarted
+        here; it counts as unhealthy until the new one has ticked."""
+        with self._supervise:
+            if self._thread is None or self._stopping.is_set():
+                return False
+            if not self._thread.is_alive():
+                log.error("the scheduler thread died; starting a new one")
+                self._start_thread()
+                return False
+            return self._last_tick_ok
+
+    def _start_thread(self) -> None:
+        self._last_tick_ok = False
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
-        log.info("scheduler started: at most %d job(s) at once", self._capacity)
 
     def wake(self) -> None:
         """Look at the queue and the cancel requests now rather than at the next poll."""
@@ -106,7 +127,8 @@ class Scheduler:
 
         Either way their jobs go back to QUEUED and resume from their last checkpoint after a restart.
         """
-        self._stopping.set()
+        with self._supervise:  # no restart of the thread from now on
+            self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
@@ -127,13 +149,20 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._tick()
-            except Exception:  # a busy database, a full disk: log, keep scheduling
-                log.exception("scheduler tick failed")
-            self._wake.wait(self._poll_s)
-            self._wake.clear()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._tick()
+                    self._last_tick_ok = True
+                except Exception:  # a busy database, a full disk: log, keep scheduling
+                    self._last_tick_ok = False
+                    log.exception("scheduler tick failed")
+                self._wake.wait(self._poll_s)
+                self._wake.clear()
+        except BaseException:  # the thread dies: say so now (healthy() restarts it)
+            self._last_tick_ok = False
+            log.critical("the scheduler thread died", exc_info=True)
+            raise
 
     def _tick(self) -> None:
         for worker in list(self._workers.values()):
