@@ -68,6 +68,11 @@ class Service:
 def start_service(settings: Settings, serving: Serving | None = None) -> Service:
     """Start the whole service. `serving` replaces the TorchServe side (tests); by default TorchServe is
     started when settings.torchserve_enabled."""
+    # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
+    serving_gpus = settings.serving_gpu_indices
+    log.info(
+        "GPUs %s: jobs train on %s, TorchServe on %s", settings.gpus, settings.training_gpus, serving_gpus
+    )
     for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.jobs_db)

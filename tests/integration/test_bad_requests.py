@@ -222,6 +222,19 @@ CASES = [
         "nope/w.pt",
         "does not exist",
     ),
+    case(
+        "gpus for a cpu job",
+        create(resources={"gpus": 1}),  # spec() trains on the cpu
+        INVALID,
+        "resources.gpus 1 with training.device 'cpu'",
+    ),
+    case(
+        "cuda without gpus",
+        create(training={"device": "cuda"}, resources={"gpus": 0}),
+        INVALID,
+        "training.device 'cuda' with resources.gpus 0",
+    ),
+    case("negative gpus", create(resources={"gpus": -1}), INVALID, "spec.resources.gpus", "-1"),
     case("multilabel without a manifest", create(task="multilabel"), INVALID, "data.manifest", "multilabel"),
     case(
         "manifest for a multiclass task",
@@ -432,3 +445,43 @@ def test_a_weights_file_under_the_weights_root_given_relative_is_accepted(
     )
     client.CancelJob(pb.CancelJobRequest(job_id=job.id))
     assert job.spec.model.weights_file == "mine/small.pt"
+
+
+@pytest.fixture(scope="module")
+def two_gpu_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service on a machine with 2 GPUs (TUNESERVE_GPU_COUNT), the last kept for serving only."""
+    root = tmp_path_factory.mktemp("gpus")
+    settings = make_settings(root, gpu_count=2, train_on_serving_gpus=False)
+    make_image_folder(settings.data_root / "ds")
+    with running_service(settings) as running:
+        yield running
+
+
+def test_a_job_asking_more_gpus_than_the_service_trains_on_is_resource_exhausted(
+    two_gpu_service: Service,
+) -> None:
+    with channel_to(two_gpu_service) as channel, pytest.raises(grpc.RpcError) as caught:
+        create(training={"device": "auto"}, resources={"gpus": 2})(stub(channel), channel)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert caught.value.details() == (
+        "spec.resources.gpus 2 is more than the 1 GPU(s) this service trains on (it has 2; GPU(s) [1] are "
+        "reserved for serving (TUNESERVE_SERVING_GPUS) and TUNESERVE_TRAIN_ON_SERVING_GPUS is false); "
+        "ask for at most 1, or 0 to train on the CPU"
+    )
+
+
+def test_the_default_gpu_request_is_recorded_and_a_repeated_request_gets_the_same_job(
+    two_gpu_service: Service,
+) -> None:
+    auto = {"device": "auto", "epochs": 1, "batch_size": 4, "image_size": 32}
+    with channel_to(two_gpu_service) as channel:
+        client = stub(channel)
+        request = pb.CreateJobRequest(spec=spec("gpu-default", training=auto), idempotency_key="gpu-1")
+        first = client.CreateJob(request)
+        client.CancelJob(pb.CancelJobRequest(job_id=first.id))
+        again = client.CreateJob(request)  # gpus unset again: the same request, not a different spec
+        cpu = client.CreateJob(pb.CreateJobRequest(spec=spec("cpu-default")))  # training.device cpu
+        client.CancelJob(pb.CancelJobRequest(job_id=cpu.id))
+    assert first.spec.resources.HasField("gpus") and first.spec.resources.gpus == 1
+    assert again.id == first.id
+    assert cpu.spec.resources.HasField("gpus") and cpu.spec.resources.gpus == 0
