@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.api.health import HealthReporter
-from service.api.server import INFERENCE, TuneserveServer, build_server
+from service.api.server import FINE_TUNING, INFERENCE, OVERALL, TuneserveServer, build_server
 from service.api.serving import PredictResult, ServedModel, Serving
 from service.jobs.manager import JobManager
 from service.jobs.records import Job
@@ -39,6 +39,7 @@ class Service:
     serving: Serving | None = None
     torchserve: Any = None  # the ServingManager, when this service started TorchServe
     health_reporter: HealthReporter | None = None
+    jobs_health: HealthReporter | None = None  # "" and FineTuning: the store takes writes, scheduling runs
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -51,8 +52,9 @@ class Service:
             return
         self._stopped = True
         log.info("stopping (drain=%s)", drain)
-        if self.health_reporter is not None:
-            self.health_reporter.stop()
+        for reporter in (self.jobs_health, self.health_reporter):
+            if reporter is not None:
+                reporter.stop()
         self.server.stop(API_GRACE_S)
         self.scheduler.stop(drain=drain)
         if self.torchserve is not None:
@@ -64,7 +66,12 @@ class Service:
 def start_service(settings: Settings, serving: Serving | None = None) -> Service:
     """Start the whole service. `serving` replaces the TorchServe side (tests); by default TorchServe is
     started when settings.torchserve_enabled."""
-    for folder in (settings.state_dir, settings.jobs_dir, settings.model_store):
+    # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
+    serving_gpus = settings.serving_gpu_indices
+    log.info(
+        "GPUs %s: jobs train on %s, TorchServe on %s", settings.gpus, settings.training_gpus, serving_gpus
+    )
+    for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.jobs_db)
     torchserve = None
@@ -81,12 +88,30 @@ def start_service(settings: Settings, serving: Serving | None = None) -> Service
             torchserve.stop()
         store.close()
         raise
+    jobs_health = HealthReporter(
+        jobs_probe(store, scheduler), server.set_serving, settings.health_interval_s, names=JOBS_NAMES
+    )
+    jobs_health.start()
     reporter = None
     if torchserve is not None:  # Inference's health follows TorchServe: down while it restarts
         torchserve.on_availability(lambda available: server.set_serving(INFERENCE, available))
         reporter = HealthReporter(torchserve.health, server.set_serving)  # torchserve, torchserve/<model>
         reporter.start()
-    return Service(settings, store, scheduler, server, serving, torchserve, reporter)
+    return Service(settings, store, scheduler, server, serving, torchserve, reporter, jobs_health)
+
+
+JOBS_NAMES = (OVERALL, FINE_TUNING)
+
+
+def jobs_probe(store: JobStore, scheduler: Scheduler) -> Callable[[], dict[str, bool]]:
+    """The health of the job side: SERVING while a write reaches the store and the scheduler thread runs."""
+
+    def probe() -> dict[str, bool]:
+        scheduling = scheduler.healthy()  # first: a dead scheduler thread is restarted by this look
+        store.check_writable()  # raises when it cannot: the reporter logs it and reports NOT_SERVING
+        return dict.fromkeys(JOBS_NAMES, scheduling)
+
+    return probe
 
 
 def run_service(settings: Settings | None = None) -> None:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path(".state"), description="jobs database, job folders, model store")
     data_root: Path = Field(Path("data"), description="datasets must live under this folder")
     torch_home: Path = Field(default_factory=_default_torch_home, description="torch hub cache (weights)")
+    weights_root: Path | None = Field(
+        None, description="a job's model.weights_file must be under this folder; default <state_dir>/weights"
+    )
 
     # gRPC API
     host: str = "127.0.0.1"
@@ -39,11 +42,24 @@ class Settings(BaseSettings):
     grpc_workers: int = Field(16, ge=1)
 
     # Jobs
-    max_concurrent_jobs: int | None = Field(None, ge=1, description="default: one per GPU, one on CPU")
+    max_concurrent_jobs: int | None = Field(
+        None, ge=1, description="default: one per training GPU, one on a CPU-only machine"
+    )
     max_queued_jobs: int = Field(100, ge=1)
     max_job_retries: int = Field(2, ge=0, description="worker deaths retried from the last checkpoint")
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
+
+    # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.jobs.devices)
+    gpu_count: int | None = Field(
+        None, ge=0, le=1024, description="override/testing: GPUs to assume; default torch.cuda.device_count()"
+    )
+    serving_gpus: str | None = Field(
+        None,
+        pattern=r"^\s*(\d+\s*(,\s*\d+\s*)*)?$",
+        description="comma-separated GPU indices for TorchServe; default: the last GPU; empty: none (CPU)",
+    )
+    train_on_serving_gpus: bool = Field(True, description="jobs may also train on the serving GPUs (shared)")
 
     # TorchServe
     torchserve_enabled: bool = True
@@ -60,6 +76,9 @@ class Settings(BaseSettings):
     torchserve_start_timeout_s: float = Field(180.0, gt=0)
     torchserve_token_auth: bool = True
 
+    # Health: the job store's writability and the scheduler thread are probed this often
+    health_interval_s: float = Field(2.0, gt=0)
+
     # TensorBoard started by the service for a job's logs
     tensorboard_host: str = "127.0.0.1"
 
@@ -69,6 +88,11 @@ class Settings(BaseSettings):
     @cached_property
     def jobs_db(self) -> Path:
         return self.state_dir / "jobs.sqlite3"
+
+    @cached_property
+    def weights_dir(self) -> Path:
+        """Where users' own state_dicts (model.weights_file) must be: weights_root or <state_dir>/weights."""
+        return self.weights_root if self.weights_root is not None else self.state_dir / "weights"
 
     @cached_property
     def jobs_dir(self) -> Path:
@@ -88,6 +112,35 @@ class Settings(BaseSettings):
     def resolved_max_concurrent_jobs(self) -> int:
         if self.max_concurrent_jobs is not None:
             return self.max_concurrent_jobs
+        return max(1, len(self.training_gpus))
+
+    @cached_property
+    def gpus(self) -> tuple[int, ...]:
+        """Indices of the GPUs this service sees (gpu_count when set, else what CUDA reports)."""
+        if self.gpu_count is not None:
+            return tuple(range(self.gpu_count))
         import torch  # deferred: settings are read in places that must start fast
 
-        return max(1, torch.cuda.device_count())
+        return tuple(range(torch.cuda.device_count()))
+
+    @cached_property
+    def serving_gpu_indices(self) -> tuple[int, ...]:
+        """TorchServe's GPUs: serving_gpus, or the last GPU when it is not set (none on a CPU machine)."""
+        if self.serving_gpus is None:
+            return self.gpus[-1:]
+        indices = tuple(sorted({int(part) for part in self.serving_gpus.split(",") if part.strip()}))
+        unknown = [i for i in indices if i not in self.gpus]
+        if unknown:
+            raise ValueError(
+                f"TUNESERVE_SERVING_GPUS {self.serving_gpus!r} names GPU {unknown[0]}, but this machine has "
+                f"{len(self.gpus)} GPU(s) (indices {list(self.gpus)}); name existing ones, or leave it "
+                "empty to serve on the CPU"
+            )
+        return indices
+
+    @cached_property
+    def training_gpus(self) -> tuple[int, ...]:
+        """The GPUs jobs may be given: all of them, or all but the serving ones (train_on_serving_gpus)."""
+        if self.train_on_serving_gpus:
+            return self.gpus
+        return tuple(i for i in self.gpus if i not in self.serving_gpu_indices)

@@ -1,16 +1,18 @@
-"""Publishes TorchServe's readiness and each served model's on the gRPC health service.
+"""Publishes what a probe finds on the gRPC health service, refreshed every few seconds.
 
-`tuneserve.v1.Inference` already follows TorchServe's availability as it changes (service.app). This
-adds a name per thing a probe may care about, refreshed every few seconds: `torchserve` (TorchServe
-answers its ping) and `torchserve/<model>` (the model's default version has a ready worker). A model
-that is no longer served goes back to SERVICE_UNKNOWN, as if it had never been there.
+Two reporters run (service.app): the server as a whole ("") and `tuneserve.v1.FineTuning` follow the
+job store (a write really reaches it) and the scheduler thread (alive, restarted when it died);
+`torchserve` (TorchServe answers its ping) and `torchserve/<model>` (the model's default version has a
+ready worker) follow TorchServe. `tuneserve.v1.Inference` follows TorchServe's availability as it
+changes. A model that is no longer served goes back to SERVICE_UNKNOWN, as if it had never been there.
+A probe that raises reports every name it knows NOT_SERVING.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +23,17 @@ Publish = Callable[[str, bool | None], None]  # None: unknown (no longer there)
 
 
 class HealthReporter:
-    """Calls `probe` every `interval_s` and publishes what it says; start() once, stop() once."""
+    """Calls `probe` every `interval_s` and publishes what it says; start() once, stop() once.
 
-    def __init__(self, probe: Probe, publish: Publish, interval_s: float = INTERVAL_S) -> None:
+    `names`: published before the first probe answered, so a probe failing from the start reports them
+    NOT_SERVING too.
+    """
+
+    def __init__(
+        self, probe: Probe, publish: Publish, interval_s: float = INTERVAL_S, names: Iterable[str] = ()
+    ) -> None:
         self._probe, self._publish, self._interval_s = probe, publish, interval_s
-        self._known: set[str] = set()
+        self._known: set[str] = set(names)
         self._failing = False  # log a failing probe once per streak, not every interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="health-reporter", daemon=True)

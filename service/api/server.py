@@ -6,6 +6,7 @@ build_server binds and starts it; `port` is the bound port (settings.port 0 pick
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -30,6 +31,31 @@ OVERALL = ""  # the health service's name for the server as a whole
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+
+
+class ListingHealthServicer(health.HealthServicer):
+    """grpcio-health-checking's servicer, with the `List` RPC it leaves UNIMPLEMENTED: every name published,
+    so `tuneserve health` shows `torchserve/<model>` without knowing the models. A name set to
+    SERVICE_UNKNOWN (a model no longer served) is left out, as if it had never been there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._published: dict[str, int] = {OVERALL: SERVING}  # the library's own start: "" SERVING
+        self._published_lock = threading.Lock()
+
+    def set(self, service: str, status: int) -> None:
+        super().set(service, status)
+        with self._published_lock:
+            self._published[service] = status
+
+    def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        with self._published_lock:
+            known = {name: status for name, status in self._published.items() if status != UNKNOWN}
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in known.items()}  # type: ignore[arg-type]
+        )
 
 
 @dataclass
@@ -75,7 +101,7 @@ def build_server(settings: Settings, jobs: JobManager, serving: Serving | None =
     )
     pb_grpc.add_FineTuningServicer_to_server(FineTuningServicer(settings, jobs, serving), server)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(serving), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = ListingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (FINE_TUNING, INFERENCE, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -25,6 +25,7 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 60.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # predict sends whole images; the server sets the real limit
+FIXED_HEALTH_NAMES = ("", "tuneserve.v1.FineTuning", "tuneserve.v1.Inference")  # a server without List
 
 Response = TypeVar("Response")
 
@@ -87,6 +88,17 @@ class Client:
         """The health service's status for `service` (a health_pb2.HealthCheckResponse value)."""
         answer = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         return int(answer.status)
+
+    def health_statuses(self) -> dict[str, int]:
+        """Every name the server publishes -> its status (health `List`); an older server without `List`
+        is asked for the fixed names one by one."""
+        try:
+            answer = self.health.List(health_pb2.HealthListRequest(), timeout=5)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            return {name: self.health_status(name) for name in FIXED_HEALTH_NAMES}
+        return {name: int(response.status) for name, response in answer.statuses.items()}
 
     def wait_until_serving(self, timeout_s: float, service: str = "") -> None:
         """Poll health until SERVING; CliError UNAVAILABLE naming the address when it never is."""

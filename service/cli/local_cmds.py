@@ -13,8 +13,6 @@ from service.cli.client import CliError
 from service.cli.options import connect, load_settings, out
 from service.errors import TuneserveError
 
-HEALTH_SERVICES = ("", "tuneserve.v1.FineTuning", "tuneserve.v1.Inference")
-
 
 def serve(
     host: Annotated[str | None, typer.Option(help="gRPC address (default: TUNESERVE_HOST)")] = None,
@@ -54,13 +52,17 @@ def health(
     ctx: typer.Context,
     wait: Annotated[float, typer.Option(help="wait up to this many seconds for SERVING")] = 0.0,
 ) -> None:
-    """The server's health, per service; exit 6 when it is not SERVING."""
+    """Every name the server's health service publishes, with its status; exit 6 when the server is not
+    SERVING."""
     with connect(ctx) as client:
         if wait:
             client.wait_until_serving(wait)
-        statuses = {name or "(server)": client.health_status(name) for name in HEALTH_SERVICES}
+        published = client.health_statuses()
+    # the server first, then tuneserve's services, torchserve and each torchserve/<model>
+    statuses = {(name or "(server)"): published[name] for name in sorted(published)}
+    width = max(24, *map(len, statuses))
     console = out()
     for name, status in statuses.items():
-        console.print(f"{name:<24} {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
-    if statuses["(server)"] != health_pb2.HealthCheckResponse.SERVING:
+        console.print(f"{name:<{width}} {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    if statuses.get("(server)") != health_pb2.HealthCheckResponse.SERVING:
         raise typer.Exit(6)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.errors import DatasetError, FailedPrecondition, TuneserveError
+from service.jobs.devices import check_gpus_fit, with_resolved_gpus
 from service.jobs.spec import JobSpec
 from service.settings import Settings
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from service.training.data import DatasetInfo
     from service.training.layers import ModelDescription
 
-_NAMED_FIELD = re.compile(r"^(model|data|freeze|training|serving|early_stopping|logging)\.[a-z_]+")
+_NAMED_FIELD = re.compile(r"^(model|data|freeze|training|serving|early_stopping|logging|resources)\.[a-z_]+")
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,20 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
     with _field("model.architecture"):
         architecture = registry.check_architecture(spec.model.architecture)
     with _field("model.weights"):
-        weights.resolve_weights(spec.model, settings.torch_home)
+        weights.resolve_weights(spec.model, settings.torch_home, weights_root=settings.weights_dir)
     with _field("training.device"):
         _check_device(spec)
+    with _field("resources.gpus"):
+        check_gpus_fit(spec, settings)
+    spec = with_resolved_gpus(spec, settings)  # recorded: the stored spec says what the job gets
     info, val_info = _scan_data(spec, settings)
     warnings = [*_skip_warnings(info), *_skip_warnings(val_info)]
     description = _describe(spec, architecture, len(info.class_names), settings)
+    if (spec.resources.gpus or 0) > 1:
+        warnings.append(
+            f"spec.resources.gpus is {spec.resources.gpus}: the job holds that many GPUs, but training runs "
+            "on one device (the first it is given) until multi-GPU training exists"
+        )
     if spec.serving.enabled and not settings.torchserve_enabled:
         warnings.append(
             "spec.serving.enabled is true but this service runs with TUNESERVE_TORCHSERVE_ENABLED=false: "

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from service.errors import ResourceExhausted
+from service.jobs.devices import with_resolved_gpus
 from service.jobs.records import EventKind, Job, JobEvent, JobState
 from service.jobs.spec import JobSpec
 from service.jobs.store import JobStore
@@ -51,6 +52,8 @@ class JobManager:
 
     def create(self, spec: JobSpec, idempotency_key: str | None = None) -> Job:
         """Admit and queue a job; a repeated idempotency key returns its job without re-checking."""
+        # first: the stored spec records the resolved GPU count, and a repeated request must match it
+        spec = with_resolved_gpus(spec, self.settings)
         if idempotency_key and self.store.job_for_key(idempotency_key) is not None:
             return self.store.create_job(spec, idempotency_key)  # the same job, or AlreadyExists
         admitted = self._admit(spec, self.settings)

@@ -5,6 +5,13 @@ codes): a packaged job is handed to the deployer and SUCCEEDS; a crash is retrie
 checkpoint up to `max_job_retries` times, then FAILS with the reason; a cancelled job is stopped
 (SIGTERM to its process group, SIGKILL after `cancel_grace_s`) and CANCELLED. drain() stops starting
 jobs, asks the running ones to checkpoint and stop, and re-queues them to resume after a restart.
+
+Each worker gets its own GPUs (service.jobs.devices): distinct indices from the allocator, in its
+CUDA_VISIBLE_DEVICES, given back when the worker exits, however it exits. The oldest queued job waits
+while its GPUs are busy, and the younger ones wait behind it.
+
+The polling thread is supervised: `healthy()` (called by the service's health probe) restarts it when
+it has died and reports unhealthy until the new thread has completed a tick.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import IO
 from pydantic import SecretStr
 
 from service.errors import FailedPrecondition
+from service.jobs.devices import VISIBLE_DEVICES, DeviceAllocator, requested_gpus, visible_devices
 from service.jobs.records import EventKind, Job, JobState
 from service.jobs.store import ACTIVE_STATES, JobStore
 from service.jobs.worker import EXIT_OK, one_line
@@ -48,6 +56,7 @@ class _Worker:
     job_id: str
     process: subprocess.Popen[bytes]
     log_file: IO[bytes]
+    devices: tuple[int, ...] = ()  # GPU indices it holds (as this process numbers them)
     stop_sent_at: float | None = None  # when SIGTERM went to its process group
     killed: bool = False
 
@@ -76,6 +85,9 @@ class Scheduler:
         self._deploys = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deploy")
         self._capacity = 1
         self._env: dict[str, str] = {}
+        self._devices = DeviceAllocator(())
+        self._supervise = threading.Lock()
+        self._last_tick_ok = False  # the thread's last tick ran through (reset when it is restarted)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -83,15 +95,36 @@ class Scheduler:
         """Stop workers a dead predecessor left behind, re-queue their jobs, and start scheduling."""
         self._capacity = self.settings.resolved_max_concurrent_jobs()
         self._env = worker_env(self.settings)
+        self._devices = DeviceAllocator(self.settings.training_gpus)
         for job in self.store.jobs_in(ACTIVE_STATES):
             pid = self.store.worker_pid(job.id)
             if pid is not None:
                 stop_stale_worker(pid, job.id, self.settings.cancel_grace_s)
         for job in self.store.requeue_interrupted():
             log.info("re-queued interrupted job %s", job.id)
+        self._start_thread()
+        log.info(
+            "scheduler started: at most %d job(s) at once, training GPUs %s",
+            self._capacity,
+            list(self._devices.devices),
+        )
+
+    def healthy(self) -> bool:
+        """The scheduling thread is alive and its last tick ran through. A dead thread is restarted
+        here; it counts as unhealthy until the new one has ticked."""
+        with self._supervise:
+            if self._thread is None or self._stopping.is_set():
+                return False
+            if not self._thread.is_alive():
+                log.error("the scheduler thread died; starting a new one")
+                self._start_thread()
+                return False
+            return self._last_tick_ok
+
+    def _start_thread(self) -> None:
+        self._last_tick_ok = False
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
-        log.info("scheduler started: at most %d job(s) at once", self._capacity)
 
     def wake(self) -> None:
         """Look at the queue and the cancel requests now rather than at the next poll."""
@@ -101,12 +134,17 @@ class Scheduler:
         """Ids of the jobs that have a worker process right now."""
         return list(self._workers)
 
+    def devices_held(self) -> dict[str, tuple[int, ...]]:
+        """Job id -> the GPU indices its worker holds now."""
+        return dict(self._devices.held())
+
     def stop(self, drain: bool = True) -> None:
         """Stop scheduling. drain: let running workers checkpoint (up to drain_grace_s); else kill them.
 
         Either way their jobs go back to QUEUED and resume from their last checkpoint after a restart.
         """
-        self._stopping.set()
+        with self._supervise:  # no restart of the thread from now on
+            self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
@@ -127,13 +165,20 @@ class Scheduler:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._tick()
-            except Exception:  # a busy database, a full disk: log, keep scheduling
-                log.exception("scheduler tick failed")
-            self._wake.wait(self._poll_s)
-            self._wake.clear()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._tick()
+                    self._last_tick_ok = True
+                except Exception:  # a busy database, a full disk: log, keep scheduling
+                    self._last_tick_ok = False
+                    log.exception("scheduler tick failed")
+                self._wake.wait(self._poll_s)
+                self._wake.clear()
+        except BaseException:  # the thread dies: say so now (healthy() restarts it)
+            self._last_tick_ok = False
+            log.critical("the scheduler thread died", exc_info=True)
+            raise
 
     def _tick(self) -> None:
         for worker in list(self._workers.values()):
@@ -147,19 +192,41 @@ class Scheduler:
                 break
 
     def _launch(self, job: Job) -> bool:
+        gpus = requested_gpus(job.spec, self.settings)
+        if gpus > len(
+            self._devices.devices
+        ):  # admitted when the service had more GPUs: it would wait forever
+            reason = (
+                f"resources.gpus {gpus} is more than the {len(self._devices.devices)} GPU(s) this service "
+                "trains on now; resubmit the job with fewer"
+            )
+            try:
+                self.store.transition(job.id, JobState.FAILED, reason, expect=[JobState.QUEUED])
+            except FailedPrecondition:  # cancelled meanwhile
+                return False
+            return True  # the next queued job may start
+        devices = self._devices.acquire(job.id, gpus)
+        if devices is None:
+            return False  # busy: the oldest job waits for its GPUs, and the younger ones behind it
+        where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
         try:
-            job = self.store.transition(job.id, JobState.RUNNING, "worker starting", expect=[JobState.QUEUED])
+            job = self.store.transition(
+                job.id, JobState.RUNNING, f"worker starting on {where}", expect=[JobState.QUEUED]
+            )
         except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
+            self._devices.release(job.id)
             return False
         job_dir = self.settings.job_dir(job.id)
         job_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(job_dir / "worker.log", "ab")  # noqa: SIM115 (closed when the worker exits)
         log_file.write(f"\n=== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
         log_file.flush()
+        # the worker sees only its own GPUs (cuda:0 is the first of them); a CPU job sees none
+        env = {**self._env, VISIBLE_DEVICES: visible_devices(devices, os.environ.get(VISIBLE_DEVICES))}
         try:
             process = subprocess.Popen(
                 list(self._command(job.id)),
-                env=self._env,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -167,11 +234,12 @@ class Scheduler:
             )
         except OSError as exc:
             log_file.close()
+            self._devices.release(job.id)
             self.store.transition(job.id, JobState.FAILED, f"could not start a worker: {one_line(exc)}")
             return False
         self.store.set_worker_pid(job.id, process.pid)
-        self._workers[job.id] = _Worker(job.id, process, log_file)
-        log.info("job %s: worker %d started (attempt %d)", job.id, process.pid, job.attempts)
+        self._workers[job.id] = _Worker(job.id, process, log_file, devices)
+        log.info("job %s: worker %d started on %s (attempt %d)", job.id, process.pid, where, job.attempts)
         return True
 
     def _enforce_cancel(self, worker: _Worker) -> None:
@@ -193,6 +261,7 @@ class Scheduler:
         del self._workers[worker.job_id]
         rc = worker.process.returncode
         _kill_group(worker.process.pid, signal.SIGKILL)  # stragglers: data-loader processes, etc.
+        self._devices.release(worker.job_id)  # after the stragglers: nothing of the job is left on them
         worker.log_file.close()
         job = self.store.get_job(worker.job_id)
         log.info("job %s: worker %d exited with %s (job %s)", job.id, worker.process.pid, rc, job.state)

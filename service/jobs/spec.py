@@ -147,6 +147,18 @@ class ServingSpec(_Frozen):
     top_k: int = Field(5, ge=1, le=1000)
 
 
+class ResourcesSpec(_Frozen):
+    """What the job's worker gets from the machine (issue 14 adds gpus_per_node and nodes here)."""
+
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPUs for the job's worker, distinct from other running jobs'; 0: train on the CPU. "
+        "Default: 1 where the service has GPUs, 0 on a CPU-only machine (resolved when the job is created)",
+    )
+
+
 class JobSpec(_Frozen):
     """A fine-tune job, whole. Saved with every checkpoint of the job."""
 
@@ -161,6 +173,7 @@ class JobSpec(_Frozen):
     checkpointing: CheckpointSpec = CheckpointSpec()
     logging: LoggingSpec = LoggingSpec()
     serving: ServingSpec = ServingSpec()
+    resources: ResourcesSpec = ResourcesSpec()
 
     @field_validator("name")
     @classmethod
@@ -179,6 +192,17 @@ class JobSpec(_Frozen):
             raise ValueError("training.label_smoothing applies to task='multiclass' only")
         if self.early_stopping.monitor == "val_top5_accuracy" and self.task != "multiclass":
             raise ValueError("early_stopping.monitor='val_top5_accuracy' applies to task='multiclass' only")
+        gpus = self.resources.gpus
+        if gpus and self.training.device == "cpu":
+            raise ValueError(
+                f"resources.gpus {gpus} with training.device 'cpu' reserves GPUs the job would not use; "
+                "set resources.gpus to 0, or training.device to 'auto'"
+            )
+        if gpus == 0 and self.training.device == "cuda":
+            raise ValueError(
+                "training.device 'cuda' with resources.gpus 0: the worker would see no GPU; "
+                "ask for resources.gpus >= 1, or use training.device 'auto' or 'cpu'"
+            )
         if self.training.scheduler == "onecycle" and self.training.optimizer == "rmsprop":
             raise ValueError("training.scheduler='onecycle' needs sgd, adam or adamw (got rmsprop)")
         return self

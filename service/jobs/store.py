@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,10 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL DEFAULT '{}',
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS write_probe (   -- one row, rewritten by check_writable (health)
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
 """
 
 
@@ -321,6 +325,15 @@ class JobStore:
         )
         return JobState(json.loads(row["data"])["state"]) if row else JobState.QUEUED
 
+    def check_writable(self) -> None:
+        """Raise (sqlite3.Error) unless a write really reaches the database files now (health)."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO write_probe (id, at) VALUES (1, ?)"
+                " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                (time.time(),),
+            )
+
     # ------------------------------------------------------------------ connections
 
     def close(self) -> None:
@@ -356,13 +369,30 @@ class JobStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading a read lock
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            # a failed COMMIT (read-only or full disk, busy) may leave the transaction open; closing it
+            # here is what lets this connection write again once the disk is writable
+            if db.in_transaction:
+                with suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError):
+                self._forget(db)
             raise
-        db.execute("COMMIT")
+
+    def _forget(self, conn: sqlite3.Connection) -> None:
+        # SQLite opens a file it may not write read-only, and that connection stays read-only after the
+        # disk is writable again: a connection whose write failed is replaced at this thread's next call
+        with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        with suppress(sqlite3.Error):
+            conn.close()
+        if getattr(self._local, "conn", None) is conn:
+            del self._local.conn
 
 
 def new_job_id() -> str:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from service.errors import FailedPrecondition, Unavailable
+from service.jobs.devices import VISIBLE_DEVICES, visible_devices
 from service.packaging.ts_config import inference_url, management_url, render_config
 from service.settings import Settings
 
@@ -118,11 +119,7 @@ class TorchServeProcess:
             ]  # fmt: skip
             if not self.settings.torchserve_token_auth:
                 command.append("--disable-token-auth")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
-            tmp, logs = str(self.paths.tmp), str(self.paths.logs)
-            env.update(TEMP=tmp, TMPDIR=tmp, LOG_LOCATION=logs, METRICS_LOCATION=logs)
-            if self.worker_threads:  # TorchServe passes its environment on to the Python workers
-                env["OMP_NUM_THREADS"] = str(self.worker_threads)
+            env = self.environment()
             with open(self.paths.stdout_log, "ab") as out:
                 self._popen = subprocess.Popen(
                     command, cwd=self.paths.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -134,6 +131,18 @@ class TorchServeProcess:
             except BaseException:
                 self.stop()
                 raise
+
+    def environment(self) -> dict[str, str]:
+        """TorchServe's environment, which it passes on to its Python workers: ours without TS_* overrides,
+        its folders, and only the serving GPUs visible (number_of_gpu in its config says how many)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+        tmp, logs = str(self.paths.tmp), str(self.paths.logs)
+        env.update(TEMP=tmp, TMPDIR=tmp, LOG_LOCATION=logs, METRICS_LOCATION=logs)
+        parent = os.environ.get(VISIBLE_DEVICES)
+        env[VISIBLE_DEVICES] = visible_devices(self.settings.serving_gpu_indices, parent)
+        if self.worker_threads:
+            env["OMP_NUM_THREADS"] = str(self.worker_threads)
+        return env
 
     def stop(self) -> None:
         """SIGTERM the JVM (it stops its workers), wait, then SIGKILL whatever is left of the group."""

@@ -63,6 +63,9 @@ def render_config(settings: Settings) -> str:
         "metrics_mode": "prometheus",
         "model_metrics_auto_detect": "true",  # lets the handler's batch-size counter reach Prometheus
         "vmargs": f"-Xmx{settings.torchserve_java_heap} -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError",
+        # workers go round-robin over this many GPUs (gpu_id 0..n-1) of the ones TorchServe sees, which
+        # are the serving GPUs (CUDA_VISIBLE_DEVICES, TorchServeProcess.environment); 0: on the CPU
+        "number_of_gpu": len(settings.serving_gpu_indices),
         "default_workers_per_model": 1,
         "job_queue_size": JOB_QUEUE_SIZE,
         "default_response_timeout": DEFAULT_RESPONSE_TIMEOUT_S,

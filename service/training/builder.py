@@ -85,14 +85,21 @@ class BuiltModel:
 
 
 def build_model(
-    model_spec: ModelSpec, num_classes: int, *, torch_home: Path, load_pretrained: bool = True
+    model_spec: ModelSpec,
+    num_classes: int,
+    *,
+    torch_home: Path,
+    weights_root: Path | None = None,
+    load_pretrained: bool = True,
 ) -> BuiltModel:
     """The architecture with its pretrained weights and a fresh `num_classes` head, in train mode.
 
     `load_pretrained=False` skips reading the weights (a resumed job loads its own checkpoint next) but
     still builds the architecture the weights imply (a 384 px ViT for IMAGENET1K_SWAG_E2E_V1).
     """
-    resolved = weights.resolve_weights(model_spec, torch_home, require_file=load_pretrained)
+    resolved = weights.resolve_weights(
+        model_spec, torch_home, weights_root=weights_root, require_file=load_pretrained
+    )
     build_kwargs = _weights_kwargs(resolved)
     model = build_architecture(resolved.architecture, build_kwargs)
     if load_pretrained:

@@ -150,6 +150,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         spec.model,
         output_units(spec.task, len(splits.class_names)),
         torch_home=settings.torch_home,
+        weights_root=settings.weights_dir,  # the worker refuses an outside weights_file too
         load_pretrained=resume is None,  # a resumed job's weights all come from its checkpoint
     )
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)

@@ -4,11 +4,16 @@
 init) or `file` (a local state_dict in `weights_file`). Weights are only ever read from local files
 (see service.training.registry for where); a missing file is a FailedPrecondition that names the path
 and the command that fetches it. Nothing here falls back to random weights.
+
+A user's `weights_file` is confined to the weights root (TUNESERVE_WEIGHTS_ROOT), as datasets are to the
+data root: a path that leaves it is refused without a word on whether it exists, so the API cannot be
+used to probe or read the server's other files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -53,15 +58,22 @@ class ResolvedWeights:
         return self.name != NONE
 
 
-def resolve_weights(model_spec: ModelSpec, torch_home: Path, *, require_file: bool = True) -> ResolvedWeights:
-    """Check the weights name against the architecture and, unless told not to, that the file is here."""
+def resolve_weights(
+    model_spec: ModelSpec, torch_home: Path, *, weights_root: Path | None = None, require_file: bool = True
+) -> ResolvedWeights:
+    """Check the weights name against the architecture and, unless told not to, that the file is here.
+
+    A `file` choice is resolved under `weights_root`; without a root no user file can be read.
+    """
     arch = registry.check_architecture(model_spec.architecture)
     source = registry.source_of(arch)
     name = model_spec.weights
     if name == NONE:
         resolved = ResolvedWeights(arch, source, NONE, None)
     elif name == FILE:
-        resolved = ResolvedWeights(arch, source, FILE, Path(model_spec.weights_file or ""))
+        given = model_spec.weights_file or ""
+        file = None if weights_root is None else confine_weights_file(given, weights_root)
+        resolved = ResolvedWeights(arch, source, FILE, file)
     elif source == "torchvision":
         member = _torchvision_member(arch, name)
         file = registry.torchvision_weights_file(member, torch_home)
@@ -81,14 +93,42 @@ def resolve_weights(model_spec: ModelSpec, torch_home: Path, *, require_file: bo
     return resolved
 
 
+def confine_weights_file(weights_file: str, weights_root: Path) -> Path:
+    """`weights_file` (relative to the weights root, or absolute) with `..` and symlinks resolved.
+
+    InvalidArgument when it leaves the root, decided before anything outside is looked at: by the
+    path's text (`/etc/passwd`, `../x`) and then by where symlinks inside the root lead. The message
+    is the same whether or not the file exists.
+    """
+    root = weights_root.resolve()
+    outside = InvalidArgument(
+        f"model.weights_file {weights_file[:200]!r} is outside the weights root {root}; put the state_dict "
+        "under that folder (TUNESERVE_WEIGHTS_ROOT) and give its path relative to it"
+    )
+    if not Path(os.path.normpath(root / weights_file)).is_relative_to(root):
+        raise outside
+    try:
+        resolved = (root / weights_file).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # ValueError: a NUL; RuntimeError: a symlink loop
+        raise InvalidArgument(
+            f"model.weights_file {weights_file[:200]!r} is not a usable path ({exc}); give a path relative "
+            "to the weights root, of printable characters and at most 255 per name"
+        ) from None
+    if not resolved.is_relative_to(root):
+        raise outside
+    return resolved
+
+
 def require_weights_file(resolved: ResolvedWeights) -> None:
     """FailedPrecondition naming the expected path and the fix, when the weights file is not on disk."""
     if not resolved.pretrained or (resolved.file is not None and _is_file(resolved.file)):
         return
-    if resolved.name == FILE:
+    if resolved.name == FILE and resolved.file is None:  # a caller that gave no weights root
+        raise FailedPrecondition("model.weights_file cannot be read: this service has no weights root")
+    if resolved.name == FILE:  # inside the weights root (confine_weights_file): existence may be said
         raise FailedPrecondition(
-            f"model.weights_file {str(resolved.file)[:200]!r} does not exist or is not a file; "
-            "give the path of a state_dict (.pt/.pth/.safetensors) readable by the service"
+            f"model.weights_file {str(resolved.file)[:200]!r} does not exist or is not a file under the "
+            "weights root; put the state_dict (.pt/.pth/.safetensors) there and give its path"
         )
     if resolved.source == "builtin":
         raise FailedPrecondition(

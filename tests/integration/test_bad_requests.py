@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+import torchvision
 from harness import channel_to, make_image_folder, make_settings, running_service, spec, stub, wait_state
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -214,12 +215,26 @@ CASES = [
         "make weights MODELS=resnet18",
     ),
     case(
-        "missing weights file",
-        create(model={"weights": "file", "weights_file": "/nope/w.pt"}),
+        "missing weights file under the weights root",
+        create(model={"weights": "file", "weights_file": "nope/w.pt"}),
         PRECONDITION,
         "spec.model.weights_file",
-        "/nope/w.pt",
+        "nope/w.pt",
+        "does not exist",
     ),
+    case(
+        "gpus for a cpu job",
+        create(resources={"gpus": 1}),  # spec() trains on the cpu
+        INVALID,
+        "resources.gpus 1 with training.device 'cpu'",
+    ),
+    case(
+        "cuda without gpus",
+        create(training={"device": "cuda"}, resources={"gpus": 0}),
+        INVALID,
+        "training.device 'cuda' with resources.gpus 0",
+    ),
+    case("negative gpus", create(resources={"gpus": -1}), INVALID, "spec.resources.gpus", "-1"),
     case("multilabel without a manifest", create(task="multilabel"), INVALID, "data.manifest", "multilabel"),
     case(
         "manifest for a multiclass task",
@@ -378,3 +393,95 @@ def test_cancelling_a_finished_job_is_a_failed_precondition(channel: grpc.Channe
         client.CancelJob(pb.CancelJobRequest(job_id=job.id))
     assert caught.value.code() == PRECONDITION
     assert job.id in caught.value.details() and "already CANCELLED" in caught.value.details()
+
+
+OUTSIDE_WEIGHTS = {
+    "an absolute path to a file that exists": "/etc/passwd",
+    "an absolute path to nothing": "/etc/no-such-weights.pt",
+    "a relative path climbing out": "../../../../../../etc/passwd",
+    "a symlink inside the root to a file outside": "escape.pt",
+    "a path through a symlinked folder leading outside": "etc-link/passwd",
+}
+
+
+@pytest.mark.parametrize("weights_file", OUTSIDE_WEIGHTS.values(), ids=OUTSIDE_WEIGHTS.keys())
+def test_a_weights_file_outside_the_weights_root_is_invalid_and_its_existence_is_not_told(
+    service: Service, channel: grpc.Channel, weights_file: str
+) -> None:
+    root = service.settings.weights_dir
+    for link, target in (("escape.pt", "/etc/passwd"), ("etc-link", "/etc")):
+        if not (root / link).is_symlink():
+            (root / link).symlink_to(target)
+    client = stub(channel)
+    before = len(client.ListJobs(pb.ListJobsRequest(page_size=500)).jobs)
+    with pytest.raises(grpc.RpcError) as caught:
+        create("peek", model={"weights": "file", "weights_file": weights_file})(client, channel)
+    details = caught.value.details()
+    assert caught.value.code() == INVALID, details
+    assert f"spec.model.weights_file {weights_file!r} is outside the weights root {root.resolve()}" in details
+    # The same words whether or not the file is there: nothing to tell /etc/passwd from a missing file.
+    assert details.replace(repr(weights_file), "X") == _outside_message(channel, "/etc/no-such-weights.pt")
+    assert "exist" not in details and "root:" not in details  # no existence, no file contents
+    assert len(client.ListJobs(pb.ListJobsRequest(page_size=500)).jobs) == before  # no job was created
+
+
+def _outside_message(channel: grpc.Channel, weights_file: str) -> str:
+    with pytest.raises(grpc.RpcError) as caught:
+        create("peek", model={"weights": "file", "weights_file": weights_file})(stub(channel), channel)
+    return caught.value.details().replace(repr(weights_file), "X")
+
+
+def test_a_weights_file_under_the_weights_root_given_relative_is_accepted(
+    service: Service, channel: grpc.Channel
+) -> None:
+    folder = service.settings.weights_dir / "mine"
+    folder.mkdir(exist_ok=True)
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=2).state_dict(), folder / "small.pt")
+    client = stub(channel)
+    job = client.CreateJob(
+        pb.CreateJobRequest(
+            spec=spec("own-weights", model={"weights": "file", "weights_file": "mine/small.pt"})
+        )
+    )
+    client.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    assert job.spec.model.weights_file == "mine/small.pt"
+
+
+@pytest.fixture(scope="module")
+def two_gpu_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service on a machine with 2 GPUs (TUNESERVE_GPU_COUNT), the last kept for serving only."""
+    root = tmp_path_factory.mktemp("gpus")
+    settings = make_settings(root, gpu_count=2, train_on_serving_gpus=False)
+    make_image_folder(settings.data_root / "ds")
+    with running_service(settings) as running:
+        yield running
+
+
+def test_a_job_asking_more_gpus_than_the_service_trains_on_is_resource_exhausted(
+    two_gpu_service: Service,
+) -> None:
+    with channel_to(two_gpu_service) as channel, pytest.raises(grpc.RpcError) as caught:
+        create(training={"device": "auto"}, resources={"gpus": 2})(stub(channel), channel)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+    assert caught.value.details() == (
+        "spec.resources.gpus 2 is more than the 1 GPU(s) this service trains on (it has 2; GPU(s) [1] are "
+        "reserved for serving (TUNESERVE_SERVING_GPUS) and TUNESERVE_TRAIN_ON_SERVING_GPUS is false); "
+        "ask for at most 1, or 0 to train on the CPU"
+    )
+
+
+def test_the_default_gpu_request_is_recorded_and_a_repeated_request_gets_the_same_job(
+    two_gpu_service: Service,
+) -> None:
+    auto = {"device": "auto", "epochs": 1, "batch_size": 4, "image_size": 32}
+    with channel_to(two_gpu_service) as channel:
+        client = stub(channel)
+        request = pb.CreateJobRequest(spec=spec("gpu-default", training=auto), idempotency_key="gpu-1")
+        first = client.CreateJob(request)
+        client.CancelJob(pb.CancelJobRequest(job_id=first.id))
+        again = client.CreateJob(request)  # gpus unset again: the same request, not a different spec
+        cpu = client.CreateJob(pb.CreateJobRequest(spec=spec("cpu-default")))  # training.device cpu
+        client.CancelJob(pb.CancelJobRequest(job_id=cpu.id))
+    assert first.spec.resources.HasField("gpus") and first.spec.resources.gpus == 1
+    assert again.id == first.id
+    assert cpu.spec.resources.HasField("gpus") and cpu.spec.resources.gpus == 0

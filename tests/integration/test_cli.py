@@ -29,6 +29,7 @@ from typer.testing import Result
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from service.api.health import HealthReporter
 from service.app import Service
 from service.cli.client import Client, ClientConfig
 from service.cli.watch import Backoff, follow_events
@@ -122,6 +123,27 @@ def test_health_reports_each_service_and_inference_off_without_torchserve(cli: C
         "tuneserve.v1.FineTuning": "SERVING",
         "tuneserve.v1.Inference": "NOT_SERVING",
     }
+
+
+def test_health_lists_every_published_name_and_drops_a_model_no_longer_served(tmp_path: Path) -> None:
+    readiness = {"torchserve": True, "torchserve/pets": False, "torchserve/a-rather-long-model-name": True}
+    with running_service(make_settings(tmp_path, auth_token=TOKEN)) as service:
+        reporter = HealthReporter(lambda: readiness, service.server.set_serving)  # as TorchServe's probe
+        reporter.report_once()
+        listed = cli_for(service, TOKEN)("health")
+        del readiness["torchserve/pets"]
+        reporter.report_once()
+        after = cli_for(service, TOKEN)("health")
+    assert listed.exit_code == 0, listed.output
+    assert dict(line.split() for line in listed.stdout.splitlines()) == {
+        "(server)": "SERVING",
+        "torchserve": "SERVING",
+        "torchserve/a-rather-long-model-name": "SERVING",
+        "torchserve/pets": "NOT_SERVING",
+        "tuneserve.v1.FineTuning": "SERVING",
+        "tuneserve.v1.Inference": "NOT_SERVING",
+    }
+    assert "torchserve/pets" not in after.stdout and "torchserve/a-rather-long-model-name" in after.stdout
 
 
 def test_models_lists_the_builtin_lite0(cli: Cli) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from cli_harness import Cli, assert_error_line, cli_for
-from harness import make_image_folder
+from harness import make_image_folder, wait_for
 from torchserve_service import running_torchserve_service
 from typer.testing import Result
 
@@ -122,12 +122,20 @@ def assert_tables_like(printed: dict[str, list[tuple[str, float]]], expected: di
 # ------------------------------------------------------------------------------------------- tests
 
 
-def test_health_reports_every_service_serving(cli: Cli) -> None:
-    result = cli("health")
-    assert result.exit_code == 0, result.output
-    statuses = dict(line.split() for line in result.stdout.splitlines())
-    assert statuses == {
+def test_health_reports_every_service_and_the_served_model_serving(
+    cli: Cli, versions: dict[str, Path]
+) -> None:
+    def listed() -> dict[str, str] | None:
+        result = cli("health")
+        assert result.exit_code == 0, result.output
+        statuses = dict(line.split() for line in result.stdout.splitlines())
+        return statuses if statuses.get("torchserve/pets") == "SERVING" else None
+
+    # the TorchServe names are refreshed every few seconds (service.api.health)
+    assert wait_for(listed, timeout=30, what="torchserve/pets in `tuneserve health`") == {
         "(server)": "SERVING",
+        "torchserve": "SERVING",
+        "torchserve/pets": "SERVING",
         "tuneserve.v1.FineTuning": "SERVING",
         "tuneserve.v1.Inference": "SERVING",
     }

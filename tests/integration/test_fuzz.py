@@ -136,7 +136,7 @@ def test_random_field_values_in_every_request_get_only_client_errors(
 # Valid specs of each shape the spec allows, so that mutations reach the checks behind the first one.
 SPEC_BASES = [
     spec("fuzzed"),
-    spec("by-file", model={"weights": "file", "weights_file": "/nope/w.pt"}),
+    spec("by-file", model={"weights": "file", "weights_file": "nope/w.pt"}),
     spec("labels", task="multilabel", data={"manifest": "labels.csv"}),
     spec("split", data={"val_path": "ds"}, freeze={"depth": 2}),
 ]

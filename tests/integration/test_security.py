@@ -267,7 +267,7 @@ def test_a_pickled_object_in_a_weights_file_is_refused_and_never_runs(tmp_path: 
     marker = tmp_path / "pwned"
     weights = booby_trapped(tmp_path / "evil.pt", marker)
     model_spec = ModelSpec(architecture="resnet18", weights="file", weights_file=str(weights))
-    resolved = resolve_weights(model_spec, tmp_path)
+    resolved = resolve_weights(model_spec, tmp_path, weights_root=tmp_path)
     with pytest.raises(FailedPrecondition, match=r"cannot read weights file .*evil\.pt"):
         read_state_dict(resolved, torch.nn.Linear(2, 2))
     assert not marker.exists()
@@ -285,10 +285,10 @@ def test_a_job_given_a_booby_trapped_weights_file_fails_naming_it_and_nothing_ru
     service: Service, channel: grpc.Channel
 ) -> None:
     marker = service.settings.state_dir.parent / "pwned-by-job"
-    weights = booby_trapped(service.settings.state_dir.parent / "uploads" / "evil.pt", marker)
+    booby_trapped(service.settings.weights_dir / "uploads" / "evil.pt", marker)
     client = pb_grpc.FineTuningStub(channel)
     auth = (("authorization", f"Bearer {TOKEN}"),)
-    trapped = spec("trapped", model={"weights": "file", "weights_file": str(weights)})
+    trapped = spec("trapped", model={"weights": "file", "weights_file": "uploads/evil.pt"})
     job = client.CreateJob(pb.CreateJobRequest(spec=trapped), metadata=auth)
 
     def ended() -> pb.Job | None:

@@ -28,7 +28,9 @@ def main() -> int:
     name = store.get_job(job_id).spec.name
     if name.startswith("stubborn"):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    store.append_event(job_id, EventKind.INFO, "fake worker started", {"pid": os.getpid()})
+    # what the scheduler gave it, read back by the tests
+    seen = {"pid": os.getpid(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    store.append_event(job_id, EventKind.INFO, "fake worker started", seen)
     if name.startswith("ok"):
         store.transition(job_id, JobState.PACKAGING, "trained")
         store.update_result(job_id, archive_path="/nowhere/x.mar", archive_sha256="0" * 64)

@@ -142,7 +142,7 @@ def test_user_file_with_another_head_size_loads_the_body(
     model = torchvision.models.resnet18(weights=None, num_classes=10)
     path = tmp_path / "finetuned.pt"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
-    built = build_model(_spec("resnet18", "file", str(path)), 4, torch_home=tmp_path)
+    built = build_model(_spec("resnet18", "file", str(path)), 4, torch_home=tmp_path, weights_root=tmp_path)
     assert torch.equal(
         built.model.state_dict()["layer1.0.conv1.weight"], model.state_dict()["layer1.0.conv1.weight"]
     )
@@ -153,7 +153,7 @@ def test_user_file_of_another_architecture_fails_naming_a_tensor(tmp_path: Path)
     path = tmp_path / "wrong.pt"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
     with pytest.raises(FailedPrecondition, match=r"unexpected, first layer1\.2\."):
-        build_model(_spec("resnet18", "file", str(path)), 4, torch_home=tmp_path)
+        build_model(_spec("resnet18", "file", str(path)), 4, torch_home=tmp_path, weights_root=tmp_path)
 
 
 def test_safetensors_user_file_without_metadata_loads_into_mnasnet(tmp_path: Path) -> None:
@@ -162,13 +162,39 @@ def test_safetensors_user_file_without_metadata_loads_into_mnasnet(tmp_path: Pat
     state = torchvision.models.mnasnet0_5(weights=None).state_dict()
     path = tmp_path / "mnasnet.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    built = build_model(_spec("mnasnet0_5", "file", str(path)), 2, torch_home=tmp_path)
+    built = build_model(_spec("mnasnet0_5", "file", str(path)), 2, torch_home=tmp_path, weights_root=tmp_path)
     assert torch.equal(built.model.state_dict()["layers.0.weight"], state["layers.0.weight"])
 
 
 def test_missing_user_file_is_a_failed_precondition(tmp_path: Path) -> None:
     with pytest.raises(FailedPrecondition, match="does not exist"):
-        build_model(_spec("resnet18", "file", str(tmp_path / "nope.pt")), 4, torch_home=tmp_path)
+        build_model(
+            _spec("resnet18", "file", str(tmp_path / "nope.pt")),
+            4,
+            torch_home=tmp_path,
+            weights_root=tmp_path,
+        )
+
+
+def test_the_worker_refuses_a_weights_file_outside_the_weights_root(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.pt"  # a real state_dict of the right architecture: only the place is wrong
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), outside)
+    root = tmp_path / "weights"
+    root.mkdir()
+    (root / "link.pt").symlink_to(outside)
+    for given in (str(outside), "../outside.pt", "link.pt"):
+        with pytest.raises(InvalidArgument, match=r"is outside the weights root"):
+            build_model(_spec("resnet18", "file", given), 4, torch_home=tmp_path, weights_root=root)
+
+
+def test_a_relative_weights_file_is_read_from_the_weights_root(tmp_path: Path) -> None:
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    (tmp_path / "weights" / "mine").mkdir(parents=True)
+    torch.save(state, tmp_path / "weights" / "mine" / "r18.pt")
+    built = build_model(
+        _spec("resnet18", "file", "mine/r18.pt"), 4, torch_home=tmp_path, weights_root=tmp_path / "weights"
+    )
+    assert torch.equal(built.model.state_dict()["conv1.weight"], state["conv1.weight"])
 
 
 def test_efficientnet_lite0_real_weights_load(tmp_path: Path) -> None:

@@ -24,13 +24,14 @@ def fake_command(job_id: str) -> list[str]:
     return [sys.executable, str(FAKE_WORKER), "--job-id", job_id]
 
 
-def make_spec(name: str, serve: bool = False) -> JobSpec:
+def make_spec(name: str, serve: bool = False, gpus: int | None = None) -> JobSpec:
     return JobSpec.model_validate(
         {
             "name": name,
             "model": {"architecture": "resnet18"},
             "data": {"path": "ds"},
             "serving": {"enabled": serve},
+            "resources": {"gpus": gpus},
         }
     )
 
@@ -52,8 +53,8 @@ class Harness:
             raise self.deploy_error
         self.deployed.append(job.id)
 
-    def create(self, name: str, serve: bool = False) -> str:
-        job_id = self.store.create_job(make_spec(name, serve)).id
+    def create(self, name: str, serve: bool = False, gpus: int | None = None) -> str:
+        job_id = self.store.create_job(make_spec(name, serve, gpus)).id
         self.scheduler.wake()
         return job_id
 
@@ -69,6 +70,11 @@ class Harness:
 
     def wait_started(self, job_id: str) -> None:
         self.wait(lambda: any(e.message == "fake worker started" for e in self.store.events_after(job_id)))
+
+    def visible_devices(self, job_id: str) -> list[str | None]:
+        """CUDA_VISIBLE_DEVICES as each attempt's worker process saw it."""
+        events = self.store.events_after(job_id)
+        return [e.data["cuda_visible_devices"] for e in events if e.message == "fake worker started"]
 
     def messages(self, job_id: str, kind: EventKind) -> list[str]:
         return [e.message for e in self.store.events_after(job_id) if e.kind == kind]
@@ -189,3 +195,125 @@ def test_workers_get_every_setting_but_secrets_with_absolute_paths(tmp_path: Pat
     assert env["TUNESERVE_MAX_CONCURRENT_JOBS"] == "3"
     assert env["TUNESERVE_TORCHSERVE_ENABLED"] == "true"
     assert "TUNESERVE_AUTH_TOKEN" not in env
+
+
+# ---------------------------------------------------------------------- GPUs: one set per worker
+
+
+@pytest.fixture
+def four_gpus(tmp_path: Path) -> Iterator[Harness]:
+    """A machine with 4 GPUs (TUNESERVE_GPU_COUNT: no GPU here) and room for 4 jobs at once."""
+    h = Harness(tmp_path, gpu_count=4, max_concurrent_jobs=4)
+    h.scheduler.start()
+    yield h
+    h.scheduler.stop(drain=False)
+    h.store.close()
+
+
+def test_running_workers_see_distinct_gpus_and_a_cpu_job_sees_none(four_gpus: Harness) -> None:
+    h = four_gpus
+    pair, single, cpu = h.create("slow-pair", gpus=2), h.create("slow-single"), h.create("slow-cpu", gpus=0)
+    for job_id in (pair, single, cpu):
+        h.wait_started(job_id)
+    seen = {job_id: h.visible_devices(job_id) for job_id in (pair, single, cpu)}
+    assert seen == {pair: ["0,1"], single: ["2"], cpu: [""]}  # the default is one GPU
+    assert h.scheduler.devices_held() == {pair: (0, 1), single: (2,)}
+
+
+def test_the_oldest_job_waits_for_its_gpus_and_younger_ones_wait_behind_it(four_gpus: Harness) -> None:
+    h = four_gpus
+    three = h.create("slow-three", gpus=3)
+    h.wait_started(three)
+    pair, single = h.create("slow-pair", gpus=2), h.create("slow-single", gpus=1)
+    time.sleep(0.5)  # many ticks: one GPU is free, yet neither starts (oldest first, no backfilling)
+    assert [h.store.get_job(j).state for j in (pair, single)] == [JobState.QUEUED, JobState.QUEUED]
+    assert h.visible_devices(pair) == [] == h.visible_devices(single)
+    h.store.request_cancel(three)
+    h.wait_started(pair)
+    h.wait_started(single)
+    assert h.visible_devices(pair) == ["0,1"] and h.visible_devices(single) == ["2"]
+
+
+@pytest.mark.parametrize(
+    ("name", "final"),
+    [
+        ("ok", JobState.SUCCEEDED),  # packaged and exited 0
+        ("fail", JobState.FAILED),  # the worker recorded FAILED
+        ("crash", JobState.FAILED),  # SIGKILL, retried once, then FAILED
+        ("exit3", JobState.FAILED),  # an exit code, retried once, then FAILED
+    ],
+)
+def test_gpus_are_freed_whatever_the_worker_exit(tmp_path: Path, name: str, final: JobState) -> None:
+    h = Harness(tmp_path, gpu_count=1)
+    h.scheduler.start()
+    try:
+        first = h.wait_state(h.create(f"{name}-first"), final)
+        after = h.create("ok-after")  # would wait forever if the only GPU had leaked
+        h.wait_state(after, JobState.SUCCEEDED)
+        assert set(h.visible_devices(first.id)) == {"0"} and h.visible_devices(after) == ["0"]
+        assert h.scheduler.devices_held() == {}
+    finally:
+        h.scheduler.stop(drain=False)
+        h.store.close()
+
+
+def test_gpus_are_freed_when_a_job_is_cancelled(tmp_path: Path) -> None:
+    h = Harness(tmp_path, gpu_count=1)
+    h.scheduler.start()
+    try:
+        stubborn = h.create("stubborn")  # ignores SIGTERM: freed only after the SIGKILL
+        h.wait_started(stubborn)
+        h.store.request_cancel(stubborn)
+        h.scheduler.wake()
+        h.wait_state(stubborn, JobState.CANCELLED)
+        after = h.create("ok-after")
+        h.wait_state(after, JobState.SUCCEEDED)
+        assert h.visible_devices(after) == ["0"] and h.scheduler.devices_held() == {}
+    finally:
+        h.scheduler.stop(drain=False)
+        h.store.close()
+
+
+def test_a_drain_frees_the_gpus_and_the_job_gets_them_again_after_a_restart(tmp_path: Path) -> None:
+    h = Harness(tmp_path, gpu_count=1)
+    h.scheduler.start()
+    job_id = h.create("slow-drained")
+    h.wait_started(job_id)
+    h.scheduler.stop(drain=True)
+    assert h.scheduler.devices_held() == {} and h.store.get_job(job_id).state == JobState.QUEUED
+    restarted = Scheduler(h.settings, h.store, command=fake_command, poll_s=0.05)
+    restarted.start()
+    try:
+        h.wait(lambda: len(h.visible_devices(job_id)) == 2)
+        assert h.visible_devices(job_id) == ["0", "0"]
+    finally:
+        restarted.stop(drain=False)
+        h.store.close()
+
+
+def test_gpu_indices_follow_the_services_own_cuda_visible_devices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # the service itself was given GPUs 5 and 7
+    h = Harness(tmp_path, gpu_count=2, max_concurrent_jobs=2)
+    h.scheduler.start()
+    try:
+        first, second = h.create("slow-a"), h.create("slow-b")
+        h.wait_started(first)
+        h.wait_started(second)
+        assert (h.visible_devices(first), h.visible_devices(second)) == (["5"], ["7"])
+    finally:
+        h.scheduler.stop(drain=False)
+        h.store.close()
+
+
+def test_a_job_asking_more_gpus_than_the_service_now_has_fails_instead_of_waiting(tmp_path: Path) -> None:
+    h = Harness(tmp_path, gpu_count=1)  # admitted when the machine had more GPUs
+    h.scheduler.start()
+    try:
+        job = h.wait_state(h.create("ok-big", gpus=2), JobState.FAILED)
+        assert job.error is not None and "resources.gpus 2" in job.error and "1 GPU(s)" in job.error
+        h.wait_state(h.create("ok-next"), JobState.SUCCEEDED)
+    finally:
+        h.scheduler.stop(drain=False)
+        h.store.close()

@@ -7,6 +7,7 @@ import json
 import re
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.gate import Decision, compare
 from service.packaging.served import ServedRegistry, ServedVersion
-from service.packaging.torchserve import TorchServeKeys, parse_key_expiry
+from service.packaging.torchserve import TorchServeKeys, TorchServeProcess, parse_key_expiry
 from service.packaging.ts_config import render_config
 from service.packaging.ts_protos import build_descriptor_set, frontend_jar, generate_stubs
 from service.settings import Settings
@@ -109,6 +110,28 @@ def test_config_binds_loopback_with_token_auth_and_a_capped_heap(tmp_path: Path)
     assert props["enable_envvars_config"] == "false" and props["metrics_mode"] == "prometheus"
     assert props["vmargs"].startswith("-Xmx256m ")
     assert props["model_store"] == str(settings.model_store.resolve())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "visible", "number_of_gpu"),
+    [
+        ({"gpu_count": 4}, "3", "1"),  # default: the last GPU, shared with training
+        ({"gpu_count": 4, "serving_gpus": "0,2"}, "0,2", "2"),
+        ({"gpu_count": 4, "serving_gpus": ""}, "", "0"),  # TorchServe on the CPU
+        ({"gpu_count": 0}, "", "0"),  # a CPU-only machine
+    ],
+)
+def test_torchserve_sees_only_the_serving_gpus_and_uses_each(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: dict[str, Any],
+    visible: str,
+    number_of_gpu: str,
+) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    settings = Settings.model_validate({"state_dir": tmp_path, **overrides})
+    assert TorchServeProcess(settings).environment()["CUDA_VISIBLE_DEVICES"] == visible
+    assert _properties(render_config(settings))["number_of_gpu"] == number_of_gpu
 
 
 def test_allowed_urls_admit_only_archives_at_the_top_of_the_model_store(tmp_path: Path):

@@ -41,7 +41,12 @@ def data_root(tmp_path: Path) -> Path:
 
 
 def _settings(tmp_path: Path, data_root: Path) -> Settings:
-    return Settings(state_dir=tmp_path / "state", data_root=data_root, torch_home=tmp_path / "torch")
+    return Settings(
+        state_dir=tmp_path / "state",
+        data_root=data_root,
+        torch_home=tmp_path / "torch",
+        weights_root=tmp_path,
+    )
 
 
 def _train(spec: JobSpec, tmp_path: Path, data_root: Path, job: str = "job", reporter: Any = None) -> Any:
