@@ -69,8 +69,8 @@ class Decision:
     def margin(self, answer: Scores) -> float:
         """How far the answer's top-1 is from changing (multiclass: top-1 minus top-2)."""
         if self.task == "binary":
-            positive = next(float(s["probability"]) for s in answer if s["label"] == self.positive)
-            return abs(positive - self.threshold)
+            positive = next((float(s["probability"]) for s in answer if s["label"] == self.positive), None)
+            return math.inf if positive is None else abs(positive - self.threshold)
         if len(answer) < 2:
             return math.inf
         return float(answer[0]["probability"]) - float(answer[1]["probability"])
