@@ -263,7 +263,9 @@ def test_an_offline_job_resumed_after_a_crash_continues_the_same_run(
     make_image_folder(tmp_path / "data" / "ds", classes=3, per_class=6)
     job_dir = tmp_path / "job"
     tests_unit = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_unit.parents[1]), str(tests_unit)])}
+    # WANDB_SERVICE: wandb hands its service to child processes; a job worker starts its own
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests_unit.parents[1]), str(tests_unit)])
     crashing = subprocess.Popen([sys.executable, "-c", CRASHING_JOB, str(tmp_path)], env=env)
     try:
         deadline = time.monotonic() + 180  # wandb-core writes its file every few seconds
