@@ -78,12 +78,13 @@ def log_graph(run: Run) -> None:
     if run.split is not None:
         with torch.no_grad():
             example = run.split.prefix(example)
-        module = _ChainModule(run.split.rest)
+        module = TrainablePart(run.split.rest)
     run.tensorboard.graph(module, example)
 
 
-class _ChainModule(nn.Module):
-    """A freezing.Chain as a Module (what the tracer needs); its module steps registered for names."""
+class TrainablePart(nn.Module):
+    """The layers after the frozen prefix as one Module: what the tracer needs, and the name the
+    Graphs tab shows. Its module steps are registered so their names show too."""
 
     def __init__(self, chain: Chain) -> None:
         super().__init__()

@@ -67,6 +67,7 @@ class WandbLogger:
         mode = resolve_mode(spec.mode)
         if mode == "disabled":
             return cls(None, reporter)
+        resumed = run_id is not None  # kept in the checkpoint by an earlier start of this job
         run_id = run_id or uuid.uuid4().hex[:12]
         job_dir.mkdir(parents=True, exist_ok=True)
         attempts: tuple[RunMode, ...] = ("online", "offline") if mode == "online" else ("offline",)
@@ -74,7 +75,7 @@ class WandbLogger:
             try:
                 run = _init(spec, attempt, job_dir, dict(config), run_id, name, init_timeout)
                 if attempt == "offline":
-                    _report_offline_parts(job_dir, run_id, reporter)
+                    _report_offline_parts(job_dir, run_id, reporter, resumed)
                 return cls(run, reporter)
             except Exception as exc:  # wandb raises its own errors, timeouts, network errors...
                 fallback = "retrying offline" if attempt == "online" else "W&B logging is off for this job"
@@ -140,15 +141,17 @@ def sync_command(parts: list[Path], run_id: str) -> str:
     return " ".join(["wandb", "sync", "--id", run_id, *(shlex.quote(str(p)) for p in parts)])
 
 
-def _report_offline_parts(job_dir: Path, run_id: str, reporter: Reporter) -> None:
+def _report_offline_parts(job_dir: Path, run_id: str, reporter: Reporter, resumed: bool) -> None:
+    """An INFO event with the sync command when this start continues an earlier one's run offline (the
+    earlier part is an offline folder here, or a run that went online before)."""
     parts = offline_parts(job_dir, run_id)
-    if len(parts) < 2:
+    if not resumed and len(parts) < 2:
         return
     command = sync_command(parts, run_id)
     reporter.event(
         EventKind.INFO,
-        f"W&B run {run_id} continues offline in a new folder ({len(parts)} folders now, one per start); "
-        f"upload them as one run with: {command}",
+        f"W&B run {run_id} continues offline in a new folder ({len(parts)} offline folder(s), one per "
+        f"start); upload them as one run with: {command}",
         {"wandb_run_id": run_id, "wandb_dirs": [str(p) for p in parts], "wandb_sync_command": command},
     )
 
