@@ -307,3 +307,9 @@ def test_random_bytes_to_the_serving_rpcs_get_only_client_errors(
         f"only client errors or OK ({summary(codes)}); never INTERNAL; every version still answers like "
         "its checkpoint",
     )
+
+
+def test_every_serving_rpc_is_fuzzed() -> None:
+    """A renamed or new serving RPC must not silently drop out of the fuzzing above."""
+    assert {m.name for m in METHODS} == set(SERVING_RPCS)
+    assert all(not m.server_streaming for m in METHODS)  # call() sends unary requests only
