@@ -2,7 +2,8 @@
 
 One server (auth on) takes every case. Its scheduler is stopped after start-up, so the jobs that random
 specs manage to create stay QUEUED and are cancelled: this fuzzes the API, and a training worker per
-valid spec would swamp a small machine. After each property the server must still be healthy.
+valid spec would swamp a small machine. After each property the server must still be healthy: health
+answers (NOT_SERVING, truthfully, since the scheduler is stopped), and jobs can be read and created.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     (config.data_root / "labels.csv").write_text("ds/class_0/0.png,a;b\nds/class_1/0.png,b\n")
     with running_service(config) as running:
         running.scheduler.stop(drain=False)  # jobs stay QUEUED: see the module docstring
+        assert running.jobs_health is not None
+        running.jobs_health.report_once()  # health says so now, not at the next probe
         yield running
 
 
@@ -96,9 +99,12 @@ def assert_allowed(method: Method, code: grpc.StatusCode, what: Any) -> None:
 
 def assert_healthy(channel: grpc.Channel, job_id: str) -> None:
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
-    job = pb_grpc.FineTuningStub(channel).GetJob(pb.GetJobRequest(job_id=job_id), metadata=AUTH, timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the scheduler is stopped
+    client = pb_grpc.FineTuningStub(channel)
+    job = client.GetJob(pb.GetJobRequest(job_id=job_id), metadata=AUTH, timeout=10)
     assert job.id == job_id
+    created = client.CreateJob(pb.CreateJobRequest(spec=spec("still-writable")), metadata=AUTH, timeout=10)
+    cancel_queued(channel, created)
 
 
 def summary(codes: Counter[str]) -> str:
