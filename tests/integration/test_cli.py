@@ -124,7 +124,7 @@ def test_health_reports_each_service_and_inference_off_without_torchserve(cli: C
 def test_models_lists_the_builtin_lite0(cli: Cli) -> None:
     result = cli("models", "--source", "builtin")
     assert result.exit_code == 0, result.output
-    assert "efficientnet_lite0" in result.stdout and "builtin" in result.stdout
+    assert "tf_efficientnet_lite0" in result.stdout and "builtin" in result.stdout
 
 
 def test_describe_marks_the_frozen_rows_and_totals_them(cli: Cli) -> None:
