@@ -119,10 +119,11 @@ def build_model(model_spec: ModelSpec, num_classes: int, *, torch_home: Path) ->
     )
 
 
-def rebuild_model(model_config: Mapping[str, Any], num_classes: int) -> BuiltModel:
+def rebuild_model(model_config: Mapping[str, Any], num_classes: int, *, weights_name: str) -> BuiltModel:
     """The network a checkpoint's model_config records (its builder arguments included), a fresh
     `num_classes` head, no pretrained weights, in train mode, and the preprocessing it was trained
-    with: what a resumed job continues, whatever the spec's names mean today."""
+    with: what a resumed job continues, whatever the spec's names mean today. `weights_name` is what
+    the job started from (reports only: the tensors come from the checkpoint next)."""
     architecture = stored_architecture(model_config)
     build_kwargs = dict(model_config.get("build_kwargs") or {})
     model = build_architecture(architecture, build_kwargs)
@@ -133,7 +134,7 @@ def rebuild_model(model_config: Mapping[str, Any], num_classes: int) -> BuiltMod
         model=model.train(),
         architecture=architecture,
         source=registry.source_of(architecture),
-        weights="checkpoint",
+        weights=weights_name,
         head_names=head_names,
         preprocessing=preprocessing,
         model_config=_model_config(architecture, num_classes, build_kwargs, preprocessing),

@@ -37,6 +37,7 @@ from service.training.optim import make_optimizer, make_scheduler, seed_everythi
 from service.training.reporting import Reporter
 from service.training.tb_logger import TensorBoardLogger
 from service.training.wandb_logger import WandbLogger
+from service.training.weights import resolve_weights
 
 
 @dataclass
@@ -152,7 +153,8 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
     if resume is None:
         built = build_model(spec.model, units, torch_home=settings.torch_home)
     else:
-        built = rebuild_model(resume["model_config"], units)
+        started_from = resolve_weights(spec.model, settings.torch_home, require_file=False).name
+        built = rebuild_model(resume["model_config"], units, weights_name=started_from)
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)
     device = select_device(training, built.model)
     built.model.to(device.device)
