@@ -62,13 +62,7 @@ class ServingConfig:
                 class_names=names,
                 threshold=float(config["threshold"]),
                 top_k=int(config["top_k"]),
-                preprocessing=Preprocessing(
-                    resize_size=int(config["resize_size"]),
-                    crop_size=int(config["image_size"]),
-                    mean=_triple(config["mean"]),
-                    std=_triple(config["std"]),
-                    interpolation=str(config["interpolation"]),
-                ),
+                preprocessing=Preprocessing.from_model_config(config),
                 max_image_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)),
             )
         except KeyError as exc:
@@ -251,8 +245,3 @@ class ImageClassifier:
 
 def _score(label: str, probability: float) -> dict[str, Any]:
     return {"label": label, "probability": probability}
-
-
-def _triple(values: Any) -> tuple[float, float, float]:
-    a, b, c = (float(v) for v in values)
-    return (a, b, c)

@@ -6,7 +6,8 @@
 
 torchvision weights go where torchvision looks: <torch_home>/hub/checkpoints/<file of the URL>.
 timm weights are downloaded by timm (Hugging Face hub) and saved as a state_dict under
-<torch_home>/hub/checkpoints/timm/<name>.safetensors. efficientnet_lite0 ships in a Python package.
+<torch_home>/hub/checkpoints/timm/<name>.safetensors. The builtin tf_efficientnet_lite0 (alias
+efficientnet_lite0) ships in a Python package.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def models(
 
 def describe(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="architecture, e.g. resnet18 or efficientnet_lite0")],
+    model: Annotated[str, typer.Argument(help="architecture, e.g. resnet18 or tf_efficientnet_lite0")],
     freeze_depth: Annotated[int | None, typer.Option(help="mark the first N blocks frozen")] = None,
     freeze_until: Annotated[str | None, typer.Option(help="mark blocks up to this one frozen")] = None,
     image_size: Annotated[int, typer.Option(help="input size (default: the weights')")] = 0,

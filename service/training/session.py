@@ -19,8 +19,8 @@ from service.errors import DatasetError, FailedPrecondition
 from service.jobs.records import EventKind
 from service.jobs.spec import JobSpec
 from service.settings import Settings
-from service.training import feature_cache, freezing, telemetry
-from service.training.builder import BuiltModel, Preprocessing, build_model
+from service.training import feature_cache, freezing, registry, telemetry
+from service.training.builder import BuiltModel, Preprocessing, build_model, rebuild_model
 from service.training.checkpoints import (
     CheckpointKeeper,
     checkpoint_dir,
@@ -37,6 +37,7 @@ from service.training.optim import make_optimizer, make_scheduler, seed_everythi
 from service.training.reporting import Reporter
 from service.training.tb_logger import TensorBoardLogger
 from service.training.wandb_logger import WandbLogger
+from service.training.weights import resolve_weights
 
 
 @dataclass
@@ -146,13 +147,18 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
     last = checkpoint_dir(job_dir) / "last.pt"
     discard_partial_writes(last.parent)  # left by a previous attempt that died mid-write
     resume = load_checkpoint(last) if last.exists() else None
-    built = build_model(
-        spec.model,
-        output_units(spec.task, len(splits.class_names)),
-        torch_home=settings.torch_home,
-        weights_root=settings.weights_dir,  # the worker refuses an outside weights_file too
-        load_pretrained=resume is None,  # a resumed job's weights all come from its checkpoint
-    )
+    units = output_units(spec.task, len(splits.class_names))
+    # A resumed job's weights all come from its checkpoint, and so does the network they fit: one
+    # written before the builtin Lite0 was fixed holds timm's efficientnet_lite0, not today's builtin.
+    if resume is None:
+        built = build_model(
+            spec.model, units, torch_home=settings.torch_home, weights_root=settings.weights_dir
+        )
+    else:
+        started_from = resolve_weights(
+            spec.model, settings.torch_home, weights_root=settings.weights_dir, require_file=False
+        ).name
+        built = rebuild_model(resume["model_config"], units, weights_name=started_from)
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)
     device = select_device(training, built.model)
     built.model.to(device.device)
@@ -256,16 +262,23 @@ def _model_config(
 
 def _resume(run: Run, state: dict[str, Any], path: Path) -> str | None:
     """Restore every piece of training state from `state` (last.pt); returns the W&B run id."""
-    if tuple(state["class_names"]) != run.class_names or state["model_config"]["architecture"] != (
-        run.built.architecture
-    ):
+    if tuple(state["class_names"]) != run.class_names:
         raise FailedPrecondition(
-            f"checkpoint {path} is of {state['model_config']['architecture']} with classes "
-            f"{state['class_names']}, but the job now has {run.built.architecture} with "
+            f"checkpoint {path} has classes {state['class_names']}, but the job's dataset now has "
             f"{list(run.class_names)}; "
             "restore the dataset as it was, or delete the job's checkpoints to start over"
         )
     run.model.load_state_dict(state["model"])
+    asked = registry.check_architecture(run.spec.model.architecture)
+    if run.built.architecture != asked:
+        run.reporter.event(
+            EventKind.WARNING,
+            f"{path} was written before tuneserve built {asked} for {run.spec.model.architecture!r}: it "
+            f"holds {run.built.architecture} with mean {list(run.preprocessing.mean)}, std "
+            f"{list(run.preprocessing.std)}, and training continues on that network as it started. "
+            f"Submit the job again to fine-tune {asked} with its weights' own normalisation",
+            {"checkpoint_architecture": run.built.architecture, "spec_architecture": asked},
+        )
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scheduler is not None and state["scheduler"] is not None:
         run.scheduler.load_state_dict(state["scheduler"])

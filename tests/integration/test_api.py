@@ -203,6 +203,15 @@ def test_describe_model_shows_the_layer_table_and_what_a_freeze_freezes(
     assert described.freezable_blocks == len(names) - 1
 
 
+def test_the_builtin_lite0_is_listed_and_described_as_the_tf_network(client: pb_grpc.FineTuningStub) -> None:
+    (builtin,) = client.ListModels(pb.ListModelsRequest(source="builtin")).models
+    assert builtin.architecture == "tf_efficientnet_lite0" and builtin.weights[0].available
+    request = pb.DescribeModelRequest(architecture="efficientnet_lite0", image_size=64)  # the old name
+    described = client.DescribeModel(request)
+    assert described.architecture == "tf_efficientnet_lite0"
+    assert (described.layers[0].name, described.layers[0].type) == ("conv_stem", "Conv2dSame")
+
+
 def test_health_reports_each_service(service: Service) -> None:
     with channel_to(service) as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -149,7 +149,7 @@ def test_health_lists_every_published_name_and_drops_a_model_no_longer_served(tm
 def test_models_lists_the_builtin_lite0(cli: Cli) -> None:
     result = cli("models", "--source", "builtin")
     assert result.exit_code == 0, result.output
-    assert "efficientnet_lite0" in result.stdout and "builtin" in result.stdout
+    assert "tf_efficientnet_lite0" in result.stdout and "builtin" in result.stdout
 
 
 def test_describe_marks_the_frozen_rows_and_totals_them(cli: Cli) -> None:

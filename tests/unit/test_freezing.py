@@ -139,7 +139,8 @@ SPLITTABLE = [
     ("shufflenet_v2_x0_5", 5),
     ("mnasnet0_5", 8),
     ("regnet_x_400mf", 3),
-    ("efficientnet_lite0", 9),  # timm's EfficientNet: the demo's model, frozen through blocks.6
+    ("tf_efficientnet_lite0", 9),  # timm's EfficientNet with TF "SAME" padding: the demo's builtin
+    ("timm/efficientnet_lite0", 9),  # the same family padded the PyTorch way (pre-fix checkpoints)
 ]
 
 

@@ -28,10 +28,10 @@ FAMILIES = [
     ("swin_t", 64, ("head",)),
     ("maxvit_t", 224, ("classifier.5",)),
     ("vit_b_16", 224, ("heads.head",)),
-    ("efficientnet_lite0", 64, ("classifier",)),
+    ("tf_efficientnet_lite0", 64, ("classifier",)),
     ("timm/convnext_atto", 64, ("head.fc",)),
 ]
-REAL_FAST = {"resnet18", "squeezenet1_1", "mobilenet_v3_small", "efficientnet_lite0", "timm/convnext_atto"}
+REAL_FAST = {"resnet18", "squeezenet1_1", "mobilenet_v3_small", "tf_efficientnet_lite0", "timm/convnext_atto"}
 _IDS = [a for a, _, _ in FAMILIES]
 
 

@@ -78,8 +78,10 @@ def test_vit_class_token_freezes_with_the_first_block() -> None:
 
 
 def test_timm_and_builtin_models_have_tables_too() -> None:
-    lite0 = _describe("efficientnet_lite0")
+    lite0 = _describe("efficientnet_lite0")  # the builtin's alias: the table is of the network it builds
+    assert lite0.architecture == "tf_efficientnet_lite0"
     assert [row.name for row in lite0.layers][:4] == ["conv_stem", "bn1", "blocks.0", "blocks.1"]
+    assert lite0.layers[0].type == "Conv2dSame"  # TensorFlow's "SAME" padding
     assert lite0.layers[-1].name == "classifier" and lite0.layers[-1].is_head
     atto = _describe("timm/convnext_atto", num_classes=3)
     assert atto.layers[-1].name == "head" and atto.layers[-1].output_shape == (1, 3)

