@@ -55,9 +55,10 @@ def test_quick_demo_shows_progress_and_the_served_summary(demo: subprocess.Compl
 
 # Floors the quick demo (EfficientNet-Lite0, ImageNet weights, head only, 50 digits a class, 3 epochs at
 # 64 px) clears with margin. Measured on the 2-core CPU: 0.89 validation accuracy and 7 of 10 held-out
-# digits with the Lite0 weights as main loads them today, 0.88 and 8 of 10 with the normalisation fix in
-# progress; 0.77 (and 7 of 10) with the backbone's weights not loaded at all. Ten digits cannot tell a
-# pretrained backbone from a random one; the 100 validation images can. Chance is 0.10.
+# digits with the Lite0 weights as main loads them today; 0.88 and 8 of 10 with the normalisation fix
+# (tf_efficientnet_lite0, mean = std = 0.5); 0.77 and 7 of 10 with the backbone's weights not loaded at
+# all. Ten digits cannot tell a pretrained backbone from a random one; the 100 validation images can.
+# Chance is 0.10.
 MIN_VAL_ACCURACY = 0.80
 MIN_HELDOUT_CORRECT = 5
 

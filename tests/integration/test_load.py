@@ -34,10 +34,12 @@ MIN_CALLS = 10_000
 WARM_CALLS = 2_000  # memory is compared from here: thread pools, connections and caches exist by then
 MAX_RSS_GROWTH_MIB = 30.0
 CALL_DEADLINE_S = 60.0
-# A call over its deadline fails (an error, not a latency), so "p99 < deadline" held for every run. A p99
-# within a quarter of the deadline means calls are about to fail. Measured CreateJob p99: 6.1 s
-# (docs/RELIABILITY.md), 40.7 s with the 2 cores oversubscribed (load average 10, other test runs).
-MAX_P99_S = CALL_DEADLINE_S * 3 / 4
+# A call over its deadline fails (an error, not a latency), so the old "p99 < deadline" held for every
+# run. Measured here at load average ~9: CreateJob p99 over all calls 41.8 s with its p50 at 0.27 s - the
+# first burst of 64 concurrent CreateJobs waits on start-up work - and 4 s for CancelJob. Once warm
+# (calls started after WARM_CALLS, like the memory check) every RPC's p99 must leave three quarters of
+# the deadline.
+MAX_WARM_P99_S = CALL_DEADLINE_S / 4
 TOKEN = "load-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
@@ -55,15 +57,19 @@ class Tally:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.warm_latencies: dict[str, list[float]] = defaultdict(list)  # calls started after WARM_CALLS
         self.calls = 0
         self.errors: list[str] = []
 
     def timed(self, name: str, call: Callable[..., Any], request: Any) -> Any:
+        warm = self.calls >= WARM_CALLS
         start = time.perf_counter()
         result = call(request, metadata=AUTH, timeout=CALL_DEADLINE_S)
         elapsed = time.perf_counter() - start
         with self.lock:
             self.latencies[name].append(elapsed)
+            if warm:
+                self.warm_latencies[name].append(elapsed)
             self.calls += 1
         return result
 
@@ -152,17 +158,20 @@ def test_sixty_four_clients_get_no_errors(load: dict[str, Any]) -> None:
     )
 
 
-def test_p99_latency_of_each_rpc_leaves_a_quarter_of_its_deadline(load: dict[str, Any]) -> None:
+def test_p99_latency_of_each_rpc_once_warm_is_under_a_quarter_of_its_deadline(load: dict[str, Any]) -> None:
     tally: Tally = load["tally"]
-    assert set(tally.latencies) == {"CreateJob", "GetJob", "CancelJob", "WatchJob", "ListJobs"}
+    rpcs = {"CreateJob", "GetJob", "CancelJob", "WatchJob", "ListJobs"}
+    assert set(tally.latencies) == set(tally.warm_latencies) == rpcs
     for name, values in sorted(tally.latencies.items()):
-        p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
-        assert p99 < MAX_P99_S, f"{name}: p99 {p99:.1f} s"
+        warm = tally.warm_latencies[name]
+        p50, p99, warm_p99 = percentile(values, 0.5), percentile(values, 0.99), percentile(warm, 0.99)
+        assert warm_p99 < MAX_WARM_P99_S, f"{name}: p99 {warm_p99:.1f} s once warm (all calls: {p99:.1f} s)"
         record(
             "load",
             f"{name} latency under {CLIENTS} clients",
             len(values),
-            f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms",
+            f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms; after call {WARM_CALLS:,}: "
+            f"p99 {warm_p99 * 1000:.1f} ms",
         )
 
 
