@@ -56,7 +56,6 @@ class _Worker:
     job_id: str
     process: subprocess.Popen[bytes]
     log_file: IO[bytes]
-    devices: tuple[int, ...] = ()  # GPU indices it holds (as this process numbers them)
     stop_sent_at: float | None = None  # when SIGTERM went to its process group
     killed: bool = False
 
@@ -193,9 +192,8 @@ class Scheduler:
 
     def _launch(self, job: Job) -> bool:
         gpus = requested_gpus(job.spec, self.settings)
-        if gpus > len(
-            self._devices.devices
-        ):  # admitted when the service had more GPUs: it would wait forever
+        # admitted when the service had more GPUs (before a restart): it would wait forever
+        if gpus > len(self._devices.devices):
             reason = (
                 f"resources.gpus {gpus} is more than the {len(self._devices.devices)} GPU(s) this service "
                 "trains on now; resubmit the job with fewer"
@@ -208,13 +206,21 @@ class Scheduler:
         devices = self._devices.acquire(job.id, gpus)
         if devices is None:
             return False  # busy: the oldest job waits for its GPUs, and the younger ones behind it
+        started = False
+        try:
+            started = self._start_worker(job, devices)
+        finally:
+            if not started:  # whatever stopped it (a cancel, a failed Popen, an error): nothing is held
+                self._devices.release(job.id)
+        return started
+
+    def _start_worker(self, job: Job, devices: tuple[int, ...]) -> bool:
         where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
         try:
             job = self.store.transition(
                 job.id, JobState.RUNNING, f"worker starting on {where}", expect=[JobState.QUEUED]
             )
         except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
-            self._devices.release(job.id)
             return False
         job_dir = self.settings.job_dir(job.id)
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -234,11 +240,10 @@ class Scheduler:
             )
         except OSError as exc:
             log_file.close()
-            self._devices.release(job.id)
             self.store.transition(job.id, JobState.FAILED, f"could not start a worker: {one_line(exc)}")
             return False
         self.store.set_worker_pid(job.id, process.pid)
-        self._workers[job.id] = _Worker(job.id, process, log_file, devices)
+        self._workers[job.id] = _Worker(job.id, process, log_file)
         log.info("job %s: worker %d started on %s (attempt %d)", job.id, process.pid, where, job.attempts)
         return True
 
