@@ -21,7 +21,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from service.jobs.records import EventKind, Job, JobEvent, JobResult, JobState
 from service.jobs.rows import (
     RESULT_FIELDS,
@@ -381,6 +388,11 @@ class JobStore:
                     db.execute("ROLLBACK")
             if isinstance(exc, sqlite3.OperationalError):
                 self._forget(db)
+                # the disk, not the caller: a read-only or failing volume, or a lock held too long. The
+                # transaction was rolled back, so a client may retry (UNAVAILABLE), not give up (INTERNAL)
+                raise Unavailable(
+                    f"the job store cannot be written right now ({exc}); nothing was changed, retry later"
+                ) from exc
             raise
 
     def _forget(self, conn: sqlite3.Connection) -> None:

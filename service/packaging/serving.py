@@ -243,6 +243,8 @@ class ServingManager:
         """Top-k classes per image from TorchServe (gRPC); a bad image fails alone."""
         if not images:
             raise InvalidArgument("no images: send at least one JPEG or PNG in `images`")
+        if top_k < 0:
+            raise InvalidArgument(f"top_k {top_k} is negative; give 0 for the model's default, or 1 or more")
         entry = self._entry(model, version or None)
         served = entry.versions[version or entry.default]
         self._require_running()

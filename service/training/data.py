@@ -104,7 +104,8 @@ def resolve_under_root(path: str | Path, data_root: Path, field: str = "data.pat
         ) from None
     if not resolved.is_relative_to(root):
         raise DatasetError(
-            f"{field} {str(path)!r} resolves to {resolved}, outside the data root {root}; "
+            # where a symlink leads is not the caller's to learn, only that it leaves the root
+            f"{field} {str(path)[:200]!r} is outside the data root {root} (after `..` and symlinks); "
             "put the dataset under the data root and give its path relative to it"
         )
     return resolved

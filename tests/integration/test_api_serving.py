@@ -199,6 +199,15 @@ def test_predict_of_an_unknown_model_or_version_is_not_found(
     assert fragment in caught.value.details()
 
 
+def test_a_negative_top_k_is_an_invalid_argument_naming_it(
+    inference: pb_grpc.InferenceStub, served: pb.ServedModel, serving_images: list[bytes]
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        inference.Predict(pb.PredictRequest(model="pets", images=serving_images[:1], top_k=-2))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_k -2" in caught.value.details()
+
+
 def test_serve_job_of_an_unknown_job_is_not_found(client: pb_grpc.FineTuningStub) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         client.ServeJob(pb.ServeJobRequest(job_id="job-nope"))

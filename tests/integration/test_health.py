@@ -118,7 +118,9 @@ def test_a_job_store_that_cannot_be_written_is_not_serving_until_it_can(tmp_path
         names = [j.spec.name for j in client.ListJobs(pb.ListJobsRequest()).jobs]
     assert set(before.values()) == {SERVING}
     assert set(during.values()) == {NOT_SERVING}
-    assert refused.value.code() == grpc.StatusCode.INTERNAL  # the store's I/O error, not the client's fault
+    # the store's I/O error, not the client's fault: retry later
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "job store cannot be written" in (refused.value.details() or "")
     assert set(after.values()) == {SERVING} and job.id and names == ["again"]
 
 

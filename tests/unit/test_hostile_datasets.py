@@ -138,7 +138,7 @@ def test_dot_dot_that_stays_inside_the_root_is_allowed(root: Path) -> None:
 
 @pytest.mark.parametrize("path", ["ds/../../data/../..", "ds/class_0/../../../x"])
 def test_dot_dot_that_climbs_out_is_refused_naming_the_path(root: Path, path: str) -> None:
-    with pytest.raises(DatasetError, match=rf"data.path '{path}' resolves to .* outside the data root"):
+    with pytest.raises(DatasetError, match=rf"data.path '{path}' is outside the data root"):
         scan_dataset(Path(path), root)
     record(
         "dataset",
