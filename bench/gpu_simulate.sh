@@ -4,7 +4,7 @@
 #   PYTHON=/path/to/.venv/bin/python bench/gpu_simulate.sh [gpu_suite args, e.g. --only resume_sigkill]
 #
 # 1. the packages bench/gpu.sh carries are downloaded again for THIS Python (the carried ones are cp312)
-#    and installed the same way (--no-deps --target) into a temporary site;
+#    and unpacked the same way (no deps, no pip) into a temporary site;
 # 2. a sitecustomize.py makes every import of what the GPU machine lacks fail (wandb, TorchServe `ts`,
 #    the model archiver, scikit-learn, typer, rich) and refuses pydantic & co. from anywhere but that site;
 # 3. the dry run (bench.gpu_suite --cpu) runs with both, worker processes included (they inherit PYTHONPATH).
@@ -17,7 +17,7 @@ trap 'rm -rf "$TMP"' EXIT
 PACKAGES=$(sed -n '/^PACKAGES=(/,/^)/p' bench/gpu.sh | sed '1d;$d')
 # shellcheck disable=SC2086
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --dest "$TMP/wheels" $PACKAGES
-"$PY" -m pip install --quiet --no-index --no-deps --target "$TMP/site" "$TMP"/wheels/*.whl
+for wheel in "$TMP"/wheels/*.whl; do "$PY" -m zipfile -e "$wheel" "$TMP/site"; done  # as gpu.sh does
 mkdir -p "$TMP/hide"
 cat > "$TMP/hide/sitecustomize.py" <<EOF
 import importlib.abc, sys
