@@ -22,7 +22,7 @@ def test_a_check_past_its_budget_is_recorded_as_an_error(tmp_path: Path) -> None
 
 
 def test_an_exception_in_a_check_becomes_its_error_entry(tmp_path: Path) -> None:
-    # the handler check with no digits folder and no torch_home of weights fails inside; recorded, exit 1
+    # what the check added before it raised stays, then its error; the child exits 1
     def broken(scale: gpu_data.Scale, workdir: Path, results: gpu_data.ResultFile) -> None:
         results.add(gpu_data.entry("first", "correctness", "pass"))
         raise ValueError("bad value 42")
