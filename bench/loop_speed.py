@@ -95,7 +95,7 @@ def _batches(size: Size, pin: bool) -> list[tuple[Tensor, Tensor, list[Any]]]:
     return batches
 
 
-def _ours(size: Size, plan: Any, freeze: Any) -> Any:
+def _ours(size: Size, plan: Any, freeze: Any, *, compile_model: bool = False) -> Any:
     from service.jobs.spec import TrainingSpec
     from service.training import freezing
     from service.training.loop import train_one_epoch
@@ -106,7 +106,7 @@ def _ours(size: Size, plan: Any, freeze: Any) -> Any:
     model = _prepared(_model(size), plan)
     frozen = freezing.apply_freeze(model, freeze, ("fc",), architecture=size.architecture)
     optimizer = make_optimizer(TrainingSpec(optimizer="sgd", lr=0.01), freezing.trainable_parameters(model))
-    forward = _make_forward(model, freezing.split_frozen_prefix(model, frozen), compile_model=False)
+    forward = _make_forward(model, freezing.split_frozen_prefix(model, frozen), compile_model)
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.autocast_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss()
 
