@@ -72,9 +72,9 @@ def run(size: Size, workdir: Path | None = None) -> dict[str, Any]:
 
 
 def _epoch_times(size: Size, root: Path, *, feature_cache: bool) -> dict[str, Any]:
-    from service.jobs.records import EventKind
-    from service.jobs.spec import JobSpec
+    from service.records import EventKind
     from service.settings import Settings
+    from service.spec import JobSpec
     from service.training import freezing
     from service.training.loop import train_one_epoch
     from service.training.reporting import CollectingReporter

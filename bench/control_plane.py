@@ -40,7 +40,7 @@ def run(size: Size) -> dict[str, Any]:
     from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
     from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
     from service.app import start_service
-    from service.jobs.records import JobState
+    from service.records import JobState
     from service.settings import Settings
 
     with tempfile.TemporaryDirectory(prefix="bench-control-") as tmp:

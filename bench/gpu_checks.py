@@ -110,7 +110,7 @@ def lite0_digits(scale: Scale, workdir: Path, results: ResultFile) -> None:
 def frozen_tensors(job_dir: Path, root: Path) -> dict[str, Any]:
     """Every tensor of the frozen blocks in the bf16 job's last checkpoint equals the pretrained one, bit
     for bit (parameters and BatchNorm buffers); at least one trainable tensor moved."""
-    from service.jobs.spec import ModelSpec
+    from service.spec import ModelSpec
     from service.training.builder import build_model
     from service.training.checkpoints import load_checkpoint
 
@@ -147,8 +147,8 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def resume_after_sigkill(scale: Scale, workdir: Path, results: ResultFile) -> None:
     """A real worker process SIGKILLed after its first checkpoint, then started again, ends where an
     uninterrupted worker ends."""
-    from service.jobs.records import JobState
     from service.jobs.store import JobStore
+    from service.records import JobState
 
     root = digits_root(scale, workdir)
     settings = settings_for(root, max_job_retries=0)

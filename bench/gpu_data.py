@@ -196,7 +196,7 @@ def job_spec(
     augmentation: str = "none",
 ) -> Any:
     """A JobSpec as a user would send it: W&B and TensorBoard off (absent on the GPU machine), no serving."""
-    from service.jobs.spec import JobSpec
+    from service.spec import JobSpec
 
     return JobSpec.model_validate(
         {

@@ -171,7 +171,7 @@ def _gpus_of(pid: int) -> list[str] | None:
 
 def ddp(scale: Scale, workdir: Path, results: ResultFile) -> None:
     """A 2-GPU DDP job vs the 1-GPU job at the same global batch: issue 14 has not landed."""
-    from service.jobs.spec import TrainingSpec
+    from service.spec import TrainingSpec
 
     fields = sorted(TrainingSpec.model_fields)
     has_ddp = any(name in fields for name in ("devices", "num_gpus", "distributed", "ddp"))

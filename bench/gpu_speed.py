@@ -54,7 +54,7 @@ def loop_vs_plain(scale: Scale, workdir: Path, results: ResultFile) -> None:
 def compile_vs_eager(scale: Scale, workdir: Path, results: ResultFile) -> None:
     """`training.compile: true`: first-step time and steady images/s of our loop, compiled vs eager."""
     from bench import loop_speed
-    from service.jobs.spec import FreezeSpec, TrainingSpec
+    from service.spec import FreezeSpec, TrainingSpec
     from service.training.optim import select_device
 
     if "compile" not in TrainingSpec.model_fields:

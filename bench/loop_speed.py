@@ -41,7 +41,7 @@ FROZEN_UNTIL = "layer3"
 
 
 def run(size: Size) -> dict[str, Any]:
-    from service.jobs.spec import FreezeSpec, TrainingSpec
+    from service.spec import FreezeSpec, TrainingSpec
     from service.training.optim import select_device
 
     plan = select_device(TrainingSpec(optimizer="sgd", scheduler="none"), _model(size))
@@ -96,7 +96,7 @@ def _batches(size: Size, pin: bool) -> list[tuple[Tensor, Tensor, list[Any]]]:
 
 
 def _ours(size: Size, plan: Any, freeze: Any, *, compile_model: bool = False) -> Any:
-    from service.jobs.spec import TrainingSpec
+    from service.spec import TrainingSpec
     from service.training import freezing
     from service.training.loop import train_one_epoch
     from service.training.optim import make_optimizer

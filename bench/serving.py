@@ -29,10 +29,10 @@ def run(*, quick: bool) -> dict[str, Any]:
     import torch
 
     from handlers.inference import ImageClassifier
-    from service.jobs.spec import ServingSpec
     from service.packaging.serving import ServingManager
     from service.packaging.ts_config import inference_url
     from service.settings import Settings
+    from service.spec import ServingSpec
 
     requests_per_client = 6 if quick else 40
     images = [png_bytes(i) for i in range(16)]
@@ -84,8 +84,8 @@ def run(*, quick: bool) -> dict[str, Any]:
 
 
 def _trained_checkpoint(root: Path) -> Path:
-    from service.jobs.spec import JobSpec
     from service.settings import Settings
+    from service.spec import JobSpec
     from service.training.reporting import CollectingReporter
     from service.training.runner import train
 

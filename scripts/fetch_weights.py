@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 def cached(item: str, torch_home: Path) -> Path | None:
     """The file of ARCH[:WEIGHTS] when it is already where the service reads it (e.g. the bundled
     EfficientNet-Lite0), else None."""
-    from service.jobs.spec import ModelSpec
+    from service.spec import ModelSpec
     from service.training import registry, weights
 
     arch, _, name = item.partition(":")
@@ -75,7 +75,7 @@ def cached(item: str, torch_home: Path) -> Path | None:
 
 def fetch(item: str, torch_home: Path) -> Path:
     """Download one ARCH[:WEIGHTS] into torch_home; returns the file written (or already there)."""
-    from service.jobs.spec import ModelSpec
+    from service.spec import ModelSpec
     from service.training import registry, weights
 
     arch, _, name = item.partition(":")

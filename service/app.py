@@ -16,11 +16,11 @@ from typing import Any
 
 from service.api.health import HealthReporter
 from service.api.server import FINE_TUNING, INFERENCE, OVERALL, TuneserveServer, build_server
-from service.api.serving import PredictResult, ServedModel, Serving
 from service.jobs.manager import JobManager
-from service.jobs.records import Job
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
+from service.records import Job
+from service.serving_types import PredictResult, ServedModel, Serving
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
 
-    # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.jobs.devices)
+    # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.devices)
     gpu_count: int | None = Field(
         None, ge=0, le=1024, description="override/testing: GPUs to assume; default torch.cuda.device_count()"
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.jobs.spec import JobSpec, ModelSpec
+from service.spec import JobSpec, ModelSpec
 from service.training.builder import build_model
 from service.training.checkpoints import FORMAT_VERSION, save_checkpoint
 

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.errors import InvalidArgument
-from service.jobs.records import Job, JobEvent, JobResult, JobState
-from service.jobs.spec import FreezeSpec, JobSpec, describe_validation_error, parse_spec
+from service.records import Job, JobEvent, JobResult, JobState
+from service.spec import FreezeSpec, JobSpec, describe_validation_error, parse_spec
 
 # ---------------------------------------------------------------------- requests -> domain
 

@@ -18,8 +18,8 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.api.interceptors import AuthInterceptor, ErrorInterceptor
 from service.api.servicer import FineTuningServicer, InferenceServicer
-from service.api.serving import Serving
 from service.jobs.manager import JobManager
+from service.serving_types import Serving
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

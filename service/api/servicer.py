@@ -14,9 +14,9 @@ import grpc
 from service.api import convert
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-from service.api.serving import Serving
 from service.errors import FailedPrecondition
 from service.jobs.manager import JobManager
+from service.serving_types import Serving
 from service.settings import Settings
 
 # A layer table is built for real where the meta device cannot be used: bound the head it allocates.

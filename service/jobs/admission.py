@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.devices import check_gpus_fit, with_resolved_gpus
 from service.errors import DatasetError, FailedPrecondition, TuneserveError
-from service.jobs.devices import check_gpus_fit, with_resolved_gpus
-from service.jobs.spec import JobSpec
 from service.settings import Settings
+from service.spec import JobSpec
 
 if TYPE_CHECKING:
     from service.training.data import DatasetInfo

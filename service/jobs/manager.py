@@ -10,13 +10,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from service.devices import with_resolved_gpus
 from service.errors import ResourceExhausted
-from service.jobs.devices import with_resolved_gpus
-from service.jobs.records import EventKind, Job, JobEvent, JobState
-from service.jobs.spec import JobSpec
 from service.jobs.store import JobStore
 from service.jobs.watch import POLL_S, follow_events
+from service.records import EventKind, Job, JobEvent, JobState
 from service.settings import Settings
+from service.spec import JobSpec
 
 Admit = Callable[[JobSpec, Settings], Any]
 

@@ -10,8 +10,8 @@ import sqlite3
 from typing import Any
 
 from service.errors import InvalidArgument
-from service.jobs.records import EventKind, Job, JobEvent, JobResult, JobState
-from service.jobs.spec import JobSpec
+from service.records import EventKind, Job, JobEvent, JobResult, JobState
+from service.spec import JobSpec
 
 RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
 

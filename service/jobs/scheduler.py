@@ -6,7 +6,7 @@ checkpoint up to `max_job_retries` times, then FAILS with the reason; a cancelle
 (SIGTERM to its process group, SIGKILL after `cancel_grace_s`) and CANCELLED. drain() stops starting
 jobs, asks the running ones to checkpoint and stop, and re-queues them to resume after a restart.
 
-Each worker gets its own GPUs (service.jobs.devices): distinct indices from the allocator, in its
+Each worker gets its own GPUs (service.devices): distinct indices from the allocator, in its
 CUDA_VISIBLE_DEVICES, given back when the worker exits, however it exits. The oldest queued job waits
 while its GPUs are busy, and the younger ones wait behind it.
 
@@ -32,11 +32,11 @@ from typing import IO
 
 from pydantic import SecretStr
 
+from service.devices import VISIBLE_DEVICES, DeviceAllocator, requested_gpus, visible_devices
 from service.errors import FailedPrecondition
-from service.jobs.devices import VISIBLE_DEVICES, DeviceAllocator, requested_gpus, visible_devices
-from service.jobs.records import EventKind, Job, JobState
 from service.jobs.store import ACTIVE_STATES, JobStore
 from service.jobs.worker import EXIT_OK, one_line
+from service.records import EventKind, Job, JobState
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

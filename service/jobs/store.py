@@ -29,7 +29,6 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from service.jobs.records import EventKind, Job, JobEvent, JobResult, JobState
 from service.jobs.rows import (
     RESULT_FIELDS,
     decode_page_token,
@@ -39,7 +38,8 @@ from service.jobs.rows import (
     jsonable,
     result_from_json,
 )
-from service.jobs.spec import JobSpec
+from service.records import EventKind, Job, JobEvent, JobResult, JobState
+from service.spec import JobSpec
 
 SCHEMA_VERSION = 1
 DEFAULT_PAGE_SIZE = 50

@@ -9,8 +9,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
-from service.jobs.records import EventKind, JobEvent, JobState
 from service.jobs.store import JobStore
+from service.records import EventKind, JobEvent, JobState
 
 POLL_S = 0.2
 BATCH = 500

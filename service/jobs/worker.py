@@ -28,8 +28,8 @@ from types import FrameType
 from typing import Any
 
 from service.errors import AlreadyExists, JobCancelled
-from service.jobs.records import EventKind, Job, JobState
 from service.jobs.store import JobStore
+from service.records import EventKind, Job, JobState
 from service.settings import Settings
 
 log = logging.getLogger("service.jobs.worker")

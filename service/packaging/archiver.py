@@ -25,7 +25,7 @@ import torch
 
 from handlers.inference import CONFIG_FILE, DEFAULT_MAX_IMAGE_PIXELS, LABELS_FILE, MODEL_FILE
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from service.jobs.spec import NAME_PATTERN
+from service.spec import NAME_PATTERN
 from service.training.checkpoints import load_checkpoint
 
 VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*$"

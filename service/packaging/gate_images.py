@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from service.errors import DatasetError
-from service.jobs.records import Job
 from service.packaging.gate import GateImage
+from service.records import Job
 from service.settings import Settings
 from service.training.gate_sample import gate_sample_for
 

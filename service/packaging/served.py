@@ -1,5 +1,5 @@
 """Served models: the registry of what TorchServe serves (the records the gRPC layer translates are
-service.api.serving's, which this package implements).
+service.serving_types's, which this package implements).
 
 TorchServe forgets everything when it restarts (we run it without config snapshots), so this JSON
 file, rewritten atomically on every change, is what the service re-registers from.

@@ -16,10 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.api.serving import ClassScore, Prediction, ServedModel
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from service.jobs.records import EventKind, Job, JobResult, JobState
-from service.jobs.spec import ServingSpec
 from service.packaging.archiver import Archive, build_archive, read_manifest, sha256_of
 from service.packaging.gate import BF16_TOLERANCE, CPU_TOLERANCE, GateFailed, GateImage, check_version
 from service.packaging.gate_images import GateImages, given_images, images_for_job
@@ -28,7 +25,10 @@ from service.packaging.served import ServedEntry, ServedRegistry, ServedVersion,
 from service.packaging.torchserve import TorchServeProcess
 from service.packaging.ts_config import grpc_inference_target, inference_url, management_url
 from service.packaging.ts_grpc import TorchServeGrpc
+from service.records import EventKind, Job, JobResult, JobState
+from service.serving_types import ClassScore, Prediction, ServedModel
 from service.settings import Settings
+from service.spec import ServingSpec
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from service.devices import VISIBLE_DEVICES, visible_devices
 from service.errors import FailedPrecondition, Unavailable
-from service.jobs.devices import VISIBLE_DEVICES, visible_devices
 from service.packaging.ts_config import inference_url, management_url, render_config
 from service.settings import Settings
 

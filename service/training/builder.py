@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 from service.errors import FailedPrecondition, InvalidArgument
-from service.jobs.spec import ModelSpec
+from service.spec import ModelSpec
 from service.training import heads, registry, weights
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import DatasetError
-from service.jobs.spec import DataSpec, Task
+from service.spec import DataSpec, Task
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 SKIP_NOT_IMAGE = "not an image file"

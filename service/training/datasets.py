@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from service.jobs.spec import Augmentation, Task
+from service.spec import Augmentation, Task
 from service.training.builder import Preprocessing
 from service.training.data import SKIP_UNDECODABLE, Sample, Skipped, Splits
 from service.training.decoding import decode_image, estimate_bytes, interpolation_mode, preload

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 from service.errors import FailedPrecondition
-from service.jobs.spec import EarlyStoppingSpec
+from service.spec import EarlyStoppingSpec
 
 Mode = Literal["min", "max"]
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from service.jobs.spec import JobSpec
+from service.spec import JobSpec
 from service.training.data import Skipped
 from service.training.datasets import Batch, EpochSampler, ImageDataset, Loader, drop_last_batch, in_order
 from service.training.freezing import FrozenSplit

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.errors import InvalidArgument
-from service.jobs.spec import FreezeSpec
+from service.spec import FreezeSpec
 from service.training.layers import block_table, list_blocks, root_parameters
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.jobs.spec import JobSpec
+from service.spec import JobSpec
 from service.training.data import Sample, load_splits
 
 GATE_SAMPLE_SIZE = 32  # enough to catch a broken archive, few enough to gate in seconds on a CPU

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from service.errors import InvalidArgument
-from service.jobs.spec import FreezeSpec
+from service.spec import FreezeSpec
 from service.training import builder, heads, registry
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.jobs.records import EventKind
-from service.jobs.spec import Task
+from service.records import EventKind
+from service.spec import Task
 from service.training.data import Skipped
 from service.training.datasets import Loader
 from service.training.metrics import MetricAccumulator, loss_targets, predict

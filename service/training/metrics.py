@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from service.jobs.spec import Task
+from service.spec import Task
 
 TOP_K = 5
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from service.errors import FailedPrecondition, InvalidArgument
-from service.jobs.spec import TrainingSpec
+from service.spec import TrainingSpec
 from service.training.loop import DevicePlan
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")

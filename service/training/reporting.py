@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from service.jobs.records import EventKind
+from service.records import EventKind
 
 
 class Reporter(Protocol):
@@ -17,7 +17,7 @@ class Reporter(Protocol):
         """Record one job event (appended to the job's ordered event log)."""
 
     def result(self, **fields: Any) -> None:
-        """Merge fields into the job's JobResult (see service.jobs.records.JobResult)."""
+        """Merge fields into the job's JobResult (see service.records.JobResult)."""
 
     def stop_requested(self) -> str | None:
         """A reason ("cancelled", "draining") once the job must stop at the next safe point, else None."""

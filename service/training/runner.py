@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 import torch
 
-from service.jobs.records import EventKind
-from service.jobs.spec import JobSpec
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import JobSpec
 from service.training import freezing, telemetry
 from service.training.checkpoints import FORMAT_VERSION, capture_rng, load_checkpoint
 from service.training.datasets import epoch_seed

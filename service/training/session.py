@@ -16,9 +16,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from service.errors import DatasetError, FailedPrecondition
-from service.jobs.records import EventKind
-from service.jobs.spec import JobSpec
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import JobSpec
 from service.training import feature_cache, freezing, registry, telemetry
 from service.training.builder import BuiltModel, Preprocessing, build_model, rebuild_model
 from service.training.checkpoints import (

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from service.jobs.records import EventKind
+from service.records import EventKind
 from service.training.data import Skipped, skip_summary
 from service.training.freezing import Chain
 from service.training.loop import Evaluation

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from service.errors import InvalidArgument
-from service.jobs.records import EventKind
-from service.jobs.spec import WandbSpec
+from service.records import EventKind
+from service.spec import WandbSpec
 from service.training.reporting import Reporter
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 
 from service.errors import FailedPrecondition, InvalidArgument
-from service.jobs.spec import ModelSpec
+from service.spec import ModelSpec
 from service.training import registry
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from ports import free_ports
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-from service.jobs.records import EventKind, JobEvent, JobState
 from service.jobs.store import JobStore
+from service.records import EventKind, JobEvent, JobState
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"

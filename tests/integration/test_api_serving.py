@@ -26,9 +26,9 @@ from handlers.inference import ImageClassifier
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.app import Service
-from service.jobs.spec import DataSpec, ServingSpec
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.ts_config import inference_url
+from service.spec import DataSpec, ServingSpec
 from service.training.data import load_splits
 
 pytestmark = [

@@ -22,8 +22,8 @@ from typer.testing import Result
 
 from handlers.inference import ImageClassifier
 from service.app import Service
-from service.jobs.spec import ServingSpec
 from service.packaging.ts_config import inference_url
+from service.spec import ServingSpec
 
 pytestmark = [
     pytest.mark.torchserve,

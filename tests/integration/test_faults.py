@@ -37,9 +37,9 @@ from reliability import record
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.api.server import INFERENCE
-from service.jobs.records import EventKind, Job, JobState
 from service.jobs.store import JobStore
 from service.packaging.archiver import sha256_of
+from service.records import EventKind, Job, JobState
 from service.training.checkpoints import load_checkpoint
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]

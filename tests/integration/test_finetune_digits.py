@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.jobs.records import EventKind
-from service.jobs.spec import JobSpec
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import JobSpec
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
 

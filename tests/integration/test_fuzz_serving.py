@@ -37,7 +37,7 @@ from handlers.inference import ImageClassifier
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.app import Service
-from service.jobs.spec import ServingSpec
+from service.spec import ServingSpec
 
 pytestmark = [
     pytest.mark.reliability,

@@ -24,8 +24,8 @@ from harness import (
 
 from service.api import convert
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
-from service.jobs.records import EventKind, JobState
 from service.jobs.store import JobStore
+from service.records import EventKind, JobState
 from service.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)

@@ -25,7 +25,7 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.app import Service
 from service.errors import FailedPrecondition
-from service.jobs.spec import ModelSpec
+from service.spec import ModelSpec
 from service.training.checkpoints import load_checkpoint
 from service.training.weights import read_state_dict, resolve_weights
 

@@ -25,12 +25,12 @@ from ports import free_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound
-from service.jobs.spec import ServingSpec
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.gate import GateFailed
 from service.packaging.serving import ServedModel, ServingManager
 from service.packaging.ts_config import grpc_inference_target, inference_url, management_url, metrics_url
 from service.settings import Settings
+from service.spec import ServingSpec
 
 pytestmark = [
     pytest.mark.torchserve,

@@ -13,8 +13,8 @@ import signal
 import sys
 import time
 
-from service.jobs.records import EventKind, JobState
 from service.jobs.store import JobStore
+from service.records import EventKind, JobState
 from service.settings import Settings
 
 

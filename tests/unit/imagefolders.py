@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.jobs.spec import JobSpec
+from service.spec import JobSpec
 
 COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 40))
 

@@ -9,10 +9,10 @@ import pytest
 
 from service.app import TorchServeServing
 from service.errors import FailedPrecondition
-from service.jobs.records import Job, JobResult, JobState
-from service.jobs.spec import JobSpec
 from service.packaging.serving import ServingManager
+from service.records import Job, JobResult, JobState
 from service.settings import Settings
+from service.spec import JobSpec
 
 
 class FakeManager:

@@ -26,10 +26,10 @@ from torchvision.transforms.v2 import functional as F
 
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition
-from service.jobs.records import EventKind
-from service.jobs.spec import ModelSpec
 from service.packaging.archiver import build_archive
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import ModelSpec
 from service.training import heads
 from service.training.builder import (
     IMAGENET,

@@ -7,8 +7,8 @@ import pytest
 from service.api import convert
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.errors import InvalidArgument
-from service.jobs.records import EventKind, JobEvent, JobState
-from service.jobs.spec import JobSpec
+from service.records import EventKind, JobEvent, JobState
+from service.spec import JobSpec
 
 FULL = {
     "name": "pets",

@@ -11,7 +11,7 @@ from imagefolders import make_image_folder, one_thread, write_image, write_trunc
 from PIL import Image
 
 from service.errors import DatasetError
-from service.jobs.spec import DataSpec
+from service.spec import DataSpec
 from service.training.builder import Preprocessing
 from service.training.data import (
     SKIP_BAD_HEADER,

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from service.errors import ResourceExhausted
-from service.jobs.devices import (
+from service.devices import (
     DeviceAllocator,
     check_gpus_fit,
     requested_gpus,
     visible_devices,
     with_resolved_gpus,
 )
-from service.jobs.spec import JobSpec
+from service.errors import ResourceExhausted
 from service.settings import Settings
+from service.spec import JobSpec
 
 
 def job(gpus: int | None = None, device: str = "auto") -> JobSpec:

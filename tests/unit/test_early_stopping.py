@@ -7,7 +7,7 @@ import math
 import pytest
 
 from service.errors import FailedPrecondition
-from service.jobs.spec import EarlyStoppingSpec
+from service.spec import EarlyStoppingSpec
 from service.training.early_stopping import EarlyStopping, comparator
 
 

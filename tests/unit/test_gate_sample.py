@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from imagefolders import job_spec, write_image
 
-from service.jobs.records import Job, JobResult, JobState
-from service.jobs.spec import DataSpec, JobSpec
 from service.packaging.gate_images import images_for_job, read_sample
+from service.records import Job, JobResult, JobState
 from service.settings import Settings
+from service.spec import DataSpec, JobSpec
 from service.training.data import Sample, load_splits
 from service.training.gate_sample import GATE_SAMPLE_SIZE, choose_gate_sample, gate_sample_for
 

@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from service.errors import InvalidArgument
-from service.jobs.spec import FreezeSpec
+from service.spec import FreezeSpec
 from service.training.layers import ModelDescription, describe_model, list_blocks
 
 RESNET18_BLOCKS = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]

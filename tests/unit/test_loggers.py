@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from imagefolders import job_spec, make_image_folder, one_thread
 
-from service.jobs.records import EventKind
-from service.jobs.spec import WandbSpec
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import WandbSpec
 from service.training import wandb_logger
 from service.training.checkpoints import load_checkpoint
 from service.training.reporting import CollectingReporter
@@ -216,7 +216,7 @@ CRASHING_JOB = """
 import sys, time
 from pathlib import Path
 from imagefolders import job_spec
-from service.jobs.records import EventKind
+from service.records import EventKind
 from service.settings import Settings
 from service.training.reporting import CollectingReporter
 from service.training.runner import train

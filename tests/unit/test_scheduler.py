@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from service.jobs.records import EventKind, Job, JobState
 from service.jobs.scheduler import Scheduler, describe_exit, worker_env
-from service.jobs.spec import JobSpec
 from service.jobs.store import JobStore
+from service.records import EventKind, Job, JobState
 from service.settings import Settings
+from service.spec import JobSpec
 
 FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from service.jobs.records import EventKind, JobState
-from service.jobs.spec import JobSpec
 from service.jobs.store import JobStore
+from service.records import EventKind, JobState
+from service.spec import JobSpec
 
 
 def make_spec(name: str = "job", **training: Any) -> JobSpec:

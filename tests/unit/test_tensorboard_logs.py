@@ -14,9 +14,9 @@ import torch
 from imagefolders import job_spec, make_image_folder, one_thread
 from PIL import Image
 
-from service.jobs.records import EventKind
-from service.jobs.spec import JobSpec
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import JobSpec
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
 from service.training.tb_figures import (

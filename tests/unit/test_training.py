@@ -16,9 +16,9 @@ from sklearn.metrics import accuracy_score
 
 from handlers.inference import ImageClassifier
 from service.errors import DatasetError, FailedPrecondition, InvalidArgument
-from service.jobs.records import EventKind
-from service.jobs.spec import JobSpec, TrainingSpec
+from service.records import EventKind
 from service.settings import Settings
+from service.spec import JobSpec, TrainingSpec
 from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
 from service.training.datasets import Batch
 from service.training.gate_sample import gate_sample_for

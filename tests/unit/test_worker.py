@@ -6,10 +6,10 @@ import signal
 from pathlib import Path
 
 from service.errors import FailedPrecondition
-from service.jobs.records import EventKind, JobState
-from service.jobs.spec import JobSpec
 from service.jobs.store import JobStore
 from service.jobs.worker import StoreReporter, next_version, one_line
+from service.records import EventKind, JobState
+from service.spec import JobSpec
 
 
 def running_job(tmp_path: Path) -> tuple[JobStore, str]:

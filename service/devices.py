@@ -17,8 +17,8 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 
 from service.errors import ResourceExhausted
-from service.jobs.spec import JobSpec
 from service.settings import Settings
+from service.spec import JobSpec
 
 VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 

@@ -1,7 +1,8 @@
 """What the API needs from the serving side (implemented in service.packaging), in domain terms.
 
 The servicer delegates Predict and the serving-control RPCs to an object of this shape; the scheduler
-calls `deploy` when a job's archive is ready. No grpc here: the servicer translates.
+calls `deploy` when a job's archive is ready. No grpc here: the servicer translates. It sits below the
+packages (it imports none of them), so service.packaging implements it without depending on service.api.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.jobs.records import Job
+from service.records import Job
 
 
 @dataclass(frozen=True)

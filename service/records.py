@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.jobs.spec import JobSpec
+from service.spec import JobSpec
 
 
 class JobState(enum.StrEnum):
