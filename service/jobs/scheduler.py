@@ -222,14 +222,16 @@ class Scheduler:
             )
         except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
             return False
-        job_dir = self.settings.job_dir(job.id)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        log_file = open(job_dir / "worker.log", "ab")  # noqa: SIM115 (closed when the worker exits)
-        log_file.write(f"\n=== attempt {job.attempts} at {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
-        log_file.flush()
-        # the worker sees only its own GPUs (cuda:0 is the first of them); a CPU job sees none
-        env = {**self._env, VISIBLE_DEVICES: visible_devices(devices, os.environ.get(VISIBLE_DEVICES))}
+        log_file: IO[bytes] | None = None
         try:
+            # the worker sees only its own GPUs (cuda:0 is the first of them); a CPU job sees none
+            env = {**self._env, VISIBLE_DEVICES: visible_devices(devices, os.environ.get(VISIBLE_DEVICES))}
+            job_dir = self.settings.job_dir(job.id)
+            job_dir.mkdir(parents=True, exist_ok=True)
+            log_file = open(job_dir / "worker.log", "ab")  # noqa: SIM115 (closed when the worker exits)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log_file.write(f"\n=== attempt {job.attempts} at {stamp} ===\n".encode())
+            log_file.flush()
             process = subprocess.Popen(
                 list(self._command(job.id)),
                 env=env,
@@ -238,8 +240,11 @@ class Scheduler:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a cancel reaches its children
             )
-        except OSError as exc:
-            log_file.close()
+        except (OSError, IndexError) as exc:
+            # the job is RUNNING already: without a worker it would stay so for ever, out of a cancel's
+            # reach (IndexError: more GPUs configured than the service's own CUDA_VISIBLE_DEVICES lists)
+            if log_file is not None:
+                log_file.close()
             self.store.transition(job.id, JobState.FAILED, f"could not start a worker: {one_line(exc)}")
             return False
         self.store.set_worker_pid(job.id, process.pid)

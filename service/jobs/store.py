@@ -386,7 +386,7 @@ class JobStore:
             if db.in_transaction:
                 with suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError):
+            if isinstance(exc, sqlite3.OperationalError) and _is_storage_error(exc):
                 self._forget(db)
                 # the disk, not the caller: a read-only or failing volume, or a lock held too long. The
                 # transaction was rolled back, so a client may retry (UNAVAILABLE), not give up (INTERNAL)
@@ -405,6 +405,25 @@ class JobStore:
             conn.close()
         if getattr(self._local, "conn", None) is conn:
             del self._local.conn
+
+
+# The disk or the lock, not our SQL: read-only, I/O error, full, cannot open, busy or locked. Anything else
+# (a bad statement) is a bug and stays INTERNAL, rather than a retry the client would repeat for ever.
+_STORAGE_ERRORS = frozenset(
+    getattr(sqlite3, name)
+    for name in (
+        "SQLITE_READONLY",
+        "SQLITE_IOERR",
+        "SQLITE_FULL",
+        "SQLITE_CANTOPEN",
+        "SQLITE_BUSY",
+        "SQLITE_LOCKED",
+    )
+)
+
+
+def _is_storage_error(exc: sqlite3.OperationalError) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _STORAGE_ERRORS
 
 
 def new_job_id() -> str:

@@ -37,7 +37,7 @@ from service.training.optim import make_optimizer, make_scheduler, seed_everythi
 from service.training.reporting import Reporter
 from service.training.tb_logger import TensorBoardLogger
 from service.training.wandb_logger import WandbLogger
-from service.training.weights import resolve_weights
+from service.training.weights import FILE, resolve_weights
 
 
 @dataclass
@@ -155,9 +155,13 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
             spec.model, units, torch_home=settings.torch_home, weights_root=settings.weights_dir
         )
     else:
-        started_from = resolve_weights(
-            spec.model, settings.torch_home, weights_root=settings.weights_dir, require_file=False
-        ).name
+        # for reports only: no file is read, and a weights_file admitted before the weights root
+        # existed must not stop its job from resuming (its tensors all come from the checkpoint)
+        started_from = (
+            spec.model.weights
+            if spec.model.weights == FILE
+            else resolve_weights(spec.model, settings.torch_home, require_file=False).name
+        )
         built = rebuild_model(resume["model_config"], units, weights_name=started_from)
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)
     device = select_device(training, built.model)

@@ -317,3 +317,18 @@ def test_a_job_asking_more_gpus_than_the_service_now_has_fails_instead_of_waitin
     finally:
         h.scheduler.stop(drain=False)
         h.store.close()
+
+
+def test_a_worker_that_cannot_be_given_its_gpus_fails_the_job_instead_of_leaving_it_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # fewer GPUs visible than the 2 the settings claim
+    h = Harness(tmp_path, gpu_count=2, max_concurrent_jobs=2)
+    h.scheduler.start()
+    try:
+        h.create("slow-a")
+        second = h.wait_state(h.create("ok-b"), JobState.FAILED)  # GPU 1 has no entry in "5"
+        assert second.error is not None and "could not start a worker" in second.error
+    finally:
+        h.scheduler.stop(drain=False)
+        h.store.close()

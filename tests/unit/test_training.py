@@ -141,6 +141,28 @@ def _pretrained_file(tmp_path: Path) -> Path:
     return path
 
 
+def test_a_weights_file_job_resumes_when_its_file_is_now_outside_the_weights_root(
+    tmp_path: Path, data_root: Path
+) -> None:
+    """A job admitted before the weights root existed (any path was allowed) must still resume: its
+    tensors all come from its checkpoint, so the file is never read again."""
+    spec = job_spec(
+        model={
+            "architecture": "mobilenet_v3_small",
+            "weights": "file",
+            "weights_file": str(_pretrained_file(tmp_path)),
+        },
+        training={"epochs": 2},
+        early_stopping={"enabled": False},
+    )
+    stopped, _ = _train(spec, tmp_path, data_root, reporter=StopInEpoch(epochs=1))
+    assert stopped.status == "stopped"
+    (tmp_path / "new-root").mkdir()
+    upgraded = _settings(tmp_path, data_root).model_copy(update={"weights_root": tmp_path / "new-root"})
+    resumed = train(spec, tmp_path / "job", upgraded, CollectingReporter())
+    assert resumed.status == "completed"
+
+
 @pytest.mark.parametrize("batchnorm", ["eval", "train"])
 def test_frozen_blocks_keep_their_pretrained_tensors(tmp_path: Path, data_root: Path, batchnorm: str) -> None:
     pretrained_file = _pretrained_file(tmp_path)
