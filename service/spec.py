@@ -28,7 +28,8 @@ WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+    # allow_inf_nan=False: an infinite or NaN number is never a setting, and JSON cannot carry it back out
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Frozen):
