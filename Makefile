@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup proto lint format test test-all test-fast serve demo bench reliability-report docker-build docker-lint k8s-validate weights clean
 
 # Re-runs the install only when the dependencies or the contract change (idempotent).
-$(STAMP): pyproject.toml scripts/install.sh scripts/gen_protos.py $(wildcard proto/tuneserve/v1/*.proto)
+$(STAMP): pyproject.toml scripts/install.sh scripts/gen_protos.py $(shell find proto -name "*.proto")
 	scripts/install.sh $(VENV) test,lint
 	touch $(STAMP)
 

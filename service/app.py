@@ -1,8 +1,9 @@
-"""The service, assembled: job store -> scheduler (worker processes) -> serving -> gRPC server.
+"""The service, assembled: job store -> scheduler (launcher, reporting API) -> serving -> gRPC server.
 
 `run_service(settings)` is what `tuneserve serve` and the container entrypoint call: it starts
 everything, blocks until SIGTERM/SIGINT, then stops in the order that loses nothing: the API stops
-taking calls, running jobs checkpoint and go back to the queue, TorchServe stops, the store closes.
+taking calls, running jobs checkpoint and go back to the queue, the workers' reporting API stops,
+TorchServe stops, the store closes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.api.health import HealthReporter
+from service.api.reporting_server import ReportingServer, start_reporting_server
 from service.api.server import FINE_TUNING, INFERENCE, OVERALL, TuneserveServer, build_server
+from service.jobs.intake import Intake
+from service.jobs.launcher import Launcher
+from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.manager import JobManager
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
@@ -36,6 +41,7 @@ class Service:
     store: JobStore
     scheduler: Scheduler
     server: TuneserveServer
+    reporting: ReportingServer
     serving: Serving | None = None
     torchserve: Any = None  # the ServingManager, when this service started TorchServe
     health_reporter: HealthReporter | None = None
@@ -57,15 +63,18 @@ class Service:
                 reporter.stop()
         self.server.stop(API_GRACE_S)
         self.scheduler.stop(drain=drain)
+        self.reporting.stop()  # after the drain: stopping workers report their last events through it
         if self.torchserve is not None:
             self.torchserve.stop()
         self.store.close()
         log.info("stopped")
 
 
-def start_service(settings: Settings, serving: Serving | None = None) -> Service:
+def start_service(
+    settings: Settings, serving: Serving | None = None, launcher: Launcher | None = None
+) -> Service:
     """Start the whole service. `serving` replaces the TorchServe side (tests); by default TorchServe is
-    started when settings.torchserve_enabled."""
+    started when settings.torchserve_enabled. `launcher` starts the workers (default: local processes)."""
     # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
     serving_gpus = settings.serving_gpu_indices
     log.info(
@@ -74,16 +83,31 @@ def start_service(settings: Settings, serving: Serving | None = None) -> Service
     for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
     store = JobStore(settings.jobs_db)
+    intake = Intake(store)
+    reporting = start_reporting_server(settings, intake)  # first: a taken port leaves nothing running
     torchserve = None
     if serving is None and settings.torchserve_enabled:
-        torchserve = start_torchserve(settings, store)
+        try:
+            torchserve = start_torchserve(settings, store)
+        except BaseException:
+            reporting.stop()
+            store.close()
+            raise
         serving = TorchServeServing(torchserve)
-    scheduler = Scheduler(settings, store, deployer=serving.deploy if serving is not None else None)
+    scheduler = Scheduler(
+        settings,
+        store,
+        launcher or LocalProcessLauncher(settings),
+        intake,
+        reporting.address,
+        deployer=serving.deploy if serving is not None else None,
+    )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
     try:
         server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving)
     except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
         scheduler.stop(drain=False)
+        reporting.stop()
         if torchserve is not None:
             torchserve.stop()
         store.close()
@@ -97,7 +121,7 @@ def start_service(settings: Settings, serving: Serving | None = None) -> Service
         torchserve.on_availability(lambda available: server.set_serving(INFERENCE, available))
         reporter = HealthReporter(torchserve.health, server.set_serving)  # torchserve, torchserve/<model>
         reporter.start()
-    return Service(settings, store, scheduler, server, serving, torchserve, reporter, jobs_health)
+    return Service(settings, store, scheduler, server, reporting, serving, torchserve, reporter, jobs_health)
 
 
 JOBS_NAMES = (OVERALL, FINE_TUNING)

@@ -65,3 +65,28 @@ class JobCancelled(TuneserveError):
     """Raised inside a worker when the job was asked to stop; not an error for the client."""
 
     code = "CANCELLED"
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message`, first line only: a job's error, short enough for a list."""
+    text = str(exc).strip().splitlines()
+    message = getattr(exc, "message", None) or (text[0] if text else "")
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+# Each status's error class, for a client that turns a status back into the domain error it stood for.
+ERRORS_BY_CODE: dict[str, type[TuneserveError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unavailable,
+        Unauthenticated,
+        PermissionDenied,
+        Aborted,
+        DeadlineExceeded,
+    )
+}

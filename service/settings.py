@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
 
+    # Reporting: workers report to the control plane over an internal gRPC API (not the job store)
+    report_host: str = Field("127.0.0.1", description="the internal reporting API listens here (loopback)")
+    report_port: int = Field(0, ge=0, le=65535, description="0: a free port, handed to each worker")
+    report_heartbeat_s: float = Field(2.0, gt=0, description="a worker sends a heartbeat this often")
+    report_lost_s: float = Field(
+        10.0, ge=0, description="a worker that cannot reach the control plane this long stops (draining)"
+    )
+    worker_silence_s: float = Field(
+        60.0, gt=0, description="a worker whose heartbeats stopped this long is killed and retried"
+    )
+
     # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.devices)
     gpu_count: int | None = Field(
         None, ge=0, le=1024, description="override/testing: GPUs to assume; default torch.cuda.device_count()"

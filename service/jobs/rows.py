@@ -6,12 +6,14 @@ import base64
 import dataclasses
 import json
 import os
-import sqlite3
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import InvalidArgument
 from service.records import EventKind, Job, JobEvent, JobResult, JobState
 from service.spec import JobSpec
+
+if TYPE_CHECKING:  # a worker decodes results with this module and never touches SQLite
+    import sqlite3
 
 RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
 

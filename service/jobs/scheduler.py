@@ -1,14 +1,18 @@
-"""The scheduler: runs queued jobs in worker processes, at most N at once, oldest first.
+"""The scheduler: runs queued jobs through a Launcher, at most N at once, oldest first.
 
-It owns the worker processes and decides what each exit means (see service.jobs.worker for the exit
-codes): a packaged job is handed to the deployer and SUCCEEDS; a crash is retried from the last
-checkpoint up to `max_job_retries` times, then FAILS with the reason; a cancelled job is stopped
-(SIGTERM to its process group, SIGKILL after `cancel_grace_s`) and CANCELLED. drain() stops starting
-jobs, asks the running ones to checkpoint and stop, and re-queues them to resume after a restart.
+It decides what each worker exit means (see service.jobs.launcher for the exit codes): a packaged job is
+handed to the deployer and SUCCEEDS; a crash is retried from the last checkpoint up to `max_job_retries`
+times, then FAILS with the reason; a cancelled job is stopped (asked to checkpoint, killed after
+`cancel_grace_s`) and CANCELLED. drain() stops starting jobs, asks the running ones to checkpoint and
+stop, and re-queues them to resume after a restart. How a worker is started, stopped and watched is the
+launcher's business (a local process today: service.jobs.local_launcher).
 
-Each worker gets its own GPUs (service.devices): distinct indices from the allocator, in its
-CUDA_VISIBLE_DEVICES, given back when the worker exits, however it exits. The oldest queued job waits
-while its GPUs are busy, and the younger ones wait behind it.
+Each worker gets a job-scoped reporting token from the intake and the reporting API's address in its
+environment; a worker whose heartbeats stop for `worker_silence_s` is killed and counts as a crash.
+
+Each worker gets its own GPUs (service.devices): distinct indices from the allocator, given back when
+the worker exits, however it exits. The oldest queued job waits while its GPUs are busy, and the
+younger ones wait behind it.
 
 The polling thread is supervised: `healthy()` (called by the service's health probe) restarts it when
 it has died and reports unhealthy until the new thread has completed a tick.
@@ -16,66 +20,72 @@ it has died and reports unhealthy until the new thread has completed a tick.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from pydantic import SecretStr
 
-from service.devices import VISIBLE_DEVICES, DeviceAllocator, requested_gpus, visible_devices
-from service.errors import FailedPrecondition
+from service.devices import DeviceAllocator, requested_gpus
+from service.errors import FailedPrecondition, one_line
+from service.jobs.intake import Intake
+from service.jobs.launcher import (
+    EXIT_OK,
+    REPORT_ADDRESS_ENV,
+    REPORT_TOKEN_ENV,
+    Launcher,
+    LaunchError,
+    WorkerExit,
+    WorkerHandle,
+)
 from service.jobs.store import ACTIVE_STATES, JobStore
-from service.jobs.worker import EXIT_OK, one_line
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 Deployer = Callable[[Job], None]  # serves a PACKAGING job's archive; raises when it cannot
-WorkerCommand = Callable[[str], Sequence[str]]
 POLL_S = 0.25
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def worker_command(job_id: str) -> list[str]:
-    return [sys.executable, "-m", "service.jobs.worker", "--job-id", job_id]
-
-
 @dataclass
 class _Worker:
-    job_id: str
-    process: subprocess.Popen[bytes]
-    log_file: IO[bytes]
-    stop_sent_at: float | None = None  # when SIGTERM went to its process group
+    handle: WorkerHandle
+    stop_sent_at: float | None = None  # when it was asked to stop
     killed: bool = False
+    silent: float | None = None  # seconds without a heartbeat when it was killed for that
+
+    @property
+    def job_id(self) -> str:
+        return self.handle.job_id
 
 
 class Scheduler:
-    """Starts, watches and stops worker processes; one polling thread does all of it."""
+    """Starts, watches and stops workers through a Launcher; one polling thread does all of it."""
 
     def __init__(
         self,
         settings: Settings,
         store: JobStore,
+        launcher: Launcher,
+        intake: Intake,
+        report_address: str,
         *,
         deployer: Deployer | None = None,
-        command: WorkerCommand = worker_command,
         poll_s: float = POLL_S,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.launcher = launcher
+        self.intake = intake
+        self.report_address = report_address
         self.deployer = deployer
-        self._command = command
         self._poll_s = poll_s
         self._workers: dict[str, _Worker] = {}
         self._wake = threading.Event()
@@ -96,9 +106,9 @@ class Scheduler:
         self._env = worker_env(self.settings)
         self._devices = DeviceAllocator(self.settings.training_gpus)
         for job in self.store.jobs_in(ACTIVE_STATES):
-            pid = self.store.worker_pid(job.id)
-            if pid is not None:
-                stop_stale_worker(pid, job.id, self.settings.cancel_grace_s)
+            ref = self.store.worker_ref(job.id)
+            if ref is not None:
+                self.launcher.stop_leftover(job.id, ref, self.settings.cancel_grace_s)
         for job in self.store.requeue_interrupted():
             log.info("re-queued interrupted job %s", job.id)
         self._start_thread()
@@ -130,7 +140,7 @@ class Scheduler:
         self._wake.set()
 
     def running(self) -> list[str]:
-        """Ids of the jobs that have a worker process right now."""
+        """Ids of the jobs that have a worker right now."""
         return list(self._workers)
 
     def devices_held(self) -> dict[str, tuple[int, ...]]:
@@ -149,15 +159,19 @@ class Scheduler:
             self._thread.join()
         grace = self.settings.drain_grace_s if drain else 0.0
         for worker in self._workers.values():
-            self._signal(worker, signal.SIGTERM if drain else signal.SIGKILL)
+            if drain:
+                self._stop(worker, "draining")
+            else:
+                self._kill(worker)
         deadline = time.monotonic() + grace
         while self._workers:
             for worker in list(self._workers.values()):
-                if worker.process.poll() is not None:
-                    self._on_exit(worker, draining=True)
+                ended = self.launcher.poll(worker.handle)
+                if ended is not None:
+                    self._on_exit(worker, ended, draining=True)
                 elif time.monotonic() > deadline and not worker.killed:
                     log.warning("job %s did not stop within %.0f s; killing it", worker.job_id, grace)
-                    self._signal(worker, signal.SIGKILL)
+                    self._kill(worker)
             time.sleep(0.05)
         self._deploys.shutdown(wait=True)
 
@@ -181,10 +195,12 @@ class Scheduler:
 
     def _tick(self) -> None:
         for worker in list(self._workers.values()):
-            if worker.process.poll() is not None:
-                self._on_exit(worker, draining=False)
+            ended = self.launcher.poll(worker.handle)
+            if ended is not None:
+                self._on_exit(worker, ended, draining=False)
             else:
                 self._enforce_cancel(worker)
+                self._enforce_heartbeats(worker)
         while len(self._workers) < self._capacity and not self._stopping.is_set():
             job = self.store.next_queued(exclude=list(self._workers))
             if job is None or not self._launch(job):
@@ -210,8 +226,9 @@ class Scheduler:
         try:
             started = self._start_worker(job, devices)
         finally:
-            if not started:  # whatever stopped it (a cancel, a failed Popen, an error): nothing is held
+            if not started:  # whatever stopped it (a cancel, a failed launch, an error): nothing is held
                 self._devices.release(job.id)
+                self.intake.revoke(job.id)
         return started
 
     def _start_worker(self, job: Job, devices: tuple[int, ...]) -> bool:
@@ -222,59 +239,53 @@ class Scheduler:
             )
         except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
             return False
-        log_file: IO[bytes] | None = None
+        env = {
+            **self._env,
+            REPORT_ADDRESS_ENV: self.report_address,
+            REPORT_TOKEN_ENV: self.intake.issue(job.id),
+        }
         try:
-            # the worker sees only its own GPUs (cuda:0 is the first of them); a CPU job sees none
-            env = {**self._env, VISIBLE_DEVICES: visible_devices(devices, os.environ.get(VISIBLE_DEVICES))}
-            job_dir = self.settings.job_dir(job.id)
-            job_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(job_dir / "worker.log", "ab")  # noqa: SIM115 (closed when the worker exits)
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log_file.write(f"\n=== attempt {job.attempts} at {stamp} ===\n".encode())
-            log_file.flush()
-            process = subprocess.Popen(
-                list(self._command(job.id)),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: a cancel reaches its children
-            )
-        except (OSError, IndexError) as exc:
-            # the job is RUNNING already: without a worker it would stay so for ever, out of a cancel's
-            # reach (IndexError: more GPUs configured than the service's own CUDA_VISIBLE_DEVICES lists)
-            if log_file is not None:
-                log_file.close()
-            self.store.transition(job.id, JobState.FAILED, f"could not start a worker: {one_line(exc)}")
+            handle = self.launcher.start(job, devices, env)
+        except LaunchError as exc:
+            # the job is RUNNING already: without a worker it would stay so for ever, out of a cancel's reach
+            self.store.transition(job.id, JobState.FAILED, f"could not start a worker: {exc}")
             return False
-        self.store.set_worker_pid(job.id, process.pid)
-        self._workers[job.id] = _Worker(job.id, process, log_file)
-        log.info("job %s: worker %d started on %s (attempt %d)", job.id, process.pid, where, job.attempts)
+        self.store.set_worker_ref(job.id, handle.ref)
+        self._workers[job.id] = _Worker(handle)
+        log.info("job %s: worker %s started on %s (attempt %d)", job.id, handle.ref, where, job.attempts)
         return True
 
     def _enforce_cancel(self, worker: _Worker) -> None:
         if worker.stop_sent_at is None:
             if self.store.get_job(worker.job_id).cancel_requested:
-                log.info("job %s: cancel requested, stopping worker %d", worker.job_id, worker.process.pid)
-                self._signal(worker, signal.SIGTERM)
+                log.info("job %s: cancel requested, stopping worker %s", worker.job_id, worker.handle.ref)
+                self._stop(worker, "cancelled")
         elif not worker.killed and time.monotonic() - worker.stop_sent_at > self.settings.cancel_grace_s:
             log.warning(
-                "job %s: worker ignored SIGTERM for %.0f s; killing it",
+                "job %s: worker did not stop within %.0f s; killing it",
                 worker.job_id,
                 self.settings.cancel_grace_s,
             )
-            self._signal(worker, signal.SIGKILL)
+            self._kill(worker)
+
+    def _enforce_heartbeats(self, worker: _Worker) -> None:
+        """A worker that stopped reporting (hung, frozen, cut off) is killed; its exit counts as a crash."""
+        silent = self.intake.silent_for(worker.job_id)
+        if not worker.killed and silent > self.settings.worker_silence_s:
+            log.warning("job %s: no heartbeat for %.0f s; killing its worker", worker.job_id, silent)
+            worker.silent = silent
+            self._kill(worker)
 
     # ------------------------------------------------------------------ what an exit means
 
-    def _on_exit(self, worker: _Worker, *, draining: bool) -> None:
+    def _on_exit(self, worker: _Worker, ended: WorkerExit, *, draining: bool) -> None:
         del self._workers[worker.job_id]
-        rc = worker.process.returncode
-        _kill_group(worker.process.pid, signal.SIGKILL)  # stragglers: data-loader processes, etc.
+        self.intake.revoke(worker.job_id)
+        self.launcher.release(worker.handle)  # stragglers: data-loader processes, etc.
         self._devices.release(worker.job_id)  # after the stragglers: nothing of the job is left on them
-        worker.log_file.close()
+        rc = ended.code
         job = self.store.get_job(worker.job_id)
-        log.info("job %s: worker %d exited with %s (job %s)", job.id, worker.process.pid, rc, job.state)
+        log.info("job %s: worker %s exited with %s (job %s)", job.id, worker.handle.ref, rc, job.state)
         try:
             if job.state.is_final:
                 return  # the worker recorded FAILED itself
@@ -285,8 +296,10 @@ class Scheduler:
             elif draining:
                 reason = "the service is stopping; the job resumes from its last checkpoint after a restart"
                 self.store.transition(job.id, JobState.QUEUED, reason, refund_attempt=True)
+            elif worker.silent is not None:
+                self._retry_or_fail(job, f"worker sent no heartbeat for {worker.silent:.0f} s and was killed")
             else:
-                self._retry_or_fail(job, describe_exit(rc))
+                self._retry_or_fail(job, ended.description)
         except FailedPrecondition as exc:  # the job moved on meanwhile (e.g. a concurrent cancel)
             log.warning("job %s: %s", job.id, exc.message)
 
@@ -326,29 +339,16 @@ class Scheduler:
         except Exception:
             log.exception("job %s: finishing failed", job.id)
 
-    def _signal(self, worker: _Worker, sig: signal.Signals) -> None:
-        if sig == signal.SIGKILL:
-            worker.killed = True
-        elif worker.stop_sent_at is None:
-            worker.stop_sent_at = time.monotonic()
-        else:
+    def _stop(self, worker: _Worker, reason: str) -> None:
+        if worker.stop_sent_at is not None or worker.killed:
             return
-        _kill_group(worker.process.pid, sig)
+        worker.stop_sent_at = time.monotonic()
+        self.intake.request_stop(worker.job_id, reason)  # first: the worker asks its heartbeat why
+        self.launcher.stop(worker.handle, reason)
 
-
-# ---------------------------------------------------------------------- processes
-
-
-def describe_exit(returncode: int) -> str:
-    """`worker killed by SIGKILL (exit -9)` / `worker exited with code 3`."""
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        hint = " (out of memory?)" if returncode == -signal.SIGKILL else ""
-        return f"worker killed by {name} (exit {returncode}){hint}"
-    return f"worker exited with code {returncode} without finishing (see the job's worker.log)"
+    def _kill(self, worker: _Worker) -> None:
+        worker.killed = True
+        self.launcher.kill(worker.handle)
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -364,24 +364,3 @@ def worker_env(settings: Settings) -> dict[str, str]:
     # the worker imports `service` from the same tree as the server, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
-
-
-def stop_stale_worker(pid: int, job_id: str, grace_s: float) -> None:
-    """Stop a worker of `job_id` left running by a service that died (checked by its command line)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return  # gone (or not Linux: nothing to check against)
-    if b"service.jobs.worker" not in cmdline or job_id.encode() not in cmdline:
-        return  # the pid was reused by something else
-    log.warning("stopping worker %d of job %s left by the previous service", pid, job_id)
-    _kill_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-        time.sleep(0.1)
-    _kill_group(pid, signal.SIGKILL)
-
-
-def _kill_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)

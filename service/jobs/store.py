@@ -279,14 +279,22 @@ class JobStore:
             requeued.append(self.get_job(job.id))
         return requeued
 
-    def set_worker_pid(self, job_id: str, pid: int | None) -> None:
+    def set_worker_ref(self, job_id: str, ref: str | None) -> None:
+        """What names the job's worker to its launcher (a local launcher's process group id)."""
         with self._write() as db:
             _fetch_row(db, job_id)
-            _update(db, job_id, {"worker_pid": pid})
+            # the column is still called worker_pid (no migration): SQLite keeps a pid as an integer and
+            # any other launcher's name as text
+            _update(db, job_id, {"worker_pid": ref})
+
+    def worker_ref(self, job_id: str) -> str | None:
+        row = _fetch_row(self._read(), job_id)
+        return None if row["worker_pid"] is None else str(row["worker_pid"])
 
     def worker_pid(self, job_id: str) -> int | None:
-        row = _fetch_row(self._read(), job_id)
-        return None if row["worker_pid"] is None else int(row["worker_pid"])
+        """The worker's process id when a local launcher started it (tests and benchmarks look it up)."""
+        ref = self.worker_ref(job_id)
+        return int(ref) if ref is not None and ref.isdigit() else None
 
     # ------------------------------------------------------------------ results and events
 
@@ -308,6 +316,16 @@ class JobStore:
         with self._write() as db:
             _fetch_row(db, job_id)
             return _insert_event(db, job_id, EventKind(kind), message, data or {}, time.time())
+
+    def append_events(self, job_id: str, events: Iterable[tuple[EventKind, str, dict[str, Any]]]) -> int:
+        """Add events in order, in one transaction; the sequence number of the last one."""
+        now = time.time()
+        with self._write() as db:
+            _fetch_row(db, job_id)
+            seq = 0
+            for kind, message, data in events:
+                seq = _insert_event(db, job_id, EventKind(kind), message, data or {}, now).seq
+            return seq
 
     def events_after(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
         """The job's events with seq > after_seq, in order (NotFound for an unknown job)."""

@@ -1,4 +1,5 @@
-"""The scheduler with stand-in workers (fake_worker.py): exits, retries, cancel, capacity, drain."""
+"""The scheduler with stand-in workers (fake_worker.py) launched as local processes that report through
+the real internal reporting API: exits, retries, cancel, capacity, drain, heartbeats."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ from typing import Any
 
 import pytest
 
-from service.jobs.scheduler import Scheduler, describe_exit, worker_env
+from service.errors import Unauthenticated
+from service.api.reporting_server import ReportingServer, start_reporting_server
+from service.jobs.intake import Intake
+from service.jobs.local_launcher import LocalProcessLauncher, describe_exit
+from service.jobs.scheduler import Scheduler, worker_env
 from service.jobs.store import JobStore
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
@@ -44,9 +49,19 @@ class Harness:
         self.store = JobStore(self.settings.jobs_db)
         self.deployed: list[str] = []
         self.deploy_error: Exception | None = None
-        self.scheduler = Scheduler(
-            self.settings, self.store, deployer=self.deploy, command=fake_command, poll_s=0.05
+        self.intake = Intake(self.store)
+        self.reporting: ReportingServer = start_reporting_server(self.settings, self.intake)
+        self.scheduler = self.new_scheduler(deployer=self.deploy)
+
+    def new_scheduler(self, **kwargs: Any) -> Scheduler:
+        launcher = LocalProcessLauncher(self.settings, command=fake_command)
+        return Scheduler(
+            self.settings, self.store, launcher, self.intake, self.reporting.address, poll_s=0.05, **kwargs
         )
+
+    def close(self) -> None:
+        self.reporting.stop()
+        self.store.close()
 
     def deploy(self, job: Job) -> None:
         if self.deploy_error is not None:
@@ -86,7 +101,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     h.scheduler.start()
     yield h
     h.scheduler.stop(drain=False)
-    h.store.close()
+    h.close()
 
 
 def test_a_packaged_job_is_deployed_then_succeeds(harness: Harness) -> None:
@@ -134,6 +149,53 @@ def test_cancel_stops_a_running_worker_at_a_safe_point(harness: Harness) -> None
     assert "fake worker stopping" in harness.messages(job_id, EventKind.INFO)
 
 
+def test_the_worker_learns_from_its_heartbeat_whether_a_stop_is_a_cancel_or_a_drain(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.scheduler.start()
+    cancelled = h.create("slow-cancelled")
+    h.wait_started(cancelled)
+    h.store.request_cancel(cancelled)
+    h.scheduler.wake()
+    h.wait_state(cancelled, JobState.CANCELLED)
+    drained = h.create("slow-drained")
+    h.wait_started(drained)
+    h.scheduler.stop(drain=True)
+    reasons = {
+        job_id: [e.data["reason"] for e in h.store.events_after(job_id) if e.message == "fake worker stopping"]
+        for job_id in (cancelled, drained)
+    }
+    assert reasons == {cancelled: ["cancelled"], drained: ["draining"]}
+    h.close()
+
+
+def test_a_worker_whose_heartbeats_stop_is_killed_and_retried_as_a_crash(tmp_path: Path) -> None:
+    h = Harness(tmp_path, report_heartbeat_s=0.1, worker_silence_s=1.0)
+    h.scheduler.start()
+    try:
+        job = h.wait_state(h.create("frozen"), JobState.FAILED)
+        assert job.error is not None and job.error.startswith("worker sent no heartbeat for")
+        assert job.attempts == 2 and "2 attempts" in job.error
+    finally:
+        h.scheduler.stop(drain=False)
+        h.close()
+
+
+def test_a_workers_token_is_revoked_when_it_exits(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    issued: list[str] = []
+    issue = h.intake.issue
+    h.intake.issue = lambda job_id: issued.append(issue(job_id)) or issued[-1]  # type: ignore[method-assign]
+    h.scheduler.start()
+    try:
+        job_id = h.create("ok-revoked")
+        h.wait_state(job_id, JobState.SUCCEEDED)
+        with pytest.raises(Unauthenticated):
+            h.intake.heartbeat(issued[0], job_id)
+    finally:
+        h.scheduler.stop(drain=False)
+        h.close()
+
+
 def test_cancel_kills_a_worker_that_ignores_sigterm_after_the_grace_period(harness: Harness) -> None:
     job_id = harness.create("stubborn")
     harness.wait_started(job_id)
@@ -166,7 +228,7 @@ def test_drain_requeues_running_jobs_without_counting_the_attempt(tmp_path: Path
     job = h.store.get_job(job_id)
     assert (job.state, job.attempts) == (JobState.QUEUED, 0)
     assert "fake worker stopping" in h.messages(job_id, EventKind.INFO)
-    h.store.close()
+    h.close()
 
 
 def test_a_restarted_scheduler_resumes_requeued_jobs(tmp_path: Path) -> None:
@@ -177,7 +239,7 @@ def test_a_restarted_scheduler_resumes_requeued_jobs(tmp_path: Path) -> None:
     h.wait_state(job_id, JobState.SUCCEEDED)
     assert any("the service restarted" in m for m in h.messages(job_id, EventKind.INFO))
     h.scheduler.stop()
-    h.store.close()
+    h.close()
 
 
 @pytest.mark.parametrize(
@@ -207,7 +269,7 @@ def four_gpus(tmp_path: Path) -> Iterator[Harness]:
     h.scheduler.start()
     yield h
     h.scheduler.stop(drain=False)
-    h.store.close()
+    h.close()
 
 
 def test_running_workers_see_distinct_gpus_and_a_cpu_job_sees_none(four_gpus: Harness) -> None:
@@ -254,7 +316,7 @@ def test_gpus_are_freed_whatever_the_worker_exit(tmp_path: Path, name: str, fina
         assert h.scheduler.devices_held() == {}
     finally:
         h.scheduler.stop(drain=False)
-        h.store.close()
+        h.close()
 
 
 def test_gpus_are_freed_when_a_job_is_cancelled(tmp_path: Path) -> None:
@@ -271,7 +333,7 @@ def test_gpus_are_freed_when_a_job_is_cancelled(tmp_path: Path) -> None:
         assert h.visible_devices(after) == ["0"] and h.scheduler.devices_held() == {}
     finally:
         h.scheduler.stop(drain=False)
-        h.store.close()
+        h.close()
 
 
 def test_a_drain_frees_the_gpus_and_the_job_gets_them_again_after_a_restart(tmp_path: Path) -> None:
@@ -281,14 +343,14 @@ def test_a_drain_frees_the_gpus_and_the_job_gets_them_again_after_a_restart(tmp_
     h.wait_started(job_id)
     h.scheduler.stop(drain=True)
     assert h.scheduler.devices_held() == {} and h.store.get_job(job_id).state == JobState.QUEUED
-    restarted = Scheduler(h.settings, h.store, command=fake_command, poll_s=0.05)
+    restarted = h.new_scheduler()
     restarted.start()
     try:
         h.wait(lambda: len(h.visible_devices(job_id)) == 2)
         assert h.visible_devices(job_id) == ["0", "0"]
     finally:
         restarted.stop(drain=False)
-        h.store.close()
+        h.close()
 
 
 def test_gpu_indices_follow_the_services_own_cuda_visible_devices(
@@ -304,7 +366,7 @@ def test_gpu_indices_follow_the_services_own_cuda_visible_devices(
         assert (h.visible_devices(first), h.visible_devices(second)) == (["5"], ["7"])
     finally:
         h.scheduler.stop(drain=False)
-        h.store.close()
+        h.close()
 
 
 def test_a_job_asking_more_gpus_than_the_service_now_has_fails_instead_of_waiting(tmp_path: Path) -> None:
@@ -316,7 +378,7 @@ def test_a_job_asking_more_gpus_than_the_service_now_has_fails_instead_of_waitin
         h.wait_state(h.create("ok-next"), JobState.SUCCEEDED)
     finally:
         h.scheduler.stop(drain=False)
-        h.store.close()
+        h.close()
 
 
 def test_a_worker_that_cannot_be_given_its_gpus_fails_the_job_instead_of_leaving_it_running(
@@ -331,4 +393,4 @@ def test_a_worker_that_cannot_be_given_its_gpus_fails_the_job_instead_of_leaving
         assert second.error is not None and "could not start a worker" in second.error
     finally:
         h.scheduler.stop(drain=False)
-        h.store.close()
+        h.close()

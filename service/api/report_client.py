@@ -1,0 +1,195 @@
+"""The worker's side of the internal reporting API: a JobReporter over gRPC (service.jobs.worker).
+
+event() only queues: a sender thread delivers the queue in batches, so reporting never waits on the
+network inside a training step. result() and move() flush the queue first, so the control plane sees
+everything in the order the worker said it. A heartbeat thread tells the control plane the worker is
+alive; its reply carries the stop reason ("cancelled", "draining") when the scheduler wants it to stop.
+
+stop_requested() answers from what is already known: a reason from a heartbeat; after SIGTERM the
+reason the control plane gives (asked once, "draining" if it cannot be asked); "draining" when the
+control plane has been unreachable for `lost_after_s` (the service died: stop at a safe point, the
+next service requeues the job) or no longer knows this worker's token (a restarted service).
+Calls are retried on UNAVAILABLE until the link has been down for `lost_after_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, TypeVar
+
+import grpc
+
+from service.api.gen.tuneserve.internal.v1 import reporting_pb2 as pb
+from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
+from service.errors import ERRORS_BY_CODE, TuneserveError, Unavailable
+from service.jobs.rows import jsonable, result_from_json
+from service.records import EventKind, Job, JobState
+from service.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+BATCH = 500  # events per AppendEvents call, at most
+CALL_TIMEOUT_S = 30.0
+_UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+Reply = TypeVar("Reply")
+
+
+class GrpcReporter:
+    """Reports one job's work to the control plane at `address`, with that job's `token`."""
+
+    def __init__(
+        self, address: str, token: str, job_id: str, *, heartbeat_s: float = 2.0, lost_after_s: float = 10.0
+    ) -> None:
+        self.job_id = job_id
+        self._heartbeat_s = heartbeat_s
+        self._lost_after_s = lost_after_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.ReportingStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._queue: deque[pb.Event] = deque()
+        self._next = 0  # the control plane's number for the first event in the queue
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+        self._signalled = threading.Event()
+        self._told: str | None = None  # the stop reason a heartbeat reply carried
+        self._reason: str | None = None  # the stop reason decided, once and for all
+        self._failing_since: float | None = None  # the link is down since (monotonic)
+        self._disowned = False  # the control plane does not know our token (any more)
+        self._threads = [
+            threading.Thread(target=self._send_loop, name="report-sender", daemon=True),
+            threading.Thread(target=self._heartbeat_loop, name="report-heartbeat", daemon=True),
+        ]
+
+    def start(self) -> GrpcReporter:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    # ------------------------------------------------------------------ Reporter
+
+    def event(self, kind: EventKind, message: str, data: dict[str, Any] | None = None) -> None:
+        event = pb.Event(kind=str(kind), message=message, data_json=json.dumps(jsonable(data or {})))
+        with self._cond:
+            self._queue.append(event)
+            self._cond.notify_all()
+
+    def result(self, **fields: Any) -> None:
+        self.flush()
+        request = pb.MergeResultRequest(job_id=self.job_id, fields_json=json.dumps(jsonable(fields)))
+        self._call(self._stub.MergeResult, request)
+
+    def stop_requested(self) -> str | None:
+        if self._reason is None:
+            if self._told is not None:
+                self._reason = self._told
+            elif self._signalled.is_set():
+                self._beat()  # SIGTERM says "stop", the control plane says why
+                self._reason = self._told or "draining"
+            elif self._disowned or self._lost():
+                log.warning("the control plane is unreachable or does not know this worker; stopping")
+                self._reason = "draining"
+        return self._reason
+
+    def signal_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Signal handler: only sets a flag; the engine stops at its next safe point."""
+        self._signalled.set()
+
+    # ------------------------------------------------------------------ JobReporter
+
+    def assignment(self) -> Job:
+        reply = self._call(self._stub.GetAssignment, pb.AssignmentRequest(job_id=self.job_id))
+        return Job(
+            id=reply.job_id,
+            spec=JobSpec.model_validate(json.loads(reply.spec_json)),
+            state=JobState(reply.state),
+            created_at=reply.created_at,
+            updated_at=reply.updated_at,
+            attempts=reply.attempts,
+            cancel_requested=reply.cancel_requested,
+            result=result_from_json(json.loads(reply.result_json)),
+        )
+
+    def move(self, to_state: JobState, reason: str) -> None:
+        self.flush()
+        self._call(self._stub.MoveJob, pb.MoveJobRequest(job_id=self.job_id, state=str(to_state), reason=reason))
+
+    # ------------------------------------------------------------------ delivery
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued event is delivered (or given up on); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue, timeout)
+
+    def close(self) -> None:
+        """Deliver what is queued (bounded by the retry window), then stop the threads."""
+        self.flush(timeout=self._lost_after_s + CALL_TIMEOUT_S)
+        self._closed.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=CALL_TIMEOUT_S)
+        self._channel.close()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed.is_set())
+                if not self._queue:
+                    return
+                batch = [self._queue[i] for i in range(min(BATCH, len(self._queue)))]
+                first = self._next
+            request = pb.AppendEventsRequest(job_id=self.job_id, first=first, events=batch)
+            try:
+                self._next = self._call(self._stub.AppendEvents, request).next
+            except TuneserveError as exc:
+                # the control plane is gone (or has disowned us): nobody is left to tell; the worker stops
+                log.warning("%d event(s) of job %s not delivered: %s", len(batch), self.job_id, exc.message)
+            with self._cond:
+                for _ in batch:
+                    self._queue.popleft()
+                self._cond.notify_all()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._closed.wait(self._heartbeat_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            reply = self._call(self._stub.Heartbeat, pb.HeartbeatRequest(job_id=self.job_id), retry=False)
+        except TuneserveError:
+            return  # counted by _call; stop_requested() decides when it has lasted too long
+        if reply.stop_reason and self._told is None:
+            self._told = reply.stop_reason
+
+    def _call(self, method: Callable[..., Reply], request: Any, *, retry: bool = True) -> Reply:
+        delay = 0.05
+        while True:
+            try:
+                reply = method(request, metadata=self._metadata, timeout=CALL_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]  # a call's error is a Call
+                details = exc.details() or code.name  # type: ignore[attr-defined]
+                if code in _UNREACHED:
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
+                    if retry and not self._lost() and not self._closed.is_set():
+                        time.sleep(delay)
+                        delay = min(2 * delay, 1.0)
+                        continue
+                    raise Unavailable(f"the control plane cannot be reached: {details}") from None
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    self._disowned = True
+                raise ERRORS_BY_CODE.get(code.name, TuneserveError)(details) from None
+            self._failing_since = None
+            return reply
+
+    def _lost(self) -> bool:
+        since = self._failing_since
+        return since is not None and time.monotonic() - since >= self._lost_after_s

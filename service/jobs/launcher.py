@@ -1,0 +1,75 @@
+"""The Launcher seam: how a job's worker is started, watched and stopped, wherever it runs.
+
+The scheduler decides *when* a worker runs and what its exit *means*; a Launcher only knows *how*: a
+local child process today (service.jobs.local_launcher), torchrun or a Kubernetes TrainJob tomorrow.
+So a handle names a worker without being a pid, a stop is a request the worker acts on at its next safe
+point, and an exit is a status with a description for people.
+
+The worker's side of the contract, whatever launches it:
+  exit 0            trained and packaged; the job is PACKAGING and ready to be served
+  exit 75           stopped on request at a safe point, checkpoint saved (resumable)
+  exit 1            failed; the worker has already reported FAILED with the reason
+  anything else     a crash (signal, OOM kill): the scheduler retries from the last checkpoint
+It reads its job and reports through the internal reporting API at REPORT_ADDRESS_ENV, with the
+job-scoped secret in REPORT_TOKEN_ENV (both in the environment the launcher is given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from service.records import Job
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable
+
+# Not settings: the address is known only once the reporting server is bound, and the token is a secret
+# made for one launch (it must never reach a log or another job's worker).
+REPORT_ADDRESS_ENV = "TUNESERVE_REPORT_ADDRESS"
+REPORT_TOKEN_ENV = "TUNESERVE_REPORT_TOKEN"
+
+
+@dataclass(frozen=True)
+class WorkerHandle:
+    """One launched worker. `ref` is what names it to its launcher (a process group, a pod, a TrainJob);
+    the store keeps it so that a restarted service can stop what its predecessor left running."""
+
+    job_id: str
+    ref: str
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How a worker ended: its exit code (see the module docstring) and, for people, what happened."""
+
+    code: int
+    description: str
+
+
+class LaunchError(Exception):
+    """The worker could not be started (the job is failed with this message)."""
+
+
+class Launcher(Protocol):
+    def start(self, job: Job, devices: tuple[int, ...], env: Mapping[str, str]) -> WorkerHandle:
+        """Start the worker of `job` on `devices` (GPU indices of this service; () for the CPU) with `env`.
+        Raises LaunchError when it cannot."""
+
+    def poll(self, handle: WorkerHandle) -> WorkerExit | None:
+        """The worker's exit once it has ended, else None."""
+
+    def stop(self, handle: WorkerHandle, reason: str) -> None:
+        """Ask the worker to checkpoint and exit (reason: "cancelled" or "draining"). Returns at once."""
+
+    def kill(self, handle: WorkerHandle) -> None:
+        """End the worker now, without waiting for a safe point."""
+
+    def release(self, handle: WorkerHandle) -> None:
+        """After the exit: end what the worker left behind (child processes, pods) and forget it."""
+
+    def stop_leftover(self, job_id: str, ref: str, grace_s: float) -> None:
+        """On start-up: stop the worker `ref` of `job_id` a dead predecessor left running, if it still runs
+        (checkpoint within `grace_s`, then killed). Anything else that `ref` names now is left alone."""
