@@ -27,7 +27,7 @@ import grpc
 
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2 as pb
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
-from service.errors import ERRORS_BY_CODE, TuneserveError, Unavailable
+from service.errors import ERRORS_BY_CODE, TuneserveError, Unauthenticated, Unavailable
 from service.jobs.rows import jsonable, result_from_json
 from service.records import EventKind, Job, JobState
 from service.spec import JobSpec
@@ -83,7 +83,12 @@ class GrpcReporter:
     def result(self, **fields: Any) -> None:
         self.flush()
         request = pb.MergeResultRequest(job_id=self.job_id, fields_json=json.dumps(jsonable(fields)))
-        self._call(self._stub.MergeResult, request)
+        try:
+            self._call(self._stub.MergeResult, request)
+        except (Unavailable, Unauthenticated) as exc:
+            # as events: with nobody left to tell, the worker stops at its next safe point (stop_requested)
+            # and the job resumes from its last checkpoint under the next service, which has the rest
+            log.warning("result fields %s of job %s not delivered: %s", sorted(fields), self.job_id, exc.message)
 
     def stop_requested(self) -> str | None:
         if self._reason is None:

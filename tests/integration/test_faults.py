@@ -48,7 +48,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SERVING_ON = re.compile(r"tuneserve is serving on [\d.]+:(\d+)")
 EPOCHS = 3
 PER_CLASS = 16  # 24 training images, 6 steps an epoch: long enough to be caught mid-epoch
-WORKER = b"service.jobs.worker"
+WORKER = b"service.worker_app"
 
 
 def fault_spec(name: str, training: dict[str, Any] | None = None, **sections: Any) -> pb.JobSpec:
@@ -286,7 +286,8 @@ def assert_like_reference(service: ServiceProcess, job: Job, reference: Referenc
 def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
     services: list[ServiceProcess], tmp_path: Path, reference: Reference
 ) -> None:
-    service = new_service(services, tmp_path)
+    # heartbeats every 0.1 s, and the first that fails means the service is gone (lost after 0 s)
+    service = new_service(services, tmp_path, TUNESERVE_REPORT_HEARTBEAT_S="0.1", TUNESERVE_REPORT_LOST_S="0")
     service.start()
     with service.client() as client:
         running = client.CreateJob(pb.CreateJobRequest(spec=fault_spec("running")))
@@ -296,11 +297,12 @@ def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
     worker = store.worker_pid(running.id)
     assert worker is not None
     service.kill()
-    # The orphaned worker notices its parent is gone at its next batch and stops there, mid-epoch 2:
-    # nothing of epoch 2 is recorded and last.pt still holds epoch 1.
+    # The orphaned worker's next heartbeat fails and it stops at its next batch, mid-epoch 2: nothing of
+    # epoch 2 is recorded and last.pt still holds epoch 1. Its last words reach only its log: the
+    # service that would record them is gone.
     wait_for(lambda: not alive(worker), 60, "the orphaned worker to stop")
-    messages = [e.message for e in events(store, running.id, EventKind.INFO)]
-    assert "training stopped (draining); the last checkpoint is kept" in messages
+    worker_log = (service.state_dir / "jobs" / running.id / "worker.log").read_text()
+    assert "training stopped (draining); the last checkpoint is kept" in worker_log
     assert [e.data["epoch"] for e in events(store, running.id, EventKind.EPOCH)] == [1]
     assert load_checkpoint(checkpoints_of(service, running.id) / "last.pt")["epoch"] == 1
     assert store.get_job(queued.id).state == JobState.QUEUED
@@ -317,7 +319,7 @@ def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
     store.close()
     record(
         "fault", "kill -9 of the service mid-epoch (2 jobs: running, queued)", 1,
-        "orphaned worker stopped at its next batch; after restart both jobs SUCCEEDED, metrics and "
+        "orphaned worker stopped at its next batch (its heartbeat failed); after restart both jobs SUCCEEDED, metrics and "
         "weights equal to an uninterrupted run",
     )  # fmt: skip
 

@@ -1,44 +1,71 @@
-"""The worker's pieces that need no training: stop requests, archive versions, one-line errors."""
+"""The worker's pieces that need no training: stop requests, archive versions, one-line errors.
+
+The reporter is the real one (service.api.report_client) against a real reporting server on loopback.
+"""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from service.api.report_client import GrpcReporter
+from service.api.reporting_server import start_reporting_server
 from service.errors import FailedPrecondition
+from service.jobs.intake import Intake
 from service.jobs.store import JobStore
-from service.jobs.worker import StoreReporter, next_version, one_line
+from service.jobs.worker import next_version, one_line
 from service.records import EventKind, JobState
+from service.settings import Settings
 from service.spec import JobSpec
 
 
-def running_job(tmp_path: Path) -> tuple[JobStore, str]:
-    store = JobStore(tmp_path / "jobs.sqlite3")
-    spec = JobSpec.model_validate({"name": "w", "model": {"architecture": "resnet18"}, "data": {"path": "d"}})
-    job_id = store.create_job(spec).id
-    store.transition(job_id, JobState.RUNNING)
-    return store, job_id
+class Plane:
+    """A control plane's reporting side: store, intake, server; one RUNNING job."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = JobStore(tmp_path / "jobs.sqlite3")
+        self.intake = Intake(self.store)
+        self.server = start_reporting_server(Settings(state_dir=tmp_path), self.intake)
+        spec = JobSpec.model_validate({"name": "w", "model": {"architecture": "resnet18"}, "data": {"path": "d"}})
+        self.job_id = self.store.create_job(spec).id
+        self.store.transition(self.job_id, JobState.RUNNING)
+
+    def reporter(self) -> GrpcReporter:
+        token = self.intake.issue(self.job_id)
+        return GrpcReporter(self.server.address, token, self.job_id, heartbeat_s=0.05).start()
 
 
-def test_sigterm_means_draining_unless_a_cancel_was_requested(tmp_path: Path) -> None:
-    store, job_id = running_job(tmp_path)
-    reporter = StoreReporter(store, job_id)
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[Plane]:
+    made = Plane(tmp_path)
+    yield made
+    made.server.stop(0)
+    made.store.close()
+
+
+def test_sigterm_means_draining_unless_a_cancel_was_requested(plane: Plane) -> None:
+    reporter = plane.reporter()
     assert reporter.stop_requested() is None
     reporter.signal_stop(signal.SIGTERM)
     assert reporter.stop_requested() == "draining"
-    cancelled = StoreReporter(store, job_id)
-    store.request_cancel(job_id)
+    reporter.close()
+    cancelled = plane.reporter()
+    plane.intake.request_stop(plane.job_id, "cancelled")  # what the scheduler does before its SIGTERM
     cancelled.signal_stop(signal.SIGTERM)
     assert cancelled.stop_requested() == "cancelled"
+    cancelled.close()
 
 
-def test_the_reporter_writes_events_and_results_into_the_store(tmp_path: Path) -> None:
-    store, job_id = running_job(tmp_path)
-    reporter = StoreReporter(store, job_id)
+def test_the_reporter_writes_events_and_results_into_the_store(plane: Plane) -> None:
+    reporter = plane.reporter()
     reporter.event(EventKind.EPOCH, "epoch 1", {"epoch": 1})
     reporter.result(epochs_completed=1)
-    assert store.events_after(job_id)[-1].data == {"epoch": 1}
-    assert store.get_job(job_id).result.epochs_completed == 1
+    assert plane.store.events_after(plane.job_id)[-1].data == {"epoch": 1}
+    assert plane.store.get_job(plane.job_id).result.epochs_completed == 1
+    reporter.close()
 
 
 def test_the_next_archive_version_follows_the_highest_in_the_store(tmp_path: Path) -> None:
