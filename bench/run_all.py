@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from bench import cache_speed, control_plane, latency, loop_speed, memory
+from bench import cache_speed, control_plane, latency, loop_speed, memory, reporting
 from bench.common import emit
 
-NAMES = ("loop_speed", "feature_cache", "job_latency", "serving", "control_plane", "peak_memory")
+NAMES = ("loop_speed", "feature_cache", "job_latency", "serving", "control_plane", "reporting", "peak_memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "job_latency": lambda: latency.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
         "serving": lambda: _serving(args.quick, torchserve),
         "control_plane": lambda: control_plane.run(control_plane.QUICK if args.quick else control_plane.FULL),
+        "reporting": lambda: reporting.run(reporting.QUICK if args.quick else reporting.FULL),
         "peak_memory": lambda: memory.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
     }
     failed = False

@@ -88,7 +88,9 @@ class GrpcReporter:
         except (Unavailable, Unauthenticated) as exc:
             # as events: with nobody left to tell, the worker stops at its next safe point (stop_requested)
             # and the job resumes from its last checkpoint under the next service, which has the rest
-            log.warning("result fields %s of job %s not delivered: %s", sorted(fields), self.job_id, exc.message)
+            log.warning(
+                "result fields %s of job %s not delivered: %s", sorted(fields), self.job_id, exc.message
+            )
 
     def stop_requested(self) -> str | None:
         if self._reason is None:
@@ -123,7 +125,9 @@ class GrpcReporter:
 
     def move(self, to_state: JobState, reason: str) -> None:
         self.flush()
-        self._call(self._stub.MoveJob, pb.MoveJobRequest(job_id=self.job_id, state=str(to_state), reason=reason))
+        self._call(
+            self._stub.MoveJob, pb.MoveJobRequest(job_id=self.job_id, state=str(to_state), reason=reason)
+        )
 
     # ------------------------------------------------------------------ delivery
 

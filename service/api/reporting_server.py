@@ -50,9 +50,13 @@ class ReportingServicer(pb_grpc.ReportingServicer):
         self, request: pb.AppendEventsRequest, context: grpc.ServicerContext
     ) -> pb.AppendEventsReply:
         events = [(_kind(e.kind), e.message, _object(e.data_json, "data_json")) for e in request.events]
-        return pb.AppendEventsReply(next=self.intake.append_events(_token(context), request.job_id, request.first, events))
+        return pb.AppendEventsReply(
+            next=self.intake.append_events(_token(context), request.job_id, request.first, events)
+        )
 
-    def MergeResult(self, request: pb.MergeResultRequest, context: grpc.ServicerContext) -> pb.MergeResultReply:
+    def MergeResult(
+        self, request: pb.MergeResultRequest, context: grpc.ServicerContext
+    ) -> pb.MergeResultReply:
         fields = _object(request.fields_json, "fields_json")
         self.intake.merge_result(_token(context), request.job_id, fields)
         return pb.MergeResultReply()

@@ -132,8 +132,8 @@ class Intake:
                 owner = granted_job
         if owner is None:
             raise Unauthenticated(
-                "the reporting token is unknown or revoked (its worker has exited, or the service restarted); "
-                "only a worker launched by this service may report"
+                "the reporting token is unknown or revoked (its worker has exited, or the service "
+                "restarted); only a worker launched by this service may report"
             )
         if owner != job_id:
             raise PermissionDenied(f"this reporting token belongs to another job, not to {job_id!r}")

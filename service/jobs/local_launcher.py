@@ -8,6 +8,7 @@ the group is killed once more so no data-loader child outlives its worker.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -133,7 +134,7 @@ def _runs_job(pid: int, job_id: str) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False  # gone (or not Linux: nothing to check against)
-    return any(a == b"--job-id" and b == job_id.encode() for a, b in zip(argv, argv[1:], strict=False))
+    return any(a == b"--job-id" and b == job_id.encode() for a, b in itertools.pairwise(argv))
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:

@@ -93,7 +93,11 @@ def package(job: Job, checkpoint: Path, settings: Settings, reporter: Reporter) 
         version = next_version(settings.model_store, model_name)
         try:
             archive = build_archive(
-                checkpoint, settings.model_store, model_name, version, max_image_pixels=settings.max_image_pixels
+                checkpoint,
+                settings.model_store,
+                model_name,
+                version,
+                max_image_pixels=settings.max_image_pixels,
             )
             break
         except AlreadyExists:  # another job took this version while we built: take the next one

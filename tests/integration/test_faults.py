@@ -319,8 +319,8 @@ def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
     store.close()
     record(
         "fault", "kill -9 of the service mid-epoch (2 jobs: running, queued)", 1,
-        "orphaned worker stopped at its next batch (its heartbeat failed); after restart both jobs SUCCEEDED, metrics and "
-        "weights equal to an uninterrupted run",
+        "orphaned worker stopped at its next batch (its heartbeat failed); after restart both jobs "
+        "SUCCEEDED, metrics and weights equal to an uninterrupted run",
     )  # fmt: skip
 
 

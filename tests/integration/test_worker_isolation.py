@@ -41,7 +41,10 @@ class RecordingLauncher(LocalProcessLauncher):
 
 def test_the_audit_hook_stops_a_process_that_opens_a_job_store(tmp_path: Path) -> None:
     probe = f"import audited, sqlite3; audited.install(); sqlite3.connect({str(tmp_path / 'jobs.sqlite3')!r})"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(AUDITED.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(AUDITED.parent), os.environ.get("PYTHONPATH", "")]),
+    }
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 86 and "AUDIT: sqlite3.connect of the job store" in done.stderr
 

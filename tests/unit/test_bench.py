@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from imagefolders import one_thread
 
-from bench import cache_speed, control_plane, loop_speed, run_all
+from bench import cache_speed, control_plane, loop_speed, reporting, run_all
 from bench.common import emit
 
 
@@ -51,6 +51,18 @@ def test_control_plane_measures_both_rpcs_under_32_clients() -> None:
         assert _positive(figures["calls_per_s_32_clients"]) and _positive(figures["p99_ms"])
         assert figures["p50_ms"] <= figures["p99_ms"]
         assert _positive(figures["grpc_vs_in_process"])
+
+
+def test_reporting_measures_events_through_the_real_server_and_the_old_per_event_path(tmp_path: Any) -> None:
+    result = reporting.events_per_second(tmp_path, 300)
+    assert result["events"] == 300
+    for name in (
+        "grpc_events_per_s",
+        "event_call_us",
+        "store_per_event_events_per_s",
+        "grpc_vs_store_per_event",
+    ):
+        assert _positive(result[name]), result
 
 
 def test_a_result_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:

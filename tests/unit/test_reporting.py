@@ -31,7 +31,9 @@ class Plane:
         self.stub = pb_grpc.ReportingStub(self.channel)
 
     def running_job(self, name: str = "w") -> str:
-        spec = JobSpec.model_validate({"name": name, "model": {"architecture": "resnet18"}, "data": {"path": "d"}})
+        spec = JobSpec.model_validate(
+            {"name": name, "model": {"architecture": "resnet18"}, "data": {"path": "d"}}
+        )
         job_id = self.store.create_job(spec).id
         self.store.transition(job_id, JobState.RUNNING)
         return job_id
@@ -74,7 +76,8 @@ def test_a_token_is_refused_for_any_other_job(plane: Plane) -> None:
         lambda: plane.stub.GetAssignment(pb.AssignmentRequest(job_id=other), metadata=bearer(token)),
         lambda: plane.stub.Heartbeat(pb.HeartbeatRequest(job_id=other), metadata=bearer(token)),
         lambda: plane.stub.AppendEvents(
-            pb.AppendEventsRequest(job_id=other, events=[pb.Event(kind="INFO", message="x")]), metadata=bearer(token)
+            pb.AppendEventsRequest(job_id=other, events=[pb.Event(kind="INFO", message="x")]),
+            metadata=bearer(token),
         ),
     ):
         assert status_of(call) == grpc.StatusCode.PERMISSION_DENIED
@@ -84,12 +87,18 @@ def test_a_token_is_refused_for_any_other_job(plane: Plane) -> None:
 def test_an_unknown_missing_or_revoked_token_is_unauthenticated(plane: Plane) -> None:
     job_id = plane.running_job()
     request = pb.HeartbeatRequest(job_id=job_id)
-    assert status_of(lambda: plane.stub.Heartbeat(request, metadata=bearer("guess"))) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        status_of(lambda: plane.stub.Heartbeat(request, metadata=bearer("guess")))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert status_of(lambda: plane.stub.Heartbeat(request)) == grpc.StatusCode.UNAUTHENTICATED
     token = plane.intake.issue(job_id)
     assert plane.stub.Heartbeat(request, metadata=bearer(token)).stop_reason == ""
     plane.intake.revoke(job_id)  # the worker exited
-    assert status_of(lambda: plane.stub.Heartbeat(request, metadata=bearer(token))) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        status_of(lambda: plane.stub.Heartbeat(request, metadata=bearer(token)))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
 
 
 def test_a_new_launch_gets_a_new_token_and_the_old_one_stops_working(plane: Plane) -> None:
@@ -97,7 +106,10 @@ def test_a_new_launch_gets_a_new_token_and_the_old_one_stops_working(plane: Plan
     first, second = plane.intake.issue(job_id), plane.intake.issue(job_id)
     assert first != second
     request = pb.HeartbeatRequest(job_id=job_id)
-    assert status_of(lambda: plane.stub.Heartbeat(request, metadata=bearer(first))) == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        status_of(lambda: plane.stub.Heartbeat(request, metadata=bearer(first)))
+        == grpc.StatusCode.UNAUTHENTICATED
+    )
     plane.stub.Heartbeat(request, metadata=bearer(second))
 
 
@@ -106,7 +118,10 @@ def test_a_worker_cannot_move_its_job_where_only_the_scheduler_may(plane: Plane,
     job_id = plane.running_job()
     token = plane.intake.issue(job_id)
     move = pb.MoveJobRequest(job_id=job_id, state=state, reason="says the worker")
-    assert status_of(lambda: plane.stub.MoveJob(move, metadata=bearer(token))) == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        status_of(lambda: plane.stub.MoveJob(move, metadata=bearer(token)))
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
     assert plane.store.get_job(job_id).state == JobState.RUNNING
 
 
@@ -119,7 +134,10 @@ def test_a_worker_moves_its_job_to_packaging_then_failed_and_no_further(plane: P
     assert (job.state, job.error) == (JobState.FAILED, "archiver failed")
     token = plane.intake.issue(job_id)
     again = pb.MoveJobRequest(job_id=job_id, state="FAILED")
-    assert status_of(lambda: plane.stub.MoveJob(again, metadata=bearer(token))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        status_of(lambda: plane.stub.MoveJob(again, metadata=bearer(token)))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     reporter.close()
 
 
@@ -155,7 +173,9 @@ def test_events_arrive_in_order_under_batching_and_results_after_the_events_befo
             reporter.result(epochs_completed=1)  # flushes first: every event before it is stored
             assert plane.store.events_after(job_id, limit=5000)[-1].data == {"i": 1200}
     reporter.close()
-    stored = [e.data["i"] for e in plane.store.events_after(job_id, limit=5000) if e.kind == EventKind.PROGRESS]
+    stored = [
+        e.data["i"] for e in plane.store.events_after(job_id, limit=5000) if e.kind == EventKind.PROGRESS
+    ]
     assert stored == list(range(2500))
     seqs = [e.seq for e in plane.store.events_after(job_id, limit=5000)]
     assert seqs == list(range(1, len(seqs) + 1))
@@ -164,7 +184,9 @@ def test_events_arrive_in_order_under_batching_and_results_after_the_events_befo
 def test_a_retried_batch_is_stored_once(plane: Plane) -> None:
     job_id = plane.running_job()
     token = plane.intake.issue(job_id)
-    batch = pb.AppendEventsRequest(job_id=job_id, first=0, events=[pb.Event(kind="INFO", message=m) for m in "ab"])
+    batch = pb.AppendEventsRequest(
+        job_id=job_id, first=0, events=[pb.Event(kind="INFO", message=m) for m in "ab"]
+    )
     assert plane.stub.AppendEvents(batch, metadata=bearer(token)).next == 2
     assert plane.stub.AppendEvents(batch, metadata=bearer(token)).next == 2  # its reply was lost: sent again
     messages = [e.message for e in plane.store.events_after(job_id)]

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from service.errors import Unauthenticated
 from service.api.reporting_server import ReportingServer, start_reporting_server
+from service.errors import Unauthenticated
 from service.jobs.intake import Intake
 from service.jobs.local_launcher import LocalProcessLauncher, describe_exit
 from service.jobs.scheduler import Scheduler, worker_env
@@ -161,7 +161,9 @@ def test_the_worker_learns_from_its_heartbeat_whether_a_stop_is_a_cancel_or_a_dr
     h.wait_started(drained)
     h.scheduler.stop(drain=True)
     reasons = {
-        job_id: [e.data["reason"] for e in h.store.events_after(job_id) if e.message == "fake worker stopping"]
+        job_id: [
+            e.data["reason"] for e in h.store.events_after(job_id) if e.message == "fake worker stopping"
+        ]
         for job_id in (cancelled, drained)
     }
     assert reasons == {cancelled: ["cancelled"], drained: ["draining"]}

@@ -29,7 +29,9 @@ class Plane:
         self.store = JobStore(tmp_path / "jobs.sqlite3")
         self.intake = Intake(self.store)
         self.server = start_reporting_server(Settings(state_dir=tmp_path), self.intake)
-        spec = JobSpec.model_validate({"name": "w", "model": {"architecture": "resnet18"}, "data": {"path": "d"}})
+        spec = JobSpec.model_validate(
+            {"name": "w", "model": {"architecture": "resnet18"}, "data": {"path": "d"}}
+        )
         self.job_id = self.store.create_job(spec).id
         self.store.transition(self.job_id, JobState.RUNNING)
 
