@@ -147,24 +147,33 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def resume_after_sigkill(scale: Scale, workdir: Path, results: ResultFile) -> None:
     """A real worker process SIGKILLed after its first checkpoint, then started again, ends where an
     uninterrupted worker ends."""
+    from service.api.reporting_server import start_reporting_server
+    from service.jobs.intake import Intake
     from service.jobs.store import JobStore
     from service.records import JobState
 
     root = digits_root(scale, workdir)
     settings = settings_for(root, max_job_retries=0)
     store = JobStore(settings.jobs_db)
+    intake = Intake(store)  # the workers report through the control plane's reporting API, as in the service
+    reporting = start_reporting_server(settings, intake)
     spec = job_spec("resume", "resnet18", data="digits", epochs=3, batch_size=64, image_size=scale.digit_size)
+
+    def worker_of(job_id: str) -> subprocess.Popen[bytes]:
+        return _worker(settings, job_id, reporting.address, intake.issue(job_id))
+
     try:
         plain, killed = store.create_job(spec), store.create_job(spec)
         store.transition(plain.id, JobState.RUNNING, "bench")
-        exits = {"uninterrupted": _worker(settings, plain.id).wait()}
+        exits = {"uninterrupted": worker_of(plain.id).wait()}
         store.transition(killed.id, JobState.RUNNING, "bench")
-        worker = _worker(settings, killed.id)
+        worker = worker_of(killed.id)
         killed_after = _kill_after_first_checkpoint(store, killed.id, worker)
         exits["killed"] = worker.wait()
-        exits["resumed"] = _worker(settings, killed.id).wait()
+        exits["resumed"] = worker_of(killed.id).wait()
         resumed_events = [e.message for e in store.events_after(killed.id) if e.message.startswith("resumed")]
     finally:
+        reporting.stop()
         store.close()
     a, b = (_last_metrics(settings.job_dir(job_id)) for job_id in (plain.id, killed.id))
     if scale.cuda:
@@ -193,13 +202,16 @@ def resume_after_sigkill(scale: Scale, workdir: Path, results: ResultFile) -> No
     )
 
 
-def _worker(settings: Any, job_id: str) -> subprocess.Popen[bytes]:
-    from service.jobs.scheduler import worker_command, worker_env
+def _worker(settings: Any, job_id: str, address: str, token: str) -> subprocess.Popen[bytes]:
+    from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
+    from service.jobs.local_launcher import worker_command
+    from service.jobs.scheduler import worker_env
 
     log = (settings.job_dir(job_id)).parent / f"{job_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**worker_env(settings), REPORT_ADDRESS_ENV: address, REPORT_TOKEN_ENV: token}
     with log.open("ab") as out:
-        return subprocess.Popen(worker_command(job_id), env=worker_env(settings), stdout=out, stderr=out)
+        return subprocess.Popen(worker_command(job_id), env=env, stdout=out, stderr=out)
 
 
 def _kill_after_first_checkpoint(store: Any, job_id: str, worker: subprocess.Popen[bytes]) -> str | None:

@@ -115,6 +115,9 @@ def two_jobs_two_gpus(scale: Scale, workdir: Path, results: ResultFile) -> None:
 
 
 def _run_two_jobs(scale: Scale, workdir: Path) -> dict[str, Any]:
+    from service.api.reporting_server import start_reporting_server
+    from service.jobs.intake import Intake
+    from service.jobs.local_launcher import LocalProcessLauncher
     from service.jobs.scheduler import Scheduler
     from service.jobs.store import JobStore
 
@@ -123,7 +126,11 @@ def _run_two_jobs(scale: Scale, workdir: Path) -> dict[str, Any]:
     store = JobStore(settings.jobs_db)
     spec = job_spec("placed", "resnet18", data="digits", epochs=2, batch_size=64, image_size=scale.digit_size)
     jobs = [store.create_job(spec).id for _ in range(2)]
-    scheduler = Scheduler(settings, store, poll_s=0.1)
+    intake = Intake(store)
+    reporting = start_reporting_server(settings, intake)
+    scheduler = Scheduler(
+        settings, store, LocalProcessLauncher(settings), intake, reporting.address, poll_s=0.1
+    )
     workers: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + (25 if scale.cuda else 120)  # within the check's budget
     try:
@@ -146,6 +153,7 @@ def _run_two_jobs(scale: Scale, workdir: Path) -> dict[str, Any]:
             time.sleep(0.2)
     finally:
         scheduler.stop(drain=False)
+        reporting.stop()
         states = [str(store.get_job(j).state) for j in jobs]
         store.close()
     return {"workers": list(workers.values()), "overlapped": overlapped, "final_states": states}

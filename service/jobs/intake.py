@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import InvalidArgument, PermissionDenied, Unauthenticated
@@ -39,6 +39,7 @@ class _Grant:
     last_seen: float  # time.monotonic() of the last call (the launch, to start with)
     next_event: int = 0  # the worker's number of the next event it has not delivered yet
     stop_reason: str | None = None
+    events_lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time
 
 
 class Intake:
@@ -48,7 +49,6 @@ class Intake:
         self.store = store
         self._grants: dict[str, _Grant] = {}
         self._lock = threading.Lock()
-        self._event_locks: dict[str, threading.Lock] = {}
 
     # ------------------------------------------------------------------ the scheduler's side
 
@@ -57,7 +57,6 @@ class Intake:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._grants[job_id] = _Grant(token, time.monotonic())
-            self._event_locks.setdefault(job_id, threading.Lock())
         return token
 
     def revoke(self, job_id: str) -> None:
@@ -89,7 +88,7 @@ class Intake:
     def append_events(self, token: str, job_id: str, first: int, events: Sequence[EventIn]) -> int:
         """Store the events numbered first, first+1, ... that are not stored yet; the next number."""
         grant = self._authorize(token, job_id)
-        with self._event_locks[job_id]:  # one batch at a time per job: numbers and order stay together
+        with grant.events_lock:  # one batch at a time per launch: numbers and order stay together
             if first > grant.next_event:
                 raise InvalidArgument(
                     f"events from number {first} of job {job_id}, but {grant.next_event} is the next one "
