@@ -110,7 +110,7 @@ def _epoch_times(size: Size, root: Path, *, feature_cache: bool) -> dict[str, An
         loader, forward, _ = run.training_batches(epoch)  # the first cached epoch computes the cache here
         torch.manual_seed(epoch)
         trained = train_one_epoch(
-            forward, run.criterion, run.optimizer, loader, task=spec.task, num_classes=run.num_classes,
+            forward, run.criterion, run.optimizer, loader, task=run.task, num_classes=run.num_classes,
             epoch=epoch, step=run.step, device=run.device, reporter=reporter, scaler=run.scaler,
         )  # fmt: skip
         if torch.cuda.is_available():

@@ -125,7 +125,7 @@ def _epoch(run: Any, loader: Any, epoch: int, max_steps: int | None = None) -> A
         run.criterion,
         run.optimizer,
         loader,
-        task=run.spec.task,
+        task=run.task,
         num_classes=run.num_classes,
         epoch=epoch,
         step=0,

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from service.spec import Augmentation, Task
+from service.tasks import task_for
 from service.training.builder import Preprocessing
 from service.training.data import SKIP_UNDECODABLE, Sample, Skipped, Splits
 from service.training.decoding import decode_image, estimate_bytes, interpolation_mode, preload
@@ -86,7 +87,7 @@ class ImageDataset(Dataset[Item]):
         images: Sequence[Tensor] | None = None,
     ) -> None:
         self.samples = tuple(samples)
-        self.task = task
+        self.task = task_for(task)
         self.num_classes = num_classes
         self.preprocessing = preprocessing
         self.transform = transform
@@ -123,11 +124,7 @@ class ImageDataset(Dataset[Item]):
         return image, self.target(sample)
 
     def target(self, sample: Sample) -> Tensor:
-        if isinstance(sample.target, tuple):
-            multi_hot = torch.zeros(self.num_classes)
-            multi_hot[list(sample.target)] = 1.0
-            return multi_hot
-        return torch.tensor(sample.target)
+        return self.task.target(sample.target, self.num_classes)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

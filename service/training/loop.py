@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from service.records import EventKind
-from service.spec import Task
+from service.tasks import TaskStrategy
 from service.training.data import Skipped
 from service.training.datasets import Loader
-from service.training.metrics import MetricAccumulator, loss_targets, predict
+from service.training.metrics import MetricAccumulator
 from service.training.reporting import Reporter
 
 Forward = Callable[[Tensor], Tensor]
@@ -58,7 +58,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     loader: Loader,
     *,
-    task: Task,
+    task: TaskStrategy,
     num_classes: int,
     epoch: int,
     step: int,
@@ -93,7 +93,7 @@ def train_one_epoch(
         images, targets = device.to_device(images, targets)
         with device.autocast():
             logits = forward(images)
-            loss = criterion(logits, loss_targets(task, targets))
+            loss = criterion(logits, task.loss_targets(targets))
 
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -154,7 +154,7 @@ def evaluate(
     criterion: nn.Module,
     loader: Loader,
     *,
-    task: Task,
+    task: TaskStrategy,
     num_classes: int,
     threshold: float,
     device: DevicePlan,
@@ -184,18 +184,18 @@ def evaluate(
             on_device, targets_on_device = device.to_device(images, targets)
             with device.autocast():
                 logits = model(on_device)
-                loss = criterion(logits, loss_targets(task, targets_on_device))
+                loss = criterion(logits, task.loss_targets(targets_on_device))
             accumulator.update(loss.item(), logits, targets)
             on_cpu = logits.float().cpu()
-            seen["predictions"].append(predict(task, on_cpu, threshold))
+            seen["predictions"].append(task.predict(on_cpu, threshold))
             seen["targets"].append(targets.cpu())
-            if task != "multiclass":
-                seen["scores"].append(torch.sigmoid(on_cpu).reshape(len(on_cpu), -1))
+            if (scores := task.pr_scores(on_cpu)) is not None:
+                seen["scores"].append(scores)
             room = keep - sum(len(t) for t in kept["images"])
             if room > 0:
                 kept["images"].append(images[:room])
                 kept["targets"].append(targets[:room])
-                kept["predictions"].append(predict(task, logits[:room].float().cpu(), threshold))
+                kept["predictions"].append(task.predict(logits[:room].float().cpu(), threshold))
                 if captured:
                     kept["features"].append(captured[-1][:room].cpu())
             captured.clear()

@@ -67,7 +67,7 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     torch.manual_seed(epoch_seed(spec.training.seed, epoch))
     trained = train_one_epoch(
         forward, run.criterion, run.optimizer, loader,
-        task=spec.task, num_classes=run.num_classes, epoch=epoch, step=run.step,
+        task=run.task, num_classes=run.num_classes, epoch=epoch, step=run.step,
         device=run.device, reporter=reporter, scaler=run.scaler,
         scheduler=run.scheduler if run.scheduler_per_step else None,
         max_steps=spec.training.max_steps_per_epoch, log_step=lambda s, m: telemetry.log_step(run, s, m),
@@ -78,7 +78,7 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     if run.scheduler is not None and not run.scheduler_per_step:
         run.scheduler.step()
     evaluated = evaluate(
-        run.model, run.criterion, run.loaders.val, task=spec.task, num_classes=run.num_classes,
+        run.model, run.criterion, run.loaders.val, task=run.task, num_classes=run.num_classes,
         threshold=spec.threshold, device=run.device, reporter=reporter,
     )  # fmt: skip
     if evaluated.stopped:
@@ -127,7 +127,7 @@ def finish(run: Run) -> TrainingOutcome:
         run.model.load_state_dict(load_checkpoint(run.keeper.best_path)["model"])
     head = run.model.get_submodule(run.built.head_names[0])
     evaluated = evaluate(
-        run.model, run.criterion, run.loaders.val, task=spec.task, num_classes=run.num_classes,
+        run.model, run.criterion, run.loaders.val, task=run.task, num_classes=run.num_classes,
         threshold=spec.threshold, device=run.device, keep=EMBEDDING_IMAGES, head=head,
     )  # fmt: skip
     report = evaluated.accumulator.report(run.class_names)

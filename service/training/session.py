@@ -19,6 +19,7 @@ from service.errors import DatasetError, FailedPrecondition
 from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec
+from service.tasks import TOP_K, TaskStrategy, task_for
 from service.training import feature_cache, freezing, registry, telemetry
 from service.training.builder import BuiltModel, Preprocessing, build_model, rebuild_model
 from service.training.checkpoints import (
@@ -32,7 +33,6 @@ from service.training.data import Splits, load_splits
 from service.training.datasets import Loader, Loaders, build_loaders, set_epoch
 from service.training.early_stopping import EarlyStopping, comparator
 from service.training.loop import DevicePlan, Forward
-from service.training.metrics import TOP_K, make_criterion, output_units
 from service.training.optim import make_optimizer, make_scheduler, seed_everything, select_device
 from service.training.reporting import Reporter
 from service.training.tb_logger import TensorBoardLogger
@@ -85,8 +85,12 @@ class Run:
         return len(self.class_names)
 
     @property
+    def task(self) -> TaskStrategy:
+        return task_for(self.spec.task)
+
+    @property
     def num_outputs(self) -> int:
-        return output_units(self.spec.task, len(self.class_names))
+        return self.task.output_units(len(self.class_names))
 
     def training_batches(self, epoch: int) -> tuple[Loader, Forward, bool]:
         """This epoch's training loader and forward pass, and whether its batches hold images: cached
@@ -129,7 +133,7 @@ class Run:
 
 def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) -> Run:
     """Seed, scan the data, build and freeze the model, set up optimisation; resume when last.pt exists."""
-    training = spec.training
+    training, task = spec.training, task_for(spec.task)
     seed_everything(training.seed)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL's own decompression-bomb guard
     splits = load_splits(
@@ -139,7 +143,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         seed=training.seed,
         max_image_pixels=settings.max_image_pixels,
     )
-    if spec.early_stopping.monitor == "val_top5_accuracy" and len(splits.class_names) <= TOP_K:
+    if spec.early_stopping.monitor == "val_top5_accuracy" and not task.has_top_k(len(splits.class_names)):
         raise DatasetError(
             f"early_stopping.monitor 'val_top5_accuracy' needs more than {TOP_K} classes; the dataset has "
             f"{len(splits.class_names)}: monitor val_accuracy or val_loss instead"
@@ -147,7 +151,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
     last = checkpoint_dir(job_dir) / "last.pt"
     discard_partial_writes(last.parent)  # left by a previous attempt that died mid-write
     resume = load_checkpoint(last) if last.exists() else None
-    units = output_units(spec.task, len(splits.class_names))
+    units = task.output_units(len(splits.class_names))
     # A resumed job's weights all come from its checkpoint, and so does the network they fit: one
     # written before the builtin Lite0 was fixed holds timm's efficientnet_lite0, not today's builtin.
     if resume is None:
@@ -200,7 +204,7 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         plan=plan,
         forward=_make_forward(built.model, split, training.compile),
         loaders=loaders,
-        criterion=make_criterion(spec.task, training.label_smoothing),
+        criterion=task.criterion(training.label_smoothing),
         optimizer=optimizer,
         scheduler=scheduler,
         scheduler_per_step=per_step,

@@ -134,11 +134,8 @@ def log_evaluation(run: Run, epoch: int, evaluated: Evaluation) -> None:
     figure = confusion_figure(confusion, run.class_names, f"validation, epoch {epoch}")
     tb.figure("val/confusion_matrix", figure, epoch)
     if evaluated.scores is not None:
-        if run.spec.task == "binary":  # one logit: the probability of class_names[1]
-            tb.pr_curve(f"val/pr_curve/{run.class_names[1]}", targets, evaluated.scores[:, 0], epoch)
-        else:
-            for c, name in enumerate(run.class_names):
-                tb.pr_curve(f"val/pr_curve/{name}", targets[:, c], evaluated.scores[:, c], epoch)
+        for name, truths, scores in run.task.pr_curves(run.class_names, targets, evaluated.scores):
+            tb.pr_curve(f"val/pr_curve/{name}", truths, scores, epoch)
     chosen = choose_preview(predictions, targets, PREVIEW_IMAGES)
     images = validation_images(run, chosen, {s.path for s in evaluated.skipped})
     if images is not None:

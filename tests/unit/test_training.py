@@ -19,6 +19,7 @@ from service.errors import DatasetError, FailedPrecondition, InvalidArgument
 from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec, TrainingSpec
+from service.tasks import task_for
 from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
 from service.training.datasets import Batch
 from service.training.gate_sample import gate_sample_for
@@ -341,7 +342,7 @@ def test_the_first_step_is_reported_at_once_then_at_most_once_a_period() -> None
     reporter = CollectingReporter()
     result = train_one_epoch(
         model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), batches,  # type: ignore[arg-type]
-        task="multiclass", num_classes=3, epoch=1, step=0, device=DevicePlan(torch.device("cpu")),
+        task=task_for("multiclass"), num_classes=3, epoch=1, step=0, device=DevicePlan(torch.device("cpu")),
         reporter=reporter, scaler=torch.amp.GradScaler("cpu", enabled=False), progress_every_s=3600.0,
     )  # fmt: skip
     assert result.steps == 4
