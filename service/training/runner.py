@@ -22,7 +22,7 @@ from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec
 from service.training import freezing, telemetry
-from service.training.checkpoints import FORMAT_VERSION, capture_rng, load_checkpoint
+from service.training.checkpoints import capture_rng, load_checkpoint, make_checkpoint
 from service.training.datasets import epoch_seed
 from service.training.gate_sample import choose_gate_sample
 from service.training.loop import evaluate, train_one_epoch
@@ -159,23 +159,22 @@ def finish(run: Run) -> TrainingOutcome:
 
 
 def _checkpoint(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "scaler": run.scaler.state_dict(),
-        "epoch": run.epoch,
-        "step": run.step,
-        "history": list(run.history),
-        "early_stopping": run.early_stopping.state_dict(),
-        "rng": capture_rng(),
-        "spec": run.spec.to_dict(),
-        "class_names": list(run.class_names),
-        "wandb_run_id": run.wandb.run_id,
-        "metrics": float_metrics(metrics),
-        "model_config": run.model_config,
-    }
+    return make_checkpoint(
+        model=run.model.state_dict(),
+        optimizer=run.optimizer.state_dict(),
+        scheduler=run.scheduler.state_dict() if run.scheduler is not None else None,
+        scaler=run.scaler.state_dict(),
+        epoch=run.epoch,
+        step=run.step,
+        history=run.history,
+        early_stopping=run.early_stopping.state_dict(),
+        rng=capture_rng(),
+        spec=run.spec.to_dict(),
+        class_names=list(run.class_names),
+        wandb_run_id=run.wandb.run_id,
+        metrics=float_metrics(metrics),
+        model_config=run.model_config,
+    )
 
 
 def _epoch_message(metrics: dict[str, Any]) -> str:
