@@ -23,7 +23,8 @@ from torchvision.transforms.v2 import functional as F
 
 from service.tasks import TaskStrategy, task_for
 from service.training.builder import Preprocessing, build_for_inference
-from service.training.datasets import interpolation_mode, make_transforms
+from service.training.decoding import interpolation_mode
+from service.training.transforms import make_transforms
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
@@ -95,7 +96,7 @@ def build_network(config: ServingConfig, state_dict: Mapping[str, torch.Tensor])
 
 
 def eval_transform(config: ServingConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Validation's transforms (service.training.datasets): resize the short side of the RGB picture,
+    """Validation's transforms (service.training.transforms): resize the short side of the RGB picture,
     then the eval transform (center crop, to float, normalise)."""
     pre = config.preprocessing
     interpolation = interpolation_mode(pre.interpolation)

@@ -23,8 +23,8 @@ from service.spec import JobSpec
 from service.tasks import task_for
 
 if TYPE_CHECKING:
-    from service.training.data import DatasetInfo
     from service.training.layers import ModelDescription
+    from service.training.scan import DatasetInfo
 
 _NAMED_FIELD = re.compile(r"^(model|data|freeze|training|serving|early_stopping|logging|resources)\.[a-z_]+")
 
@@ -70,7 +70,8 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
 
 
 def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetInfo | None]:
-    from service.training.data import resolve_under_root, scan_dataset, scan_manifest, split_stratified
+    from service.training.data_root import resolve_under_root
+    from service.training.scan import scan_dataset, scan_manifest, split_stratified
 
     data, root, pixels, task = spec.data, settings.data_root, settings.max_image_pixels, task_for(spec.task)
     if task.reads_manifest:
@@ -124,7 +125,7 @@ def _check_device(spec: JobSpec) -> None:
 def _skip_warnings(info: DatasetInfo | None) -> list[str]:
     if info is None or not info.skipped:
         return []
-    from service.training.data import skip_summary
+    from service.training.scan import skip_summary
 
     summary = skip_summary(info.skipped, examples=3)
     return [f"{summary['skipped']} file(s) under {info.root} will be skipped: {summary['reasons']}"]

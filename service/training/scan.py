@@ -3,7 +3,7 @@
 Scanning is cheap on purpose: a file counts as an image when its extension is an image one and PIL can
 read its header (no decode). Files that fail are *skipped and counted*, never fatal; the reasons are
 the SKIP_* constants below. Files that pass the header check but fail to decode are caught later, at
-load time (service.training.datasets), and skipped the same way.
+load time (service.training.loaders), and skipped the same way.
 
 Errors (DatasetError, INVALID_ARGUMENT) are for datasets that cannot be used at all: a path outside
 the data root, a missing folder, no class folders, too few classes, an empty class folder, no images.
@@ -16,7 +16,6 @@ data root), and a `data.val_path` for it is a second manifest.
 from __future__ import annotations
 
 import csv
-import os
 import random
 import warnings
 from collections import Counter, defaultdict
@@ -30,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import DatasetError
 from service.spec import DataSpec, Task
 from service.tasks import task_for
+from service.training.data_root import printable, resolve_under_root
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 SKIP_NOT_IMAGE = "not an image file"
@@ -84,32 +84,6 @@ def skip_summary(skipped: Iterable[Skipped], examples: int = 5) -> dict[str, Any
         "reasons": dict(Counter(s.reason for s in skipped)),
         "examples": [f"{printable(s.path)} ({s.reason})" for s in skipped[:examples]],
     }
-
-
-def printable(path: str | Path) -> str:
-    """`path` as UTF-8 text: the bytes of a name that is not UTF-8 become `\\xNN` (events need text)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def resolve_under_root(path: str | Path, data_root: Path, field: str = "data.path") -> Path:
-    """`path` (relative to the data root, or absolute) with symlinks and `..` resolved; must stay inside."""
-    root = data_root.resolve()
-    try:
-        resolved = (root / path).resolve()
-        resolved.exists()  # raises for a name the OS cannot look up (too long), not for a missing one
-    except (OSError, ValueError) as exc:  # ValueError: a NUL character
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DatasetError(
-            f"{field} {str(path)[:200]!r} is not a usable path ({reason}); give a folder path relative to "
-            "the data root, of printable characters and at most 255 per name"
-        ) from None
-    if not resolved.is_relative_to(root):
-        raise DatasetError(
-            # where a symlink leads is not the caller's to learn, only that it leaves the root
-            f"{field} {str(path)[:200]!r} is outside the data root {root} (after `..` and symlinks); "
-            "put the dataset under the data root and give its path relative to it"
-        )
-    return resolved
 
 
 def scan_dataset(
