@@ -58,16 +58,6 @@ def replace_head(model: nn.Module, num_classes: int) -> tuple[str, ...]:
     return names
 
 
-def head_out_features(model: nn.Module, head_names: tuple[str, ...]) -> int:
-    """The number of classes the main head produces."""
-    head = model.get_submodule(head_names[0])
-    if isinstance(head, nn.Linear):
-        return head.out_features
-    if isinstance(head, nn.Conv2d):
-        return head.out_channels
-    raise InvalidArgument(f"head {head_names[0]} of {type(model).__name__} is a {type(head).__name__}")
-
-
 def _timm_head_names(model: nn.Module) -> tuple[str, ...]:
     heads = model.get_classifier()  # type: ignore[operator]
     heads = heads if isinstance(heads, tuple) else (heads,)  # distilled models have two heads
