@@ -127,7 +127,16 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         spec.checkpointing.keep_top_k,
     )
     if resume is not None:
-        _restore(resume, last, spec, network, optimisation, progress, keeper, reporter)
+        _restore(resume, network, optimisation, progress)
+        if network.built.architecture != (asked := registry.check_architecture(spec.model.architecture)):
+            _warn_old_network(reporter, last, spec, network, asked)
+        # best/top-k files, in case a crash fell between writes
+        keeper.publish(progress.epoch, progress.history)
+        reporter.event(
+            EventKind.INFO,
+            f"resumed from {last} after epoch {progress.epoch}",
+            {"epoch": progress.epoch, "step": progress.step, "path": str(last)},
+        )
     # opened once, after the restore: a resumed job continues the W&B run its checkpoint names
     metrics = MetricsSink.open(
         spec, job_dir, reporter, wandb_run_id=resume["wandb_run_id"] if resume is not None else None
@@ -192,28 +201,9 @@ def _check_same_classes(state: dict[str, Any], class_names: tuple[str, ...], pat
         )
 
 
-def _restore(
-    state: dict[str, Any],
-    path: Path,
-    spec: JobSpec,
-    network: Network,
-    optimisation: Optimisation,
-    progress: Progress,
-    keeper: CheckpointKeeper,
-    reporter: Reporter,
-) -> None:
+def _restore(state: dict[str, Any], network: Network, optimisation: Optimisation, progress: Progress) -> None:
     """Restore every piece of training state from `state` (last.pt)."""
     network.model.load_state_dict(state["model"])
-    built, asked = network.built, registry.check_architecture(spec.model.architecture)
-    if built.architecture != asked:
-        reporter.event(
-            EventKind.WARNING,
-            f"{path} was written before tuneserve built {asked} for {spec.model.architecture!r}: it "
-            f"holds {built.architecture} with mean {list(network.preprocessing.mean)}, std "
-            f"{list(network.preprocessing.std)}, and training continues on that network as it started. "
-            f"Submit the job again to fine-tune {asked} with its weights' own normalisation",
-            {"checkpoint_architecture": built.architecture, "spec_architecture": asked},
-        )
     optimisation.optimizer.load_state_dict(state["optimizer"])
     if optimisation.scheduler is not None and state["scheduler"] is not None:
         optimisation.scheduler.load_state_dict(state["scheduler"])
@@ -222,9 +212,16 @@ def _restore(
     progress.epoch, progress.step = int(state["epoch"]), int(state["step"])
     progress.history = list(state["history"])
     restore_rng(state["rng"])
-    keeper.publish(progress.epoch, progress.history)  # best/top-k files, in case a crash fell between writes
+
+
+def _warn_old_network(reporter: Reporter, path: Path, spec: JobSpec, network: Network, asked: str) -> None:
+    """A checkpoint of a network the spec's name no longer builds (the builtin Lite0 before its fix)."""
+    built = network.built
     reporter.event(
-        EventKind.INFO,
-        f"resumed from {path} after epoch {progress.epoch}",
-        {"epoch": progress.epoch, "step": progress.step, "path": str(path)},
+        EventKind.WARNING,
+        f"{path} was written before tuneserve built {asked} for {spec.model.architecture!r}: it "
+        f"holds {built.architecture} with mean {list(network.preprocessing.mean)}, std "
+        f"{list(network.preprocessing.std)}, and training continues on that network as it started. "
+        f"Submit the job again to fine-tune {asked} with its weights' own normalisation",
+        {"checkpoint_architecture": built.architecture, "spec_architecture": asked},
     )
