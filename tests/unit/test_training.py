@@ -20,7 +20,7 @@ from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec, TrainingSpec
 from service.tasks import task_for
-from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
+from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint, make_checkpoint
 from service.training.gate_sample import gate_sample_for
 from service.training.loaders import Batch
 from service.training.loop import EpochPlan, train_one_epoch
@@ -351,3 +351,29 @@ def test_the_first_step_is_reported_at_once_then_at_most_once_a_period() -> None
     assert result.steps == 4
     # step 1 tells a watcher training has begun (the job-latency benchmark reads it); step 4 ends the epoch
     assert [d["step"] for k, _, d in reporter.events if k == EventKind.PROGRESS] == [1, 4]
+
+
+def test_a_resume_onto_a_dataset_whose_classes_changed_is_refused_before_anything_starts(
+    tmp_path: Path, data_root: Path
+) -> None:
+    spec = job_spec(logging={"tensorboard": True})
+    last = tmp_path / "job" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    model_config = {key: None for key in MODEL_CONFIG_KEYS}  # never read: the classes are checked first
+    torch.save(
+        make_checkpoint(
+            model={}, optimizer={}, scheduler=None, scaler={}, epoch=1, step=3, history=[], early_stopping={},
+            rng={}, spec=spec.to_dict(), class_names=["class_0", "class_1"], wandb_run_id=None, metrics={},
+            model_config=model_config,
+        ),
+        last,
+    )  # fmt: skip
+    reporter = CollectingReporter()
+    with pytest.raises(
+        FailedPrecondition, match=r"has classes \['class_0', 'class_1'\], but the job's dataset"
+    ):
+        train(spec, tmp_path / "job", _settings(tmp_path, data_root), reporter)
+    assert reporter.events == []
+    assert not (
+        tmp_path / "job" / "tensorboard"
+    ).exists()  # no logger was opened for a job that cannot resume
