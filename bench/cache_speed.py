@@ -1,6 +1,6 @@
 """Benchmark 2: the frozen-feature cache: epochs after the first, against the same training without it.
 
-Drives the real session: prepare() builds the run from a JobSpec (head-only fine-tune: everything
+Drives the real set-up: prepare() builds the run from a JobSpec (head-only fine-tune: everything
 but the classifier frozen, augmentation `none`, BatchNorm `eval`, so the cache is valid), then each
 epoch takes Run.training_batches() (cached prefix outputs, or images) into train_one_epoch, timed
 alone (evaluation is the same either way). The uncached run is the same spec with
@@ -76,9 +76,9 @@ def _epoch_times(size: Size, root: Path, *, feature_cache: bool) -> dict[str, An
     from service.settings import Settings
     from service.spec import JobSpec
     from service.training import freezing
-    from service.training.loop import train_one_epoch
+    from service.training.loop import EpochPlan, train_one_epoch
+    from service.training.prepare import prepare
     from service.training.reporting import CollectingReporter
-    from service.training.session import prepare
 
     spec = JobSpec.model_validate(
         {
@@ -105,26 +105,23 @@ def _epoch_times(size: Size, root: Path, *, feature_cache: bool) -> dict[str, An
     run = prepare(spec, root / f"job-{feature_cache}", settings, reporter)
     times, losses = [], []
     for epoch in range(1, size.epochs + 1):
-        freezing.set_train_mode(run.model, run.plan, spec.freeze.batchnorm)
+        freezing.set_train_mode(run.model, run.network.plan, spec.freeze.batchnorm)
         started = time.perf_counter()
-        loader, forward, _ = run.training_batches(epoch)  # the first cached epoch computes the cache here
+        loader, trainer, _ = run.training_batches(epoch)  # the first cached epoch computes the cache here
         torch.manual_seed(epoch)
-        trained = train_one_epoch(
-            forward, run.criterion, run.optimizer, loader, task=spec.task, num_classes=run.num_classes,
-            epoch=epoch, step=run.step, device=run.device, reporter=reporter, scaler=run.scaler,
-        )  # fmt: skip
+        trained = train_one_epoch(trainer, loader, EpochPlan(epoch, run.progress.step), reporter)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
         losses.append(trained.metrics["loss"])
-        run.step += trained.steps
+        run.progress.step += trained.steps
     reported = any(k == EventKind.INFO and d.get("feature_cache") for k, _, d in reporter.events)
     assert all(math.isfinite(x) for x in losses), losses
     return {
         "epoch_s": times,
         "losses": losses,
         "reported": reported,
-        "train_images": len(run.loaders.train_dataset),
+        "train_images": len(run.data.loaders.train_dataset),
     }
 
 

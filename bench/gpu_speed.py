@@ -2,7 +2,7 @@
 
 Same contract as bench.gpu_checks: (scale, workdir, results). The loop comparisons reuse
 bench.loop_speed (our job's loop vs a hand-written PyTorch loop); the data-path and sync checks build a
-real job's Run with service.training.session.prepare and time train_one_epoch on it.
+real job's Run with service.training.prepare.prepare and time train_one_epoch on it.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def compile_vs_eager(scale: Scale, workdir: Path, results: ResultFile) -> None:
 
 def _jpeg_run(scale: Scale, workdir: Path, augmentation: str) -> tuple[Any, float]:
     """A real job's Run over an ImageFolder of JPEGs (decoded on the GPU when there is one)."""
+    from service.training.prepare import prepare
     from service.training.reporting import CollectingReporter
-    from service.training.session import prepare
 
     folder = workdir / "data" / "jpegs"
     if not folder.exists():
@@ -117,33 +117,21 @@ def _jpeg_run(scale: Scale, workdir: Path, augmentation: str) -> tuple[Any, floa
 
 def _epoch(run: Any, loader: Any, epoch: int, max_steps: int | None = None) -> Any:
     from service.training import freezing
-    from service.training.loop import train_one_epoch
+    from service.training.loop import EpochPlan, train_one_epoch
 
-    freezing.set_train_mode(run.model, run.plan, run.spec.freeze.batchnorm)
-    return train_one_epoch(
-        run.forward,
-        run.criterion,
-        run.optimizer,
-        loader,
-        task=run.spec.task,
-        num_classes=run.num_classes,
-        epoch=epoch,
-        step=0,
-        device=run.device,
-        reporter=run.reporter,
-        scaler=run.scaler,
-        max_steps=max_steps,
-    )
+    freezing.set_train_mode(run.model, run.network.plan, run.spec.freeze.batchnorm)
+    trainer = run.trainer(run.network.forward)
+    return train_one_epoch(trainer, loader, EpochPlan(epoch, 0, max_steps), run.reporter)
 
 
 def real_jpegs_vs_synthetic(scale: Scale, workdir: Path, results: ResultFile) -> None:
     """Images/s of the job's data path (GPU decode once, then loader + loop) vs the same loop on
     synthetic tensors already on the GPU."""
     run, prepare_s = _jpeg_run(scale, workdir, "light")
-    images = len(run.loaders.train_dataset)
+    images = len(run.data.loaders.train_dataset)
     _epoch(run, _loader(run, 1), 1)  # warm-up: cudnn search, loader workers
     real_s = [timed(partial(_epoch, run, _loader(run, e), e)) for e in (2, 3)]
-    steps = len(run.loaders.train)
+    steps = len(run.data.loaders.train)
     shape = (scale.speed_batch, 3, scale.speed_image, scale.speed_image)
     memory_format = torch.channels_last if run.device.channels_last else torch.contiguous_format
     synthetic = [
@@ -172,7 +160,7 @@ def real_jpegs_vs_synthetic(scale: Scale, workdir: Path, results: ResultFile) ->
                 "jpegs": scale.jpegs,
                 "jpeg_size": scale.jpeg_size,
                 "prepare_s_scan_decode_build": round(prepare_s, 2),
-                "loader_workers": run.loaders.num_workers,
+                "loader_workers": run.data.loaders.num_workers,
             },
             plan=run.device.describe(),
             model=scale.speed_model,
@@ -182,8 +170,8 @@ def real_jpegs_vs_synthetic(scale: Scale, workdir: Path, results: ResultFile) ->
 
 
 def _loader(run: Any, epoch: int) -> Any:
-    run.loaders.set_epoch(epoch)
-    return run.loaders.train
+    run.data.loaders.set_epoch(epoch)
+    return run.data.loaders.train
 
 
 def host_syncs(scale: Scale, workdir: Path, results: ResultFile) -> None:

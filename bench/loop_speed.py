@@ -1,7 +1,7 @@
 """Benchmark 1: our training loop against a plain PyTorch loop: same model, batch, precision and data.
 
 "Ours" is what a job runs: select_device (precision, channels_last, cudnn benchmark), make_optimizer
-(foreach/fused), apply_freeze + split_frozen_prefix + the session's forward (prefix under no_grad),
+(foreach/fused), apply_freeze + split_frozen_prefix + prepare's forward (prefix under no_grad),
 then service.training.loop.train_one_epoch (metrics, progress events). The reference is the loop a
 PyTorch user writes by hand with the same settings. Rounds alternate between the two so machine noise
 hits both alike; the figure is the ratio of median images/s. Goal: at least 0.97.
@@ -97,26 +97,25 @@ def _batches(size: Size, pin: bool) -> list[tuple[Tensor, Tensor, list[Any]]]:
 
 def _ours(size: Size, plan: Any, freeze: Any, *, compile_model: bool = False) -> Any:
     from service.spec import TrainingSpec
+    from service.tasks import task_for
     from service.training import freezing
-    from service.training.loop import train_one_epoch
+    from service.training.loop import EpochPlan, train_one_epoch
     from service.training.optim import make_optimizer
+    from service.training.prepare import _make_forward
     from service.training.reporting import CollectingReporter
-    from service.training.session import _make_forward
+    from service.training.steps import Objective, Optimisation, Trainer
 
     model = _prepared(_model(size), plan)
     frozen = freezing.apply_freeze(model, freeze, ("fc",), architecture=size.architecture)
     optimizer = make_optimizer(TrainingSpec(optimizer="sgd", lr=0.01), freezing.trainable_parameters(model))
     forward = _make_forward(model, freezing.split_frozen_prefix(model, frozen), compile_model)
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.autocast_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss()
+    objective = Objective(task_for("multiclass"), nn.CrossEntropyLoss(), num_classes=10)
+    trainer = Trainer(forward, objective, Optimisation(optimizer, scaler), plan)
 
     def epoch(batches: list[Any]) -> None:
         freezing.set_train_mode(model, frozen, "eval")
-        train_one_epoch(
-            forward, criterion, optimizer, batches,  # type: ignore[arg-type]
-            task="multiclass", num_classes=10, epoch=1, step=0, device=plan,
-            reporter=CollectingReporter(), scaler=scaler,
-        )  # fmt: skip
+        train_one_epoch(trainer, batches, EpochPlan(1), CollectingReporter())  # type: ignore[arg-type]
 
     return epoch
 

@@ -21,8 +21,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
+from service.tasks import TaskStrategy, task_for
 from service.training.builder import Preprocessing, build_for_inference
-from service.training.datasets import interpolation_mode, make_transforms
+from service.training.decoding import interpolation_mode
+from service.training.transforms import make_transforms
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "model_config.json"
@@ -58,7 +60,7 @@ class ServingConfig:
             names = tuple(class_names if class_names is not None else config["class_names"])
             return cls(
                 model_config=dict(config),
-                task=str(config["task"]),
+                task=task_for(str(config["task"])).name,
                 class_names=names,
                 threshold=float(config["threshold"]),
                 top_k=int(config["top_k"]),
@@ -69,8 +71,12 @@ class ServingConfig:
             raise ValueError(f"model_config lacks {exc.args[0]!r}; re-package the checkpoint") from None
 
     @property
+    def strategy(self) -> TaskStrategy:
+        return task_for(self.task)
+
+    @property
     def output_units(self) -> int:
-        return 1 if self.task == "binary" else len(self.class_names)
+        return self.strategy.output_units(len(self.class_names))
 
 
 def read_model_dir(model_dir: Path) -> tuple[ServingConfig, dict[str, torch.Tensor]]:
@@ -90,7 +96,7 @@ def build_network(config: ServingConfig, state_dict: Mapping[str, torch.Tensor])
 
 
 def eval_transform(config: ServingConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Validation's transforms (service.training.datasets): resize the short side of the RGB picture,
+    """Validation's transforms (service.training.transforms): resize the short side of the RGB picture,
     then the eval transform (center crop, to float, normalise)."""
     pre = config.preprocessing
     interpolation = interpolation_mode(pre.interpolation)
@@ -210,15 +216,12 @@ class ImageClassifier:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities (multiclass: softmax; binary/multilabel: sigmoid), float32 on the CPU."""
+        """Class probabilities (the task's: softmax or sigmoid), float32 on the CPU."""
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         batch = batch.to(self.device, memory_format=memory_format, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             logits = self.model(batch)
-        logits = logits.float()
-        if self.config.task == "multiclass":
-            return torch.softmax(logits, dim=1).cpu()
-        return torch.sigmoid(logits).cpu()
+        return self.config.strategy.probabilities(logits).cpu()
 
     def label(self, probs: torch.Tensor, top_k: int) -> Scores:
         """Turn one image's probabilities into [{"label", "probability"}], most likely first.
@@ -226,21 +229,9 @@ class ImageClassifier:
         multiclass: the top_k classes. binary: both classes, the decision by threshold first (the
         positive class is class_names[1]). multilabel: every label over the threshold.
         """
-        names = self.config.class_names
-        if self.config.task == "binary":
-            positive = float(probs[0])
-            pairs = [(names[1], positive), (names[0], 1.0 - positive)]
-            if not positive > self.config.threshold:
-                pairs.reverse()
-            return [_score(label, p) for label, p in pairs[:top_k]]
-        if self.config.task == "multilabel":
-            order = torch.argsort(probs, descending=True, stable=True).tolist()
-            return [
-                _score(names[i], float(probs[i])) for i in order if float(probs[i]) > self.config.threshold
-            ]
-        k = min(top_k, len(names))
-        values, indices = torch.topk(probs, k)
-        return [_score(names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+        config = self.config
+        pairs = config.strategy.label(probs, config.class_names, config.threshold, top_k)
+        return [_score(label, p) for label, p in pairs]
 
 
 def _score(label: str, probability: float) -> dict[str, Any]:

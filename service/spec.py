@@ -13,11 +13,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import InvalidArgument
+from service.tasks import TaskName, task_for, tasks_where
 
 SPEC_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
-Task = Literal["multiclass", "binary", "multilabel"]
+Task = TaskName  # the task types and what each means: service.tasks
 Optimizer = Literal["sgd", "adamw", "adam", "rmsprop"]
 Scheduler = Literal["none", "cosine", "step", "onecycle"]
 Augmentation = Literal["none", "light", "standard"]
@@ -186,14 +187,19 @@ class JobSpec(_Frozen):
 
     @model_validator(mode="after")
     def _cross_field(self) -> JobSpec:
-        if self.data.manifest and self.task != "multilabel":
-            raise ValueError(f"data.manifest is only for task='multilabel' (task is {self.task!r})")
-        if self.task == "multilabel" and not self.data.manifest:
-            raise ValueError("task='multilabel' needs data.manifest (a CSV of `path,labels`)")
-        if self.training.label_smoothing and self.task != "multiclass":
-            raise ValueError("training.label_smoothing applies to task='multiclass' only")
-        if self.early_stopping.monitor == "val_top5_accuracy" and self.task != "multiclass":
-            raise ValueError("early_stopping.monitor='val_top5_accuracy' applies to task='multiclass' only")
+        task = task_for(self.task)
+        if self.data.manifest and not task.reads_manifest:
+            raise ValueError(
+                f"data.manifest is only for {tasks_where('reads_manifest')} (task is {self.task!r})"
+            )
+        if task.reads_manifest and not self.data.manifest:
+            raise ValueError(f"task={self.task!r} needs data.manifest (a CSV of `path,labels`)")
+        if self.training.label_smoothing and not task.label_smoothing:
+            raise ValueError(f"training.label_smoothing applies to {tasks_where('label_smoothing')} only")
+        if self.early_stopping.monitor == "val_top5_accuracy" and not task.top_k_metric:
+            raise ValueError(
+                f"early_stopping.monitor='val_top5_accuracy' applies to {tasks_where('top_k_metric')} only"
+            )
         gpus = self.resources.gpus
         if gpus and self.training.device == "cpu":
             raise ValueError(

@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.spec import JobSpec, ModelSpec
 from service.training.builder import build_model
-from service.training.checkpoints import FORMAT_VERSION, save_checkpoint
+from service.training.checkpoints import make_checkpoint, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -74,23 +74,22 @@ def make_serving_checkpoint(
         "class_names": list(class_names),
         "top_k": top_k,
     }
-    state = {
-        "format_version": FORMAT_VERSION,
-        "model": built.model.eval().state_dict(),
-        "optimizer": {},
-        "scheduler": None,
-        "scaler": {},
-        "epoch": 1,
-        "step": 1,
-        "history": [{"epoch": 1, "val_loss": 1.0}],
-        "early_stopping": {},
-        "rng": {},
-        "spec": spec.to_dict(),
-        "class_names": list(class_names),
-        "wandb_run_id": None,
-        "metrics": {"val_loss": 1.0},
-        "model_config": model_config,
-    }
+    state = make_checkpoint(
+        model=built.model.eval().state_dict(),
+        optimizer={},
+        scheduler=None,
+        scaler={},
+        epoch=1,
+        step=1,
+        history=[{"epoch": 1, "val_loss": 1.0}],
+        early_stopping={},
+        rng={},
+        spec=spec.to_dict(),
+        class_names=list(class_names),
+        wandb_run_id=None,
+        metrics={"val_loss": 1.0},
+        model_config=model_config,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(state, path)
     return state

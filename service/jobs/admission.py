@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.devices import check_gpus_fit, with_resolved_gpus
-from service.errors import DatasetError, FailedPrecondition, TuneserveError
+from service.errors import FailedPrecondition, TuneserveError
 from service.settings import Settings
 from service.spec import JobSpec
+from service.tasks import task_for
 
 if TYPE_CHECKING:
-    from service.training.data import DatasetInfo
     from service.training.layers import ModelDescription
+    from service.training.scan import DatasetInfo
 
 _NAMED_FIELD = re.compile(r"^(model|data|freeze|training|serving|early_stopping|logging|resources)\.[a-z_]+")
 
@@ -69,11 +70,12 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
 
 
 def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetInfo | None]:
-    from service.training.data import resolve_under_root, scan_dataset, scan_manifest, split_stratified
+    from service.training.data_root import resolve_under_root
+    from service.training.scan import scan_dataset, scan_manifest, split_stratified
 
-    data, root, pixels = spec.data, settings.data_root, settings.max_image_pixels
-    if spec.task == "multilabel":
-        assert data.manifest is not None  # JobSpec requires it for multilabel
+    data, root, pixels, task = spec.data, settings.data_root, settings.max_image_pixels, task_for(spec.task)
+    if task.reads_manifest:
+        assert data.manifest is not None  # JobSpec requires it for a task that reads a manifest
         with _field("data.manifest"):
             info = scan_manifest(data.manifest, root, max_image_pixels=pixels)
     else:
@@ -85,27 +87,18 @@ def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetI
         return info, None
     with _field("data.val_path"):
         resolve_under_root(data.val_path, root, "data.val_path")
-        if spec.task == "multilabel":
+        if task.reads_manifest:
             val_info = scan_manifest(data.val_path, root, max_image_pixels=pixels)
         else:
             val_info = scan_dataset(Path(data.val_path), root, task=spec.task, max_image_pixels=pixels)
-        _check_same_classes(info.class_names, val_info.class_names, spec.task == "multilabel")
+        task.check_val_classes(info.class_names, val_info.class_names)
     return info, val_info
-
-
-def _check_same_classes(train: tuple[str, ...], val: tuple[str, ...], subset_ok: bool) -> None:
-    missing, extra = sorted(set(train) - set(val)), sorted(set(val) - set(train))
-    if extra or (missing and not subset_ok):
-        raise DatasetError(
-            f"data.val_path has different classes from data.path: missing in val {missing}, only in val "
-            f"{extra}; give both the same class folders"
-        )
 
 
 def _describe(spec: JobSpec, architecture: str, num_classes: int, settings: Settings) -> ModelDescription:
     from service.training.layers import describe_model
 
-    outputs = 1 if spec.task == "binary" else num_classes
+    outputs = task_for(spec.task).output_units(num_classes)
     # freeze errors name their own field (freeze.depth, freeze.until_layer); anything else is the image size
     with _field("training.image_size"):
         return describe_model(
@@ -132,7 +125,7 @@ def _check_device(spec: JobSpec) -> None:
 def _skip_warnings(info: DatasetInfo | None) -> list[str]:
     if info is None or not info.skipped:
         return []
-    from service.training.data import skip_summary
+    from service.training.scan import skip_summary
 
     summary = skip_summary(info.skipped, examples=3)
     return [f"{summary['skipped']} file(s) under {info.root} will be skipped: {summary['reasons']}"]

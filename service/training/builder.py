@@ -20,7 +20,7 @@ from torch import nn
 
 from service.errors import FailedPrecondition, InvalidArgument
 from service.spec import ModelSpec
-from service.training import heads, registry, weights
+from service.training import families, heads, registry, weights
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 MODEL_CONFIG_VERSION = 2
 _VERSION_1_NETWORKS = {registry.LITE0_ALIAS: registry.TIMM_PREFIX + registry.LITE0_ALIAS}
 DEFAULT_WEIGHTS = weights.DEFAULT
-
-# Fixed builder arguments, whatever the weights. GoogLeNet / Inception v3: no auxiliary classifiers, so
-# every model returns plain logits in train mode too; transform_input re-normalises ImageNet-normalised
-# input the way the original Google weights expect; init_weights silences torchvision's FutureWarning.
-_FIXED_KWARGS: dict[str, dict[str, Any]] = {
-    "googlenet": {"aux_logits": False, "transform_input": True, "init_weights": True},
-    "inception_v3": {"aux_logits": False, "transform_input": True, "init_weights": True},
-}
 
 
 @dataclass(frozen=True)
@@ -187,7 +179,7 @@ def build_architecture(architecture: str, build_kwargs: Mapping[str, Any] | None
     source = registry.source_of(architecture)
     if source == "torchvision":
         return torchvision.models.get_model(
-            architecture, weights=None, **_FIXED_KWARGS.get(architecture, {}), **kwargs
+            architecture, weights=None, **families.fixed_build_kwargs(architecture), **kwargs
         )
     return timm.create_model(architecture.removeprefix(registry.TIMM_PREFIX), pretrained=False, **kwargs)
 

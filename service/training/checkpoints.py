@@ -12,23 +12,20 @@ filesystem has no hard links), so an epoch is serialised once. Every file is mov
 
 from __future__ import annotations
 
-import errno
 import functools
 import os
 import random
 import re
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
 
-from service.errors import FailedPrecondition, ResourceExhausted
+from service.errors import FailedPrecondition
+from service.training.atomic_files import PARTIAL_FILE, WriteRecorder, atomic_target, publish_copy
 
 FORMAT_VERSION = 1
 CHECKPOINT_KEYS = frozenset(
@@ -67,7 +64,47 @@ MODEL_CONFIG_KEYS = frozenset(
 )
 LAST, BEST = "last.pt", "best.pt"
 _EPOCH_FILE = re.compile(r"^epoch-(\d{4,})\.pt$")
-_PARTIAL_FILE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # what _atomic_target writes before the rename
+
+
+def make_checkpoint(
+    *,
+    model: dict[str, Any],
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any] | None,
+    scaler: dict[str, Any],
+    epoch: int,
+    step: int,
+    history: list[dict[str, Any]],
+    early_stopping: dict[str, Any],
+    rng: dict[str, Any],
+    spec: dict[str, Any],
+    class_names: list[str],
+    wandb_run_id: str | None,
+    metrics: dict[str, float],
+    model_config: dict[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint dict, format FORMAT_VERSION: the one place its keys are written (see CHECKPOINT_KEYS).
+
+    Every argument is already plain data (state_dicts, lists, JSON-like dicts), as torch.load's
+    weights_only unpickler reads it back.
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "epoch": epoch,
+        "step": step,
+        "history": list(history),
+        "early_stopping": early_stopping,
+        "rng": rng,
+        "spec": spec,
+        "class_names": list(class_names),
+        "wandb_run_id": wandb_run_id,
+        "metrics": metrics,
+        "model_config": model_config,
+    }
 
 
 def checkpoint_dir(job_dir: Path) -> Path:
@@ -86,7 +123,7 @@ def discard_partial_writes(directory: Path) -> list[Path]:
     """
     if not directory.is_dir():
         return []
-    partial = [p for p in directory.iterdir() if _PARTIAL_FILE.match(p.name)]
+    partial = [p for p in directory.iterdir() if PARTIAL_FILE.match(p.name)]
     for path in partial:
         path.unlink(missing_ok=True)
     return partial
@@ -95,8 +132,8 @@ def discard_partial_writes(directory: Path) -> list[Path]:
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Validate `state` and write it to `path` atomically; a full disk raises ResourceExhausted."""
     validate_checkpoint(state, path)
-    with _atomic_target(path) as tmp, open(tmp, "wb") as f:
-        recorder = _WriteRecorder(f)
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        recorder = WriteRecorder(f)
         try:
             torch.save(state, cast(IO[bytes], recorder))  # it needs only write() and flush()
         except RuntimeError as exc:
@@ -106,24 +143,6 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             raise recorder.error from exc
         f.flush()
         os.fsync(f.fileno())
-
-
-class _WriteRecorder:
-    """A file for torch.save that remembers the OSError of a failed write (e.g. ENOSPC)."""
-
-    def __init__(self, file: BinaryIO) -> None:
-        self.file = file
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -206,10 +225,10 @@ class CheckpointKeeper:
         ranked = self.rank(history)
         is_best = bool(ranked) and ranked[0][0] == epoch
         if is_best:
-            _publish_copy(self.last_path, self.best_path)
+            publish_copy(self.last_path, self.best_path)
         keep = {e for e, _ in ranked[: self.keep_top_k]}
         if epoch in keep:
-            _publish_copy(self.last_path, self.directory / epoch_file(epoch))
+            publish_copy(self.last_path, self.directory / epoch_file(epoch))
         for path in self.directory.iterdir():
             match = _EPOCH_FILE.match(path.name)
             if match and int(match.group(1)) not in keep:
@@ -263,52 +282,3 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def _publish_copy(source: Path, target: Path) -> None:
-    """Atomically make `target` a copy of `source`: a hard link when possible, else a byte copy."""
-    if target.exists() and os.path.samefile(source, target):
-        # already linked (publish() on resume): rename(2) of one link onto another of the same file
-        # does nothing and would leave the temporary link behind
-        return
-    with _atomic_target(target) as tmp:
-        try:
-            os.link(source, tmp)
-        except OSError:  # no hard links on this filesystem (or across devices)
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 * 1024 * 1024)
-                dst.flush()
-                os.fsync(dst.fileno())
-
-
-@contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success move it onto `path`, on failure remove it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # same folder: os.replace stays atomic
-    try:
-        yield tmp
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ResourceExhausted(
-                f"no space left to write checkpoint {path} ({exc.strerror}); the previous checkpoints are "
-                f"intact. Free space on the volume holding {path.parent}, then retry the job to resume"
-            ) from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    # makes the rename itself durable; some platforms cannot open a directory, which is fine
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

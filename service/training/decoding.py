@@ -19,7 +19,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from service.training.builder import Preprocessing
-from service.training.data import SKIP_UNDECODABLE, Sample, Skipped
+from service.training.scan import SKIP_UNDECODABLE, Sample, Skipped
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from service.spec import JobSpec
-from service.training.data import Skipped
-from service.training.datasets import Batch, EpochSampler, ImageDataset, Loader, drop_last_batch, in_order
 from service.training.freezing import FrozenSplit
-from service.training.loop import DevicePlan
+from service.training.loaders import Batch, EpochSampler, ImageDataset, Loader, drop_last_batch, in_order
+from service.training.scan import Skipped
+from service.training.steps import DevicePlan
 
 log = logging.getLogger(__name__)
 

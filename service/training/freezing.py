@@ -14,12 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torchvision.models as tvm
 from torch import nn
-from torch.nn import functional as F
 
 from service.errors import InvalidArgument
 from service.spec import FreezeSpec
+from service.training.families import family_of
 from service.training.layers import block_table, list_blocks, root_parameters
 
 log = logging.getLogger(__name__)
@@ -109,63 +108,14 @@ class FrozenSplit:
     depth: int
 
 
-def _flatten(x: torch.Tensor) -> torch.Tensor:
-    return torch.flatten(x, 1)
-
-
-def _spatial_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean([2, 3])
-
-
-def _pool_flatten(x: torch.Tensor) -> torch.Tensor:
-    return torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
-
-
-def _relu_pool_flatten(x: torch.Tensor) -> torch.Tensor:
-    return _pool_flatten(F.relu(x))  # DenseNet's relu is in place; this one is not, same values
-
-
-# What each family's forward() does, step by step: a top-level child's name, or the functional op
-# between children. Only exact classes: a subclass may override forward. Not here, so no split:
-# ViT (class token, reshapes), GoogLeNet / Inception v3 (transform_input, branches), and timm models
-# other than its EfficientNet family (_timm_efficientnet_program), which the demo's Lite0 belongs to.
-_PROGRAMS: dict[type[nn.Module], tuple[str | Callable[[torch.Tensor], torch.Tensor], ...]] = {
-    tvm.ResNet: (
-        "conv1",
-        "bn1",
-        "relu",
-        "maxpool",
-        "layer1",
-        "layer2",
-        "layer3",
-        "layer4",
-        "avgpool",
-        _flatten,
-        "fc",
-    ),
-    tvm.RegNet: ("stem", "trunk_output", "avgpool", _flatten, "fc"),
-    tvm.ShuffleNetV2: ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5", _spatial_mean, "fc"),
-    tvm.VGG: ("features", "avgpool", _flatten, "classifier"),
-    tvm.AlexNet: ("features", "avgpool", _flatten, "classifier"),
-    tvm.MobileNetV2: ("features", _pool_flatten, "classifier"),
-    tvm.MobileNetV3: ("features", "avgpool", _flatten, "classifier"),
-    tvm.EfficientNet: ("features", "avgpool", _flatten, "classifier"),
-    tvm.MNASNet: ("layers", _spatial_mean, "classifier"),
-    tvm.DenseNet: ("features", _relu_pool_flatten, "classifier"),
-    tvm.ConvNeXt: ("features", "avgpool", "classifier"),
-    tvm.SqueezeNet: ("features", "classifier", _flatten),
-    tvm.SwinTransformer: ("features", "norm", "permute", "avgpool", "flatten", "head"),
-    tvm.MaxVit: ("stem", "blocks", "classifier"),
-}
-
-
 def split_frozen_prefix(model: nn.Module, plan: FreezePlan) -> FrozenSplit | None:
     """The frozen prefix and the rest of the forward pass as two callables, or None.
 
-    None when nothing is frozen, or when the family's forward is not a plain chain of its blocks (see
-    _PROGRAMS): then run the whole model; frozen parameters get no gradient either way.
+    None when nothing is frozen, or when the family's forward is not a plain chain of its blocks (its
+    row in service.training.families has no program): then run the whole model; frozen parameters get
+    no gradient either way.
     """
-    program = _PROGRAMS.get(type(model)) or _timm_efficientnet_program(model)
+    program = family_of(model).forward_program(model)
     if program is None or plan.depth == 0 or any(True for _ in root_parameters(model)):
         return None
     blocks = list_blocks(model)
@@ -185,21 +135,3 @@ def split_frozen_prefix(model: nn.Module, plan: FreezePlan) -> FrozenSplit | Non
     prefix = Chain([step for _, step in steps[:cut]])
     rest = Chain([step for _, step in steps[cut:]], copy_input=True)
     return FrozenSplit(prefix, rest, plan.depth)
-
-
-def _timm_efficientnet_program(
-    model: nn.Module,
-) -> tuple[str | Callable[[torch.Tensor], torch.Tensor], ...] | None:
-    """timm's EfficientNet.forward (timm 1.0): forward_features, then forward_head, as a chain."""
-    cls = type(model)
-    if (cls.__module__, cls.__name__) != ("timm.models.efficientnet", "EfficientNet"):
-        return None
-    if getattr(model, "grad_checkpointing", False):  # then blocks run through checkpoint_seq
-        return None
-    drop_rate = float(getattr(model, "drop_rate", 0.0))
-
-    def dropout(x: torch.Tensor) -> torch.Tensor:  # forward_head's functional dropout, as timm calls it
-        return F.dropout(x, p=drop_rate, training=model.training)
-
-    head = (dropout, "classifier") if drop_rate > 0 else ("classifier",)
-    return ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "global_pool", *head)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.spec import JobSpec
-from service.training.data import Sample, load_splits
+from service.training.scan import Sample, load_splits
 
 GATE_SAMPLE_SIZE = 32  # enough to catch a broken archive, few enough to gate in seconds on a CPU
 

@@ -1,14 +1,10 @@
-"""Find and replace the classification head of a torchvision or timm model.
+"""Find and replace the classification head of a torchvision or timm model, as its family's row says.
 
-timm models expose one contract, `reset_classifier`. torchvision models do not, so the head is found
-by family, in this order (the first attribute present wins):
-  fc           resnet, resnext, wide_resnet, regnet, shufflenet, googlenet, inception_v3
-  heads.head   vit
-  head         swin
-  classifier   densenet (a Linear); alexnet, vgg, mobilenet, efficientnet, mnasnet, convnext, maxvit
-               (the last Linear of the Sequential); squeezenet (its last 1x1 Conv2d)
-plus the auxiliary classifiers when the model has them: googlenet aux1.fc2 / aux2.fc2, inception_v3
-AuxLogits.fc. Every new head layer is freshly initialised, on the old layer's device and dtype.
+Where a head is and how it is swapped is the family table's (service.training.families): timm models
+through `reset_classifier`; torchvision models by the first of the row's head names the model has (a
+Linear; or the last Linear of a Sequential; squeezenet: its last 1x1 Conv2d), plus the auxiliary
+classifiers when the model has them. Every new head layer is freshly initialised, on the old layer's
+device and dtype.
 """
 
 from __future__ import annotations
@@ -20,29 +16,28 @@ from torch import nn
 from torchvision.models import SqueezeNet
 
 from service.errors import InvalidArgument
+from service.training.families import family_of
 
 log = logging.getLogger(__name__)
-
-_MAIN_HEADS = ("fc", "heads.head", "head", "classifier")
-_AUX_HEADS = ("aux1.fc2", "aux2.fc2", "AuxLogits.fc")
 
 
 def find_head(model: nn.Module) -> tuple[str, ...]:
     """Qualified names of the modules that produce the class scores (main head first, then aux heads)."""
-    if _is_timm(model):
+    family = family_of(model)
+    if family.swap == "reset_classifier":
         return _timm_head_names(model)
     modules = dict(model.named_modules())
-    for path in _MAIN_HEADS:
+    for path in family.heads:
         module = modules.get(path)
         if module is None:
             continue
         name = path if isinstance(module, nn.Linear) else _last_classifier_layer(path, module)
         if name is not None:
-            aux = [p for p in _AUX_HEADS if isinstance(modules.get(p), nn.Linear)]
+            aux = [p for p in family.aux_heads if isinstance(modules.get(p), nn.Linear)]
             return (name, *aux)
     raise InvalidArgument(
         f"cannot find the classification head of {type(model).__name__}: expected a timm model or a "
-        f"torchvision classifier with one of {', '.join(_MAIN_HEADS)}"
+        f"torchvision classifier with one of {', '.join(family.heads)}"
     )
 
 
@@ -50,7 +45,7 @@ def replace_head(model: nn.Module, num_classes: int) -> tuple[str, ...]:
     """Swap the head(s) for fresh ones with `num_classes` outputs; returns their qualified names."""
     if num_classes < 1:
         raise InvalidArgument(f"num_classes must be at least 1 (got {num_classes})")
-    if _is_timm(model):
+    if family_of(model).swap == "reset_classifier":
         model.reset_classifier(num_classes)  # type: ignore[operator]
         names = _timm_head_names(model)
     else:
@@ -61,22 +56,6 @@ def replace_head(model: nn.Module, num_classes: int) -> tuple[str, ...]:
             model.num_classes = num_classes
     log.debug("new head %s with %d outputs on %s", names, num_classes, type(model).__name__)
     return names
-
-
-def head_out_features(model: nn.Module, head_names: tuple[str, ...]) -> int:
-    """The number of classes the main head produces."""
-    head = model.get_submodule(head_names[0])
-    if isinstance(head, nn.Linear):
-        return head.out_features
-    if isinstance(head, nn.Conv2d):
-        return head.out_channels
-    raise InvalidArgument(f"head {head_names[0]} of {type(model).__name__} is a {type(head).__name__}")
-
-
-def _is_timm(model: nn.Module) -> bool:
-    return callable(getattr(model, "reset_classifier", None)) and callable(
-        getattr(model, "get_classifier", None)
-    )
 
 
 def _timm_head_names(model: nn.Module) -> tuple[str, ...]:

@@ -11,36 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from service.records import EventKind
-from service.spec import Task
-from service.training.data import Skipped
-from service.training.datasets import Loader
-from service.training.metrics import MetricAccumulator, loss_targets, predict
+from service.training.loaders import Loader
+from service.training.metrics import MetricAccumulator
 from service.training.reporting import Reporter
+from service.training.scan import Skipped
+from service.training.steps import DevicePlan, Objective, Trainer
 
-Forward = Callable[[Tensor], Tensor]
-StepLogger = Callable[[int, dict[str, float]], None]
-
-
-@dataclass(frozen=True)
-class DevicePlan:
-    """Where and how the math runs: the device, the autocast dtype (None: fp32), the memory format."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None = None
-    channels_last: bool = False
-
-    def describe(self) -> str:
-        dtype = str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else "fp32"
-        return f"{self.device} ({dtype}{', channels_last' if self.channels_last else ''})"
-
-    def to_device(self, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
-        images = images.to(self.device, non_blocking=True, memory_format=memory_format)
-        return images, targets.to(self.device, non_blocking=True)
-
-    def autocast(self) -> torch.autocast:
-        enabled = self.autocast_dtype is not None
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=enabled)
+StepLogger = Callable[[dict[str, float], int], None]  # (values, optimizer step)
 
 
 @dataclass
@@ -52,31 +29,32 @@ class EpochResult:
     first_images: Tensor | None = None  # the first batch, for TensorBoard
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which epoch a pass is (1-based), the optimizer steps taken before it, and its step limit."""
+
+    epoch: int
+    first_step: int = 0
+    max_steps: int | None = None
+
+
 def train_one_epoch(
-    forward: Forward,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    trainer: Trainer,
     loader: Loader,
-    *,
-    task: Task,
-    num_classes: int,
-    epoch: int,
-    step: int,
-    device: DevicePlan,
+    plan: EpochPlan,
     reporter: Reporter,
-    scaler: torch.amp.GradScaler,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    max_steps: int | None = None,
+    *,
     log_step: StepLogger | None = None,
     progress_every_s: float = 1.0,
 ) -> EpochResult:
-    """Train over the loader (at most `max_steps` batches); stepping `scheduler` after every step when given.
+    """Train over the loader (at most `plan.max_steps` batches).
 
-    The caller puts the model in train mode (freezing decides which blocks stay in eval). `epoch` is
-    1-based; `step` is the number of optimizer steps before this epoch.
+    The caller puts the model in train mode (freezing decides which blocks stay in eval).
     """
+    epoch, max_steps, objective, device = plan.epoch, plan.max_steps, trainer.objective, trainer.device
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    accumulator = MetricAccumulator(task, num_classes)
+    # training accuracy decides at the default threshold (0.5), as it always has; validation uses the job's
+    accumulator = MetricAccumulator(objective.task, objective.num_classes)
     result = EpochResult(metrics={}, steps=0)
     started = last_report = time.monotonic()
     for i, (images, targets, skipped) in enumerate(loader):
@@ -92,24 +70,16 @@ def train_one_epoch(
             result.first_images = images
         images, targets = device.to_device(images, targets)
         with device.autocast():
-            logits = forward(images)
-            loss = criterion(logits, loss_targets(task, targets))
-
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        if scheduler is not None:
-            scheduler.step()
+            logits = trainer.forward(images)
+            loss = objective.loss(logits, targets)
+        lr = trainer.optimisation.step(loss)
 
         result.steps += 1
         loss_value = loss.item()
         accuracy = accumulator.update(loss_value, logits, targets)
         if log_step is not None:
-            log_step(
-                step + result.steps, {"train/loss": loss_value, "train/accuracy": accuracy, "train/lr": lr}
-            )
+            values = {"train/loss": loss_value, "train/accuracy": accuracy, "train/lr": lr}
+            log_step(values, plan.first_step + result.steps)
         now = time.monotonic()
         # the first step at once: it tells a watcher the job is past its set-up and training
         if result.steps == 1 or now - last_report >= progress_every_s or i + 1 == steps:
@@ -151,21 +121,19 @@ class Evaluation:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    criterion: nn.Module,
     loader: Loader,
-    *,
-    task: Task,
-    num_classes: int,
-    threshold: float,
+    objective: Objective,
     device: DevicePlan,
+    *,
     reporter: Reporter | None = None,
     keep: int = 0,
     head: nn.Module | None = None,
 ) -> Evaluation:
     """Loss and accuracy over the whole loader, in eval mode; keeps the first `keep` images and, with
     `head`, the features that enter it (the penultimate features)."""
+    task, threshold = objective.task, objective.threshold
     model.eval()
-    accumulator = MetricAccumulator(task, num_classes, threshold)
+    accumulator = MetricAccumulator(task, objective.num_classes, threshold)
     kept: dict[str, list[Tensor]] = {"images": [], "targets": [], "predictions": [], "features": []}
     seen: dict[str, list[Tensor]] = {"predictions": [], "targets": [], "scores": []}
     captured: list[Tensor] = []
@@ -184,18 +152,18 @@ def evaluate(
             on_device, targets_on_device = device.to_device(images, targets)
             with device.autocast():
                 logits = model(on_device)
-                loss = criterion(logits, loss_targets(task, targets_on_device))
+                loss = objective.loss(logits, targets_on_device)
             accumulator.update(loss.item(), logits, targets)
             on_cpu = logits.float().cpu()
-            seen["predictions"].append(predict(task, on_cpu, threshold))
+            seen["predictions"].append(task.predict(on_cpu, threshold))
             seen["targets"].append(targets.cpu())
-            if task != "multiclass":
-                seen["scores"].append(torch.sigmoid(on_cpu).reshape(len(on_cpu), -1))
+            if (scores := task.pr_scores(on_cpu)) is not None:
+                seen["scores"].append(scores)
             room = keep - sum(len(t) for t in kept["images"])
             if room > 0:
                 kept["images"].append(images[:room])
                 kept["targets"].append(targets[:room])
-                kept["predictions"].append(predict(task, logits[:room].float().cpu(), threshold))
+                kept["predictions"].append(task.predict(logits[:room].float().cpu(), threshold))
                 if captured:
                     kept["features"].append(captured[-1][:room].cpu())
             captured.clear()

@@ -1,11 +1,6 @@
-"""Loss and metrics per task: what the loop optimises, what each epoch reports, and the final report.
+"""What each epoch reports (loss, accuracy, top-5) and the per-class report at the end of training.
 
-Output layout per task (the model's last layer has `output_units(task, num_classes)` units):
-- multiclass: one logit per class, CrossEntropy (with label smoothing), accuracy = top-1, plus
-  `top5_accuracy` when there are more than 5 classes (with 5 or fewer it is always 1).
-- binary: ONE logit, the positive class is `class_names[1]` (the second folder in sorted order);
-  BCEWithLogits; predicted positive when sigmoid(logit) > threshold.
-- multilabel: one logit per label, BCEWithLogits; accuracy is the mean over all (image, label) decisions.
+What a task's outputs, loss and decisions are is its strategy's (service.tasks); this module counts.
 """
 
 from __future__ import annotations
@@ -15,40 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from service.spec import Task
-
-TOP_K = 5
-
-
-def output_units(task: Task, num_classes: int) -> int:
-    """Width of the classifier's last layer for the task."""
-    return 1 if task == "binary" else num_classes
-
-
-def make_criterion(task: Task, label_smoothing: float = 0.0) -> nn.Module:
-    """The training loss for the task (mean over the batch)."""
-    if task == "multiclass":
-        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    return nn.BCEWithLogitsLoss()
-
-
-def loss_targets(task: Task, targets: Tensor) -> Tensor:
-    """Targets in the form the task's criterion wants: class indices, or float 0/1 per output unit."""
-    if task == "multiclass":
-        return targets.long()
-    if task == "binary":
-        return targets.float().reshape(-1, 1)
-    return targets.float()
-
-
-def predict(task: Task, logits: Tensor, threshold: float = 0.5) -> Tensor:
-    """Class index per image (multiclass, binary) or a 0/1 row per image (multilabel)."""
-    if task == "multiclass":
-        return logits.argmax(dim=1)
-    decided = torch.sigmoid(logits.float()) > threshold
-    return decided.reshape(-1).long() if task == "binary" else decided.long()
+from service.tasks import TOP_K, TaskStrategy
 
 
 @dataclass(frozen=True)
@@ -92,7 +56,7 @@ class ClassReport:
 class MetricAccumulator:
     """Sums loss and hits over batches: `compute()` gives the epoch's metrics, `report()` per-class ones."""
 
-    def __init__(self, task: Task, num_classes: int, threshold: float = 0.5) -> None:
+    def __init__(self, task: TaskStrategy, num_classes: int, threshold: float = 0.5) -> None:
         self.task = task
         self.num_classes = num_classes
         self.threshold = threshold
@@ -105,7 +69,7 @@ class MetricAccumulator:
 
     @property
     def has_top_k(self) -> bool:
-        return self.task == "multiclass" and self.num_classes > TOP_K
+        return self.task.has_top_k(self.num_classes)
 
     @property
     def count(self) -> int:
@@ -115,11 +79,8 @@ class MetricAccumulator:
         """Add one batch (`loss` is its mean loss, `targets` as the dataset gives them); its accuracy."""
         logits, targets = logits.detach().float().cpu(), targets.detach().cpu()
         n = targets.shape[0]
-        predictions = predict(self.task, logits, self.threshold)
-        if self.task == "multilabel":
-            hits = (predictions == targets.long()).float().mean(dim=1).sum().item()
-        else:
-            hits = (predictions == targets.long()).sum().item()
+        predictions = self.task.predict(logits, self.threshold)
+        hits = self.task.hits(predictions, targets)
         self._loss_sum += loss * n
         self._count += n
         self._hits += hits
@@ -143,7 +104,7 @@ class MetricAccumulator:
         """Per-class precision, recall, F1, support and the confusion matrix of everything seen."""
         predictions = torch.cat(self._predictions) if self._predictions else torch.zeros(0, dtype=torch.long)
         targets = torch.cat(self._targets) if self._targets else torch.zeros(0, dtype=torch.long)
-        if self.task == "multilabel":
+        if predictions.dim() == 2:  # one 0/1 column per label (multilabel)
             tp = (predictions * targets).sum(dim=0)
             fp = (predictions * (1 - targets)).sum(dim=0)
             fn = ((1 - predictions) * targets).sum(dim=0)

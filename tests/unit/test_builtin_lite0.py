@@ -39,10 +39,10 @@ from service.training.builder import (
     weights_defaults,
 )
 from service.training.checkpoints import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from service.training.datasets import make_transforms
 from service.training.decoding import decode_image
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
+from service.training.transforms import make_transforms
 from service.training.weights import convert_lite0_state_dict, load_weights, resolve_weights
 
 # torchvision's ImageNet class names ship in the wheel (no download)

@@ -21,6 +21,7 @@ from service.training.checkpoints import (
     CheckpointKeeper,
     capture_rng,
     load_checkpoint,
+    make_checkpoint,
     restore_rng,
     save_checkpoint,
 )
@@ -62,6 +63,13 @@ def _state(epoch: int, history: list[dict[str, Any]] | None = None) -> dict[str,
         "metrics": history[-1],
         "model_config": MODEL_CONFIG,
     }
+
+
+def test_make_checkpoint_builds_the_dict_checkpoints_written_before_it_hold() -> None:
+    old = _state(2)  # spelled out by hand, key by key, as training wrote it before make_checkpoint
+    made = make_checkpoint(**{k: v for k, v in old.items() if k != "format_version"})
+    assert set(made) == set(old) == CHECKPOINT_KEYS
+    assert all(made[k] is old[k] or made[k] == old[k] for k in old)
 
 
 def test_round_trip_keeps_every_fixed_key(tmp_path: Path) -> None:

@@ -13,7 +13,9 @@ from PIL import Image
 from service.errors import DatasetError
 from service.spec import DataSpec
 from service.training.builder import Preprocessing
-from service.training.data import (
+from service.training.decoding import decode_image, preload
+from service.training.loaders import build_loaders
+from service.training.scan import (
     SKIP_BAD_HEADER,
     SKIP_NOT_IMAGE,
     SKIP_OUTSIDE_ROOT,
@@ -27,8 +29,7 @@ from service.training.data import (
     scan_manifest,
     split_stratified,
 )
-from service.training.datasets import build_loaders, make_transforms
-from service.training.decoding import decode_image, preload
+from service.training.transforms import make_transforms
 
 PRE = Preprocessing(36, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bilinear")
 

@@ -13,8 +13,8 @@ from service.packaging.gate_images import images_for_job, read_sample
 from service.records import Job, JobResult, JobState
 from service.settings import Settings
 from service.spec import DataSpec, JobSpec
-from service.training.data import Sample, load_splits
 from service.training.gate_sample import GATE_SAMPLE_SIZE, choose_gate_sample, gate_sample_for
+from service.training.scan import Sample, load_splits
 
 
 def _folder(root: Path, sizes: dict[str, int], name: str = "ds") -> Path:

@@ -1,4 +1,4 @@
-"""Hostile datasets: each is a clear DatasetError naming the path, or a counted skip (service.training.data).
+"""Hostile datasets: each is a clear DatasetError naming the path, or a counted skip (service.training.scan).
 
 What tests/unit/test_data.py already covers (non-images, corrupt headers, the pixel cap, `..` and
 absolute paths, a symlinked dataset, an image symlinked in, an empty class, one class, a truncated PNG)
@@ -20,14 +20,14 @@ from reliability import record
 from handlers.inference import RequestError
 from handlers.inference import decode_image as decode_request_image
 from service.errors import DatasetError
-from service.training.data import (
+from service.training.loaders import decode_image
+from service.training.scan import (
     SKIP_BAD_HEADER,
     SKIP_TOO_LARGE,
     scan_dataset,
     scan_manifest,
     skip_summary,
 )
-from service.training.datasets import decode_image
 
 pytestmark = pytest.mark.reliability
 

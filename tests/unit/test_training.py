@@ -19,13 +19,15 @@ from service.errors import DatasetError, FailedPrecondition, InvalidArgument
 from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec, TrainingSpec
-from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint
-from service.training.datasets import Batch
+from service.tasks import task_for
+from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint, make_checkpoint
 from service.training.gate_sample import gate_sample_for
-from service.training.loop import DevicePlan, train_one_epoch
+from service.training.loaders import Batch
+from service.training.loop import EpochPlan, train_one_epoch
 from service.training.optim import make_optimizer, make_scheduler, select_device
 from service.training.reporting import CollectingReporter
 from service.training.runner import TrainingOutcome, train
+from service.training.steps import DevicePlan, Objective, Optimisation, Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -339,11 +341,39 @@ def test_the_first_step_is_reported_at_once_then_at_most_once_a_period() -> None
     model = torch.nn.Linear(4, 3)
     batches = [Batch(torch.randn(2, 4), torch.tensor([0, 2]), []) for _ in range(4)]
     reporter = CollectingReporter()
-    result = train_one_epoch(
-        model, torch.nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1), batches,  # type: ignore[arg-type]
-        task="multiclass", num_classes=3, epoch=1, step=0, device=DevicePlan(torch.device("cpu")),
-        reporter=reporter, scaler=torch.amp.GradScaler("cpu", enabled=False), progress_every_s=3600.0,
-    )  # fmt: skip
+    trainer = Trainer(
+        model,
+        Objective(task_for("multiclass"), torch.nn.CrossEntropyLoss(), num_classes=3),
+        Optimisation(torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)),
+        DevicePlan(torch.device("cpu")),
+    )
+    result = train_one_epoch(trainer, batches, EpochPlan(1), reporter, progress_every_s=3600.0)  # type: ignore[arg-type]
     assert result.steps == 4
     # step 1 tells a watcher training has begun (the job-latency benchmark reads it); step 4 ends the epoch
     assert [d["step"] for k, _, d in reporter.events if k == EventKind.PROGRESS] == [1, 4]
+
+
+def test_a_resume_onto_a_dataset_whose_classes_changed_is_refused_before_anything_starts(
+    tmp_path: Path, data_root: Path
+) -> None:
+    spec = job_spec(logging={"tensorboard": True})
+    last = tmp_path / "job" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    model_config = {key: None for key in MODEL_CONFIG_KEYS}  # never read: the classes are checked first
+    torch.save(
+        make_checkpoint(
+            model={}, optimizer={}, scheduler=None, scaler={}, epoch=1, step=3, history=[], early_stopping={},
+            rng={}, spec=spec.to_dict(), class_names=["class_0", "class_1"], wandb_run_id=None, metrics={},
+            model_config=model_config,
+        ),
+        last,
+    )  # fmt: skip
+    reporter = CollectingReporter()
+    with pytest.raises(
+        FailedPrecondition, match=r"has classes \['class_0', 'class_1'\], but the job's dataset"
+    ):
+        train(spec, tmp_path / "job", _settings(tmp_path, data_root), reporter)
+    assert reporter.events == []
+    assert not (
+        tmp_path / "job" / "tensorboard"
+    ).exists()  # no logger was opened for a job that cannot resume

@@ -3,20 +3,19 @@
 Scanning is cheap on purpose: a file counts as an image when its extension is an image one and PIL can
 read its header (no decode). Files that fail are *skipped and counted*, never fatal; the reasons are
 the SKIP_* constants below. Files that pass the header check but fail to decode are caught later, at
-load time (service.training.datasets), and skipped the same way.
+load time (service.training.loaders), and skipped the same way.
 
 Errors (DatasetError, INVALID_ARGUMENT) are for datasets that cannot be used at all: a path outside
 the data root, a missing folder, no class folders, too few classes, an empty class folder, no images.
 
-Tasks: multiclass needs 2+ class folders; binary exactly 2 (the second in sorted order is the
-positive class); multilabel reads `data.manifest` instead of folders (image paths relative to the data
-root), and a `data.val_path` for it is a second manifest.
+Which class sets a task accepts is its strategy's (service.tasks): multiclass needs 2+ class folders,
+binary exactly 2; multilabel reads `data.manifest` instead of folders (image paths relative to the
+data root), and a `data.val_path` for it is a second manifest.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import random
 import warnings
 from collections import Counter, defaultdict
@@ -29,6 +28,8 @@ from PIL import Image, UnidentifiedImageError
 
 from service.errors import DatasetError
 from service.spec import DataSpec, Task
+from service.tasks import task_for
+from service.training.data_root import printable, resolve_under_root
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"})
 SKIP_NOT_IMAGE = "not an image file"
@@ -85,32 +86,6 @@ def skip_summary(skipped: Iterable[Skipped], examples: int = 5) -> dict[str, Any
     }
 
 
-def printable(path: str | Path) -> str:
-    """`path` as UTF-8 text: the bytes of a name that is not UTF-8 become `\\xNN` (events need text)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def resolve_under_root(path: str | Path, data_root: Path, field: str = "data.path") -> Path:
-    """`path` (relative to the data root, or absolute) with symlinks and `..` resolved; must stay inside."""
-    root = data_root.resolve()
-    try:
-        resolved = (root / path).resolve()
-        resolved.exists()  # raises for a name the OS cannot look up (too long), not for a missing one
-    except (OSError, ValueError) as exc:  # ValueError: a NUL character
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DatasetError(
-            f"{field} {str(path)[:200]!r} is not a usable path ({reason}); give a folder path relative to "
-            "the data root, of printable characters and at most 255 per name"
-        ) from None
-    if not resolved.is_relative_to(root):
-        raise DatasetError(
-            # where a symlink leads is not the caller's to learn, only that it leaves the root
-            f"{field} {str(path)[:200]!r} is outside the data root {root} (after `..` and symlinks); "
-            "put the dataset under the data root and give its path relative to it"
-        )
-    return resolved
-
-
 def scan_dataset(
     path: Path, data_root: Path, *, task: Task = "multiclass", max_image_pixels: int | None = None
 ) -> DatasetInfo:
@@ -148,7 +123,7 @@ def scan_dataset(
             f"class folder(s) {', '.join(repr(e) for e in empty)} in {str(path)!r} have no usable images"
             f"{_skips_hint(skipped)}; add images or remove the folder(s)"
         )
-    _check_class_count(task, [d.name for d in class_dirs], str(path))
+    task_for(task).check_class_count([d.name for d in class_dirs], str(path))
     return DatasetInfo(folder, tuple(d.name for d in class_dirs), tuple(samples), tuple(skipped))
 
 
@@ -180,8 +155,7 @@ def scan_manifest(
         labels = tuple(sorted({label.strip() for label in row[1].split(";") if label.strip()}))
         entries.append((root / row[0].strip(), labels))
     class_names = tuple(sorted({label for _, labels in entries for label in labels}))
-    if not class_names:
-        raise DatasetError(f"data.manifest {str(manifest)!r} names no labels; rows are `path,label1;label2`")
+    task_for("multilabel").check_class_count(class_names, str(manifest))
     index = {name: i for i, name in enumerate(class_names)}
     samples: list[Sample] = []
     skipped: list[Skipped] = []
@@ -225,8 +199,8 @@ def load_splits(
     data: DataSpec, task: Task, data_root: Path, *, seed: int, max_image_pixels: int | None = None
 ) -> Splits:
     """Train and validation samples: the separate val folder/manifest, else a seeded stratified split."""
-    if task == "multilabel":
-        assert data.manifest is not None  # JobSpec requires it for multilabel
+    if task_for(task).reads_manifest:
+        assert data.manifest is not None  # JobSpec requires it for a task that reads a manifest
         info = scan_manifest(data.manifest, data_root, max_image_pixels=max_image_pixels)
         val_info = (
             scan_manifest(data.val_path, data_root, max_image_pixels=max_image_pixels)
@@ -274,14 +248,8 @@ def split_stratified(
 
 
 def _same_classes(train: DatasetInfo, val: DatasetInfo, task: Task) -> tuple[Sample, ...]:
-    """Val samples re-indexed onto the train classes; the val classes must match (multilabel: a subset)."""
-    missing = sorted(set(train.class_names) - set(val.class_names))
-    extra = sorted(set(val.class_names) - set(train.class_names))
-    if extra or (missing and task != "multilabel"):
-        raise DatasetError(
-            f"data.val_path has different classes from data.path: missing in val {missing}, only in val "
-            f"{extra}; give both the same class folders"
-        )
+    """Val samples re-indexed onto the train classes (the task decides which class sets may differ)."""
+    task_for(task).check_val_classes(train.class_names, val.class_names)
     remap = {i: train.class_names.index(name) for i, name in enumerate(val.class_names)}
     return tuple(
         Sample(
@@ -300,19 +268,6 @@ def _check_class_names(class_dirs: list[Path], path: str) -> None:
         raise DatasetError(
             f"class folder {', '.join(repr(b) for b in bad)} in {path!r} has a name that is not UTF-8; "
             "class folder names become the labels: rename it in UTF-8"
-        )
-
-
-def _check_class_count(task: Task, class_names: list[str], path: str) -> None:
-    if task == "binary" and len(class_names) != 2:
-        raise DatasetError(
-            f"task 'binary' needs exactly 2 class folders in {path!r}, found {len(class_names)} "
-            f"({', '.join(class_names)}); the second in sorted order is the positive class"
-        )
-    if len(class_names) < 2:
-        raise DatasetError(
-            f"dataset folder {path!r} has a single class folder ({class_names[0]!r}); a classifier needs at "
-            "least 2 classes: add a folder per class"
         )
 
 

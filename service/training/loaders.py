@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,37 +22,20 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.transforms import v2
 
 from service.spec import Augmentation, Task
+from service.tasks import task_for
 from service.training.builder import Preprocessing
-from service.training.data import SKIP_UNDECODABLE, Sample, Skipped, Splits
-from service.training.decoding import decode_image, estimate_bytes, interpolation_mode, preload
+from service.training.decoding import decode_image, estimate_bytes, preload
+from service.training.scan import SKIP_UNDECODABLE, Sample, Skipped, Splits
+from service.training.transforms import Transform, make_transforms
 
 log = logging.getLogger(__name__)
 
 CACHE_MAX_BYTES = 512 * 2**20  # decoded, resized uint8 images kept in memory up to this much
 PREFETCH_BATCHES = 4
 SMALL_DATASET = 2_000  # fewer training images than this: no loader worker processes by default
-Transform = Callable[[Tensor], Tensor]
 Item = tuple[Tensor, Tensor] | Skipped  # what ImageDataset gives; the loader turns lists of them into a Batch
-
-
-def make_transforms(pre: Preprocessing, augmentation: Augmentation) -> tuple[Transform, Transform]:
-    """(train, eval) transforms of a resized uint8 image: the weights' own center crop for eval,
-    `light` (random resized crop, scale 0.6-1, flip) or `standard` (plus TrivialAugmentWide) for train."""
-    interpolation = interpolation_mode(pre.interpolation)
-    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(pre.mean), list(pre.std))]
-    evaluate = v2.Compose([v2.CenterCrop(pre.crop_size), *normalize])
-    if augmentation == "none":
-        return evaluate, evaluate
-    augment: list[Callable[..., object]] = [
-        v2.RandomResizedCrop(pre.crop_size, scale=(0.6, 1.0), interpolation=interpolation, antialias=True),
-        v2.RandomHorizontalFlip(),
-    ]
-    if augmentation == "standard":
-        augment.append(v2.TrivialAugmentWide(interpolation=interpolation))
-    return v2.Compose([*augment, *normalize]), evaluate
 
 
 def epoch_seed(seed: int, epoch: int, index: int = 0) -> int:
@@ -86,7 +69,7 @@ class ImageDataset(Dataset[Item]):
         images: Sequence[Tensor] | None = None,
     ) -> None:
         self.samples = tuple(samples)
-        self.task = task
+        self.task = task_for(task)
         self.num_classes = num_classes
         self.preprocessing = preprocessing
         self.transform = transform
@@ -123,11 +106,7 @@ class ImageDataset(Dataset[Item]):
         return image, self.target(sample)
 
     def target(self, sample: Sample) -> Tensor:
-        if isinstance(sample.target, tuple):
-            multi_hot = torch.zeros(self.num_classes)
-            multi_hot[list(sample.target)] = 1.0
-            return multi_hot
-        return torch.tensor(sample.target)
+        return self.task.target(sample.target, self.num_classes)
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
