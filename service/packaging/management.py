@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import AlreadyExists, InvalidArgument, NotFound, TuneserveError, Unavailable
-from service.packaging.torchserve import TorchServeKeys
+from service.packaging.torchserve_process import TorchServeKeys
 
 REGISTER_TIMEOUT_S = 300.0
 
