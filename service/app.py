@@ -133,9 +133,9 @@ def run_service(settings: Settings | None = None) -> None:
 
 
 def start_backend(settings: Settings, store: JobStore) -> ServingBackend:
-    """Start the serving backend, TorchServe (its modules are imported only when serving is on)."""
-    from service.packaging.torchserve_backend import TorchServeBackend
+    """Start the serving backend (TorchServe's modules are imported only when serving is on)."""
+    from service.packaging.choose_backend import serving_backend
 
-    backend = TorchServeBackend(settings, store)
+    backend = serving_backend(settings, store)
     backend.start()
     return backend

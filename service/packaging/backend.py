@@ -62,7 +62,7 @@ class ServingBackend(Packager, Protocol):
 
     def set_default(self, name: str, version: str) -> ServedModel: ...
 
-    def unserve(self, name: str, version: str | None) -> None:
+    def unserve(self, name: str, version: str | None = None) -> None:
         """Stop serving one version, or (version None) the whole model; archives stay in the store."""
         ...
 

@@ -114,22 +114,6 @@ class ManagementClient:
         path = f"/models/{_quote(model_name)}/{_quote(version) if version else 'all'}"
         return [_version_info(entry) for entry in self.rest.call("GET", path)]
 
-    def default_version(self, model_name: str) -> str:
-        (info,) = [_version_info(entry) for entry in self.rest.call("GET", f"/models/{_quote(model_name)}")]
-        return info.version
-
-    def list_models(self) -> list[str]:
-        names: list[str] = []
-        token: str | None = None
-        while True:
-            answer = self.rest.call(
-                "GET", "/models", query={"limit": 100, **({"next_page_token": token} if token else {})}
-            )
-            names += [m["modelName"] for m in answer.get("models", [])]
-            token = answer.get("nextPageToken")
-            if not token:
-                return names
-
     def set_default(self, model_name: str, version: str) -> None:
         self.rest.call("PUT", f"/models/{_quote(model_name)}/{_quote(version)}/set-default")
 

@@ -166,7 +166,7 @@ class TorchServeBackend:
     def set_default(self, name: str, version: str) -> ServedModel:
         return self.versions.set_default(name, version)
 
-    def unserve(self, name: str, version: str | None) -> None:
+    def unserve(self, name: str, version: str | None = None) -> None:
         self.versions.unserve(name, version)
 
     def list_served(self) -> list[ServedModel]:

@@ -104,7 +104,7 @@ class VersionManager:
             self.management.set_default(name, version)
             return self.describe(self.registry.set_default(name, version), version)
 
-    def unserve(self, name: str, version: str | None) -> None:
+    def unserve(self, name: str, version: str | None = None) -> None:
         """Unregister one version (or every version, version None/""); the archives stay in the store."""
         with self.supervisor.lock:
             entry = self.entry(name, version or None)

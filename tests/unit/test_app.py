@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from service.packaging import choose_backend
 from service.packaging.backend import Packager, ServingBackend
+from service.packaging.model_store import ModelStore
 from service.packaging.torchserve_backend import TorchServeBackend
 from service.records import Job, JobResult, JobState
 from service.settings import Settings
@@ -77,3 +79,9 @@ def test_with_serving_off_the_backend_is_unavailable_and_says_how_to_turn_it_on(
     assert not off.process.is_running()
     with pytest.raises(Unavailable, match="TUNESERVE_TORCHSERVE_ENABLED=false"):
         off.supervisor.require_running()
+
+
+def test_the_chosen_backend_and_packager_are_torchserves(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data")
+    assert isinstance(choose_backend.serving_backend(settings), TorchServeBackend)
+    assert isinstance(choose_backend.packager(settings), ModelStore)

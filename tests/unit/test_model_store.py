@@ -11,8 +11,8 @@ import pytest
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from service.packaging import model_store
 from service.packaging.archiver import read_manifest, sha256_of
+from service.packaging.choose_backend import packager
 from service.packaging.model_store import PACKAGE_ATTEMPTS, ModelStore
-from service.packaging.torchserve_backend import TorchServeBackend
 from service.settings import Settings
 
 
@@ -76,7 +76,7 @@ def test_the_packager_needs_neither_torchserve_nor_a_job_store(
     settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data", torchserve_enabled=False)
     settings.model_store.mkdir(parents=True)
     (settings.model_store / "pets-v2.mar").write_bytes(b"left by an earlier job")
-    archive = TorchServeBackend.packager(settings).package(serving_checkpoint, "pets")
+    archive = packager(settings).package(serving_checkpoint, "pets")  # the worker's one call
     assert (archive.name, archive.version, archive.path.name) == ("pets", "3", "pets-v3.mar")
     assert read_manifest(archive.path) == ("pets", "3") and archive.sha256 == sha256_of(archive.path)
 
