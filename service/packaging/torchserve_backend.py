@@ -58,7 +58,7 @@ class TorchServeBackend:
         self, settings: Settings, store: JobSource | None = None, *, worker_threads: int | None = None
     ) -> None:
         self.settings = settings
-        self.store = store
+        self.records = JobRecorder(store)
         self.model_store = ModelStore(settings)
         self.process = TorchServeProcess(settings, worker_threads=worker_threads)
         self.supervisor = TorchServeSupervisor(self.process, enabled=settings.torchserve_enabled)
@@ -67,7 +67,7 @@ class TorchServeBackend:
         gate_client = RestClient(inference_url(settings), "inference", keys, renew, timeout_s=60)
         registry = ServedRegistry(settings.torchserve_dir / "served_models.json")
         self.versions = VersionManager(
-            self.model_store, registry, self.management, gate_client, self.supervisor, self._event,
+            self.model_store, registry, self.management, gate_client, self.supervisor, self.records,
             inference_url(settings),
         )  # fmt: skip
         self._grpc: TorchServeGrpc | None = None
@@ -127,9 +127,7 @@ class TorchServeBackend:
     ) -> ServedModel:
         """Register, gate (synthetic images when none are given) and promote; record it on the job."""
         images = gate_images if isinstance(gate_images, GateImages) else given_images(gate_images)
-        model = self.versions.deploy(archive, images, job_id=job_id, checkpoint=checkpoint, serving=serving)
-        self._record_served(job_id, model)
-        return model
+        return self.versions.deploy(archive, images, job_id=job_id, checkpoint=checkpoint, serving=serving)
 
     def deploy_job(self, job: Job) -> None:
         self._deploy_job(job)
@@ -142,15 +140,13 @@ class TorchServeBackend:
         images = images_for_job(job, self.settings)
         if images.warning:
             log.warning("job %s: %s", job.id, images.warning)
-            self._event(job.id, EventKind.WARNING, images.warning, {"gate_images": images.describe()})
+            self.records.event(job.id, EventKind.WARNING, images.warning, {"gate_images": images.describe()})
         return self.deploy(
             archive, images, job_id=job.id, checkpoint=Path(result.best_checkpoint), serving=job.spec.serving
         )
 
     def serve_job(self, job_id: str) -> ServedModel:
-        if self.store is None:
-            raise FailedPrecondition("this backend has no job store; use deploy() with the archive")
-        job = self.store.get_job(job_id)
+        job = self.records.job(job_id)
         result = job.result
         if job.state != JobState.SUCCEEDED or not result.archive_path or not result.archive_sha256:
             raise FailedPrecondition(
@@ -188,9 +184,28 @@ class TorchServeBackend:
         answers = self._grpc.predict(model, version or None, images, top_k or served.top_k)
         return PredictResult(model, version or "", tuple(_prediction(answer) for answer in answers))
 
-    # ------------------------------------------------------------------------------------ internals
 
-    def _record_served(self, job_id: str, model: ServedModel) -> None:
+class JobRecorder:
+    """A deploy's records on its job, when there is a job store and the job is in it (deploy() takes
+    any id: tests and the bench deploy archives of no job)."""
+
+    def __init__(self, store: JobSource | None) -> None:
+        self.store = store
+
+    def job(self, job_id: str) -> Job:
+        if self.store is None:
+            raise FailedPrecondition("this backend has no job store; use deploy() with the archive")
+        return self.store.get_job(job_id)
+
+    def event(self, job_id: str, kind: EventKind, message: str, data: dict[str, Any]) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.append_event(job_id, kind, message, data)
+        except NotFound:
+            log.info("job %s is not in the store; not recorded: %s", job_id, message)
+
+    def served(self, job_id: str, model: ServedModel) -> None:
         if self.store is None:
             return
         try:
@@ -200,19 +215,10 @@ class TorchServeBackend:
                 "job %s is gone; served %s version %s without recording it", job_id, model.name, model.version
             )
             return
-        self._event(
+        self.event(
             job_id, EventKind.SERVED, f"serving {model.name} version {model.version} (default)",
             {"model": model.name, "version": model.version, "inference_url": model.inference_url},
         )  # fmt: skip
-
-    def _event(self, job_id: str, kind: EventKind, message: str, data: dict[str, Any]) -> None:
-        """An event on the job, when there is a job store and the job is in it (deploy() takes any id)."""
-        if self.store is None:
-            return
-        try:
-            self.store.append_event(job_id, kind, message, data)
-        except NotFound:
-            log.info("job %s is not in the store; not recorded: %s", job_id, message)
 
 
 def _prediction(answer: Any) -> Prediction:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from service.packaging.gate import BF16_TOLERANCE, CPU_TOLERANCE, GateFailed, check_version
@@ -27,7 +26,13 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
 
-EventSink = Callable[[str, EventKind, str, dict[str, Any]], None]  # (job id, kind, message, data)
+
+class JobRecords(Protocol):
+    """Where a deploy is recorded on its job (the job store, through the backend)."""
+
+    def event(self, job_id: str, kind: EventKind, message: str, data: dict[str, Any]) -> None: ...
+
+    def served(self, job_id: str, model: ServedModel) -> None: ...
 
 
 class VersionManager:
@@ -40,7 +45,7 @@ class VersionManager:
         management: ManagementClient,
         gate_client: RestClient,
         supervisor: TorchServeSupervisor,
-        record_event: EventSink,
+        jobs: JobRecords,
         inference_url: str,
     ) -> None:
         self.model_store = model_store
@@ -48,7 +53,7 @@ class VersionManager:
         self.management = management
         self.gate_client = gate_client
         self.supervisor = supervisor
-        self.record_event = record_event
+        self.jobs = jobs
         self.inference_url = inference_url
 
     def deploy(
@@ -57,7 +62,7 @@ class VersionManager:
         """Register the archive as a new version, wait until it is ready, gate it, make it the default.
 
         Older versions stay registered for rollback. A version that fails the gate is unregistered and
-        GateFailed says why; the default does not change.
+        GateFailed says why; the default does not change. A new version is recorded on its job.
         """
         found = self.model_store.verified(archive.path, archive.sha256)
         name, version = found.name, found.version
@@ -94,7 +99,9 @@ class VersionManager:
                 top_k=serving.top_k,
                 served_at=time.time(),
             )
-            return self.describe(self.registry.add(name, served, make_default=True), version)
+            model = self.describe(self.registry.add(name, served, make_default=True), version)
+        self.jobs.served(job_id, model)
+        return model
 
     def set_default(self, name: str, version: str) -> ServedModel:
         """Make a served version the default (rollback is setting an older one)."""
@@ -203,7 +210,7 @@ class VersionManager:
                 f"{images.describe()} (max difference {result.max_difference:.2e}, tolerance {tolerance:g})"
             )
             log.info("job %s: %s", job_id, message)
-            self.record_event(job_id, EventKind.INFO, message, data)
+            self.jobs.event(job_id, EventKind.INFO, message, data)
             return
         default = self.registry.get(name)
         message = (
@@ -211,7 +218,7 @@ class VersionManager:
             f"differently from its checkpoint ({result.reason}); the default stays "
             f"{default.default if default else 'unset'}"
         )
-        self.record_event(job_id, EventKind.WARNING, f"promotion gate: {message}", data)
+        self.jobs.event(job_id, EventKind.WARNING, f"promotion gate: {message}", data)
         raise GateFailed(message, result)
 
     def _unregister_quietly(self, name: str, version: str) -> None:

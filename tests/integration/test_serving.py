@@ -324,3 +324,11 @@ def test_unserving_a_version_keeps_the_others(backend: TorchServeBackend, pets_v
     assert backend.list_served() == []
     with pytest.raises(NotFound):
         backend.predict("pets", None, [b"x"], None)
+
+
+def test_after_unserving_everything_the_next_version_still_follows_the_model_store(
+    backend: TorchServeBackend, checkpoints: dict[str, Path]
+):
+    assert backend.list_served() == []  # nothing served any more, but versions 1-3 are in the store
+    archive = backend.package(checkpoints["a"], "pets")
+    assert (archive.version, archive.path.name) == ("4", "pets-v4.mar")
