@@ -2,7 +2,7 @@
 without dynamic batching, against the same model called in-process.
 
 The model is a real job's best checkpoint (a tiny mobilenet_v3_small trained here for one epoch),
-packaged and deployed by service.packaging's ServingManager twice: `single` (batch_size 1) and
+packaged and deployed by service.packaging's TorchServeBackend twice: `single` (batch_size 1) and
 `batched` (batch_size 8, max_batch_delay 5 ms). Requests are one PNG each, through TorchServe's REST
 inference API with its token. The baseline: the handler (handlers.inference.ImageClassifier) called
 in this process, one image at a time, which is what a request costs without any server around it.
@@ -29,7 +29,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     import torch
 
     from handlers.inference import ImageClassifier
-    from service.packaging.serving import ServingManager
+    from service.packaging.torchserve_backend import TorchServeBackend
     from service.packaging.ts_config import inference_url
     from service.settings import Settings
     from service.spec import ServingSpec
@@ -54,16 +54,16 @@ def run(*, quick: bool) -> dict[str, Any]:
         )
         classifier = ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
         in_process = _in_process(classifier, images, 20 if quick else 200)
-        manager = ServingManager(settings, worker_threads=1)
-        manager.start()
+        backend = TorchServeBackend(settings, worker_threads=1)
+        backend.start()
         try:
             results: dict[str, Any] = {}
             for mode, (batch_size, delay_ms) in MODES.items():
                 serving = ServingSpec(model_name=mode, batch_size=batch_size, max_batch_delay_ms=delay_ms)
-                archive = manager.package(checkpoint, mode)
-                manager.deploy(f"bench-{mode}", archive.path, archive.sha256, serving, checkpoint=checkpoint)
+                archive = backend.package(checkpoint, mode)
+                backend.deploy(archive, job_id=f"bench-{mode}", checkpoint=checkpoint, serving=serving)
                 url = f"{inference_url(settings)}/predictions/{mode}"
-                key = manager.process.keys().inference
+                key = backend.process.keys().inference
                 _load(url, key, images, 1, 3)  # warm-up: the worker's first calls are slower
                 results[mode] = {
                     f"c{c}": _load(url, key, images, c, requests_per_client) for c in CONCURRENCY
@@ -73,7 +73,7 @@ def run(*, quick: bool) -> dict[str, Any]:
                         ratio(stats["req_per_s"], in_process["req_per_s"]), 3
                     )
         finally:
-            manager.stop()
+            backend.stop()
     return {
         "benchmark": NAME,
         "model": "mobilenet_v3_small (random init, 1 epoch), 64 px PNG requests",

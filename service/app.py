@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +24,7 @@ from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.manager import JobManager
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
-from service.records import Job
-from service.serving_types import PredictResult, ServedModel, Serving
+from service.packaging.backend import ServingBackend
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,8 +41,8 @@ class Service:
     scheduler: Scheduler
     server: TuneserveServer
     reporting: ReportingServer
-    serving: Serving | None = None
-    torchserve: Any = None  # the ServingManager, when this service started TorchServe
+    serving: ServingBackend | None = None
+    backend: ServingBackend | None = None  # the serving backend this service started (and stops)
     health_reporter: HealthReporter | None = None
     jobs_health: HealthReporter | None = None  # "" and FineTuning: the store takes writes, scheduling runs
     _stopped: bool = field(default=False, init=False)
@@ -64,17 +63,18 @@ class Service:
         self.server.stop(API_GRACE_S)
         self.scheduler.stop(drain=drain)
         self.reporting.stop()  # after the drain: stopping workers report their last events through it
-        if self.torchserve is not None:
-            self.torchserve.stop()
+        if self.backend is not None:
+            self.backend.stop()
         self.store.close()
         log.info("stopped")
 
 
 def start_service(
-    settings: Settings, serving: Serving | None = None, launcher: Launcher | None = None
+    settings: Settings, serving: ServingBackend | None = None, launcher: Launcher | None = None
 ) -> Service:
-    """Start the whole service. `serving` replaces the TorchServe side (tests); by default TorchServe is
-    started when settings.torchserve_enabled. `launcher` starts the workers (default: local processes)."""
+    """Start the whole service. `serving` replaces the serving backend (tests; it is neither started nor
+    stopped here); by default the TorchServe backend is started when settings.torchserve_enabled.
+    `launcher` starts the workers (default: local processes)."""
     # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
     serving_gpus = settings.serving_gpu_indices
     log.info(
@@ -85,22 +85,21 @@ def start_service(
     store = JobStore(settings.jobs_db)
     intake = Intake(store)
     reporting = start_reporting_server(settings, intake)  # first: a taken port leaves nothing running
-    torchserve = None
+    backend = None
     if serving is None and settings.torchserve_enabled:
         try:
-            torchserve = start_torchserve(settings, store)
+            backend = serving = start_backend(settings, store)
         except BaseException:
             reporting.stop()
             store.close()
             raise
-        serving = TorchServeServing(torchserve)
     scheduler = Scheduler(
         settings,
         store,
         launcher or LocalProcessLauncher(settings),
         intake,
         reporting.address,
-        deployer=serving.deploy if serving is not None else None,
+        deployer=serving.deploy_job if serving is not None else None,
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
     try:
@@ -108,8 +107,8 @@ def start_service(
     except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
         scheduler.stop(drain=False)
         reporting.stop()
-        if torchserve is not None:
-            torchserve.stop()
+        if backend is not None:
+            backend.stop()
         store.close()
         raise
     jobs_health = HealthReporter(
@@ -117,11 +116,11 @@ def start_service(
     )
     jobs_health.start()
     reporter = None
-    if torchserve is not None:  # Inference's health follows TorchServe: down while it restarts
-        torchserve.on_availability(lambda available: server.set_serving(INFERENCE, available))
-        reporter = HealthReporter(torchserve.health, server.set_serving)  # torchserve, torchserve/<model>
+    if backend is not None:  # Inference's health follows the backend: down while it restarts
+        backend.on_availability(lambda available: server.set_serving(INFERENCE, available))
+        reporter = HealthReporter(backend.health, server.set_serving)  # torchserve, torchserve/<model>
         reporter.start()
-    return Service(settings, store, scheduler, server, reporting, serving, torchserve, reporter, jobs_health)
+    return Service(settings, store, scheduler, server, reporting, serving, backend, reporter, jobs_health)
 
 
 JOBS_NAMES = (OVERALL, FINE_TUNING)
@@ -158,38 +157,10 @@ def run_service(settings: Settings | None = None) -> None:
     service.stop(drain=True)
 
 
-def start_torchserve(settings: Settings, store: JobStore) -> Any:
-    """Start TorchServe and its manager (service.packaging is imported only when serving is on)."""
-    from service.packaging.serving import ServingManager
+def start_backend(settings: Settings, store: JobStore) -> ServingBackend:
+    """Start the serving backend (TorchServe's modules are imported only when serving is on)."""
+    from service.packaging.choose_backend import serving_backend
 
-    manager = ServingManager(settings, store)
-    manager.start()
-    return manager
-
-
-class TorchServeServing:
-    """The API's Serving protocol over service.packaging's ServingManager."""
-
-    def __init__(self, manager: Any) -> None:
-        self.manager = manager
-
-    def deploy(self, job: Job) -> None:
-        self.manager.deploy_job(job)  # gated on the job's own validation images
-
-    def predict(
-        self, model: str, version: str | None, images: Sequence[bytes], top_k: int | None
-    ) -> PredictResult:
-        predictions = self.manager.predict(model, version or "", images, top_k or 0)
-        return PredictResult(model, version or "", tuple(predictions))
-
-    def serve_job(self, job_id: str) -> ServedModel:
-        return self.manager.serve_job(job_id)  # type: ignore[no-any-return]
-
-    def unserve(self, name: str, version: str | None) -> None:
-        self.manager.unserve(name, version)
-
-    def set_default(self, name: str, version: str) -> ServedModel:
-        return self.manager.set_default(name, version)  # type: ignore[no-any-return]
-
-    def list_served(self) -> list[ServedModel]:
-        return list(self.manager.list_served())
+    backend = serving_backend(settings, store)
+    backend.start()
+    return backend

@@ -1,22 +1,29 @@
-"""What the API needs from the serving side (implemented in service.packaging), in domain terms.
+"""The serving side's domain types: archives, served models, predictions, the gate's images.
 
-The servicer delegates Predict and the serving-control RPCs to an object of this shape; the scheduler
-calls `deploy` when a job's archive is ready. No grpc here: the servicer translates. It sits below the
-packages (it imports none of them), so service.packaging implements it without depending on service.api.
+The serving backend (service.packaging.backend) speaks in these; the gRPC layer translates them. No
+grpc and no package import here: it sits below the packages, so `api`, `jobs` and `packaging` all use
+it without depending on each other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
 
-from service.records import Job
+
+@dataclass(frozen=True)
+class Archive:
+    """A packaged model version in the model store: `<name>-v<version>.mar` and its SHA-256."""
+
+    path: Path
+    sha256: str
+    name: str
+    version: str
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """A model TorchServe serves (mirrors tuneserve.v1.ServedModel)."""
+    """A model the backend serves (mirrors tuneserve.v1.ServedModel)."""
 
     name: str
     version: str
@@ -49,20 +56,19 @@ class PredictResult:
     predictions: tuple[Prediction, ...] = field(default_factory=tuple)
 
 
-class Serving(Protocol):
-    """The serving side. Methods raise service.errors domain errors (NotFound, FailedPrecondition...)."""
+@dataclass(frozen=True)
+class GateImage:
+    name: str  # what a refusal calls it: the path relative to the data root, or "synthetic image 1"
+    data: bytes
 
-    def deploy(self, job: Job) -> None:
-        """Register a PACKAGING job's archive (job.result.archive_path) and record it (SERVED event)."""
 
-    def predict(
-        self, model: str, version: str | None, images: Sequence[bytes], top_k: int | None
-    ) -> PredictResult: ...
+@dataclass(frozen=True)
+class GateImages:
+    """The images the promotion gate compares a new version on, and where they came from."""
 
-    def serve_job(self, job_id: str) -> ServedModel: ...
+    images: tuple[GateImage, ...]
+    source: str  # "validation images", "synthetic images", "given images"
+    warning: str = ""  # why the job's own validation images were not (all) used
 
-    def unserve(self, name: str, version: str | None) -> None: ...
-
-    def set_default(self, name: str, version: str) -> ServedModel: ...
-
-    def list_served(self) -> list[ServedModel]: ...
+    def describe(self) -> str:
+        return f"{len(self.images)} {self.source}"

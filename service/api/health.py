@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 2.0
 
-Probe = Callable[[], Mapping[str, bool]]  # name -> ready, e.g. ServingManager.health
+Probe = Callable[[], Mapping[str, bool]]  # name -> ready, e.g. TorchServeBackend.health
 Publish = Callable[[str, bool | None], None]  # None: unknown (no longer there)
 
 

@@ -19,7 +19,7 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.api.interceptors import AuthInterceptor, ErrorInterceptor
 from service.api.servicer import FineTuningServicer, InferenceServicer
 from service.jobs.manager import JobManager
-from service.serving_types import Serving
+from service.packaging.backend import ServingBackend
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,9 @@ class TuneserveServer:
         self.server.wait_for_termination()
 
 
-def build_server(settings: Settings, jobs: JobManager, serving: Serving | None = None) -> TuneserveServer:
+def build_server(
+    settings: Settings, jobs: JobManager, serving: ServingBackend | None = None
+) -> TuneserveServer:
     """Create, bind and start the server on settings.host:settings.port."""
     interceptors: list[grpc.ServerInterceptor] = []
     if settings.auth_token is not None:

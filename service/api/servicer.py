@@ -16,7 +16,7 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.errors import FailedPrecondition
 from service.jobs.manager import JobManager
-from service.serving_types import Serving
+from service.packaging.backend import ServingBackend
 from service.settings import Settings
 
 # A layer table is built for real where the meta device cannot be used: bound the head it allocates.
@@ -27,7 +27,7 @@ SERVING_DISABLED = (
 
 
 class FineTuningServicer(pb_grpc.FineTuningServicer):
-    def __init__(self, settings: Settings, jobs: JobManager, serving: Serving | None = None) -> None:
+    def __init__(self, settings: Settings, jobs: JobManager, serving: ServingBackend | None = None) -> None:
         self.settings = settings
         self.jobs = jobs
         self.serving = serving
@@ -94,12 +94,12 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     ) -> pb.ListServedModelsResponse:
         return convert.served_models_to_proto(self._serving().list_served())
 
-    def _serving(self) -> Serving:
+    def _serving(self) -> ServingBackend:
         return require_serving(self.serving)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, serving: Serving | None = None) -> None:
+    def __init__(self, serving: ServingBackend | None = None) -> None:
         self.serving = serving
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
@@ -109,7 +109,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return convert.predict_to_proto(result)
 
 
-def require_serving(serving: Any) -> Serving:
+def require_serving(serving: Any) -> ServingBackend:
     if serving is None:
         raise FailedPrecondition(SERVING_DISABLED)
     return serving  # type: ignore[no-any-return]

@@ -1,1 +1,1 @@
-"""Packaging and serving: .mar archives, the TorchServe child process, versions, the gate, predictions."""
+"""The serving backend (backend.py, chosen in choose_backend.py) and TorchServe, its implementation."""

@@ -1,8 +1,9 @@
 """Package a job's best checkpoint as a TorchServe archive (.mar) in the model store.
 
 The archive holds a state_dict (`model.pt`, read back with weights_only=True: never a pickled model),
-`model_config.json`, `index_to_name.json` and our handler. It is built in a private folder and moved
-into the store with `os.replace`, so TorchServe never sees half an archive.
+`model_config.json`, `index_to_name.json` and our handler. It is built in a private folder and linked
+into the store under its final name, so TorchServe never sees half an archive and two packagers never
+replace each other's. Which version to build is service.packaging.model_store's rule.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -25,19 +25,12 @@ import torch
 
 from handlers.inference import CONFIG_FILE, DEFAULT_MAX_IMAGE_PIXELS, LABELS_FILE, MODEL_FILE
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from service.serving_types import Archive
 from service.spec import NAME_PATTERN
 from service.training.checkpoints import load_checkpoint
 
 VERSION_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
 ARCHIVER_TIMEOUT_S = 300
-
-
-@dataclass(frozen=True)
-class Archive:
-    path: Path
-    sha256: str
-    name: str
-    version: str
 
 
 def archive_file_name(model_name: str, version: str) -> str:
@@ -67,9 +60,12 @@ def build_archive(
         work = Path(staging)
         files = _write_payload(state, work / "payload", max_image_pixels)
         built = _run_archiver(files, model_name, version, work)
-        if target.exists():  # another packager won the race while we were building
-            raise AlreadyExists(f"archive {target} appeared while packaging; package under a new version")
-        os.replace(built, target)
+        try:  # a link, not os.replace: it fails, atomically, when another packager took the name first
+            os.link(built, target)
+        except FileExistsError:
+            raise AlreadyExists(
+                f"archive {target} appeared while packaging; package under a new version"
+            ) from None
     return Archive(path=target, sha256=sha256_of(target), name=model_name, version=version)
 
 

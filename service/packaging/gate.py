@@ -26,6 +26,7 @@ from typing import Any
 from handlers.inference import Answer, ImageClassifier, Scores, ServingConfig
 from service.errors import FailedPrecondition, InvalidArgument
 from service.packaging.management import RestClient
+from service.serving_types import GateImage
 from service.training.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,6 @@ CPU_TOLERANCE = 1e-4  # fp32 on the CPU: TorchServe's worker and this process ru
 # softmax differences of up to a few 1e-2: 5e-2 is that estimate, not a measurement. It is to be measured
 # on a GPU (issue 17) over real validation images before a bf16 refusal is trusted.
 BF16_TOLERANCE = 5e-2
-
-
-@dataclass(frozen=True)
-class GateImage:
-    name: str  # what a refusal calls it: the path relative to the data root, or "synthetic image 1"
-    data: bytes
 
 
 @dataclass(frozen=True)

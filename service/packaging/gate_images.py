@@ -13,30 +13,19 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from service.errors import DatasetError
-from service.packaging.gate import GateImage
 from service.records import Job
+from service.serving_types import GateImage, GateImages
 from service.settings import Settings
 from service.training.gate_sample import gate_sample_for
 
 SYNTHETIC_COUNT = 4
 MULTIPART_OVERHEAD = 4096  # the form fields around an image in the gate's request to TorchServe
-
-
-@dataclass(frozen=True)
-class GateImages:
-    images: tuple[GateImage, ...]
-    source: str  # "validation images", "synthetic images", "given images"
-    warning: str = ""  # why the job's own validation images were not (all) used
-
-    def describe(self) -> str:
-        return f"{len(self.images)} {self.source}"
 
 
 def images_for_job(job: Job, settings: Settings) -> GateImages:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import AlreadyExists, InvalidArgument, NotFound, TuneserveError, Unavailable
-from service.packaging.torchserve import TorchServeKeys
+from service.packaging.torchserve_process import TorchServeKeys
 
 REGISTER_TIMEOUT_S = 300.0
 
@@ -113,22 +113,6 @@ class ManagementClient:
         """Every version of a model (or one); NotFound when there is none."""
         path = f"/models/{_quote(model_name)}/{_quote(version) if version else 'all'}"
         return [_version_info(entry) for entry in self.rest.call("GET", path)]
-
-    def default_version(self, model_name: str) -> str:
-        (info,) = [_version_info(entry) for entry in self.rest.call("GET", f"/models/{_quote(model_name)}")]
-        return info.version
-
-    def list_models(self) -> list[str]:
-        names: list[str] = []
-        token: str | None = None
-        while True:
-            answer = self.rest.call(
-                "GET", "/models", query={"limit": 100, **({"next_page_token": token} if token else {})}
-            )
-            names += [m["modelName"] for m in answer.get("models", [])]
-            token = answer.get("nextPageToken")
-            if not token:
-                return names
 
     def set_default(self, model_name: str, version: str) -> None:
         self.rest.call("PUT", f"/models/{_quote(model_name)}/{_quote(version)}/set-default")

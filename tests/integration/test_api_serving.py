@@ -88,10 +88,10 @@ def second_version(
     """A second checkpoint with the same classes, deployed as version 2 (now the default); its path."""
     checkpoint = tmp_path_factory.mktemp("v2") / "best.pt"
     serving_checkpoint_factory(checkpoint, class_names=CLASSES, seed=3)
-    manager = service.torchserve
-    archive = manager.package(checkpoint, "pets")
+    backend = service.backend
+    archive = backend.package(checkpoint, "pets")
     spec = ServingSpec(model_name="pets", batch_size=4, max_batch_delay_ms=50, workers=1, top_k=2)
-    manager.deploy("job-v2", archive.path, archive.sha256, spec, checkpoint=checkpoint)
+    backend.deploy(archive, job_id="job-v2", checkpoint=checkpoint, serving=spec)
     return checkpoint
 
 
@@ -333,7 +333,7 @@ def test_a_version_that_disagrees_on_the_validation_images_is_refused_naming_the
 def test_a_job_served_when_it_finishes_is_gated_on_its_recorded_validation_images(
     client: pb_grpc.FineTuningStub, trained: pb.Job
 ) -> None:
-    """The production path: the scheduler deploys a finished job (TorchServeServing.deploy)."""
+    """The production path: the scheduler deploys a finished job (TorchServeBackend.deploy_job)."""
     job = client.CreateJob(pb.CreateJobRequest(spec=spec("auto", serving={"enabled": True})))
     final = wait_state(client, job.id, FINAL, timeout=600)
     try:

@@ -50,20 +50,15 @@ def versions(
 ) -> dict[str, Path]:
     """Versions 1 and 2 of `pets` (2 the default), each behind the promotion gate: version -> checkpoint."""
     folder = tmp_path_factory.mktemp("pets")
-    manager = service.torchserve
+    backend = service.backend
     spec = ServingSpec(model_name="pets", batch_size=4, max_batch_delay_ms=50, workers=1, top_k=3)
     checkpoints = {}
     for version, seed in (("1", 1), ("2", 2)):
         checkpoint = folder / f"v{version}" / "best.pt"
         serving_checkpoint_factory(checkpoint, class_names=CLASSES, seed=seed)
-        archive = manager.package(checkpoint, "pets")
-        served = manager.deploy(
-            f"job-{version}",
-            archive.path,
-            archive.sha256,
-            spec,
-            checkpoint=checkpoint,
-            gate_images=serving_images,
+        archive = backend.package(checkpoint, "pets")
+        served = backend.deploy(
+            archive, serving_images, job_id=f"job-{version}", checkpoint=checkpoint, serving=spec
         )
         assert served.version == version
         checkpoints[version] = checkpoint

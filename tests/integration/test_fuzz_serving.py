@@ -103,9 +103,9 @@ def served(
 
     second = tmp_path_factory.mktemp("v2") / "best.pt"
     serving_checkpoint_factory(second, class_names=CLASSES, seed=3)
-    archive = service.torchserve.package(second, MODEL)
+    archive = service.backend.package(second, MODEL)
     serving = ServingSpec(model_name=MODEL, batch_size=4, max_batch_delay_ms=50, workers=1, top_k=2)
-    service.torchserve.deploy("job-v2", archive.path, archive.sha256, serving, checkpoint=second)
+    service.backend.deploy(archive, job_id="job-v2", checkpoint=second, serving=serving)
 
     # a job that exists but has no archive: ServeJob of it is a FAILED_PRECONDITION
     unfinished = client.CreateJob(

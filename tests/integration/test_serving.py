@@ -14,6 +14,7 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.gate import GateFailed
-from service.packaging.serving import ServedModel, ServingManager
+from service.packaging.torchserve_backend import TorchServeBackend
 from service.packaging.ts_config import grpc_inference_target, inference_url, management_url, metrics_url
+from service.serving_types import Archive, ServedModel
 from service.settings import Settings
 from service.spec import ServingSpec
 
@@ -43,7 +45,7 @@ MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module")
-def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager]:
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeBackend]:
     inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = Settings.model_validate(
         {
@@ -61,7 +63,7 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingManager
     # One torch thread per process: on a busy shared CPU, spinning OpenMP threads make inference ~50x slower.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    serving = ServingManager(settings, worker_threads=1)
+    serving = TorchServeBackend(settings, worker_threads=1)
     serving.start()
     yield serving
     serving.stop()
@@ -79,16 +81,11 @@ def checkpoints(serving_checkpoint_factory: Any, tmp_path_factory: pytest.TempPa
 
 @pytest.fixture(scope="module")
 def pets_v1(
-    manager: ServingManager, checkpoints: dict[str, Path], serving_images: list[bytes]
+    backend: TorchServeBackend, checkpoints: dict[str, Path], serving_images: list[bytes]
 ) -> ServedModel:
-    archive = manager.package(checkpoints["a"], "pets")
-    return manager.deploy(
-        "job-a",
-        archive.path,
-        archive.sha256,
-        SERVING,
-        checkpoint=checkpoints["a"],
-        gate_images=serving_images,
+    archive = backend.package(checkpoints["a"], "pets")
+    return backend.deploy(
+        archive, serving_images, job_id="job-a", checkpoint=checkpoints["a"], serving=SERVING
     )
 
 
@@ -102,13 +99,13 @@ def _classifier(checkpoint: Path) -> ImageClassifier:
     return ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
 
 
-def _rest(manager: ServingManager, path: str, body: bytes, key: str | None = None) -> tuple[int, Any]:
-    key = manager.process.keys().inference if key is None else key
+def _rest(backend: TorchServeBackend, path: str, body: bytes, key: str | None = None) -> tuple[int, Any]:
+    key = backend.process.keys().inference if key is None else key
     headers = {
         "Content-Type": "application/octet-stream",
         **({"Authorization": f"Bearer {key}"} if key else {}),
     }
-    request = urllib.request.Request(inference_url(manager.settings) + path, data=body, headers=headers)
+    request = urllib.request.Request(inference_url(backend.settings) + path, data=body, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -135,18 +132,21 @@ def test_a_deployed_model_is_the_ready_default(pets_v1: ServedModel):
 
 
 def test_rest_grpc_and_predict_answer_like_the_checkpoint_in_process(
-    manager: ServingManager, pets_v1: ServedModel, checkpoints: dict[str, Path], serving_images: list[bytes]
+    backend: TorchServeBackend,
+    pets_v1: ServedModel,
+    checkpoints: dict[str, Path],
+    serving_images: list[bytes],
 ):
     expected = _in_process(checkpoints["a"], serving_images)
-    rest = [_rest(manager, "/predictions/pets/1", image) for image in serving_images]
+    rest = [_rest(backend, "/predictions/pets/1", image) for image in serving_images]
     assert {status for status, _ in rest} == {200}
     _assert_same_top_k([answer for _, answer in rest], expected)
 
     from service.packaging.ts_gen import inference_pb2, inference_pb2_grpc
 
-    with grpc.insecure_channel(grpc_inference_target(manager.settings)) as channel:
+    with grpc.insecure_channel(grpc_inference_target(backend.settings)) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
-        metadata = [("authorization", f"Bearer {manager.process.keys().inference}")]
+        metadata = [("authorization", f"Bearer {backend.process.keys().inference}")]
         replies = [
             stub.Predictions(
                 inference_pb2.PredictionsRequest(model_name="pets", input={"data": image}), metadata=metadata
@@ -155,19 +155,25 @@ def test_rest_grpc_and_predict_answer_like_the_checkpoint_in_process(
         ]
     _assert_same_top_k([json.loads(r.prediction) for r in replies], expected)
 
-    predictions = manager.predict("pets", "", serving_images, top_k=3)
-    as_dicts = [[{"label": s.label, "probability": s.probability} for s in p.scores] for p in predictions]
+    result = backend.predict("pets", None, serving_images, 3)
+    assert (result.model, result.version) == ("pets", "")
+    as_dicts = [
+        [{"label": s.label, "probability": s.probability} for s in p.scores] for p in result.predictions
+    ]
     _assert_same_top_k(as_dicts, expected)
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
-    manager: ServingManager, pets_v1: ServedModel, checkpoints: dict[str, Path], serving_images: list[bytes]
+    backend: TorchServeBackend,
+    pets_v1: ServedModel,
+    checkpoints: dict[str, Path],
+    serving_images: list[bytes],
 ):
     images = serving_images * 2
     with ThreadPoolExecutor(len(images)) as pool:
-        answers = list(pool.map(lambda image: _rest(manager, "/predictions/pets/1", image)[1], images))
+        answers = list(pool.map(lambda image: _rest(backend, "/predictions/pets/1", image)[1], images))
     _assert_same_top_k(answers, _in_process(checkpoints["a"], images))
-    with urllib.request.urlopen(metrics_url(manager.settings) + "/metrics", timeout=10) as response:
+    with urllib.request.urlopen(metrics_url(backend.settings) + "/metrics", timeout=10) as response:
         metrics = response.read().decode()
     sizes = [int(line.split('BatchSize="')[1].split('"')[0]) for line in metrics.splitlines()
              if line.startswith("TuneserveBatches{")]  # fmt: skip
@@ -175,31 +181,35 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(
 
 
 def test_bad_empty_and_huge_images_fail_alone_and_the_worker_stays_up(
-    manager: ServingManager, pets_v1: ServedModel, serving_images: list[bytes]
+    backend: TorchServeBackend, pets_v1: ServedModel, serving_images: list[bytes]
 ):
-    assert _rest(manager, "/predictions/pets", b"\x89PNG not really")[0] == 400
-    status, answer = _rest(manager, "/predictions/pets", b"")
+    assert _rest(backend, "/predictions/pets", b"\x89PNG not really")[0] == 400
+    status, answer = _rest(backend, "/predictions/pets", b"")
     assert status == 400 and "empty request" in answer["error"]
-    status, answer = _rest(manager, "/predictions/pets", _png(1200, 1000))
+    status, answer = _rest(backend, "/predictions/pets", _png(1200, 1000))
     assert status == 400 and "1200x1000 = 1200000 pixels; the limit is 1000000" in answer["error"]
 
-    mixed = manager.predict("pets", "1", [b"junk", serving_images[0], b"", serving_images[1]])
+    mixed = backend.predict(
+        "pets", "1", [b"junk", serving_images[0], b"", serving_images[1]], None
+    ).predictions
     assert [bool(p.error) for p in mixed] == [True, False, True, False]
     assert "not a JPEG, PNG" in mixed[0].error and len(mixed[1].scores) == 3
-    assert manager.health() == {"torchserve": True, "torchserve/pets": True}
+    assert backend.health() == {"torchserve": True, "torchserve/pets": True}
 
 
-def test_requests_without_the_key_are_refused(manager: ServingManager, pets_v1: ServedModel, serving_images):
-    status, answer = _rest(manager, "/predictions/pets", serving_images[0], key="")
+def test_requests_without_the_key_are_refused(
+    backend: TorchServeBackend, pets_v1: ServedModel, serving_images
+):
+    status, answer = _rest(backend, "/predictions/pets", serving_images[0], key="")
     assert status == 400 and answer["type"] == "InvalidKeyException"  # TorchServe 0.12 answers 400
-    request = urllib.request.Request(management_url(manager.settings) + "/models")
+    request = urllib.request.Request(management_url(backend.settings) + "/models")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400
 
     from service.packaging.ts_gen import inference_pb2, inference_pb2_grpc
 
-    with grpc.insecure_channel(grpc_inference_target(manager.settings)) as channel:
+    with grpc.insecure_channel(grpc_inference_target(backend.settings)) as channel:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(channel)
         with pytest.raises(grpc.RpcError) as denied:
             stub.Predictions(
@@ -209,36 +219,39 @@ def test_requests_without_the_key_are_refused(manager: ServingManager, pets_v1: 
 
 
 def test_unknown_models_and_versions_are_not_found(
-    manager: ServingManager, pets_v1: ServedModel, serving_images
+    backend: TorchServeBackend, pets_v1: ServedModel, serving_images
 ):
     with pytest.raises(NotFound, match="model 'cats' is not served"):
-        manager.predict("cats", "", serving_images[:1])
+        backend.predict("cats", None, serving_images[:1], None)
     with pytest.raises(NotFound, match="has no version '7'"):
-        manager.predict("pets", "7", serving_images[:1])
+        backend.predict("pets", "7", serving_images[:1], None)
 
 
 def test_a_second_version_becomes_the_default_and_rollback_restores_the_first(
-    manager: ServingManager, pets_v1: ServedModel, checkpoints: dict[str, Path], serving_images: list[bytes]
+    backend: TorchServeBackend,
+    pets_v1: ServedModel,
+    checkpoints: dict[str, Path],
+    serving_images: list[bytes],
 ):
-    archive = manager.package(checkpoints["b"], "pets")
-    v2 = manager.deploy("job-b", archive.path, archive.sha256, SERVING, checkpoint=checkpoints["b"])
+    archive = backend.package(checkpoints["b"], "pets")
+    v2 = backend.deploy(archive, job_id="job-b", checkpoint=checkpoints["b"], serving=SERVING)
     assert (v2.version, v2.is_default, v2.versions) == ("2", True, ("1", "2"))
-    default = [_rest(manager, "/predictions/pets", image)[1] for image in serving_images]
+    default = [_rest(backend, "/predictions/pets", image)[1] for image in serving_images]
     _assert_same_top_k(default, _in_process(checkpoints["b"], serving_images))
 
-    rolled_back = manager.set_default("pets", "1")
+    rolled_back = backend.set_default("pets", "1")
     assert (rolled_back.version, rolled_back.is_default) == ("1", True)
-    default = [_rest(manager, "/predictions/pets", image)[1] for image in serving_images]
+    default = [_rest(backend, "/predictions/pets", image)[1] for image in serving_images]
     _assert_same_top_k(default, _in_process(checkpoints["a"], serving_images))
-    assert [(m.name, m.version, m.versions) for m in manager.list_served()] == [("pets", "1", ("1", "2"))]
+    assert [(m.name, m.version, m.versions) for m in backend.list_served()] == [("pets", "1", ("1", "2"))]
 
 
 def test_the_gate_refuses_a_tampered_archive_and_the_default_stays(
-    manager: ServingManager, pets_v1: ServedModel, checkpoints: dict[str, Path], tmp_path: Path
+    backend: TorchServeBackend, pets_v1: ServedModel, checkpoints: dict[str, Path], tmp_path: Path
 ):
     staging = tmp_path / "staging"
     archive = build_archive(checkpoints["a"], staging, "pets", "3")
-    tampered = manager.settings.model_store / archive.path.name
+    tampered = backend.settings.model_store / archive.path.name
     with zipfile.ZipFile(archive.path) as original, zipfile.ZipFile(tampered, "w") as copy:
         for item in original.infolist():
             data = original.read(item)
@@ -251,50 +264,71 @@ def test_the_gate_refuses_a_tampered_archive_and_the_default_stays(
                 torch.save(state, buffer)
                 data = buffer.getvalue()
             copy.writestr(item, data)
-    default_before = {m.name: m.version for m in manager.list_served()}["pets"]
+    default_before = {m.name: m.version for m in backend.list_served()}["pets"]
     with pytest.raises(GateFailed, match="version 3 of model pets was not promoted") as failed:
-        manager.deploy("job-c", tampered, sha256_of(tampered), SERVING, checkpoint=checkpoints["a"])
+        backend.deploy(
+            replace(archive, path=tampered, sha256=sha256_of(tampered)),
+            job_id="job-c",
+            checkpoint=checkpoints["a"],
+            serving=SERVING,
+        )
     assert not failed.value.result.passed and "in TorchServe but" in failed.value.result.reason
-    served = {m.name: m for m in manager.list_served()}["pets"]
+    served = {m.name: m for m in backend.list_served()}["pets"]
     assert served.version == default_before and "3" not in served.versions
     with pytest.raises(NotFound):
-        manager.management.describe("pets", "3")
+        backend.management.describe("pets", "3")
 
 
 def test_an_archive_that_changed_since_packaging_is_not_registered(
-    manager: ServingManager, pets_v1: ServedModel
+    backend: TorchServeBackend, pets_v1: ServedModel
 ):
-    archive = manager.settings.model_store / "pets-v1.mar"
+    archive = backend.settings.model_store / "pets-v1.mar"
     with pytest.raises(FailedPrecondition, match="changed since"):
-        manager.deploy("job-a", archive, "0" * 64, SERVING, checkpoint=Path("unused"))
+        backend.deploy(
+            Archive(archive, "0" * 64, "pets", "1"),
+            job_id="job-a",
+            checkpoint=Path("unused"),
+            serving=SERVING,
+        )
 
 
 def test_a_killed_torchserve_is_restarted_with_its_models(
-    manager: ServingManager, pets_v1: ServedModel, checkpoints: dict[str, Path], serving_images: list[bytes]
+    backend: TorchServeBackend,
+    pets_v1: ServedModel,
+    checkpoints: dict[str, Path],
+    serving_images: list[bytes],
 ):
-    java = manager.process.java_pid()
+    java = backend.process.java_pid()
     assert java is not None
-    restarts = manager.restarts
+    restarts = backend.restarts
     os.kill(java, signal.SIGKILL)
     deadline = time.monotonic() + 150
-    while manager.restarts == restarts and time.monotonic() < deadline:
+    while backend.restarts == restarts and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert manager.restarts == restarts + 1
-    assert manager.health() == {"torchserve": True, "torchserve/pets": True}
-    served = {m.name: m for m in manager.list_served()}["pets"]
+    assert backend.restarts == restarts + 1
+    assert backend.health() == {"torchserve": True, "torchserve/pets": True}
+    served = {m.name: m for m in backend.list_served()}["pets"]
     assert served.ready and served.versions == ("1", "2")
-    predictions = manager.predict("pets", "", serving_images, top_k=3)
+    predictions = backend.predict("pets", None, serving_images, 3).predictions
     as_dicts = [[{"label": s.label, "probability": s.probability} for s in p.scores] for p in predictions]
     _assert_same_top_k(
         as_dicts, _in_process(checkpoints[{"1": "a", "2": "b"}[served.version]], serving_images)
     )
 
 
-def test_unserving_a_version_keeps_the_others(manager: ServingManager, pets_v1: ServedModel):
-    manager.unserve("pets", "2")
-    (served,) = manager.list_served()
+def test_unserving_a_version_keeps_the_others(backend: TorchServeBackend, pets_v1: ServedModel):
+    backend.unserve("pets", "2")
+    (served,) = backend.list_served()
     assert served.versions == ("1",)
-    manager.unserve("pets")
-    assert manager.list_served() == []
+    backend.unserve("pets")
+    assert backend.list_served() == []
     with pytest.raises(NotFound):
-        manager.predict("pets", "", [b"x"])
+        backend.predict("pets", None, [b"x"], None)
+
+
+def test_after_unserving_everything_the_next_version_still_follows_the_model_store(
+    backend: TorchServeBackend, checkpoints: dict[str, Path]
+):
+    assert backend.list_served() == []  # nothing served any more, but versions 1-3 are in the store
+    archive = backend.package(checkpoints["a"], "pets")
+    assert (archive.version, archive.path.name) == ("4", "pets-v4.mar")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ports import free_ports
 
-from service.packaging.torchserve import TorchServeProcess
+from service.packaging.torchserve_process import TorchServeProcess
 from service.settings import Settings
 
 pytestmark = [

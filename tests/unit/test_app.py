@@ -1,30 +1,21 @@
-"""The adapter between the API's Serving protocol and service.packaging's ServingManager."""
+"""The serving backend as the service wires it: the TorchServe backend is the API's protocol itself."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.app import TorchServeServing
-from service.errors import FailedPrecondition
-from service.packaging.serving import ServingManager
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from service.packaging import choose_backend
+from service.packaging.backend import Packager, ServingBackend
+from service.packaging.model_store import ModelStore
+from service.packaging.torchserve_backend import TorchServeBackend
 from service.records import Job, JobResult, JobState
 from service.settings import Settings
 from service.spec import JobSpec
-
-
-class FakeManager:
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-
-    def deploy_job(self, job: Job) -> Any:
-        self.calls.append(("deploy_job", job.id))
-
-    def predict(self, model: str, version: str, images: Any, top_k: int = 0) -> list[str]:
-        self.calls.append((model, version, top_k))
-        return ["p"] * len(images)
 
 
 def job(**result: Any) -> Job:
@@ -39,21 +30,58 @@ def job(**result: Any) -> Job:
     return Job("job-1", spec, JobState.PACKAGING, 1.0, 1.0, result=JobResult(**result))
 
 
-def test_deploy_hands_the_whole_job_to_the_manager_which_gates_on_its_images() -> None:
-    manager = FakeManager()
-    packaged = job(archive_path="/s/pets-v1.mar", archive_sha256="ab", best_checkpoint="/j/best.pt")
-    TorchServeServing(manager).deploy(packaged)
-    assert manager.calls == [("deploy_job", "job-1")]
+def protocol_methods(protocol: type) -> list[str]:
+    return [name for name, member in vars(protocol).items() if inspect.isfunction(member) and name[0] != "_"]
 
 
-def test_deploy_without_an_archive_is_a_failed_precondition(tmp_path: Path) -> None:
-    manager = ServingManager(Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data"))
+@pytest.mark.parametrize("name", protocol_methods(ServingBackend) + protocol_methods(Packager))
+def test_the_torchserve_backend_has_each_protocol_method_with_the_same_parameters(name: str) -> None:
+    wanted = inspect.signature(getattr(ServingBackend, name))
+    have = inspect.signature(getattr(TorchServeBackend, name))
+    assert list(have.parameters.values()) == list(wanted.parameters.values()), name
+    assert have.return_annotation == wanted.return_annotation, name
+
+
+@pytest.fixture
+def backend(tmp_path: Path) -> TorchServeBackend:
+    """Not started: what fails before TorchServe is asked anything."""
+    return TorchServeBackend(Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data"))
+
+
+def test_deploying_a_job_without_an_archive_is_a_failed_precondition(backend: TorchServeBackend) -> None:
     with pytest.raises(FailedPrecondition, match="job-1 has no archive"):
-        TorchServeServing(manager).deploy(job(best_checkpoint="/j/best.pt"))
+        backend.deploy_job(job(best_checkpoint="/j/best.pt"))
 
 
-def test_predict_names_the_model_and_passes_defaults_as_the_managers_zero_values() -> None:
-    manager = FakeManager()
-    result = TorchServeServing(manager).predict("pets", None, [b"a", b"b"], None)
-    assert (result.model, result.predictions) == ("pets", ("p", "p"))
-    assert manager.calls == [("pets", "", 0)]
+def test_serving_a_job_without_a_job_store_is_a_failed_precondition(backend: TorchServeBackend) -> None:
+    with pytest.raises(FailedPrecondition, match="no job store"):
+        backend.serve_job("job-1")
+
+
+def test_predict_of_a_model_not_served_is_not_found(backend: TorchServeBackend) -> None:
+    with pytest.raises(NotFound, match="model 'pets' is not served"):
+        backend.predict("pets", None, [b"x"], None)
+
+
+@pytest.mark.parametrize(("images", "top_k", "fragment"), [([], None, "no images"), ([b"x"], -1, "top_k -1")])
+def test_predict_refuses_a_bad_request_naming_it(
+    backend: TorchServeBackend, images: list[bytes], top_k: int | None, fragment: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=fragment):
+        backend.predict("pets", None, images, top_k)
+
+
+def test_with_serving_off_the_backend_is_unavailable_and_says_how_to_turn_it_on(tmp_path: Path) -> None:
+    off = TorchServeBackend(
+        Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data", torchserve_enabled=False)
+    )
+    off.start()  # does nothing
+    assert not off.process.is_running()
+    with pytest.raises(Unavailable, match="TUNESERVE_TORCHSERVE_ENABLED=false"):
+        off.supervisor.require_running()
+
+
+def test_the_chosen_backend_and_packager_are_torchserves(tmp_path: Path) -> None:
+    settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data")
+    assert isinstance(choose_backend.serving_backend(settings), TorchServeBackend)
+    assert isinstance(choose_backend.packager(settings), ModelStore)

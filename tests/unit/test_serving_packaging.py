@@ -16,8 +16,8 @@ from handlers.inference import ImageClassifier
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from service.packaging.archiver import build_archive, sha256_of
 from service.packaging.gate import Decision, compare
-from service.packaging.served import ServedRegistry, ServedVersion
-from service.packaging.torchserve import TorchServeKeys, TorchServeProcess, parse_key_expiry
+from service.packaging.served_registry import ServedRegistry, ServedVersion
+from service.packaging.torchserve_process import TorchServeKeys, TorchServeProcess, parse_key_expiry
 from service.packaging.ts_config import render_config
 from service.packaging.ts_protos import build_descriptor_set, frontend_jar, generate_stubs
 from service.settings import Settings

@@ -70,10 +70,6 @@ class TorchServePaths:
     def stdout_log(self) -> Path:
         return self.logs / "stdout.log"
 
-    @property
-    def model_log(self) -> Path:
-        return self.logs / "model_log.log"
-
 
 @dataclass(frozen=True)
 class TorchServeKeys:
