@@ -18,6 +18,7 @@ the server process, which must not pay for importing torch at start-up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, Protocol, get_args
 
@@ -39,6 +40,7 @@ class TaskStrategy(Protocol):
     label_smoothing: bool  # training.label_smoothing applies
     val_subset_ok: bool  # a separate validation set may hold a subset of the classes
     top_k_metric: bool  # reports `top5_accuracy` (with more than TOP_K classes)
+    answers_are_sets: bool  # a served answer is every label over the threshold, not a ranking
 
     def output_units(self, num_classes: int) -> int: ...
     def check_class_count(self, class_names: Sequence[str], where: str) -> None: ...
@@ -57,10 +59,23 @@ class TaskStrategy(Protocol):
     def label(
         self, probs: Tensor, class_names: Sequence[str], threshold: float, top_k: int
     ) -> list[tuple[str, float]]: ...
+    def margin(
+        self, answer: Sequence[tuple[str, float]], class_names: Sequence[str], threshold: float
+    ) -> float:
+        """How far a served answer's decision is from changing (the promotion gate's near-tie rule)."""
 
 
 class _Task:
     val_subset_ok = False
+    answers_are_sets = False
+
+    def margin(
+        self, answer: Sequence[tuple[str, float]], class_names: Sequence[str], threshold: float
+    ) -> float:
+        """Ranked answers: the top-1's lead over the top-2 (no runner-up: nothing can flip)."""
+        if len(answer) < 2:
+            return math.inf
+        return answer[0][1] - answer[1][1]
 
     def check_val_classes(self, train: Sequence[str], val: Sequence[str]) -> None:
         """A separate validation set has the training classes (a subset where `val_subset_ok`)."""
@@ -193,10 +208,18 @@ class Binary(_FolderTask):
             pairs.reverse()
         return pairs[:top_k]
 
+    def margin(
+        self, answer: Sequence[tuple[str, float]], class_names: Sequence[str], threshold: float
+    ) -> float:
+        """The positive class's distance from the threshold (not answered: nothing to flip)."""
+        positive = next((p for label, p in answer if label == class_names[1]), None)
+        return math.inf if positive is None else abs(positive - threshold)
+
 
 class Multilabel(_Task):
     name: TaskName = "multilabel"
     reads_manifest = True
+    answers_are_sets = True
     label_smoothing = False
     val_subset_ok = True  # a validation manifest need not use every label
     top_k_metric = False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import urllib.parse
 import uuid
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from handlers.inference import Answer, ImageClassifier, Scores, ServingConfig
 from service.errors import FailedPrecondition, InvalidArgument
 from service.packaging.management import RestClient
 from service.serving_types import GateImage
+from service.tasks import task_for
 from service.training.checkpoints import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,20 @@ class Decision:
 
     task: str = "multiclass"
     threshold: float = 0.5
-    positive: str = ""  # binary: the positive class (class_names[1])
+    class_names: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, config: ServingConfig) -> Decision:
-        positive = config.class_names[1] if config.task == "binary" else ""
-        return cls(config.task, config.threshold, positive)
+        return cls(config.task, config.threshold, tuple(config.class_names))
+
+    @property
+    def answers_are_sets(self) -> bool:
+        return task_for(self.task).answers_are_sets
 
     def margin(self, answer: Scores) -> float:
-        """How far the answer's top-1 is from changing (multiclass: top-1 minus top-2)."""
-        if self.task == "binary":
-            positive = next((float(s["probability"]) for s in answer if s["label"] == self.positive), None)
-            return math.inf if positive is None else abs(positive - self.threshold)
-        if len(answer) < 2:
-            return math.inf
-        return float(answer[0]["probability"]) - float(answer[1]["probability"])
+        """How far the answer's top-1 is from changing (the task's rule: see service.tasks)."""
+        pairs = [(str(s["label"]), float(s["probability"])) for s in answer]
+        return task_for(self.task).margin(pairs, self.class_names, self.threshold)
 
 
 class GateFailed(FailedPrecondition):
@@ -131,7 +130,7 @@ def _disagreement(want: Answer, have: Answer, tolerance: float, decision: Decisi
         return ("" if both_refused else "one side refused the image"), 0.0
     want_by_label = {s["label"]: float(s["probability"]) for s in want}
     have_by_label = {s["label"]: float(s["probability"]) for s in have}
-    if decision.task == "multilabel":
+    if decision.answers_are_sets:
         for label in sorted(want_by_label.keys() ^ have_by_label.keys()):
             p = want_by_label.get(label, have_by_label.get(label, 0.0))
             if abs(p - decision.threshold) >= tolerance:
@@ -145,7 +144,7 @@ def _disagreement(want: Answer, have: Answer, tolerance: float, decision: Decisi
     worst = 0.0
     for label, p in want_by_label.items():
         if label not in have_by_label:
-            if decision.task == "multilabel":
+            if decision.answers_are_sets:
                 continue  # a label within the tolerance of the threshold, allowed above
             return f"label {label!r} (p={p:.6f}) is missing from TorchServe's answer", worst
         difference = abs(have_by_label[label] - p)

@@ -222,14 +222,14 @@ def test_gate_refuses_an_error_where_the_checkpoint_answers():
 
 
 def test_gate_binary_near_tie_is_measured_at_the_threshold():
-    decision = Decision("binary", threshold=0.7, positive="yes")
+    decision = Decision("binary", threshold=0.7, class_names=("no", "yes"))
     # P(yes) 0.70004 is 4e-5 over the threshold, TorchServe's 0.69998 just under it: a near-tie may flip
     near = compare([_scores(("yes", 0.70004), ("no", 0.29996))], [_scores(("no", 0.30002), ("yes", 0.69998))],
                    1e-4, decision=decision)  # fmt: skip
     assert near.passed
     # P(yes) 0.05 is 0.05 under a 0.1 threshold: no near-tie, TorchServe must not say "yes"
     far = compare([_scores(("no", 0.95), ("yes", 0.05))], [_scores(("yes", 0.15), ("no", 0.85))], 1e-4,
-                  decision=Decision("binary", threshold=0.1, positive="yes"))  # fmt: skip
+                  decision=Decision("binary", threshold=0.1, class_names=("no", "yes")))  # fmt: skip
     assert not far.passed and "margin 5.00e-02" in far.reason
 
 
