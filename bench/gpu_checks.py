@@ -203,9 +203,8 @@ def resume_after_sigkill(scale: Scale, workdir: Path, results: ResultFile) -> No
 
 
 def _worker(settings: Any, job_id: str, address: str, token: str) -> subprocess.Popen[bytes]:
-    from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
+    from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV, worker_env
     from service.jobs.local_launcher import worker_command
-    from service.jobs.scheduler import worker_env
 
     log = (settings.job_dir(job_id)).parent / f"{job_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

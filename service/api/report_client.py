@@ -28,7 +28,7 @@ import grpc
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2 as pb
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
 from service.errors import ERRORS_BY_CODE, TuneserveError, Unauthenticated, Unavailable
-from service.jobs.rows import jsonable, result_from_json
+from service.jobs.store_codec import jsonable, result_from_json
 from service.records import EventKind, Job, JobState
 from service.spec import JobSpec
 

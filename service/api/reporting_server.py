@@ -20,7 +20,7 @@ from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
 from service.api.interceptors import ErrorInterceptor
 from service.errors import InvalidArgument, Unauthenticated
 from service.jobs.intake import Intake
-from service.jobs.rows import jsonable
+from service.jobs.store_codec import jsonable
 from service.records import EventKind, JobState
 from service.settings import Settings
 

@@ -16,11 +16,16 @@ job-scoped secret in REPORT_TOKEN_ENV (both in the environment the launcher is g
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
+from pydantic import SecretStr
+
 from service.records import Job
+from service.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -30,6 +35,7 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable
 # made for one launch (it must never reach a log or another job's worker).
 REPORT_ADDRESS_ENV = "TUNESERVE_REPORT_ADDRESS"
 REPORT_TOKEN_ENV = "TUNESERVE_REPORT_TOKEN"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -73,3 +79,18 @@ class Launcher(Protocol):
     def stop_leftover(self, job_id: str, ref: str, grace_s: float) -> None:
         """On start-up: stop the worker `ref` of `job_id` a dead predecessor left running, if it still runs
         (checkpoint within `grace_s`, then killed). Anything else that `ref` names now is left alone."""
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The environment of a worker: ours, with every setting spelled out as TUNESERVE_* (paths absolute)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None or isinstance(value, SecretStr):
+            continue  # secrets stay in the server process
+        if isinstance(value, Path):
+            value = value.resolve()
+        env[f"TUNESERVE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    # the worker imports `service` from the same tree as the server, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env

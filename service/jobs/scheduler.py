@@ -21,15 +21,11 @@ it has died and reports unhealthy until the new thread has completed a tick.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-
-from pydantic import SecretStr
 
 from service.devices import DeviceAllocator, requested_gpus
 from service.errors import FailedPrecondition, one_line
@@ -42,6 +38,7 @@ from service.jobs.launcher import (
     LaunchError,
     WorkerExit,
     WorkerHandle,
+    worker_env,
 )
 from service.jobs.store import ACTIVE_STATES, JobStore
 from service.records import EventKind, Job, JobState
@@ -51,7 +48,6 @@ log = logging.getLogger(__name__)
 
 Deployer = Callable[[Job], None]  # serves a PACKAGING job's archive; raises when it cannot
 POLL_S = 0.25
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -349,18 +345,3 @@ class Scheduler:
     def _kill(self, worker: _Worker) -> None:
         worker.killed = True
         self.launcher.kill(worker.handle)
-
-
-def worker_env(settings: Settings) -> dict[str, str]:
-    """The environment of a worker: ours, with every setting spelled out as TUNESERVE_* (paths absolute)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is None or isinstance(value, SecretStr):
-            continue  # secrets stay in the server process
-        if isinstance(value, Path):
-            value = value.resolve()
-        env[f"TUNESERVE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
-    # the worker imports `service` from the same tree as the server, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env

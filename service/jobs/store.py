@@ -29,7 +29,7 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from service.jobs.rows import (
+from service.jobs.store_codec import (
     RESULT_FIELDS,
     decode_page_token,
     encode_page_token,

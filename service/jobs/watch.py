@@ -1,7 +1,8 @@
 """Follow a job's event log: what WatchJob streams.
 
-Workers write events from other processes, so the log is polled; the wait is cut short when the
-watcher goes away (`stop` is set). A watch resumed from a sequence number sees every later event once.
+Events come from several writers (the API, the scheduler, workers' reports through the intake), so the
+log is polled; the wait is cut short when the watcher goes away (`stop` is set). A watch resumed from
+a sequence number sees every later event once.
 """
 
 from __future__ import annotations

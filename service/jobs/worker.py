@@ -8,7 +8,9 @@ exit 0 packaged, 75 stopped at a safe point, 1 failed (already reported FAILED),
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import traceback
 from pathlib import Path
@@ -25,6 +27,7 @@ __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "JobReporter", "next_versio
 log = logging.getLogger("service.jobs.worker")
 
 _VERSION_ATTEMPTS = 5
+BUILT_ARCHIVE = "archive.json"  # in the job's folder: the archive this job built
 
 
 class JobReporter(Reporter, Protocol):
@@ -86,6 +89,16 @@ def package(job: Job, checkpoint: Path, settings: Settings, reporter: Reporter) 
     if job.result.archive_path and Path(job.result.archive_path).is_file():
         log.info("job %s already packaged as %s", job.id, job.result.archive_path)
         return
+    built = _built_before(settings.job_dir(job.id))
+    if built is not None:  # an earlier attempt built it, but its report never arrived (the service died)
+        log.info("job %s: reporting archive %s built by an earlier attempt", job.id, built["archive"])
+    else:
+        built = _build(job, checkpoint, settings)
+    reporter.result(archive_path=built["archive"], archive_sha256=built["sha256"])
+    reporter.event(EventKind.PACKAGED, f"packaged {built['model']} version {built['version']}", built)
+
+
+def _build(job: Job, checkpoint: Path, settings: Settings) -> dict[str, str]:
     from service.packaging.archiver import build_archive
 
     model_name = job.spec.model_name
@@ -106,10 +119,27 @@ def package(job: Job, checkpoint: Path, settings: Settings, reporter: Reporter) 
         raise RuntimeError(
             f"no free archive version for model {model_name!r} after {_VERSION_ATTEMPTS} tries"
         )
-    path, sha256 = Path(archive.path), str(archive.sha256)
-    reporter.result(archive_path=str(path), archive_sha256=sha256)
-    data = {"archive": str(path), "sha256": sha256, "model": model_name, "version": version}
-    reporter.event(EventKind.PACKAGED, f"packaged {model_name} version {version}", data)
+    built = {
+        "archive": str(archive.path),
+        "sha256": str(archive.sha256),
+        "model": model_name,
+        "version": version,
+    }
+    # kept in the job's folder before it is reported: a report lost with a dying service is made again by
+    # the next attempt, rather than a second archive built
+    record = settings.job_dir(job.id) / BUILT_ARCHIVE
+    temporary = record.with_suffix(".tmp")
+    temporary.write_text(json.dumps(built))
+    os.replace(temporary, record)
+    return built
+
+
+def _built_before(job_dir: Path) -> dict[str, str] | None:
+    try:
+        built: dict[str, str] = json.loads((job_dir / BUILT_ARCHIVE).read_text())
+    except (OSError, ValueError):
+        return None
+    return built if Path(built.get("archive", "")).is_file() else None
 
 
 def next_version(model_store: Path, model_name: str) -> str:

@@ -15,8 +15,9 @@ import pytest
 from service.api.reporting_server import ReportingServer, start_reporting_server
 from service.errors import Unauthenticated
 from service.jobs.intake import Intake
+from service.jobs.launcher import worker_env
 from service.jobs.local_launcher import LocalProcessLauncher, describe_exit
-from service.jobs.scheduler import Scheduler, worker_env
+from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
 from service.records import EventKind, Job, JobState
 from service.settings import Settings

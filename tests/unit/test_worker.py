@@ -5,6 +5,7 @@ The reporter is the real one (service.api.report_client) against a real reportin
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,11 @@ from service.api.reporting_server import start_reporting_server
 from service.errors import FailedPrecondition
 from service.jobs.intake import Intake
 from service.jobs.store import JobStore
-from service.jobs.worker import next_version, one_line
-from service.records import EventKind, JobState
+from service.jobs.worker import BUILT_ARCHIVE, next_version, one_line, package
+from service.records import EventKind, Job, JobState
 from service.settings import Settings
 from service.spec import JobSpec
+from service.training.reporting import CollectingReporter
 
 
 class Plane:
@@ -68,6 +70,27 @@ def test_the_reporter_writes_events_and_results_into_the_store(plane: Plane) -> 
     assert plane.store.events_after(plane.job_id)[-1].data == {"epoch": 1}
     assert plane.store.get_job(plane.job_id).result.epochs_completed == 1
     reporter.close()
+
+
+def test_an_archive_an_earlier_attempt_built_but_never_reported_is_reported_not_built_again(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(state_dir=tmp_path)
+    spec = JobSpec.model_validate(
+        {"name": "pets", "model": {"architecture": "resnet18"}, "data": {"path": "d"}}
+    )
+    job = Job(id="job-1", spec=spec, state=JobState.PACKAGING, created_at=0.0, updated_at=0.0)
+    archive = settings.model_store / "pets-v1.mar"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"built by attempt 1")
+    built = {"archive": str(archive), "sha256": "ab" * 32, "model": "pets", "version": "1"}
+    settings.job_dir(job.id).mkdir(parents=True)
+    (settings.job_dir(job.id) / BUILT_ARCHIVE).write_text(json.dumps(built))
+    reporter = CollectingReporter()
+    package(job, tmp_path / "no-such-checkpoint.pt", settings, reporter)  # would fail if it built
+    assert reporter.fields == {"archive_path": str(archive), "archive_sha256": "ab" * 32}
+    assert reporter.events == [(EventKind.PACKAGED, "packaged pets version 1", built)]
+    assert sorted(p.name for p in settings.model_store.iterdir()) == ["pets-v1.mar"]
 
 
 def test_the_next_archive_version_follows_the_highest_in_the_store(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""How jobs and events are kept as rows and JSON in the store, and the ListJobs page token."""
+"""The job store's codec: jobs and events as SQLite rows and JSON, results from JSON, page tokens."""
 
 from __future__ import annotations
 
