@@ -11,22 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import traceback
 from pathlib import Path
 from typing import Protocol
 
-from service.errors import AlreadyExists, JobCancelled, one_line
+from service.errors import JobCancelled, one_line
 from service.jobs.launcher import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 from service.training.reporting import Reporter
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "JobReporter", "next_version", "one_line", "run_job"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "JobReporter", "one_line", "run_job"]
 
 log = logging.getLogger("service.jobs.worker")
 
-_VERSION_ATTEMPTS = 5
 BUILT_ARCHIVE = "archive.json"  # in the job's folder: the archive this job built
 
 
@@ -99,31 +97,15 @@ def package(job: Job, checkpoint: Path, settings: Settings, reporter: Reporter) 
 
 
 def _build(job: Job, checkpoint: Path, settings: Settings) -> dict[str, str]:
-    from service.packaging.archiver import build_archive
+    from service.packaging.choose_backend import packager
 
-    model_name = job.spec.model_name
-    for _ in range(_VERSION_ATTEMPTS):
-        version = next_version(settings.model_store, model_name)
-        try:
-            archive = build_archive(
-                checkpoint,
-                settings.model_store,
-                model_name,
-                version,
-                max_image_pixels=settings.max_image_pixels,
-            )
-            break
-        except AlreadyExists:  # another job took this version while we built: take the next one
-            continue
-    else:
-        raise RuntimeError(
-            f"no free archive version for model {model_name!r} after {_VERSION_ATTEMPTS} tries"
-        )
+    # the backend's one version rule: the next free version of the model in the model store
+    archive = packager(settings).package(checkpoint, job.spec.model_name)
     built = {
         "archive": str(archive.path),
         "sha256": str(archive.sha256),
-        "model": model_name,
-        "version": version,
+        "model": archive.name,
+        "version": archive.version,
     }
     # kept in the job's folder before it is reported: a report lost with a dying service is made again by
     # the next attempt, rather than a second archive built
@@ -140,10 +122,3 @@ def _built_before(job_dir: Path) -> dict[str, str] | None:
     except (OSError, ValueError):
         return None
     return built if Path(built.get("archive", "")).is_file() else None
-
-
-def next_version(model_store: Path, model_name: str) -> str:
-    """One more than the highest `<model_name>-v<N>.mar` in the model store ("1" for the first)."""
-    pattern = re.compile(rf"^{re.escape(model_name)}-v(\d+)\.mar$")
-    found = [int(m.group(1)) for p in model_store.glob("*.mar") if (m := pattern.match(p.name))]
-    return str(max(found, default=0) + 1)

@@ -17,7 +17,7 @@ from service.api.reporting_server import start_reporting_server
 from service.errors import FailedPrecondition
 from service.jobs.intake import Intake
 from service.jobs.store import JobStore
-from service.jobs.worker import BUILT_ARCHIVE, next_version, one_line, package
+from service.jobs.worker import BUILT_ARCHIVE, one_line, package
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 from service.spec import JobSpec
@@ -91,13 +91,6 @@ def test_an_archive_an_earlier_attempt_built_but_never_reported_is_reported_not_
     assert reporter.fields == {"archive_path": str(archive), "archive_sha256": "ab" * 32}
     assert reporter.events == [(EventKind.PACKAGED, "packaged pets version 1", built)]
     assert sorted(p.name for p in settings.model_store.iterdir()) == ["pets-v1.mar"]
-
-
-def test_the_next_archive_version_follows_the_highest_in_the_store(tmp_path: Path) -> None:
-    assert next_version(tmp_path, "pets") == "1"
-    for name in ("pets-v1.mar", "pets-v3.mar", "pets-extra-v9.mar", "cats-v7.mar"):
-        (tmp_path / name).touch()
-    assert next_version(tmp_path, "pets") == "4"
 
 
 def test_an_error_becomes_one_line_with_its_type() -> None:
