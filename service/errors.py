@@ -49,14 +49,6 @@ class PermissionDenied(TuneserveError):
     code = "PERMISSION_DENIED"
 
 
-class Aborted(TuneserveError):
-    code = "ABORTED"
-
-
-class DeadlineExceeded(TuneserveError):
-    code = "DEADLINE_EXCEEDED"
-
-
 class DatasetError(InvalidArgument):
     """The dataset cannot be used as given (raised at validation or when the worker opens it)."""
 
@@ -86,7 +78,5 @@ ERRORS_BY_CODE: dict[str, type[TuneserveError]] = {
         Unavailable,
         Unauthenticated,
         PermissionDenied,
-        Aborted,
-        DeadlineExceeded,
     )
 }

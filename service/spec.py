@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from service.errors import InvalidArgument
 from service.tasks import TaskName, task_for, tasks_where
 
-SPEC_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
 Task = TaskName  # the task types and what each means: service.tasks

@@ -195,13 +195,6 @@ class JobStore:
         )
         return [job_from_row(r) for r in rows]
 
-    def count_queued(self) -> int:
-        return int(
-            self._read()
-            .execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobState.QUEUED,))
-            .fetchone()[0]
-        )
-
     # ------------------------------------------------------------------ state machine
 
     def transition(
