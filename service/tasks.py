@@ -110,6 +110,18 @@ class _FolderTask(_Task):
         return float((predictions == targets.long()).sum().item())
 
 
+class _Sigmoid:
+    """Independent sigmoid outputs (binary's one logit, multilabel's one per label)."""
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        import torch
+
+        return torch.sigmoid(logits.float())
+
+    def pr_scores(self, logits: Tensor) -> Tensor | None:
+        return self.probabilities(logits).reshape(len(logits), -1)
+
+
 class Multiclass(_FolderTask):
     name: TaskName = "multiclass"
     label_smoothing = True
@@ -154,7 +166,7 @@ class Multiclass(_FolderTask):
         return [(class_names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
 
 
-class Binary(_FolderTask):
+class Binary(_Sigmoid, _FolderTask):
     name: TaskName = "binary"
     label_smoothing = False
 
@@ -184,14 +196,6 @@ class Binary(_FolderTask):
 
         return (torch.sigmoid(logits.float()) > threshold).reshape(-1).long()
 
-    def probabilities(self, logits: Tensor) -> Tensor:
-        import torch
-
-        return torch.sigmoid(logits.float())
-
-    def pr_scores(self, logits: Tensor) -> Tensor | None:
-        return self.probabilities(logits).reshape(len(logits), -1)
-
     def pr_curves(
         self, class_names: Sequence[str], targets: Tensor, scores: Tensor
     ) -> list[tuple[str, Tensor, Tensor]]:
@@ -216,7 +220,7 @@ class Binary(_FolderTask):
         return math.inf if positive is None else abs(positive - threshold)
 
 
-class Multilabel(_Task):
+class Multilabel(_Sigmoid, _Task):
     name: TaskName = "multilabel"
     reads_manifest = True
     answers_are_sets = True
@@ -256,14 +260,6 @@ class Multilabel(_Task):
 
     def hits(self, predictions: Tensor, targets: Tensor) -> float:
         return float((predictions == targets.long()).float().mean(dim=1).sum().item())
-
-    def probabilities(self, logits: Tensor) -> Tensor:
-        import torch
-
-        return torch.sigmoid(logits.float())
-
-    def pr_scores(self, logits: Tensor) -> Tensor | None:
-        return self.probabilities(logits).reshape(len(logits), -1)
 
     def pr_curves(
         self, class_names: Sequence[str], targets: Tensor, scores: Tensor
