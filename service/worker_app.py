@@ -20,6 +20,7 @@ from service.api.report_client import GrpcReporter
 from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
 from service.jobs.worker import run_job
 from service.settings import Settings
+from service.training.distributed import Ranks
 
 log = logging.getLogger("service.worker_app")
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     signal.signal(signal.SIGINT, reporter.signal_stop)
     try:
-        return run_job(settings, reporter)
+        return run_job(settings, reporter, Ranks.from_env())
     finally:
         reporter.close()
 
