@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Protocol
 
 from service.errors import JobCancelled, one_line
-from service.jobs.launcher import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from service.jobs.launcher import EXIT_FAILED, EXIT_OK, EXIT_PEER_LOST, EXIT_STOPPED
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
-from service.training.distributed import Ranks
+from service.training.distributed import PeerLost, Ranks
 from service.training.reporting import Reporter
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "JobReporter", "one_line", "run_job"]
@@ -54,6 +54,11 @@ def run_job(settings: Settings, reporter: JobReporter, ranks: Ranks | None = Non
         return _train_and_package(job, settings, reporter, ranks)
     except JobCancelled:
         return EXIT_STOPPED
+    except PeerLost as exc:
+        # a rank died: not this job's failure, so nothing is reported and the exit counts as a crash;
+        # the scheduler's retry resumes every rank from the last checkpoint
+        log.error("job %s: %s", job.id, one_line(exc))
+        return EXIT_STOPPED if reporter.stop_requested() else EXIT_PEER_LOST
     except Exception as exc:
         reason = one_line(exc)
         if reporter.stop_requested():

@@ -34,6 +34,10 @@ DEFAULT_TIMEOUT_S = 300.0  # a collective waits this long for a peer before the 
 STOP_REASONS = ("cancelled", "draining")  # what a stop request says; any other: "stopped"
 
 
+class PeerLost(RuntimeError):
+    """A collective failed: another rank died or hung. Not the job's fault: the job is retried whole."""
+
+
 @dataclass(frozen=True)
 class Ranks:
     """This process's place among the job's training processes."""
@@ -137,7 +141,7 @@ class Group:
         try:
             return collective()
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or the timeout passed
-            raise RuntimeError(
+            raise PeerLost(
                 f"{self.ranks.describe()}: {what} failed: a peer process died or did not answer within "
                 f"{self.timeout_s:.0f} s ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from exc

@@ -1,0 +1,99 @@
+"""A DDP job through the real service: torchrun with two CPU ranks on gloo, reporting over the internal
+API, packaged. Slow: two ranks start torch and join a process group."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import (
+    all_events,
+    channel_to,
+    make_image_folder,
+    make_settings,
+    running_service,
+    spec,
+    stub,
+    wait_event,
+    wait_state,
+)
+
+from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.app import Service
+
+pytestmark = pytest.mark.slow
+
+TWO_RANKS = {"gpus": 0, "processes_per_node": 2}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("ddp-service")
+    settings = make_settings(root, report_heartbeat_s=0.2)
+    make_image_folder(settings.data_root / "ds", per_class=16)  # 24 to train, 8 to validate
+    with running_service(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def channel(service: Service) -> Iterator[grpc.Channel]:
+    with channel_to(service) as ch:
+        yield ch
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Processes whose command line names the job (torchrun and its ranks)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if job_id.encode() in argv:
+            found.append(int(cmdline.parent.name))
+    return found
+
+
+def test_a_two_process_job_succeeds_with_one_set_of_checkpoints_and_events(
+    service: Service, channel: grpc.Channel
+) -> None:
+    client = stub(channel)
+    job = client.CreateJob(
+        pb.CreateJobRequest(spec=spec("ddp", training={"epochs": 2, "batch_size": 8}, resources=TWO_RANKS))
+    )
+    final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
+    assert final.state == pb.SUCCEEDED, final.error
+    assert final.attempts == 1 and final.result.epochs_completed == 2
+    assert Path(final.result.archive_path).is_file()
+    events = all_events(client, job.id)
+    ddp = [e for e in events if e.kind == "INFO" and e.message.startswith("DDP over 2 processes (gloo)")]
+    assert len(ddp) == 1 and "4 images per process per step, global batch 8" in ddp[0].message
+    # rank 0 alone reports and writes
+    assert [e.kind for e in events].count("EPOCH") == 2 and [e.kind for e in events].count("CHECKPOINT") == 2
+    checkpoints = Path(final.result.checkpoint_dir)
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert len(names) == 3 and names[0] == "best.pt" and names[2] == "last.pt"  # keep_top_k 1: one epoch file
+    log = (service.settings.job_dir(job.id) / "worker.log").read_text()
+    assert "rank 0 of 2 joined" in log and "rank 1 of 2 joined" in log
+    assert job_processes(job.id) == []
+
+
+def test_cancel_stops_both_ranks(service: Service, channel: grpc.Channel) -> None:
+    client = stub(channel)
+    job = client.CreateJob(
+        pb.CreateJobRequest(
+            spec=spec("ddp-cancel", training={"epochs": 500, "batch_size": 8}, resources=TWO_RANKS)
+        )
+    )
+    wait_event(client, job.id, "EPOCH", timeout=180)
+    assert len(job_processes(job.id)) >= 3  # torchrun and two ranks
+    client.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    final = wait_state(client, job.id, (pb.CANCELLED, pb.FAILED, pb.SUCCEEDED), timeout=60)
+    assert final.state == pb.CANCELLED, final.error
+    deadline = time.monotonic() + 10
+    while job_processes(job.id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job_processes(job.id) == []
