@@ -58,11 +58,6 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
     info, val_info = _scan_data(spec, settings)
     warnings = [*_skip_warnings(info), *_skip_warnings(val_info)]
     description = _describe(spec, architecture, len(info.class_names), settings)
-    if (spec.resources.gpus or 0) > 1:
-        warnings.append(
-            f"spec.resources.gpus is {spec.resources.gpus}: the job holds that many GPUs, but training runs "
-            "on one device (the first it is given) until multi-GPU training exists"
-        )
     if spec.serving.enabled and not settings.torchserve_enabled:
         warnings.append(
             "spec.serving.enabled is true but this service runs with TUNESERVE_TORCHSERVE_ENABLED=false: "

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -137,14 +138,35 @@ class Group:
         if self.ranks.distributed:
             self._run(what, lambda: dist.barrier())
 
+    @contextmanager
+    def peers_watched(self, what: str) -> Iterator[None]:
+        """Turn a backend's error inside the block (DDP's gradient all-reduce in backward) into PeerLost."""
+        try:
+            yield
+        except PeerLost:
+            raise
+        except RuntimeError as exc:
+            if not self.ranks.distributed or not _from_the_backend(exc):
+                raise
+            raise self._lost(what, exc) from exc
+
     def _run(self, what: str, collective: Callable[[], T]) -> T:
         try:
             return collective()
         except RuntimeError as exc:  # gloo/NCCL: a peer closed its connection or the timeout passed
-            raise PeerLost(
-                f"{self.ranks.describe()}: {what} failed: a peer process died or did not answer within "
-                f"{self.timeout_s:.0f} s ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-            ) from exc
+            raise self._lost(what, exc) from exc
+
+    def _lost(self, what: str, exc: RuntimeError) -> PeerLost:
+        return PeerLost(
+            f"{self.ranks.describe()}: {what} failed: a peer process died or did not answer within "
+            f"{self.timeout_s:.0f} s ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        )
+
+
+def _from_the_backend(exc: RuntimeError) -> bool:
+    """A process-group failure: NCCL raises DistError, gloo a RuntimeError that names itself."""
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or "gloo" in text or "Connection reset by peer" in text
 
 
 class RankReporter:

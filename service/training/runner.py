@@ -60,7 +60,8 @@ def train(
         for epoch in range(run.progress.epoch + 1, spec.training.epochs + 1):
             if run.progress.early_stopping.should_stop:
                 break
-            stopped = run_epoch(run, epoch)
+            with run.group.peers_watched(f"epoch {epoch}"):
+                stopped = run_epoch(run, epoch)
             if stopped:
                 return _outcome(run, "stopped", stopped)
         return finish(run)

@@ -3,6 +3,8 @@ API, packaged. Slow: two ranks start torch and join a process group."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from harness import (
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.app import Service
+from service.training.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -55,6 +58,15 @@ def job_processes(job_id: str) -> list[int]:
         if job_id.encode() in argv:
             found.append(int(cmdline.parent.name))
     return found
+
+
+def rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(v.removeprefix(b"RANK=")) for v in environ if v.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
 
 
 def test_a_two_process_job_succeeds_with_one_set_of_checkpoints_and_events(
@@ -97,3 +109,35 @@ def test_cancel_stops_both_ranks(service: Service, channel: grpc.Channel) -> Non
     while job_processes(job.id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert job_processes(job.id) == []
+
+
+def test_a_rank_killed_mid_training_is_retried_and_ends_like_an_uninterrupted_run(
+    service: Service, channel: grpc.Channel
+) -> None:
+    client = stub(channel)
+    training = {"epochs": 3, "batch_size": 8, "augmentation": "light", "seed": 7}
+
+    def create(name: str) -> pb.Job:
+        request = pb.CreateJobRequest(spec=spec(name, training=training, resources=TWO_RANKS))
+        return client.CreateJob(request)
+
+    straight = create("ddp-straight")
+    assert wait_state(client, straight.id, (pb.SUCCEEDED, pb.FAILED), timeout=240).state == pb.SUCCEEDED
+    job = create("ddp-killed")
+    wait_event(client, job.id, "CHECKPOINT", timeout=180)
+    victims = [pid for pid in job_processes(job.id) if rank_of(pid) == 1]
+    assert victims, "rank 1 not found"
+    os.kill(victims[0], signal.SIGKILL)
+    final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
+    assert final.state == pb.SUCCEEDED, final.error
+    assert final.attempts == 2  # the whole job, both ranks, retried once
+    events = all_events(client, job.id)
+    assert any(e.kind == "INFO" and "resumed from" in e.message for e in events)
+
+    def weights(j: pb.Job) -> dict[str, object]:
+        directory = Path(client.GetJob(pb.GetJobRequest(job_id=j.id)).result.checkpoint_dir)
+        return load_checkpoint(directory / "last.pt")["model"]  # type: ignore[no-any-return]
+
+    expected, got = weights(straight), weights(job)
+    for key, tensor in expected.items():
+        assert (got[key] == tensor).all(), key  # type: ignore[attr-defined]
