@@ -141,3 +141,26 @@ def test_a_rank_killed_mid_training_is_retried_and_ends_like_an_uninterrupted_ru
     expected, got = weights(straight), weights(job)
     for key, tensor in expected.items():
         assert (got[key] == tensor).all(), key  # type: ignore[attr-defined]
+
+
+def test_a_sigkill_to_torchrun_leaves_no_rank_behind(service: Service, channel: grpc.Channel) -> None:
+    client = stub(channel)
+    job = client.CreateJob(
+        pb.CreateJobRequest(
+            spec=spec("ddp-orphans", training={"epochs": 3, "batch_size": 8}, resources=TWO_RANKS)
+        )
+    )
+    wait_event(client, job.id, "EPOCH", timeout=180)
+    processes = job_processes(job.id)
+    ranks = [pid for pid in processes if rank_of(pid) is not None]
+    torchrun = [
+        pid for pid in processes if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(ranks) == 2 and len(torchrun) == 1
+    os.kill(torchrun[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and rank_of(pid) is not None for pid in ranks):
+        assert time.monotonic() < deadline, "a rank outlived torchrun"
+        time.sleep(0.1)
+    final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
+    assert final.state == pb.SUCCEEDED and final.attempts == 2, final.error
