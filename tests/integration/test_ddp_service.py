@@ -24,7 +24,9 @@ from harness import (
 )
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
-from service.app import Service
+from service.app import Service, start_service
+from service.jobs.store import JobStore
+from service.records import JobState
 from service.training.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -164,3 +166,30 @@ def test_a_sigkill_to_torchrun_leaves_no_rank_behind(service: Service, channel: 
         time.sleep(0.1)
     final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
     assert final.state == pb.SUCCEEDED and final.attempts == 2, final.error
+
+
+def test_a_drain_stops_both_ranks_at_a_safe_point_and_requeues_the_job(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("ddp-drain")
+    settings = make_settings(root, report_heartbeat_s=0.2)
+    make_image_folder(settings.data_root / "ds", per_class=16)
+    running = start_service(settings)
+    try:
+        with channel_to(running) as channel:
+            client = stub(channel)
+            request = pb.CreateJobRequest(
+                spec=spec("ddp-drain", training={"epochs": 500, "batch_size": 8}, resources=TWO_RANKS)
+            )
+            job = client.CreateJob(request)
+            wait_event(client, job.id, "EPOCH", timeout=180)
+    finally:
+        running.stop(drain=True)
+    store = JobStore(settings.jobs_db)
+    try:
+        assert store.get_job(job.id).state == JobState.QUEUED  # resumes after a restart
+    finally:
+        store.close()
+    assert job_processes(job.id) == []
+    log = (settings.job_dir(job.id) / "worker.log").read_text()
+    assert "training stopped (draining)" in log
