@@ -134,6 +134,19 @@ class Group:
         total = values[-1].item()
         return {k: values[i].item() / total if total else float("nan") for i, k in enumerate(keys)}
 
+    def agree_stop(self, local: str | None) -> str | None:
+        """A stop reason on every rank when any rank has one (this rank's own first): all stop at once."""
+        if not self.ranks.distributed:
+            return local
+        # the reason travels as a number: 0 none, 1.. a known reason, one past them any other
+        known = STOP_REASONS.index(local) + 1 if local in STOP_REASONS else len(STOP_REASONS) + 1
+        value = torch.tensor([float(known if local else 0)])
+        self._run("agreeing on a stop", lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
+        agreed = int(value.item())
+        if agreed == 0:
+            return None
+        return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
+
     def barrier(self, what: str) -> None:
         if self.ranks.distributed:
             self._run(what, lambda: dist.barrier())
@@ -185,19 +198,4 @@ class RankReporter:
             self.inner.result(**fields)
 
     def stop_requested(self) -> str | None:
-        local = self.inner.stop_requested()
-        if not self.group.ranks.distributed:
-            return local
-        code = (
-            0
-            if not local
-            else STOP_REASONS.index(local) + 1
-            if local in STOP_REASONS
-            else len(STOP_REASONS) + 1
-        )
-        value = torch.tensor([float(code)])
-        self.group._run("agreeing on a stop", lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
-        agreed = int(value.item())
-        if agreed == 0:
-            return None
-        return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
+        return self.group.agree_stop(self.inner.stop_requested())
