@@ -20,10 +20,19 @@ from typing import Any
 
 import torch
 
-from bench import cache_speed, control_plane, latency, loop_speed, memory, reporting
+from bench import cache_speed, control_plane, ddp, latency, loop_speed, memory, reporting
 from bench.common import emit
 
-NAMES = ("loop_speed", "feature_cache", "job_latency", "serving", "control_plane", "reporting", "peak_memory")
+NAMES = (
+    "loop_speed",
+    "feature_cache",
+    "job_latency",
+    "serving",
+    "control_plane",
+    "reporting",
+    "peak_memory",
+    "ddp",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "control_plane": lambda: control_plane.run(control_plane.QUICK if args.quick else control_plane.FULL),
         "reporting": lambda: reporting.run(reporting.QUICK if args.quick else reporting.FULL),
         "peak_memory": lambda: memory.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
+        "ddp": lambda: ddp.run(ddp.QUICK if args.quick else ddp.FULL),
     }
     failed = False
     for name in NAMES:

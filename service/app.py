@@ -24,6 +24,7 @@ from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.manager import JobManager
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
+from service.jobs.torchrun_launcher import ByWorldSize, TorchrunLauncher
 from service.packaging.backend import ServingBackend
 from service.settings import Settings
 
@@ -74,7 +75,7 @@ def start_service(
 ) -> Service:
     """Start the whole service. `serving` replaces the serving backend (tests; it is neither started nor
     stopped here); by default the TorchServe backend is started when settings.torchserve_enabled.
-    `launcher` starts the workers (default: local processes)."""
+    `launcher` starts the workers (default: a local process per job, torchrun for a DDP job)."""
     # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
     serving_gpus = settings.serving_gpu_indices
     log.info(
@@ -96,7 +97,7 @@ def start_service(
     scheduler = Scheduler(
         settings,
         store,
-        launcher or LocalProcessLauncher(settings),
+        launcher or ByWorldSize(LocalProcessLauncher(settings), TorchrunLauncher(settings)),
         intake,
         reporting.address,
         deployer=serving.deploy_job if serving is not None else None,

@@ -33,7 +33,8 @@ def requested_gpus(spec: JobSpec, settings: Settings) -> int:
 
 def with_resolved_gpus(spec: JobSpec, settings: Settings) -> JobSpec:
     """`spec` with resources.gpus set to the number the job gets, so the stored spec records it."""
-    resources = spec.resources.model_copy(update={"gpus": requested_gpus(spec, settings)})
+    gpus = requested_gpus(spec, settings)
+    resources = spec.resources.model_copy(update={"gpus": gpus, "gpus_per_node": gpus})
     return spec.model_copy(update={"resources": resources})
 
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     worker_silence_s: float = Field(
         60.0, gt=0, description="a worker whose heartbeats stopped this long is killed and retried"
     )
+    collective_timeout_s: float = Field(
+        300.0, gt=0, description="DDP: a collective waits this long for a peer rank before the job fails"
+    )
 
     # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.devices)
     gpu_count: int | None = Field(

@@ -2,7 +2,9 @@
 
     python -m service.worker_app --job-id job-1a2b3c4d5e6f
 
-A launcher (service.jobs.launcher) starts it with every setting as TUNESERVE_* and, for this launch only,
+Under torchrun (a DDP job) every rank runs it; it reads RANK, LOCAL_RANK and WORLD_SIZE
+(service.training.distributed) and dies with torchrun. A launcher (service.jobs.launcher) starts it
+with every setting as TUNESERVE_* and, for this launch only,
 the reporting API's address and a job-scoped token. It reads its job and reports through that API alone:
 no path to the job store is given to it and it opens none. Exit codes: service.jobs.launcher.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -20,6 +23,7 @@ from service.api.report_client import GrpcReporter
 from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
 from service.jobs.worker import run_job
 from service.settings import Settings
+from service.training.distributed import Ranks
 
 log = logging.getLogger("service.worker_app")
 
@@ -38,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     # launcher started it with start_new_session: setsid then fails, harmlessly)
     with contextlib.suppress(OSError):
         os.setsid()
+    ranks = Ranks.from_env()
+    if ranks.distributed:
+        _die_with_parent()
     # taken out of the environment: the children (data loaders, torch-model-archiver) need neither
     address, token = os.environ.pop(REPORT_ADDRESS_ENV, ""), os.environ.pop(REPORT_TOKEN_ENV, "")
     if not address or not token:
@@ -54,9 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     signal.signal(signal.SIGINT, reporter.signal_stop)
     try:
-        return run_job(settings, reporter)
+        return run_job(settings, reporter, ranks)
     finally:
         reporter.close()
+
+
+def _die_with_parent() -> None:
+    """A rank ends when torchrun does, even by SIGKILL (its own session is out of the group's reach)."""
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 if __name__ == "__main__":

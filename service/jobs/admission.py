@@ -52,15 +52,12 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
         _check_device(spec)
     with _field("resources.gpus"):
         check_gpus_fit(spec, settings)
+    with _field("resources.nodes"):
+        _check_placeable(spec)
     spec = with_resolved_gpus(spec, settings)  # recorded: the stored spec says what the job gets
     info, val_info = _scan_data(spec, settings)
     warnings = [*_skip_warnings(info), *_skip_warnings(val_info)]
     description = _describe(spec, architecture, len(info.class_names), settings)
-    if (spec.resources.gpus or 0) > 1:
-        warnings.append(
-            f"spec.resources.gpus is {spec.resources.gpus}: the job holds that many GPUs, but training runs "
-            "on one device (the first it is given) until multi-GPU training exists"
-        )
     if spec.serving.enabled and not settings.torchserve_enabled:
         warnings.append(
             "spec.serving.enabled is true but this service runs with TUNESERVE_TORCHSERVE_ENABLED=false: "
@@ -119,6 +116,19 @@ def _check_device(spec: JobSpec) -> None:
         raise FailedPrecondition(
             "training.device 'cuda' was asked for but this machine has no CUDA device; "
             "use 'auto' (the GPU when there is one) or 'cpu'"
+        )
+
+
+def _check_placeable(spec: JobSpec) -> None:
+    """FailedPrecondition for a job this service cannot place: it trains on one machine only (the
+    Kubernetes launcher, which places a job on several, is not configured in this version)."""
+    nodes = spec.resources.nodes
+    if nodes > 1:
+        raise FailedPrecondition(
+            f"resources.nodes {nodes}: this service trains on one machine and has no Kubernetes launcher "
+            f"configured to place a job on {nodes}; ask for resources.nodes 1 (with up to the GPUs of this "
+            "machine in resources.gpus_per_node), or submit the job to a service deployed with the "
+            "Kubernetes launcher"
         )
 
 

@@ -30,6 +30,7 @@ from service.settings import Settings
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request, resumable
+EXIT_PEER_LOST = 76  # DDP: another rank died; not reported, so the scheduler retries it as a crash
 
 # Not settings: the address is known only once the reporting server is bound, and the token is a secret
 # made for one launch (it must never reach a log or another job's worker).

@@ -63,7 +63,7 @@ class LocalProcessLauncher:
             log_file.write(f"\n=== attempt {job.attempts} at {stamp} ===\n".encode())
             log_file.flush()
             popen = subprocess.Popen(
-                list(self._command(job.id)),
+                self.argv(job),
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
@@ -79,6 +79,10 @@ class LocalProcessLauncher:
         with self._lock:
             self._processes[handle.ref] = _Process(popen, log_file)
         return handle
+
+    def argv(self, job: Job) -> list[str]:
+        """The worker's command line (the torchrun launcher wraps it)."""
+        return list(self._command(job.id))
 
     def poll(self, handle: WorkerHandle) -> WorkerExit | None:
         code = self._process(handle).popen.poll()

@@ -4,6 +4,9 @@ The worker process (service.worker_app) reads its settings from the TUNESERVE_* 
 through the control plane's internal API; it never opens the job store. The scheduler moves the job to
 RUNNING before it launches the worker and decides what follows its exit (service.jobs.launcher):
 exit 0 packaged, 75 stopped at a safe point, 1 failed (already reported FAILED), else a crash.
+
+Under DDP every rank runs this; rank 0 alone moves the job, packages it and reports a failure (a peer's
+failure reaches it as a failed collective), the others train and exit.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from pathlib import Path
 from typing import Protocol
 
 from service.errors import JobCancelled, one_line
-from service.jobs.launcher import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from service.jobs.launcher import EXIT_FAILED, EXIT_OK, EXIT_PEER_LOST, EXIT_STOPPED
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
+from service.training.distributed import PeerLost, Ranks
 from service.training.reporting import Reporter
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_STOPPED", "JobReporter", "one_line", "run_job"]
@@ -38,16 +42,23 @@ class JobReporter(Reporter, Protocol):
         """Move the job to PACKAGING or FAILED, after every event reported before."""
 
 
-def run_job(settings: Settings, reporter: JobReporter) -> int:
-    """Train, then package, the reporter's job; returns the process exit code (service.jobs.launcher)."""
+def run_job(settings: Settings, reporter: JobReporter, ranks: Ranks | None = None) -> int:
+    """Train, then package, the reporter's job; returns the process exit code (service.jobs.launcher).
+    `ranks`: this process's place in a DDP job (default: the only process)."""
+    ranks = ranks or Ranks()
     job = reporter.assignment()
     if job.state != JobState.RUNNING:
         log.warning("job %s is %s, not RUNNING; nothing to do", job.id, job.state)
         return EXIT_STOPPED
     try:
-        return _train_and_package(job, settings, reporter)
+        return _train_and_package(job, settings, reporter, ranks)
     except JobCancelled:
         return EXIT_STOPPED
+    except PeerLost as exc:
+        # a rank died: not this job's failure, so nothing is reported and the exit counts as a crash;
+        # the scheduler's retry resumes every rank from the last checkpoint
+        log.error("job %s: %s", job.id, one_line(exc))
+        return EXIT_STOPPED if reporter.stop_requested() else EXIT_PEER_LOST
     except Exception as exc:
         reason = one_line(exc)
         if reporter.stop_requested():
@@ -55,19 +66,23 @@ def run_job(settings: Settings, reporter: JobReporter) -> int:
             # such as torch-model-archiver: that is the stop, not a failure of the job
             log.warning("job %s stopped on request during %s", job.id, reason)
             return EXIT_STOPPED
-        log.exception("job %s failed: %s", job.id, reason)
+        log.exception("job %s failed (%s): %s", job.id, ranks.describe(), reason)
+        if not ranks.is_main:
+            return EXIT_FAILED  # rank 0 reports (its next collective fails when this rank is gone)
         reporter.event(EventKind.ERROR, reason, {"traceback": traceback.format_exc()})
         reporter.move(JobState.FAILED, reason)
         return EXIT_FAILED
 
 
-def _train_and_package(job: Job, settings: Settings, reporter: JobReporter) -> int:
+def _train_and_package(job: Job, settings: Settings, reporter: JobReporter, ranks: Ranks) -> int:
     from service.training.runner import train
 
     job_dir = settings.job_dir(job.id)
     job_dir.mkdir(parents=True, exist_ok=True)
     log.info("job %s: training (attempt %d)", job.id, job.attempts)
-    outcome = train(job.spec, job_dir, settings, reporter)
+    outcome = train(job.spec, job_dir, settings, reporter, ranks)
+    if not ranks.is_main:
+        return EXIT_OK if outcome.status == "completed" else EXIT_STOPPED
     if outcome.status != "completed":
         why = reporter.stop_requested() or outcome.stop_reason or outcome.status
         message = f"training stopped ({why}); the last checkpoint is kept"

@@ -110,17 +110,35 @@ class ImageDataset(Dataset[Item]):
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (epoch, index): a permutation drawn from (seed, epoch) when shuffling, else in order."""
+    """Yields (epoch, index): a permutation drawn from (seed, epoch) when shuffling, else in order.
 
-    def __init__(self, size: int, seed: int, shuffle: bool) -> None:
+    Under DDP each rank takes its shard of that same order, as DistributedSampler does (`rank`,
+    `rank + world_size`, ...), so the ranks' batches together are the batches one process would see with
+    the global batch size. With `drop_last` the tail that does not divide by the world size is left out
+    (every rank takes the same number of steps); without it the shards may differ by one (validation:
+    nothing is counted twice, and no collective runs inside its loop).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> None:
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.used = size - size % world_size if drop_last else size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return len(range(self.rank, self.used, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -128,7 +146,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order: list[int] = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
-        return iter([(self.epoch, i) for i in order])
+        return iter([(self.epoch, i) for i in order[self.rank : self.used : self.world_size]])
 
 
 def collate(items: list[Item]) -> Batch:
@@ -183,9 +201,15 @@ def build_loaders(
     max_image_pixels: int | None = None,
     cache_max_bytes: int = CACHE_MAX_BYTES,
     decode_device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
     """Seeded train and val loaders; small datasets are decoded once, here, and kept in memory (their
-    JPEGs on `decode_device` when given: the GPU's decoder is far faster than PIL on a few cores)."""
+    JPEGs on `decode_device` when given: the GPU's decoder is far faster than PIL on a few cores).
+
+    `batch_size` is the global batch: under DDP (`world_size` > 1) each rank loads batch_size /
+    world_size images of its shard (EpochSampler)."""
+    per_rank = batch_size // world_size
     train_samples, val_samples = splits.train, splits.val
     train_images = val_images = None
     skipped: list[Skipped] = []
@@ -213,10 +237,14 @@ def build_loaders(
     workers = resolve_num_workers(num_workers, len(train_ds), cached)
 
     def loader(dataset: ImageDataset, shuffle: bool, drop_last: bool) -> Loader:
+        sharded = world_size > 1 and shuffle  # training: equal shards, the tail left out
+        sampler = EpochSampler(
+            len(dataset), seed, shuffle, rank=rank, world_size=world_size, drop_last=sharded
+        )
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=EpochSampler(len(dataset), seed, shuffle),
+            batch_size=per_rank,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=workers,
             collate_fn=collate,
@@ -228,7 +256,7 @@ def build_loaders(
             prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
         )
 
-    drop_last = drop_last_batch(len(train_ds), batch_size)
+    drop_last = drop_last_batch(len(train_ds) // world_size, per_rank)
     train, val = loader(train_ds, shuffle=True, drop_last=drop_last), loader(val_ds, False, False)
     return Loaders(train, val, train_ds, val_ds, cached, workers, tuple(skipped))
 

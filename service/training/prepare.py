@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from service.errors import DatasetError, FailedPrecondition
 from service.records import EventKind
 from service.settings import Settings
-from service.spec import JobSpec
+from service.spec import JobSpec, LoggingSpec, WandbSpec
 from service.tasks import TOP_K, task_for
 from service.training import feature_cache, freezing, registry, telemetry
 from service.training.builder import BuiltModel, Preprocessing, build_model, rebuild_model
@@ -28,6 +28,7 @@ from service.training.checkpoints import (
     load_checkpoint,
     restore_rng,
 )
+from service.training.distributed import Group, RankReporter, Ranks
 from service.training.early_stopping import EarlyStopping, comparator
 from service.training.loaders import build_loaders
 from service.training.optim import make_optimizer, make_scheduler, seed_everything, select_device
@@ -39,8 +40,14 @@ from service.training.steps import Forward, Objective, Optimisation
 from service.training.weights import FILE, resolve_weights
 
 
-def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) -> Run:
-    """Seed, scan the data, build and freeze the model, set up optimisation; resume when last.pt exists."""
+def prepare(
+    spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter, ranks: Ranks | None = None
+) -> Run:
+    """Seed, scan the data, build and freeze the model, set up optimisation; resume when last.pt exists.
+
+    Under DDP (`ranks` from torchrun) every rank runs this and loads last.pt; the process group is
+    joined once the device is known, and from then on only rank 0 reports."""
+    ranks = ranks or Ranks()
     training, task = spec.training, task_for(spec.task)
     seed_everything(training.seed)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # PIL's own decompression-bomb guard
@@ -79,6 +86,8 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         built = rebuild_model(resume["model_config"], units, weights_name=started_from)
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)
     device = select_device(training, built.model)
+    group = Group(ranks, settings.collective_timeout_s).start(device.device.type)
+    reporter = RankReporter(reporter, group)
     built.model.to(device.device)
     if device.channels_last:
         built.model.to(memory_format=torch.channels_last)
@@ -94,6 +103,8 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         pin_memory=device.device.type == "cuda",
         max_image_pixels=settings.max_image_pixels,
         decode_device=device.device if device.device.type == "cuda" else None,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )
     if len(loaders.train_dataset) == 0 or len(loaders.val_dataset) == 0:
         raise DatasetError("no training or no validation image could be decoded; see the WARNING events")
@@ -108,7 +119,9 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         built=built,
         preprocessing=preprocessing,
         plan=plan,
-        forward=_make_forward(built.model, split, training.compile),
+        forward=_make_forward(
+            group.wrap(built.model), split if not ranks.distributed else None, training.compile
+        ),
         split=split,
         config=_model_config(spec, built, preprocessing, splits.class_names),
         torch_home=settings.torch_home,
@@ -130,8 +143,9 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         _restore(resume, network, optimisation, progress)
         if network.built.architecture != (asked := registry.check_architecture(spec.model.architecture)):
             _warn_old_network(reporter, last, spec, network, asked)
-        # best/top-k files, in case a crash fell between writes
-        keeper.publish(progress.epoch, progress.history)
+        # best/top-k files, in case a crash fell between writes (rank 0 writes; the others read)
+        if ranks.is_main:
+            keeper.publish(progress.epoch, progress.history)
         reporter.event(
             EventKind.INFO,
             f"resumed from {last} after epoch {progress.epoch}",
@@ -139,22 +153,53 @@ def prepare(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter
         )
     # opened once, after the restore: a resumed job continues the W&B run its checkpoint names
     metrics = MetricsSink.open(
-        spec, job_dir, reporter, wandb_run_id=resume["wandb_run_id"] if resume is not None else None
+        spec if ranks.is_main else _without_loggers(spec),
+        job_dir,
+        reporter,
+        wandb_run_id=resume["wandb_run_id"] if resume is not None else None,
     )
+    cache_features = feature_cache.can_cache(spec, split)
+    if cache_features and ranks.distributed:
+        cache_features = False  # each rank caching its own shard is a later step
+        reporter.event(
+            EventKind.INFO,
+            f"feature cache off: not yet under DDP ({ranks.world_size} processes); every epoch runs the "
+            "frozen blocks",
+            {"feature_cache": False, "world_size": ranks.world_size},
+        )
     run = Run(
         spec=spec,
         device=device,
         network=network,
-        data=Data(splits, loaders, cache_features=feature_cache.can_cache(spec, split)),
+        data=Data(splits, loaders, cache_features=cache_features),
         objective=Objective(
             task, task.criterion(training.label_smoothing), len(splits.class_names), spec.threshold
         ),
         optimisation=optimisation,
         progress=progress,
         sinks=Sinks(reporter, metrics, keeper),
+        group=group,
     )
     telemetry.announce(run)
+    if ranks.distributed:
+        per_rank = training.batch_size // ranks.world_size
+        reporter.event(
+            EventKind.INFO,
+            f"DDP over {ranks.world_size} processes ({group.backend}): {per_rank} images per process "
+            f"per step, global batch {training.batch_size}",
+            {
+                "world_size": ranks.world_size,
+                "backend": group.backend,
+                "batch_per_rank": per_rank,
+            },
+        )
     return run
+
+
+def _without_loggers(spec: JobSpec) -> JobSpec:
+    """The spec as a rank other than 0 logs it: neither TensorBoard nor W&B (rank 0 writes both)."""
+    quiet = LoggingSpec(tensorboard=False, wandb=WandbSpec(mode="disabled"))
+    return spec.model_copy(update={"logging": quiet})
 
 
 def _make_forward(model: nn.Module, split: freezing.FrozenSplit | None, compile_model: bool) -> Forward:

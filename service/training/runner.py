@@ -3,6 +3,11 @@
 prepare (service.training.prepare) -> epochs: train, evaluate, checkpoint, early stopping -> the
 per-class report on the best weights.
 
+Under DDP (service.training.distributed) every rank runs this: each trains on its shard, gradients are
+averaged, validation is sharded and its metrics averaged over the ranks so all hold the same numbers,
+rank 0 decides early stopping for all, and rank 0 alone writes checkpoints (the others wait at a
+barrier) and logs. World size 1 is the single-process path, unchanged.
+
 A resumed job ends exactly where an uninterrupted one would (on the CPU): each epoch's data order,
 augmentation and dropout are seeded from (seed, epoch), and last.pt holds everything else.
 On a stop request the job returns "stopped" at once; last.pt still holds the end of the previous
@@ -23,8 +28,9 @@ from service.settings import Settings
 from service.spec import JobSpec
 from service.training import freezing, telemetry
 from service.training.checkpoints import capture_rng, load_checkpoint, make_checkpoint
+from service.training.distributed import Ranks
 from service.training.gate_sample import choose_gate_sample
-from service.training.loaders import epoch_seed
+from service.training.loaders import epoch_seed, in_order
 from service.training.loop import EpochPlan, evaluate, train_one_epoch
 from service.training.prepare import prepare
 from service.training.reporting import Reporter
@@ -41,9 +47,12 @@ class TrainingOutcome:
     metrics: dict[str, float]  # the best epoch's
 
 
-def train(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) -> TrainingOutcome:
-    """Fine-tune `spec` in `job_dir`, resuming from `<job_dir>/checkpoints/last.pt` when it exists."""
-    run = prepare(spec, job_dir, settings, reporter)
+def train(
+    spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter, ranks: Ranks | None = None
+) -> TrainingOutcome:
+    """Fine-tune `spec` in `job_dir`, resuming from `<job_dir>/checkpoints/last.pt` when it exists;
+    `ranks`: this process's place in a DDP job (default: the only process)."""
+    run = prepare(spec, job_dir, settings, reporter, ranks)
     try:
         # recorded up front, so the job's result names the promotion gate's images from its first epoch on
         val = run.data.splits.val
@@ -51,12 +60,14 @@ def train(spec: JobSpec, job_dir: Path, settings: Settings, reporter: Reporter) 
         for epoch in range(run.progress.epoch + 1, spec.training.epochs + 1):
             if run.progress.early_stopping.should_stop:
                 break
-            stopped = run_epoch(run, epoch)
+            with run.group.peers_watched(f"epoch {epoch}"):
+                stopped = run_epoch(run, epoch)
             if stopped:
                 return _outcome(run, "stopped", stopped)
         return finish(run)
     finally:
         run.sinks.metrics.close()
+        run.group.close()
 
 
 def run_epoch(run: Run, epoch: int) -> str | None:
@@ -74,9 +85,17 @@ def run_epoch(run: Run, epoch: int) -> str | None:
         return trained.stopped
     lr = run.optimisation.lr
     run.optimisation.end_epoch()
-    evaluated = evaluate(run.model, run.data.loaders.val, run.objective, run.device, reporter=reporter)
+    group = run.group
+    # under DDP the ranks' validation shards differ in length: no stop check (a collective) inside it
+    checks = None if group.ranks.distributed else reporter
+    evaluated = evaluate(run.model, run.data.loaders.val, run.objective, run.device, reporter=checks)
     if evaluated.stopped:
         return evaluated.stopped
+    # every rank reports the same numbers: each metric weighted by what each rank counted
+    trained.metrics = group.mean(trained.metrics, trained.steps, "averaging the training metrics")
+    evaluated.metrics = group.mean(
+        evaluated.metrics, evaluated.accumulator.count, "averaging the validation metrics"
+    )
     progress.epoch, progress.step = epoch, progress.step + trained.steps
     telemetry.report_skips(run, trained.skipped + evaluated.skipped, f"epoch {epoch}")
     metrics: dict[str, Any] = {"epoch": epoch}
@@ -85,17 +104,20 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     metrics |= {"lr": lr, "steps": trained.steps, "epoch_time_s": time.monotonic() - started}
     progress.history.append(metrics)
     monitored = float(metrics.get(spec.early_stopping.monitor, float("nan")))
-    should_stop = progress.early_stopping.step(monitored, epoch)
+    # rank 0 decides (the others hold the same numbers; its word keeps them from ever parting ways)
+    should_stop = group.from_main(progress.early_stopping.step(monitored, epoch), "early stopping")
     reporter.event(EventKind.EPOCH, _epoch_message(metrics), dict(metrics))
 
-    saved = run.sinks.checkpoints.save(_checkpoint(run, metrics))
-    reporter.event(
-        EventKind.CHECKPOINT,
-        f"epoch {epoch} saved{' (best)' if saved.is_best else ''}",
-        {"epoch": epoch, "path": str(saved.path), "is_best": saved.is_best, "metric": monitored},
-    )
-    first_images = trained.first_images if holds_images else telemetry.first_training_images(run, epoch)
-    telemetry.log_epoch(run, epoch, metrics, first_images, evaluated)
+    if run.is_main:
+        saved = run.sinks.checkpoints.save(_checkpoint(run, metrics))
+        reporter.event(
+            EventKind.CHECKPOINT,
+            f"epoch {epoch} saved{' (best)' if saved.is_best else ''}",
+            {"epoch": epoch, "path": str(saved.path), "is_best": saved.is_best, "metric": monitored},
+        )
+        first_images = trained.first_images if holds_images else telemetry.first_training_images(run, epoch)
+        telemetry.log_epoch(run, epoch, metrics, first_images, evaluated)
+    group.barrier(f"waiting for rank 0 to write epoch {epoch}'s checkpoint")
     if should_stop:
         stopping = progress.early_stopping
         reporter.event(
@@ -116,13 +138,16 @@ def run_epoch(run: Run, epoch: int) -> str | None:
 def finish(run: Run) -> TrainingOutcome:
     """Evaluate the best weights once more for the per-class report, confusion matrix and embeddings."""
     spec, reporter, keeper = run.spec, run.reporter, run.sinks.checkpoints
+    if not run.is_main:  # rank 0 alone reports; the others are done
+        return _outcome(run, "completed", run.progress.early_stopping.reason)
     best_epoch, best_metric, best_metrics = run.best()
     if best_epoch is not None and keeper.best_path.exists():
         run.model.load_state_dict(load_checkpoint(keeper.best_path)["model"])
     head = run.model.get_submodule(run.network.built.head_names[0])
-    evaluated = evaluate(
-        run.model, run.data.loaders.val, run.objective, run.device, keep=EMBEDDING_IMAGES, head=head
-    )
+    val = run.data.loaders.val
+    if run.group.ranks.distributed:  # the whole validation set, not rank 0's shard
+        val = in_order(run.data.loaders.val_dataset, val.batch_size or 1, run.data.loaders.num_workers)
+    evaluated = evaluate(run.model, val, run.objective, run.device, keep=EMBEDDING_IMAGES, head=head)
     report = evaluated.accumulator.report(run.class_names)
     reporter.event(
         EventKind.INFO,

@@ -20,6 +20,7 @@ from service.tasks import TaskStrategy
 from service.training import feature_cache, freezing, telemetry
 from service.training.builder import BuiltModel, Preprocessing
 from service.training.checkpoints import CheckpointKeeper
+from service.training.distributed import Group, Ranks
 from service.training.early_stopping import EarlyStopping
 from service.training.loaders import Loader, Loaders, set_epoch
 from service.training.reporting import Reporter
@@ -87,10 +88,16 @@ class Run:
     optimisation: Optimisation
     progress: Progress
     sinks: Sinks
+    group: Group = field(default_factory=lambda: Group(Ranks()))  # the job's ranks (world size 1: none)
 
     @property
     def model(self) -> nn.Module:
         return self.network.model
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that reports and writes (checkpoints, TensorBoard, W&B); the only one at world size 1."""
+        return self.group.ranks.is_main
 
     @property
     def reporter(self) -> Reporter:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from imagefolders import one_thread
 
-from bench import cache_speed, control_plane, loop_speed, reporting, run_all
+from bench import cache_speed, control_plane, ddp, loop_speed, reporting, run_all
 from bench.common import emit
 
 
@@ -69,6 +69,14 @@ def test_a_result_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
     emit({"benchmark": "x", "ratio": 1.5})
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and json.loads(lines[0]) == {"benchmark": "x", "ratio": 1.5}
+
+
+@pytest.mark.slow
+def test_ddp_compares_two_processes_with_one_and_reports_the_equivalence_error() -> None:
+    result = ddp.run(ddp.Size(per_class=10, image_size=32, batch_size=8, epochs=2))
+    assert result["benchmark"] == "ddp" and result["two_processes"]["backend"] == "gloo"
+    assert all(_positive(v) for v in result["one_process"].values()) and _positive(result["ratio"])
+    assert result["equivalence_max_abs"] <= 1e-6
 
 
 def test_run_all_refuses_an_unknown_benchmark_name(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,7 +22,8 @@ def job(gpus: int | None = None, device: str = "auto") -> JobSpec:
             "name": "j",
             "model": {"architecture": "resnet18"},
             "data": {"path": "ds"},
-            "training": {"device": device},
+            # the global batch divides by every GPU count used here (it must divide by the world size)
+            "training": {"device": device, "batch_size": 48},
             "resources": {"gpus": gpus},
         }
     )

@@ -37,6 +37,7 @@ def make_spec(name: str, serve: bool = False, gpus: int | None = None) -> JobSpe
             "model": {"architecture": "resnet18"},
             "data": {"path": "ds"},
             "serving": {"enabled": serve},
+            "training": {"batch_size": 48},  # divides by every GPU count used here (the world size)
             "resources": {"gpus": gpus},
         }
     )

@@ -1,0 +1,132 @@
+"""DDP through the real training engine, on gloo, two processes on this CPU.
+
+The equivalence: 2 ranks x batch 16 train to the same weights as 1 process x batch 32 (same global batch,
+same sample order: each rank takes its shard of the one permutation), within 1e-6 after 2 epochs, on a
+model without BatchNorm (timm's ConvNeXt-atto: LayerNorm, no dropout), every block trained.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from imagefolders import job_spec, make_image_folder, one_thread
+
+from service.records import EventKind
+from service.settings import Settings
+from service.spec import JobSpec
+from service.training.checkpoints import load_checkpoint
+from service.training.distributed import Ranks
+from service.training.loaders import EpochSampler
+from service.training.reporting import CollectingReporter
+from service.training.runner import train
+
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def settings(root: Path) -> Settings:
+    return Settings(
+        state_dir=root / "state", data_root=root / "data", torch_home=root / "torch", weights_root=root
+    )
+
+
+def spec(batch_size: int, world_size: int = 1, epochs: int = 2) -> JobSpec:
+    return job_spec(
+        model={"architecture": "timm/convnext_atto", "weights": "none"},
+        data={"path": "ds", "val_fraction": 0.2},
+        training={"epochs": epochs, "batch_size": batch_size, "lr": 1e-3, "feature_cache": False},
+        early_stopping={"enabled": False},
+        checkpointing={"keep_top_k": 2},
+        resources={"gpus": 0, "processes_per_node": world_size},
+    )
+
+
+def run_rank(rank: int, world_size: int, port: int, root: Path, batch_size: int, results: Any) -> None:
+    """One rank of a DDP job, as torchrun would start it (the environment torch's launchers set)."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    reporter = CollectingReporter()
+    outcome = train(spec(batch_size, world_size), root / "ddp", settings(root), reporter, Ranks.from_env())
+    epochs = [d for k, _, d in reporter.events if k == EventKind.EPOCH]
+    results.put((rank, outcome.status, outcome.metrics, epochs, len(reporter.events)))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp")
+    make_image_folder(root / "data" / "ds", classes=2, per_class=40)  # 64 to train, 16 to validate
+    return root
+
+
+@pytest.fixture(scope="module")
+def two_ranks(root: Path) -> dict[int, Any]:
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    mp.spawn(run_rank, args=(2, free_port(), root, 32, results), nprocs=2, join=True)
+    found = [results.get() for _ in range(2)]
+    return {rank: rest for rank, *rest in found}
+
+
+@pytest.mark.slow
+def test_two_ranks_of_half_the_batch_train_the_weights_one_process_trains(root: Path, two_ranks: Any) -> None:
+    with one_thread():
+        one = train(spec(32), root / "one", settings(root), CollectingReporter())
+    assert one.status == "completed" and two_ranks[0][0] == two_ranks[1][0] == "completed"
+    single = load_checkpoint(root / "one/checkpoints/last.pt")["model"]
+    ddp = load_checkpoint(root / "ddp/checkpoints/last.pt")["model"]
+    assert single.keys() == ddp.keys()
+    worst = max((single[k].double() - ddp[k].double()).abs().max().item() for k in single)
+    assert worst <= TOLERANCE, f"largest parameter difference {worst:.3g}"
+    first = load_checkpoint(root / "ddp/checkpoints/epoch-0001.pt")["model"]
+    assert any((ddp[k] != first[k]).any() for k in ddp)  # the second epoch moved the weights
+
+
+@pytest.mark.slow
+def test_every_rank_holds_the_same_averaged_metrics_and_only_rank_0_reports(two_ranks: Any) -> None:
+    (_, metrics_0, epochs_0, events_0), (_, metrics_1, epochs_1, events_1) = two_ranks[0], two_ranks[1]
+    assert metrics_0 == {k: v for k, v in metrics_1.items() if k != "epoch_time_s"} | {
+        "epoch_time_s": metrics_0["epoch_time_s"]
+    }
+    assert {"val_loss", "val_accuracy", "train_loss"} <= set(metrics_0)
+    assert epochs_0[-1]["val_loss"] == metrics_0["val_loss"]
+    assert len(epochs_0) == 2 and epochs_1 == []  # rank 1 reports nothing
+    assert events_0 > 0 and events_1 == 0
+
+
+@pytest.mark.slow
+def test_one_set_of_checkpoints_is_written(root: Path, two_ranks: Any) -> None:
+    files = sorted(p.name for p in (root / "ddp" / "checkpoints").iterdir())
+    assert files == ["best.pt", "epoch-0001.pt", "epoch-0002.pt", "last.pt"]
+
+
+def test_the_ranks_shards_together_are_one_process_order_without_the_tail() -> None:
+    whole = list(EpochSampler(10, seed=3, shuffle=True))
+    shards = [list(EpochSampler(10, 3, True, rank=r, world_size=3, drop_last=True)) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert [item for step in zip(*shards, strict=True) for item in step] == whole[:9]
+
+
+def test_validation_shards_cover_every_image_once() -> None:
+    shards = [list(EpochSampler(7, 0, False, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(i for shard in shards for _, i in shard) == list(range(7))
