@@ -105,7 +105,9 @@ def cluster_serving_runtime(request: ExportRequest) -> dict[str, Any]:
                         {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
                     ],
                     "ports": [{"name": "http1", "containerPort": INFERENCE_PORT, "protocol": "TCP"}],
-                    "readinessProbe": {"httpGet": {"path": "/ping", "port": INFERENCE_PORT}},
+                    # not an httpGet of /ping: with token authorization TorchServe answers it 400
+                    # without the key; it opens its ports once the snapshot's model is loaded
+                    "readinessProbe": {"tcpSocket": {"port": INFERENCE_PORT}},
                     "resources": RESOURCES,
                     "securityContext": {
                         "runAsNonRoot": True,
