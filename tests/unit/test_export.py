@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from k8s_crds import assert_valid, crd_folder
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.packaging.archiver import build_archive
@@ -112,6 +113,9 @@ def test_kserve_adds_an_inference_service_and_our_runtime(archive: Archive, tmp_
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["runAsNonRoot"] is True
     assert container["ports"][0]["containerPort"] == 8085
+    if crd_folder() is not None:  # the files as written, strictly against KServe's CRDs
+        assert_valid(isvc)
+        assert_valid(runtime)
 
 
 def test_an_empty_target_folder_is_filled(archive: Archive, tmp_path: Path):
