@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cli_harness import assert_error_line, cli_for
 from harness import (
     FINAL,
     channel_to,
@@ -26,6 +27,7 @@ from harness import (
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from service.app import Service
 from service.jobs.store import JobStore
 from service.packaging.torchserve_backend import TorchServeBackend
 
@@ -33,12 +35,18 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[pb_grpc.FineTuningStub]:
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     settings = make_settings(tmp_path_factory.mktemp("export"))
     make_image_folder(settings.data_root / "ds")
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     backend = TorchServeBackend(settings, JobStore(settings.jobs_db))  # never started: no TorchServe
-    with running_service(settings, backend) as service, channel_to(service) as channel:
+    with running_service(settings, backend) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(service: Service) -> Iterator[pb_grpc.FineTuningStub]:
+    with channel_to(service) as channel:
         yield stub(channel)
 
 
@@ -119,3 +127,21 @@ def test_an_unfinished_job_is_a_failed_precondition(client: pb_grpc.FineTuningSt
     status, details = code_of(lambda: client.ExportModel(request))
     assert status == grpc.StatusCode.FAILED_PRECONDITION and "only a SUCCEEDED job" in details, details
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_exports_and_lists_the_files(service: Service, trained: pb.Job, tmp_path: Path):
+    cli = cli_for(service, "")
+    args = ["export", trained.id, "--to", str(tmp_path / "out"), "--kserve", "--storage-uri", "gs://b/pets"]
+    result = cli(*args, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert f"exported pets version 1 to {tmp_path / 'out'}" in result.stdout
+    assert "kserve/inferenceservice.yaml" in result.stdout
+    assert '"minWorkers":2' in (tmp_path / "out" / "config" / "config.properties").read_text()
+
+
+def test_the_cli_names_a_bad_storage_uri_in_one_line(service: Service, trained: pb.Job, tmp_path: Path):
+    cli = cli_for(service, "")
+    result = cli(
+        "export", trained.id, "--to", str(tmp_path / "out"), "--kserve", "--storage-uri", "ftp://x/y"
+    )
+    assert_error_line(result, 2, "INVALID_ARGUMENT", "ftp://x/y", "unknown scheme")
