@@ -38,8 +38,8 @@ def jpeg_decode(scale: Scale, workdir: Path, results: ResultFile) -> None:
 
     from bench.gpu_data import photo_bytes
     from handlers.inference import decode_image
-    from service.training.builder import IMAGENET
-    from service.training.decoding import decode_jpegs, interpolation_mode
+    from service.training.architecture import IMAGENET, interpolation_mode
+    from service.training.decoding import decode_jpegs
     from service.training.scan import Sample
 
     folder = write_jpeg_folder(workdir / "jpegs-decode", 48, scale.jpeg_size)

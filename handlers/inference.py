@@ -22,8 +22,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as F
 
 from service.tasks import TaskStrategy, task_for
-from service.training.builder import Preprocessing, build_for_inference
-from service.training.decoding import interpolation_mode
+from service.training.architecture import Preprocessing, build_for_inference, interpolation_mode
 from service.training.transforms import make_transforms
 
 MODEL_FILE = "model.pt"
@@ -45,7 +44,7 @@ class RequestError(ValueError):
 class ServingConfig:
     """The archive's model_config.json, normalised: the architecture config plus how to read its outputs."""
 
-    model_config: dict[str, Any]  # given to service.training.builder.build_for_inference as is
+    model_config: dict[str, Any]  # given to service.training.architecture.build_for_inference as is
     task: str  # multiclass | binary | multilabel
     class_names: tuple[str, ...]
     threshold: float

@@ -1,20 +1,22 @@
 """tuneserve's TorchServe handler: the only module TorchServe imports from an archive.
 
 TorchServe requires exactly one class here; the work is in handlers.inference, which the service
-also runs in-process for the promotion gate.
+also runs in-process for the promotion gate. The archive carries handlers.inference and what it
+imports (service.packaging.handler_runtime); `initialize` serves with that copy, so an archive answers
+the same wherever it runs, with or without tuneserve installed (archives made before carry none and
+use the installed one).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from ts.metrics.dimension import Dimension
 from ts.torch_handler.base_handler import BaseHandler
-
-from handlers.inference import ImageClassifier
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,12 @@ class TuneserveHandler(BaseHandler):
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
-        self.classifier = ImageClassifier.from_model_dir(Path(properties["model_dir"]), self.device)
+        model_dir = Path(properties["model_dir"])
+        if (model_dir / "handlers").is_dir() and str(model_dir) not in sys.path[:1]:
+            sys.path.insert(0, str(model_dir))  # TorchServe puts $PYTHONPATH before the archive's folder
+        from handlers.inference import ImageClassifier  # from the archive, once it is first on the path
+
+        self.classifier = ImageClassifier.from_model_dir(model_dir, self.device)
         self.context = context
         self.initialized = True
         log.info(

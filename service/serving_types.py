@@ -72,3 +72,32 @@ class GateImages:
 
     def describe(self) -> str:
         return f"{len(self.images)} {self.source}"
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What to export (mirrors tuneserve.v1.ExportModelRequest; zero values already replaced by defaults)."""
+
+    job_id: str
+    target: Path  # a folder that does not exist yet, or is empty
+    version: str = ""  # "": the version the job packaged
+    kserve: bool = False  # also write an InferenceService and a ClusterServingRuntime
+    storage_uri: str = ""  # where the folder will be for KServe: pvc://..., s3://..., gs://...
+    token_auth: bool = True  # TorchServe's token authorization on inference
+    # TorchServe's batching and workers for the model; None: what the job's serving spec says
+    batch_size: int | None = None
+    max_batch_delay_ms: int | None = None
+    workers: int | None = None
+    min_replicas: int = 1
+    max_replicas: int = 4
+    image: str = "tuneserve:cpu"  # the image whose TorchServe the ClusterServingRuntime runs
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A written export: the folder, the model and version in it, and its files (relative paths)."""
+
+    path: Path
+    name: str
+    version: str
+    files: tuple[str, ...]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.errors import InvalidArgument
 from service.records import Job, JobEvent, JobResult, JobState
+from service.serving_types import Exported, ExportRequest
 from service.spec import FreezeSpec, JobSpec, describe_validation_error, parse_spec
 
 # ---------------------------------------------------------------------- requests -> domain
@@ -33,6 +35,41 @@ def freeze_from_proto(message: pb.FreezeSpec) -> FreezeSpec | None:
         return FreezeSpec.model_validate(data)
     except ValidationError as exc:
         raise InvalidArgument(describe_validation_error(exc, prefix="freeze")) from None
+
+
+EXPORT_AUTH = {"": True, "token": True, "none": False}  # auth -> token authorization on
+
+
+def export_from_proto(m: pb.ExportModelRequest) -> ExportRequest:
+    """ExportModel's request; unset optional numbers (and image) take ExportRequest's defaults."""
+    if m.auth not in EXPORT_AUTH:
+        raise InvalidArgument(f"auth {m.auth!r} is unknown; use 'token' (the default) or 'none'")
+    default = ExportRequest(job_id="", target=Path("/"))
+
+    def number(name: str) -> int:
+        return int(getattr(m, name)) if m.HasField(name) else int(getattr(default, name))
+
+    def batching(name: str) -> int | None:  # unset: the job's serving spec decides
+        return int(getattr(m, name)) if m.HasField(name) else None
+
+    return ExportRequest(
+        job_id=m.job_id,
+        target=Path(m.target_dir),
+        version=m.version,
+        kserve=m.kserve,
+        storage_uri=m.storage_uri,
+        token_auth=EXPORT_AUTH[m.auth],
+        batch_size=batching("batch_size"),
+        max_batch_delay_ms=batching("max_batch_delay_ms"),
+        workers=batching("workers"),
+        min_replicas=number("min_replicas"),
+        max_replicas=number("max_replicas"),
+        image=m.image or default.image,
+    )
+
+
+def exported_to_proto(e: Exported) -> pb.ExportModelResponse:
+    return pb.ExportModelResponse(path=str(e.path), model=e.name, version=e.version, files=list(e.files))
 
 
 def states_from_proto(states: Iterable[int]) -> list[JobState]:

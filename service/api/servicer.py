@@ -94,6 +94,11 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     ) -> pb.ListServedModelsResponse:
         return convert.served_models_to_proto(self._serving().list_served())
 
+    def ExportModel(
+        self, request: pb.ExportModelRequest, context: grpc.ServicerContext
+    ) -> pb.ExportModelResponse:
+        return convert.exported_to_proto(self._serving().export(convert.export_from_proto(request)))
+
     def _serving(self) -> ServingBackend:
         return require_serving(self.serving)
 

@@ -63,6 +63,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "unserve": serving_cmds.unserve,
     "set-default": serving_cmds.set_default,
     "served": serving_cmds.served,
+    "export": serving_cmds.export,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(guarded(_command))

@@ -1,9 +1,10 @@
 """Package a job's best checkpoint as a TorchServe archive (.mar) in the model store.
 
 The archive holds a state_dict (`model.pt`, read back with weights_only=True: never a pickled model),
-`model_config.json`, `index_to_name.json` and our handler. It is built in a private folder and linked
-into the store under its final name, so TorchServe never sees half an archive and two packagers never
-replace each other's. Which version to build is service.packaging.model_store's rule.
+`model_config.json`, `index_to_name.json`, our handler and the code it runs (handler_runtime.py, so
+it serves without tuneserve installed). It is built in a private folder and linked into the store
+under its final name, so TorchServe never sees half an archive and two packagers never replace each
+other's. Which version to build is service.packaging.model_store's rule.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from handlers.inference import CONFIG_FILE, DEFAULT_MAX_IMAGE_PIXELS, LABELS_FILE, MODEL_FILE
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from service.packaging.handler_runtime import stage_runtime
 from service.serving_types import Archive
 from service.spec import NAME_PATTERN
 from service.training.checkpoints import load_checkpoint
@@ -59,6 +61,7 @@ def build_archive(
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=model_store) as staging:
         work = Path(staging)
         files = _write_payload(state, work / "payload", max_image_pixels)
+        files["runtime"] = stage_runtime(work / "runtime")
         built = _run_archiver(files, model_name, version, work)
         try:  # a link, not os.replace: it fails, atomically, when another packager took the name first
             os.link(built, target)
@@ -123,7 +126,8 @@ def _run_archiver(files: dict[str, Path], model_name: str, version: str, work: P
         "--version", version,
         "--handler", str(handler_file()),
         "--serialized-file", str(files["model"]),
-        "--extra-files", f"{files['config']},{files['labels']}",
+        # a folder's contents land at the archive's top level: handlers/ and service/ (handler_runtime)
+        "--extra-files", f"{files['config']},{files['labels']},{files['runtime']}",
         "--archive-format", "default",
         "--export-path", str(export),
     ]  # fmt: skip

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Protocol
 
 from service.records import Job
-from service.serving_types import Archive, GateImage, GateImages, PredictResult, ServedModel
+from service.serving_types import (
+    Archive,
+    Exported,
+    ExportRequest,
+    GateImage,
+    GateImages,
+    PredictResult,
+    ServedModel,
+)
 from service.spec import ServingSpec
 
 AvailabilityListener = Callable[[bool], None]
@@ -72,6 +80,11 @@ class ServingBackend(Packager, Protocol):
         self, model: str, version: str | None, images: Sequence[bytes], top_k: int | None
     ) -> PredictResult:
         """Top-k classes per image (the default version, and the model's own top_k, when None)."""
+        ...
+
+    def export(self, request: ExportRequest) -> Exported:
+        """Write a SUCCEEDED job's archive (or another version of its model) as a folder that a plain
+        TorchServe serves, optionally with KServe manifests; all or nothing."""
         ...
 
     def health(self) -> dict[str, bool]:

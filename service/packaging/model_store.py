@@ -54,6 +54,19 @@ class ModelStore:
         taken = [int(m.group(1)) for p in self.folder.glob("*.mar") if (m := pattern.match(p.name))]
         return str(max(taken, default=0) + 1)
 
+    def archive(self, model_name: str, version: str) -> Archive:
+        """Version `version` of `model_name` in the store; NotFound naming the versions there."""
+        path = self.folder / f"{model_name}-v{version}.mar"
+        if not version or not path.is_file():
+            pattern = re.compile(rf"^{re.escape(model_name)}-v(\d+(?:\.\d+)*)\.mar$")
+            present = sorted(m.group(1) for p in self.folder.glob("*.mar") if (m := pattern.match(p.name)))
+            raise NotFound(
+                f"model {model_name!r} has no version {version!r} in the model store; it has "
+                f"{', '.join(present) or 'none'}"
+            )
+        name, found = read_manifest(path)
+        return Archive(path=path.resolve(), sha256=sha256_of(path), name=name, version=found)
+
     def verified(self, path: Path, sha256: str) -> Archive:
         """The archive at `path`, checked: in this store, present, and unchanged since it was packaged
         (`sha256`); its name and version read from its manifest."""

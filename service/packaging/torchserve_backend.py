@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from service.packaging.backend import AvailabilityListener
+from service.packaging.export import check_request, export_job
 from service.packaging.gate_images import given_images, images_for_job
 from service.packaging.management import ManagementClient, RestClient
 from service.packaging.model_store import ModelStore
@@ -27,6 +28,8 @@ from service.records import EventKind, Job, JobResult, JobState
 from service.serving_types import (
     Archive,
     ClassScore,
+    Exported,
+    ExportRequest,
     GateImage,
     GateImages,
     Prediction,
@@ -156,6 +159,10 @@ class TorchServeBackend:
         if not result.best_checkpoint:
             raise FailedPrecondition(f"job {job_id} has no best checkpoint to gate its archive against")
         return self._deploy_job(job)
+
+    def export(self, request: ExportRequest) -> Exported:
+        check_request(request)  # a bad request is refused before the job is looked up
+        return export_job(self.records.job(request.job_id), request, self.model_store)
 
     # --------------------------------------------------------------------------- versions, predict
 

@@ -15,23 +15,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from service.training.builder import Preprocessing
+from service.training.architecture import Preprocessing, interpolation_mode
 from service.training.scan import SKIP_UNDECODABLE, Sample, Skipped
 
 log = logging.getLogger(__name__)
 
 JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
 DECODE_CHUNK = 64  # JPEGs per batched device decode: enough to fill the decoder, little memory
-
-
-def interpolation_mode(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(name)
-    except ValueError:  # timm's "random" and the like: bilinear is what most weights were trained with
-        return InterpolationMode.BILINEAR
 
 
 def decode_image(

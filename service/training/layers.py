@@ -28,6 +28,7 @@ from torch import nn
 from service.errors import InvalidArgument
 from service.spec import FreezeSpec
 from service.training import builder, heads, registry
+from service.training.architecture import build_architecture
 
 log = logging.getLogger(__name__)
 
@@ -206,17 +207,15 @@ def _describe_unfrozen(
     meta = torch.device("meta")
     try:
         with meta:
-            model = builder.build_architecture(architecture, kwargs)
+            model = build_architecture(architecture, kwargs)
     except Exception as exc:  # RegNet computes its widths with tensors: build for real, then drop the data
         log.debug("meta build of %s failed (%s); building on the CPU", architecture, exc)
-        model = builder.build_architecture(architecture, kwargs).to(meta)
+        model = build_architecture(architecture, kwargs).to(meta)
     try:
         return _run_description(model, architecture, image_size, num_classes)
     except _NoMetaKernel as exc:
         log.debug("meta forward of %s failed (%s); describing on the CPU", architecture, exc)
-    return _run_description(
-        builder.build_architecture(architecture, kwargs), architecture, image_size, num_classes
-    )
+    return _run_description(build_architecture(architecture, kwargs), architecture, image_size, num_classes)
 
 
 class _NoMetaKernel(Exception):

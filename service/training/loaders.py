@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from service.spec import Augmentation, Task
 from service.tasks import task_for
-from service.training.builder import Preprocessing
+from service.training.architecture import Preprocessing
 from service.training.decoding import decode_image, estimate_bytes, preload
 from service.training.scan import SKIP_UNDECODABLE, Sample, Skipped, Splits
 from service.training.transforms import Transform, make_transforms

@@ -20,7 +20,8 @@ from service.settings import Settings
 from service.spec import JobSpec, LoggingSpec, WandbSpec
 from service.tasks import TOP_K, task_for
 from service.training import feature_cache, freezing, registry, telemetry
-from service.training.builder import BuiltModel, Preprocessing, build_model, rebuild_model
+from service.training.architecture import Preprocessing
+from service.training.builder import BuiltModel, build_model, rebuild_model
 from service.training.checkpoints import (
     CheckpointKeeper,
     checkpoint_dir,

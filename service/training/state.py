@@ -18,7 +18,8 @@ from service.records import EventKind
 from service.spec import JobSpec
 from service.tasks import TaskStrategy
 from service.training import feature_cache, freezing, telemetry
-from service.training.builder import BuiltModel, Preprocessing
+from service.training.architecture import Preprocessing
+from service.training.builder import BuiltModel
 from service.training.checkpoints import CheckpointKeeper
 from service.training.distributed import Group, Ranks
 from service.training.early_stopping import EarlyStopping

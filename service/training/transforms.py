@@ -7,14 +7,16 @@ served model sees exactly what validation saw.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from service.spec import Augmentation
-from service.training.builder import Preprocessing
-from service.training.decoding import interpolation_mode
+from service.training.architecture import Preprocessing, interpolation_mode
+
+if TYPE_CHECKING:  # only a name here: an archive carries this module, and the spec needs pydantic
+    from service.spec import Augmentation
 
 Transform = Callable[[Tensor], Tensor]
 

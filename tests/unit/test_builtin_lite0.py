@@ -31,13 +31,8 @@ from service.records import EventKind
 from service.settings import Settings
 from service.spec import ModelSpec
 from service.training import heads
-from service.training.builder import (
-    IMAGENET,
-    build_architecture,
-    build_for_inference,
-    build_model,
-    weights_defaults,
-)
+from service.training.architecture import IMAGENET, build_architecture, build_for_inference
+from service.training.builder import build_model, weights_defaults
 from service.training.checkpoints import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from service.training.decoding import decode_image
 from service.training.reporting import CollectingReporter

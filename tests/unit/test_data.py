@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.errors import DatasetError
 from service.spec import DataSpec
-from service.training.builder import Preprocessing
+from service.training.architecture import Preprocessing
 from service.training.decoding import decode_image, preload
 from service.training.loaders import build_loaders
 from service.training.scan import (

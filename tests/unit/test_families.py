@@ -10,7 +10,7 @@ from torch import nn
 
 from service.spec import FreezeSpec
 from service.training import registry
-from service.training.builder import build_architecture
+from service.training.architecture import build_architecture
 from service.training.families import FAMILIES, GENERIC, family_of
 from service.training.freezing import apply_freeze, split_frozen_prefix
 from service.training.heads import find_head, replace_head

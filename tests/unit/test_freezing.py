@@ -8,7 +8,7 @@ from torch import nn
 
 from service.errors import InvalidArgument
 from service.spec import FreezeSpec
-from service.training.builder import build_architecture
+from service.training.architecture import build_architecture
 from service.training.freezing import apply_freeze, set_train_mode, split_frozen_prefix, trainable_parameters
 from service.training.heads import replace_head
 

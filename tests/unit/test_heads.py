@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from service.errors import InvalidArgument
-from service.training.builder import build_architecture
+from service.training.architecture import build_architecture
 from service.training.heads import find_head, replace_head
 
 FAMILIES = [

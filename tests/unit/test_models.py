@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from service.errors import FailedPrecondition, InvalidArgument
 from service.spec import ModelSpec
 from service.training import registry
-from service.training.builder import build_architecture, build_for_inference, build_model, weights_defaults
+from service.training.architecture import build_architecture, build_for_inference
+from service.training.builder import build_model, weights_defaults
 from service.training.weights import convert_lite0_state_dict, resolve_weights
 
 

@@ -32,7 +32,9 @@ def archive(serving_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     )
 
 
-def test_archive_holds_a_state_dict_the_config_the_labels_and_our_handler(archive, serving_checkpoint: Path):
+def test_archive_holds_a_state_dict_the_config_the_labels_our_handler_and_its_code(
+    archive, serving_checkpoint: Path
+):
     assert archive.path.name == "pets-v1.mar" and (archive.name, archive.version) == ("pets", "1")
     assert archive.sha256 == sha256_of(archive.path)
     with zipfile.ZipFile(archive.path) as mar:
@@ -43,6 +45,18 @@ def test_archive_holds_a_state_dict_the_config_the_labels_and_our_handler(archiv
                 "model_config.json",
                 "index_to_name.json",
                 "tuneserve_handler.py",
+                # the code the handler runs, so the archive serves without tuneserve (handler_runtime)
+                "handlers/__init__.py",
+                "handlers/inference.py",
+                "service/__init__.py",
+                "service/errors.py",
+                "service/tasks.py",
+                "service/training/__init__.py",
+                "service/training/architecture.py",
+                "service/training/families.py",
+                "service/training/heads.py",
+                "service/training/registry.py",
+                "service/training/transforms.py",
             ]
         )
         manifest = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]

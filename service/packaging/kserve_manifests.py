@@ -1,0 +1,126 @@
+"""KServe manifests for an exported model: an InferenceService and the ClusterServingRuntime it runs on.
+
+KServe's own TorchServe runtime pins an image whose torch cannot load these models, so the runtime
+here runs *our* image's TorchServe, non-root with a read-only root filesystem (TorchServe writes its
+logs, key file and unpacked archives under /tmp, an emptyDir). Field names follow KServe v0.20's CRDs
+(serving.kserve.io/v1beta1 InferenceService, v1alpha1 ClusterServingRuntime; the tests validate
+against them, ../shared/k8s-crds/); the command is KServe's TorchServe runtime's
+(kserve/kserve config/runtimes/kserve-torchserve.yaml) plus --foreground, since the container's
+main process must stay up.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.serving_types import Archive, ExportRequest
+
+RUNTIME_NAME = "tuneserve-torchserve"
+UID = 10001  # the image's user (docker/Dockerfile)
+SCALE_CPU_PERCENT = 70  # scaleMetric cpu: works with KServe's Serverless and RawDeployment modes
+INFERENCE_PORT = 8085  # keep in step with service.packaging.export (config.properties)
+METRICS_PORT = 8082
+MOUNT = "/mnt/models"
+RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
+
+
+def write_manifests(folder: Path, archive: Archive, request: ExportRequest) -> None:
+    """kserve/inferenceservice.yaml and kserve/clusterservingruntime.yaml."""
+    folder.mkdir()
+    documents = {
+        "inferenceservice.yaml": inference_service(archive, request),
+        "clusterservingruntime.yaml": cluster_serving_runtime(request),
+    }
+    for name, document in documents.items():
+        (folder / name).write_text(yaml.safe_dump(document, sort_keys=False))
+
+
+def resource_name(model_name: str) -> str:
+    """A Kubernetes name (RFC 1035 label) for a model name: lower case, '_' as '-'."""
+    name = re.sub(r"[^a-z0-9-]", "-", model_name.lower()).strip("-")
+    name = name if name and name[0].isalpha() else f"m-{name}"
+    return name[:63].rstrip("-")
+
+
+def inference_service(archive: Archive, request: ExportRequest) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": resource_name(archive.name),
+            "labels": {"app.kubernetes.io/managed-by": "tuneserve"},
+            "annotations": {
+                "serving.kserve.io/enable-prometheus-scraping": "true",
+                "tuneserve.io/model": archive.name,
+                "tuneserve.io/version": archive.version,
+                "tuneserve.io/job": request.job_id,
+            },
+        },
+        "spec": {
+            "predictor": {
+                "minReplicas": request.min_replicas,
+                "maxReplicas": request.max_replicas,
+                "scaleMetric": "cpu",
+                "scaleTarget": SCALE_CPU_PERCENT,
+                "model": {
+                    "modelFormat": {"name": "pytorch"},
+                    "runtime": RUNTIME_NAME,
+                    "storageUri": request.storage_uri,
+                    "resources": RESOURCES,
+                },
+            }
+        },
+    }
+
+
+def cluster_serving_runtime(request: ExportRequest) -> dict[str, Any]:
+    prometheus = {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"}
+    return {
+        "apiVersion": "serving.kserve.io/v1alpha1",
+        "kind": "ClusterServingRuntime",
+        "metadata": {"name": RUNTIME_NAME, "labels": {"app.kubernetes.io/managed-by": "tuneserve"}},
+        "spec": {
+            "annotations": prometheus,
+            "supportedModelFormats": [{"name": "pytorch", "version": "2", "autoSelect": False}],
+            "protocolVersions": ["v1"],
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": request.image,
+                    "command": ["torchserve"],
+                    "args": [
+                        "--start",
+                        "--foreground",
+                        f"--model-store={MOUNT}/model-store",
+                        f"--ts-config={MOUNT}/config/config.properties",
+                    ],
+                    "workingDir": "/tmp",  # TorchServe writes key_file.json and logs/ here
+                    "env": [
+                        {"name": "HOME", "value": "/tmp"},
+                        {"name": "LOG_LOCATION", "value": "/tmp/logs"},
+                        {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
+                    ],
+                    "ports": [{"name": "http1", "containerPort": INFERENCE_PORT, "protocol": "TCP"}],
+                    # not an httpGet of /ping: with token authorization TorchServe answers it 400
+                    # without the key; it opens its ports once the snapshot's model is loaded
+                    "readinessProbe": {"tcpSocket": {"port": INFERENCE_PORT}},
+                    "resources": RESOURCES,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": UID,
+                        "runAsGroup": UID,
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                }
+            ],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
