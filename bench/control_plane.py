@@ -129,8 +129,16 @@ def _load(
 
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
-    start = threading.Barrier(clients + 1)
     stop_at: list[float] = []
+    began: list[float] = []
+
+    def set_clock() -> None:
+        # The clock starts once every client is connected: on a loaded machine, connecting 32
+        # channels can take longer than a whole short measurement.
+        began.append(time.perf_counter())
+        stop_at.append(began[0] + seconds)
+
+    start = threading.Barrier(clients + 1, action=set_clock)
 
     def client(k: int) -> None:
         with grpc.insecure_channel(target) as channel:
@@ -138,24 +146,24 @@ def _load(
             call(stub, k)  # connect before the clock starts
             start.wait()
             i = k
-            while time.perf_counter() < stop_at[0]:
-                began = time.perf_counter()
+            while True:  # at least one timed call per client, however late it was scheduled
+                t0 = time.perf_counter()
                 try:
                     call(stub, i)
                 except grpc.RpcError:
                     errors[k] += 1
-                latencies[k].append(time.perf_counter() - began)
+                latencies[k].append(time.perf_counter() - t0)
                 i += clients
+                if time.perf_counter() >= stop_at[0]:
+                    break
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for thread in threads:
         thread.start()
-    stop_at.append(time.perf_counter() + seconds + 0.05)
-    began = time.perf_counter()
     start.wait()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - began
+    elapsed = time.perf_counter() - began[0]
     flat = [x * 1000 for per in latencies for x in per]
     return {
         "rate": len(flat) / elapsed,
