@@ -43,14 +43,26 @@ def test_feature_cache_speeds_up_later_epochs_and_trains_the_same(tmp_path: Any)
     assert result["max_rel_loss_diff"] < 1e-4, result
 
 
-def test_control_plane_measures_both_rpcs_under_32_clients() -> None:
-    result = control_plane.run(control_plane.Size(jobs=3, seconds=0.3))
-    for rpc in ("GetJob", "ListJobs"):
+def test_control_plane_measures_reads_and_writes_under_many_clients() -> None:
+    result = control_plane.run(control_plane.Size(jobs=3, seconds=0.3, clients=(8,)))
+    for rpc in ("GetJob", "ListJobs", "CreateJob", "CancelJob"):
         figures = result[rpc]
-        assert figures["errors"] == 0
-        assert _positive(figures["calls_per_s_32_clients"]) and _positive(figures["p99_ms"])
-        assert figures["p50_ms"] <= figures["p99_ms"]
-        assert _positive(figures["grpc_vs_in_process"])
+        assert figures["errors"] == 0, (rpc, figures)
+        for key in (
+            "calls_per_s_8_clients",
+            "p99_ms_8_clients",
+            "p99_ms_1_client",
+            "p99_vs_1_client_8_clients",
+        ):
+            assert _positive(figures[key]), (rpc, key, figures)
+        assert figures["p50_ms"] <= figures["p99_ms"] == figures["p99_ms_8_clients"]
+    for rpc in ("GetJob", "ListJobs"):
+        assert _positive(result[rpc]["grpc_vs_in_process"]) and _positive(
+            result[rpc]["store_ms_per_call_in_process"]
+        )
+    # each client loops create-then-cancel, so both were made as often
+    for key in ("calls_per_s_1_client", "calls_per_s_8_clients"):
+        assert result["CreateJob"][key] == result["CancelJob"][key]
 
 
 def test_reporting_measures_events_through_the_real_server_and_the_old_per_event_path(tmp_path: Any) -> None:
