@@ -203,7 +203,9 @@ class Scheduler:
                 break
 
     def _launch(self, job: Job) -> bool:
-        gpus = requested_gpus(job.spec, self.settings)
+        # a TrainJob's GPUs are the cluster's (its pods ask for them): none of this machine's is held
+        on_cluster = self.settings.launcher == "kubernetes"
+        gpus = 0 if on_cluster else requested_gpus(job.spec, self.settings)
         # admitted when the service had more GPUs (before a restart): it would wait forever
         if gpus > len(self._devices.devices):
             reason = (
@@ -228,7 +230,10 @@ class Scheduler:
         return started
 
     def _start_worker(self, job: Job, devices: tuple[int, ...]) -> bool:
-        where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
+        if self.settings.launcher == "kubernetes":
+            where = f"Kubernetes (namespace {self.settings.k8s_namespace})"
+        else:
+            where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
         try:
             job = self.store.transition(
                 job.id, JobState.RUNNING, f"worker starting on {where}", expect=[JobState.QUEUED]
