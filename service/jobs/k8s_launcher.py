@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -88,6 +89,8 @@ class KubernetesLauncher:
             TRAINJOB_PLURAL,
             body,
         )
+        # the Secret after the TrainJob: its owner reference needs the TrainJob's uid (a pod that starts
+        # before its Secret exists waits for it: the kubelet retries)
         try:
             secret = token_secret(job, self.settings, token, created)
             self._call(
@@ -254,6 +257,13 @@ def _default_api_client() -> Any:
 
     try:
         config.load_incluster_config()  # the pod's service account (docker/k8s/trainer/rbac.yaml)
-    except config.ConfigException:
-        config.load_kube_config()  # a developer's machine
+    except config.ConfigException as in_pod:
+        try:  # a developer's machine; KUBECONFIG read now (the client reads it once, at its import)
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+        except config.ConfigException as exc:
+            raise RuntimeError(
+                "TUNESERVE_LAUNCHER=kubernetes but there is no Kubernetes API to talk to: not in a pod "
+                f"({in_pod}) and no kubeconfig ({exc}); run the service in the cluster with the service "
+                "account of docker/k8s/trainer/rbac.yaml, or point KUBECONFIG at one"
+            ) from exc
     return client.ApiClient()

@@ -23,10 +23,13 @@ import pytest
 import yaml
 from k8s_api_standin import K8S_VERSION, StandInApiServer, running_standin
 from k8s_crds import assert_valid, crd_folder, errors
+from k8s_pod_runner import PodRunner
+from ports import free_ports
 from pydantic import ValidationError
 
 kubernetes = pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
 
+from service.app import Service, start_service  # noqa: E402
 from service.errors import FailedPrecondition  # noqa: E402
 from service.jobs.admission import admit  # noqa: E402
 from service.jobs.intake import Intake  # noqa: E402
@@ -44,7 +47,7 @@ from service.jobs.launcher import (  # noqa: E402
 from service.jobs.scheduler import Scheduler  # noqa: E402
 from service.jobs.store import JobStore  # noqa: E402
 from service.jobs.trainjob_manifest import JOB_ID_LABEL, TOKEN_KEY, trainjob  # noqa: E402
-from service.records import Job, JobState  # noqa: E402
+from service.records import EventKind, Job, JobState  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.spec import JobSpec  # noqa: E402
 
@@ -442,6 +445,102 @@ def test_the_scheduler_retries_a_crashed_trainjob_as_a_new_attempt(cluster: Clus
         assert any("OOMKilled" in e.message for e in cluster.store.events_after(job.id))
     finally:
         scheduler.stop(drain=False)
+
+
+FAKE_WORKER = Path(__file__).with_name("fake_worker.py")
+
+
+class ServiceOnCluster:
+    """The whole service (TorchServe off) with TUNESERVE_LAUNCHER=kubernetes, its client configured by a
+    kubeconfig that points at the stand-in API server, and the stand-in pod runner playing the cluster."""
+
+    def __init__(self, api: StandInApiServer, service: Service) -> None:
+        self.api, self.service, self.store = api, service, service.store
+
+    def submit(self, name: str) -> str:
+        job_spec = spec(nodes=2, gpus=1).model_copy(update={"name": name})
+        job_id = self.store.create_job(job_spec).id
+        self.service.scheduler.wake()
+        return job_id
+
+    def wait_state(self, job_id: str, state: JobState) -> Job:
+        wait_for(lambda: self.store.get_job(job_id).state == state, timeout=60.0)
+        return self.store.get_job(job_id)
+
+    def messages(self, job_id: str) -> list[str]:
+        return [e.message for e in self.store.events_after(job_id)]
+
+
+@pytest.fixture
+def on_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceOnCluster]:
+    api_port, report_port = free_ports(2)
+    with running_standin() as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
+                    "users": [{"name": "tuneserve", "user": {"token": "standin-bearer"}}],
+                    "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tuneserve"}}],
+                    "current-context": "standin",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: use the kubeconfig
+        settings = k8s_settings(
+            tmp_path,
+            port=api_port,
+            torchserve_enabled=False,
+            report_port=report_port,
+            report_advertise_address=f"localhost:{report_port}",
+            report_heartbeat_s=0.2,
+        )
+        service = start_service(settings)
+        try:
+            with PodRunner(api, NS, [sys.executable, str(FAKE_WORKER)]):
+                yield ServiceOnCluster(api, service)
+        finally:
+            service.stop(drain=False)
+
+
+@pytest.mark.slow
+def test_a_trainjob_worker_reports_with_the_token_from_its_secret_and_the_job_succeeds(
+    on_cluster: ServiceOnCluster,
+) -> None:
+    job_id = on_cluster.submit("ok-on-cluster")
+    job = on_cluster.wait_state(job_id, JobState.SUCCEEDED)
+    assert "fake worker started" in on_cluster.messages(job_id)  # it reached the advertised address
+    assert job.attempts == 1
+    wait_for(lambda: not on_cluster.api.trainjobs(NS) and not on_cluster.api.secrets(NS))
+
+
+@pytest.mark.slow
+def test_a_cancel_reaches_the_trainjob_worker_through_its_heartbeat(on_cluster: ServiceOnCluster) -> None:
+    job_id = on_cluster.submit("slow-on-cluster")
+    wait_for(lambda: "fake worker started" in on_cluster.messages(job_id), timeout=60.0)
+    on_cluster.store.request_cancel(job_id)
+    on_cluster.service.scheduler.wake()
+    on_cluster.wait_state(job_id, JobState.CANCELLED)
+    stopping = [e for e in on_cluster.store.events_after(job_id) if e.message == "fake worker stopping"]
+    assert [e.data["reason"] for e in stopping] == ["cancelled"]  # it stopped itself: no kill
+    assert on_cluster.api.deletes("trainjobs")  # deleted after the exit, not before
+
+
+@pytest.mark.slow
+def test_a_trainjob_worker_that_reports_failed_is_not_retried_and_a_crash_is(
+    on_cluster: ServiceOnCluster,
+) -> None:
+    failed = on_cluster.submit("fail-on-cluster")
+    job = on_cluster.wait_state(failed, JobState.FAILED)
+    assert job.attempts == 1 and "boom" in (job.error or "")
+    crashed = on_cluster.submit("exit3-on-cluster")
+    job = on_cluster.wait_state(crashed, JobState.FAILED)  # max_job_retries 1: two TrainJobs
+    assert job.attempts == 2
+    warnings = [e.message for e in on_cluster.store.events_after(crashed) if e.kind == EventKind.WARNING]
+    assert any("exited with 3" in w and "retrying" in w for w in warnings)
 
 
 @pytest.fixture
