@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     k8s_image: str | None = Field(
         None, description="kubernetes: the trainer image of each TrainJob; default: the runtime's image"
     )
+    k8s_start_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="kubernetes: a TrainJob whose workers have not called this long after its creation "
+        "(pods waiting for GPUs, an image that does not pull) is deleted and retried",
+    )
 
     # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.devices)
     gpu_count: int | None = Field(

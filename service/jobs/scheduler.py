@@ -272,7 +272,10 @@ class Scheduler:
     def _enforce_heartbeats(self, worker: _Worker) -> None:
         """A worker that stopped reporting (hung, frozen, cut off) is killed; its exit counts as a crash."""
         silent = self.intake.silent_for(worker.job_id)
-        if not worker.killed and silent > self.settings.worker_silence_s:
+        limit = self.settings.worker_silence_s
+        if self.settings.launcher == "kubernetes" and not self.intake.has_called(worker.job_id):
+            limit = self.settings.k8s_start_timeout_s  # its pods may wait for GPUs long before they run
+        if not worker.killed and silent > limit:
             log.warning("job %s: no heartbeat for %.0f s; killing its worker", worker.job_id, silent)
             worker.silent = silent
             self._kill(worker)

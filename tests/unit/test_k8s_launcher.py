@@ -99,9 +99,9 @@ def launch_env(settings: Settings) -> dict[str, str]:
 class Cluster:
     """The stand-in API server, a job store and a launcher talking to it through the real client."""
 
-    def __init__(self, api: StandInApiServer, tmp_path: Path) -> None:
+    def __init__(self, api: StandInApiServer, tmp_path: Path, **settings: Any) -> None:
         self.api = api
-        self.settings = k8s_settings(tmp_path)
+        self.settings = k8s_settings(tmp_path, **settings)
         self.store = JobStore(self.settings.jobs_db)
         client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=api.url))
         self.launcher = KubernetesLauncher(self.settings, self.reported_failed, client)
@@ -541,6 +541,46 @@ def test_a_trainjob_worker_that_reports_failed_is_not_retried_and_a_crash_is(
     assert job.attempts == 2
     warnings = [e.message for e in on_cluster.store.events_after(crashed) if e.kind == EventKind.WARNING]
     assert any("exited with 3" in w and "retrying" in w for w in warnings)
+
+
+@pytest.mark.slow
+def test_a_trainjob_waiting_for_the_cluster_is_not_killed_for_silence_until_its_start_timeout(
+    tmp_path: Path,
+) -> None:
+    """Pods may wait long for GPUs: before its workers' first call a TrainJob gets k8s_start_timeout_s,
+    not worker_silence_s; past it, it is deleted and retried like a silent worker."""
+    with running_standin() as api:
+        patient = Cluster(api, tmp_path / "patient", worker_silence_s=0.2, k8s_start_timeout_s=600.0)
+        intake = Intake(patient.store)
+        scheduler = Scheduler(
+            patient.settings, patient.store, patient.launcher, intake, ADVERTISED, poll_s=0.05
+        )
+        scheduler.start()
+        try:
+            job = patient.store.create_job(spec())
+            scheduler.wake()
+            (pending,) = wait_for(lambda: list(api.trainjobs(NS)))
+            time.sleep(1.0)  # five times worker_silence_s
+            assert list(api.trainjobs(NS)) == [pending] and api.deletes("trainjobs") == []
+            assert patient.store.get_job(job.id).state == JobState.RUNNING
+        finally:
+            scheduler.stop(drain=False)
+            patient.store.close()
+        api.objects.clear()
+        impatient = Cluster(api, tmp_path / "impatient", k8s_start_timeout_s=0.3)
+        intake = Intake(impatient.store)
+        scheduler = Scheduler(
+            impatient.settings, impatient.store, impatient.launcher, intake, ADVERTISED, poll_s=0.05
+        )
+        scheduler.start()
+        try:
+            job = impatient.store.create_job(spec())
+            scheduler.wake()
+            wait_for(lambda: any(n.endswith("-a2") for n in api.trainjobs(NS)))
+            assert any("no heartbeat" in e.message for e in impatient.store.events_after(job.id))
+        finally:
+            scheduler.stop(drain=False)
+            impatient.store.close()
 
 
 @pytest.fixture
