@@ -415,8 +415,8 @@ def test_the_scheduler_cancels_a_trainjob_through_the_workers_heartbeat(cluster:
     try:
         job = cluster.store.create_job(spec())
         scheduler.wake()
-        (name,) = wait_for(lambda: list(cluster.api.trainjobs(NS)))
-        (secret,) = cluster.api.secrets(NS).values()
+        (secret,) = wait_for(lambda: list(cluster.api.secrets(NS).values()))  # made after the TrainJob
+        (name,) = cluster.api.trainjobs(NS)
         token = secret["stringData"][TOKEN_KEY]  # what the pod's env would hold
         assert intake.heartbeat(token, job.id) is None
         cluster.store.request_cancel(job.id)
