@@ -76,6 +76,19 @@ class Settings(BaseSettings):
         description="host:port workers dial for the reporting API (on Kubernetes: the reporting Service's "
         "DNS name, e.g. tuneserve-reporting.<namespace>.svc:50052); default: the address it listens on",
     )
+    # TLS of the reporting API: paths only (workers get them through their environment, never the keys)
+    report_tls_cert: Path | None = Field(
+        None, description="PEM certificate the reporting API serves (with report_tls_key and report_tls_ca)"
+    )
+    report_tls_key: Path | None = Field(None, description="PEM private key of report_tls_cert")
+    report_tls_ca: Path | None = Field(
+        None, description="PEM CA the workers trust for the reporting API (it signed report_tls_cert)"
+    )
+    report_allow_plaintext: bool = Field(
+        False,
+        description="kubernetes: serve the reporting API without TLS off loopback (the job tokens travel "
+        "in clear); only where a service mesh already encrypts pod-to-pod traffic",
+    )
 
     # Where workers run: child processes of this service, or Kubeflow Trainer TrainJobs on Kubernetes
     launcher: Literal["local", "kubernetes"] = Field(
@@ -135,6 +148,24 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused (bombs)")
 
     @model_validator(mode="after")
+    def _reporting_tls_is_whole(self) -> Settings:
+        """A server certificate without its key, or without the CA its workers must trust, cannot work: the
+        workers would fail every handshake. Refused here rather than at a job's first call."""
+        given = {
+            "TUNESERVE_REPORT_TLS_CERT": self.report_tls_cert,
+            "TUNESERVE_REPORT_TLS_KEY": self.report_tls_key,
+            "TUNESERVE_REPORT_TLS_CA": self.report_tls_ca,
+        }
+        missing = [name for name, value in given.items() if value is None]
+        if missing and len(missing) < len(given):
+            raise ValueError(
+                f"the reporting API's TLS needs all of {list(given)}; {missing} not set (a server "
+                "certificate, its key, and the CA that signed it, which the workers trust); set them all, "
+                "or none for plaintext on loopback"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _workers_can_reach_the_reporting_api(self) -> Settings:
         """On Kubernetes the workers are pods: they dial a Service, never this process's loopback."""
         if self.launcher != "kubernetes":
@@ -148,7 +179,21 @@ class Settings(BaseSettings):
                 f"see docker/k8s/trainer/); got report_host {self.report_host!r}, report_port "
                 f"{self.report_port}, report_advertise_address {self.report_advertise_address!r}"
             )
+        if self.report_tls_cert is None and not self.report_allow_plaintext:
+            # each call carries a job's bearer token: in clear on the cluster network, anyone who can
+            # read pod traffic could report as that job (or stop it); so TLS unless explicitly waived
+            raise ValueError(
+                "TUNESERVE_LAUNCHER=kubernetes serves the reporting API to the cluster network: set "
+                "TUNESERVE_REPORT_TLS_CERT, TUNESERVE_REPORT_TLS_KEY and TUNESERVE_REPORT_TLS_CA (see "
+                "docker/k8s/trainer/, Secret tuneserve-reporting-tls), or TUNESERVE_REPORT_ALLOW_PLAINTEXT="
+                "true where a service mesh already encrypts pod traffic (the job tokens travel in clear)"
+            )
         return self
+
+    @property
+    def report_tls(self) -> bool:
+        """Whether the reporting API serves TLS (and its workers dial it with report_tls_ca)."""
+        return self.report_tls_cert is not None
 
     @cached_property
     def jobs_db(self) -> Path:

@@ -26,6 +26,7 @@ from k8s_crds import assert_valid, crd_folder, errors
 from k8s_pod_runner import PodRunner
 from ports import free_ports
 from pydantic import ValidationError
+from tls_pki import make_pki
 
 kubernetes = pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
 
@@ -70,6 +71,8 @@ def k8s_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "report_advertise_address": ADVERTISED,
         "max_job_retries": 1,
         "cancel_grace_s": 5.0,
+        # the manifest tests need no TLS; the whole service on the stand-in cluster below serves it
+        "report_allow_plaintext": True,
         **overrides,
     }
     return Settings(**values)
@@ -190,6 +193,9 @@ def test_the_cluster_training_runtime_is_valid_and_mounts_the_shared_job_volume(
     }
     assert claims["state"] == "tuneserve-state" and mounts["state"] == "/state"
     assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == 0  # tuneserve retries
+    (ca,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert ca["secretName"] == "tuneserve-reporting-tls"
+    assert ca["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the server's key
 
 
 def test_a_typo_in_the_runtime_is_refused() -> None:
@@ -247,6 +253,24 @@ def test_the_trainer_component_renders_a_service_that_can_launch_trainjobs(
     assert pod["serviceAccountName"] == "tuneserve" and pod["automountServiceAccountToken"] is True
     assert {"name": "reporting", "containerPort": settings.report_port} in pod["containers"][0]["ports"]
     assert by_kind[("PersistentVolumeClaim", "tuneserve-state")]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # TLS: the control plane mounts the whole Secret where its settings point; the pods the CA alone, at
+    # the path the workers are told (TUNESERVE_REPORT_TLS_CA travels in their environment)
+    assert settings.report_tls and not settings.report_allow_plaintext
+    tls_dir = str(settings.report_tls_ca.parent)  # type: ignore[union-attr]
+    assert settings.report_tls_cert.parent == settings.report_tls_key.parent == settings.report_tls_ca.parent  # type: ignore[union-attr]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    (volume,) = [name for name, secret in secrets.items() if secret == "tuneserve-reporting-tls"]
+    assert mounts[volume]["mountPath"] == tls_dir and mounts[volume]["readOnly"] is True
+    runtime = by_kind[("ClusterTrainingRuntime", "tuneserve")]
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    worker_pod = node["template"]["spec"]["template"]["spec"]
+    (ca_volume,) = [
+        v for v in worker_pod["volumes"] if v.get("secret", {}).get("secretName") == "tuneserve-reporting-tls"
+    ]
+    (ca_mount,) = [m for m in worker_pod["containers"][0]["volumeMounts"] if m["name"] == ca_volume["name"]]
+    assert ca_mount["mountPath"] == tls_dir
+    assert [i["path"] for i in ca_volume["secret"]["items"]] == [settings.report_tls_ca.name]  # type: ignore[union-attr]
     built_in = tmp_path / "built-in.yaml"
     built_in.write_text(yaml.safe_dump_all([d for d in rendered if d["kind"] != "ClusterTrainingRuntime"]))
     result = kubernetes_validate(built_in)
@@ -471,6 +495,10 @@ class ServiceOnCluster:
         return [e.message for e in self.store.events_after(job_id)]
 
 
+def tls_paths(pki: dict[str, Path]) -> dict[str, Path]:
+    return {"report_tls_cert": pki["cert"], "report_tls_key": pki["key"], "report_tls_ca": pki["ca"]}
+
+
 @pytest.fixture
 def on_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceOnCluster]:
     api_port, report_port = free_ports(2)
@@ -497,6 +525,9 @@ def on_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Serv
             report_port=report_port,
             report_advertise_address=f"localhost:{report_port}",
             report_heartbeat_s=0.2,
+            # TLS as deployed: the pods' workers dial it trusting the CA named in their environment
+            report_allow_plaintext=False,
+            **tls_paths(make_pki(tmp_path / "pki")),
         )
         service = start_service(settings)
         try:
@@ -513,6 +544,7 @@ def test_a_trainjob_worker_reports_with_the_token_from_its_secret_and_the_job_su
     job_id = on_cluster.submit("ok-on-cluster")
     job = on_cluster.wait_state(job_id, JobState.SUCCEEDED)
     assert "fake worker started" in on_cluster.messages(job_id)  # it reached the advertised address
+    assert on_cluster.service.settings.report_tls  # over TLS, trusting the CA its TrainJob's env named
     assert job.attempts == 1
     wait_for(lambda: not on_cluster.api.trainjobs(NS) and not on_cluster.api.secrets(NS))
 
@@ -624,3 +656,14 @@ def test_the_kubernetes_launcher_needs_a_reporting_api_the_pods_can_reach(
 ) -> None:
     with pytest.raises(ValidationError, match="TUNESERVE_REPORT_ADVERTISE_ADDRESS"):
         k8s_settings(tmp_path, **overrides)
+
+
+def test_the_trainjob_names_the_ca_for_its_workers_and_no_key_material(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    settings = k8s_settings(tmp_path, report_allow_plaintext=False, **tls_paths(pki))
+    store = JobStore(settings.jobs_db)
+    document = trainjob(running_job(store, spec()), settings, launch_env(settings))
+    store.close()
+    env = {e["name"]: e for e in document["spec"]["trainer"]["env"]}
+    assert env["TUNESERVE_REPORT_TLS_CA"]["value"] == str(pki["ca"].resolve())
+    assert not any("PRIVATE KEY" in str(e.get("value", "")) for e in env.values())
