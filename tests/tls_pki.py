@@ -19,9 +19,9 @@ def make_ca(folder: Path, name: str) -> tuple[Path, Path]:
     return key, cert
 
 
-def make_server_cert(folder: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+def make_server_cert(folder: Path, ca: tuple[Path, Path], name: str = "server") -> tuple[Path, Path]:
     """(key, certificate) for localhost and 127.0.0.1, signed by `ca`."""
-    key, csr, cert, ext = (folder / f"server.{s}" for s in ("key", "csr", "pem", "ext"))
+    key, csr, cert, ext = (folder / f"{name}.{s}" for s in ("key", "csr", "pem", "ext"))
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
             "-subj", "/CN=tuneserve-reporting")  # fmt: skip
@@ -31,8 +31,13 @@ def make_server_cert(folder: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
 
 
 def make_pki(folder: Path) -> dict[str, Path]:
-    """Our CA, a server certificate it signed (key, cert), and another CA that signed nothing of ours."""
+    """Our CA, a server certificate it signed (key, cert), and another CA with a server certificate of its
+    own (other_key, other_cert): what a client trusting our CA must refuse, or a renewal under a new CA."""
     folder.mkdir(parents=True, exist_ok=True)
     ca, other_ca = make_ca(folder, "ours"), make_ca(folder, "other")
     key, cert = make_server_cert(folder, ca)
-    return {"ca": ca[1], "other_ca": other_ca[1], "key": key, "cert": cert}
+    other_key, other_cert = make_server_cert(folder, other_ca, "other-server")
+    return {
+        "ca": ca[1], "key": key, "cert": cert,
+        "other_ca": other_ca[1], "other_key": other_key, "other_cert": other_cert,
+    }  # fmt: skip

@@ -20,6 +20,7 @@ import grpc
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2 as pb
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
 from service.api.interceptors import ErrorInterceptor
+from service.api.tls_reload import ReloadingCertificate
 from service.errors import InvalidArgument, Unauthenticated
 from service.jobs.intake import Intake
 from service.jobs.store_codec import jsonable
@@ -117,17 +118,10 @@ def start_reporting_server(settings: Settings, intake: Intake) -> ReportingServe
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials:
-    """The server's certificate and key, read now so that a wrong path stops the start, naming it."""
-    pem = {}
-    for name, path in (("TUNESERVE_REPORT_TLS_CERT", settings.report_tls_cert),
-                       ("TUNESERVE_REPORT_TLS_KEY", settings.report_tls_key)):  # fmt: skip
-        try:
-            pem[name] = path.read_bytes() if path is not None else b""
-        except OSError as exc:
-            raise ValueError(
-                f"{name} {path}: cannot be read ({exc.strerror}); give a readable PEM file"
-            ) from None
-    return grpc.ssl_server_credentials([(pem["TUNESERVE_REPORT_TLS_KEY"], pem["TUNESERVE_REPORT_TLS_CERT"])])
+    """The server's certificate and key, read now (a wrong path stops the start, naming it) and again
+    whenever the files change (a renewed certificate needs no restart)."""
+    assert settings.report_tls_cert is not None and settings.report_tls_key is not None  # report_tls
+    return ReloadingCertificate(settings.report_tls_cert, settings.report_tls_key).credentials()
 
 
 def _token(context: grpc.ServicerContext) -> str:

@@ -6,6 +6,7 @@ checked over TLS; half a configuration, and plaintext for Kubernetes pods, are r
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,6 +104,34 @@ def test_tls_does_not_replace_the_job_token(plane: TlsPlane, pki: dict[str, Path
     with pytest.raises(Unauthenticated):
         reporter.assignment()
     reporter.close()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path, pki: dict[str, Path]) -> None:
+    # the files the server reads, as a mounted Secret: replaced in place by the renewal
+    live = tmp_path / "tls"
+    live.mkdir()
+    cert, key = live / "tls.crt", live / "tls.key"
+    shutil.copy(pki["cert"], cert)
+    shutil.copy(pki["key"], key)
+    made = TlsPlane(tls_settings(tmp_path / "state", pki, report_tls_cert=cert, report_tls_key=key))
+    try:
+        before = made.reporter(pki["ca"])
+        assert before.assignment().id == made.job_id
+        before.close()
+        # renewed, here under another CA, so that which certificate is served shows
+        for source, target in ((pki["other_cert"], cert), (pki["other_key"], key)):
+            staged = target.with_suffix(".new")
+            shutil.copy(source, staged)
+            staged.replace(target)  # a new file (new inode), as the kubelet's symlink flip gives
+        after = made.reporter(pki["other_ca"])
+        assert after.assignment().id == made.job_id
+        after.close()
+        stale = made.reporter(pki["ca"])
+        with pytest.raises(Unavailable):
+            stale.assignment()
+        stale.close()
+    finally:
+        made.close()
 
 
 def test_the_workers_get_the_ca_path_never_key_material(tmp_path: Path, pki: dict[str, Path]) -> None:
