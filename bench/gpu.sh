@@ -13,6 +13,8 @@
 # scikit-learn's digits file and its two sample photos travel as files. Jobs run with W&B disabled and no
 # TorchServe; the handler check uses handlers.inference in-process. Each check has its own time budget
 # (bench/gpu_suite.py); a failing or hanging check is recorded and the others still run.
+# With several GPUs the `ddp` check compares N GPUs with 1 through torchrun + NCCL (bench/ddp_scaling.py,
+# up to 110 s of the same total; the checks after it get what is left); with one GPU it records a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=build/gpu-wheels

@@ -178,12 +178,13 @@ def _gpus_of(pid: int) -> list[str] | None:
 
 
 def ddp(scale: Scale, workdir: Path, results: ResultFile) -> None:
-    """A 2-GPU DDP job vs the 1-GPU job at the same global batch: issue 14 has not landed."""
-    from service.spec import TrainingSpec
+    """N GPUs vs 1 through torchrun and NCCL (bench.ddp_scaling): images/s >= 0.9 x N x 1 GPU. Skipped
+    with a note on one GPU; on the CPU dry run two gloo processes take the same path."""
+    from bench import ddp_scaling
 
-    fields = sorted(TrainingSpec.model_fields)
-    has_ddp = any(name in fields for name in ("devices", "num_gpus", "distributed", "ddp"))
-    status = (
-        "not implemented in bench yet" if has_ddp else "not implemented yet (issue 14: scale-out training)"
-    )
-    results.add(entry("ddp_2gpu_vs_1gpu", "correctness", status, spec_training_fields=fields))
+    world, skip = ddp_scaling.plan(scale.cuda, torch.cuda.device_count())
+    if skip is not None:
+        results.add(skip)
+        return
+    size = ddp_scaling.GPU_SIZE if scale.cuda else ddp_scaling.CPU_SIZE
+    results.add(ddp_scaling.compare(size, workdir / "ddp", world, scale.cuda))

@@ -40,7 +40,7 @@ CHECKS: tuple[tuple[str, Check, int, int], ...] = (
     ("feature_cache", gpu_checks.feature_cache_on_device, 80, 90),
     ("resume_sigkill", gpu_checks.resume_after_sigkill, 75, 300),
     ("two_jobs_two_gpus", gpu_devices.two_jobs_two_gpus, 45, 150),
-    ("ddp", gpu_devices.ddp, 10, 30),
+    ("ddp", gpu_devices.ddp, 110, 300),
     ("loop_speed", gpu_speed.loop_vs_plain, 50, 150),
     ("host_syncs", gpu_speed.host_syncs, 25, 120),
     ("real_jpegs", gpu_speed.real_jpegs_vs_synthetic, 45, 150),

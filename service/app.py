@@ -26,6 +26,7 @@ from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
 from service.jobs.torchrun_launcher import ByWorldSize, TorchrunLauncher
 from service.packaging.backend import ServingBackend
+from service.records import JobState
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def start_service(
 ) -> Service:
     """Start the whole service. `serving` replaces the serving backend (tests; it is neither started nor
     stopped here); by default the TorchServe backend is started when settings.torchserve_enabled.
-    `launcher` starts the workers (default: a local process per job, torchrun for a DDP job)."""
+    `launcher` starts the workers (default: default_launcher(), as settings.launcher says)."""
     # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
     serving_gpus = settings.serving_gpu_indices
     log.info(
@@ -94,12 +95,21 @@ def start_service(
             reporting.stop()
             store.close()
             raise
+    try:
+        launcher = launcher or default_launcher(settings, store)
+    except BaseException:  # no kubernetes client or configuration: leave nothing running
+        reporting.stop()
+        if backend is not None:
+            backend.stop()
+        store.close()
+        raise
     scheduler = Scheduler(
         settings,
         store,
-        launcher or ByWorldSize(LocalProcessLauncher(settings), TorchrunLauncher(settings)),
+        launcher,
         intake,
-        reporting.address,
+        # pods dial the reporting Service; local workers the address it is bound to
+        settings.report_advertise_address or reporting.address,
         deployer=serving.deploy_job if serving is not None else None,
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
@@ -125,6 +135,15 @@ def start_service(
 
 
 JOBS_NAMES = (OVERALL, FINE_TUNING)
+
+
+def default_launcher(settings: Settings, store: JobStore) -> Launcher:
+    """TUNESERVE_LAUNCHER: TrainJobs on Kubernetes, or local processes (torchrun for a DDP job)."""
+    if settings.launcher == "kubernetes":
+        from service.jobs.k8s_launcher import KubernetesLauncher  # needs the k8s extra
+
+        return KubernetesLauncher(settings, lambda job_id: store.get_job(job_id).state == JobState.FAILED)
+    return ByWorldSize(LocalProcessLauncher(settings), TorchrunLauncher(settings))
 
 
 def jobs_probe(store: JobStore, scheduler: Scheduler) -> Callable[[], dict[str, bool]]:

@@ -24,10 +24,13 @@ VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 
 def requested_gpus(spec: JobSpec, settings: Settings) -> int:
-    """The GPUs a job asked for, its default resolved: 1 when there are training GPUs and the job may
-    use one (training.device is not cpu), else 0."""
+    """The GPUs a job asked for (per node), its default resolved: 1 when there are training GPUs (this
+    machine's, or the cluster's with the Kubernetes launcher) and the job may use one (training.device
+    is not cpu), else 0."""
     if spec.resources.gpus is not None:
         return spec.resources.gpus
+    if settings.launcher == "kubernetes":  # the cluster's GPUs, whatever this machine has
+        return 0 if spec.training.device == "cpu" else 1
     return 1 if settings.training_gpus and spec.training.device != "cpu" else 0
 
 

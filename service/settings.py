@@ -9,13 +9,18 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_torch_home() -> Path:
     return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+
+
+# TrainJobs at once when max_concurrent_jobs is not set: the cluster queues what it cannot place yet
+K8S_CONCURRENT_JOBS = 4
 
 
 class Settings(BaseSettings):
@@ -43,7 +48,9 @@ class Settings(BaseSettings):
 
     # Jobs
     max_concurrent_jobs: int | None = Field(
-        None, ge=1, description="default: one per training GPU, one on a CPU-only machine"
+        None,
+        ge=1,
+        description="default: one per training GPU, one on a CPU-only machine; 4 TrainJobs on Kubernetes",
     )
     max_queued_jobs: int = Field(100, ge=1)
     max_job_retries: int = Field(2, ge=0, description="worker deaths retried from the last checkpoint")
@@ -62,6 +69,47 @@ class Settings(BaseSettings):
     )
     collective_timeout_s: float = Field(
         300.0, gt=0, description="DDP: a collective waits this long for a peer rank before the job fails"
+    )
+    report_advertise_address: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.-]+:\d{1,5}$",
+        description="host:port workers dial for the reporting API (on Kubernetes: the reporting Service's "
+        "DNS name, e.g. tuneserve-reporting.<namespace>.svc:50052); default: the address it listens on",
+    )
+    # TLS of the reporting API: paths only (workers get them through their environment, never the keys)
+    report_tls_cert: Path | None = Field(
+        None, description="PEM certificate the reporting API serves (with report_tls_key and report_tls_ca)"
+    )
+    report_tls_key: Path | None = Field(None, description="PEM private key of report_tls_cert")
+    report_tls_ca: Path | None = Field(
+        None, description="PEM CA the workers trust for the reporting API (it signed report_tls_cert)"
+    )
+    report_allow_plaintext: bool = Field(
+        False,
+        description="kubernetes: serve the reporting API without TLS off loopback (the job tokens travel "
+        "in clear); only where a service mesh already encrypts pod-to-pod traffic",
+    )
+
+    # Where workers run: child processes of this service, or Kubeflow Trainer TrainJobs on Kubernetes
+    launcher: Literal["local", "kubernetes"] = Field(
+        "local", description="local: processes on this machine (torchrun for DDP); kubernetes: TrainJobs"
+    )
+    k8s_namespace: str = Field(
+        "default",
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="kubernetes: the namespace of the TrainJobs and their Secrets (the service's own)",
+    )
+    k8s_training_runtime: str = Field(
+        "tuneserve", min_length=1, description="kubernetes: the ClusterTrainingRuntime each TrainJob uses"
+    )
+    k8s_image: str | None = Field(
+        None, description="kubernetes: the trainer image of each TrainJob; default: the runtime's image"
+    )
+    k8s_start_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="kubernetes: a TrainJob whose workers have not called this long after its creation "
+        "(pods waiting for GPUs, an image that does not pull) is deleted and retried",
     )
 
     # GPUs: each job's worker sees only the GPUs the scheduler gave it (service.devices)
@@ -99,6 +147,54 @@ class Settings(BaseSettings):
     # Inputs
     max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are refused (bombs)")
 
+    @model_validator(mode="after")
+    def _reporting_tls_is_whole(self) -> Settings:
+        """A server certificate without its key, or without the CA its workers must trust, cannot work: the
+        workers would fail every handshake. Refused here rather than at a job's first call."""
+        given = {
+            "TUNESERVE_REPORT_TLS_CERT": self.report_tls_cert,
+            "TUNESERVE_REPORT_TLS_KEY": self.report_tls_key,
+            "TUNESERVE_REPORT_TLS_CA": self.report_tls_ca,
+        }
+        missing = [name for name, value in given.items() if value is None]
+        if missing and len(missing) < len(given):
+            raise ValueError(
+                f"the reporting API's TLS needs all of {list(given)}; {missing} not set (a server "
+                "certificate, its key, and the CA that signed it, which the workers trust); set them all, "
+                "or none for plaintext on loopback"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _workers_can_reach_the_reporting_api(self) -> Settings:
+        """On Kubernetes the workers are pods: they dial a Service, never this process's loopback."""
+        if self.launcher != "kubernetes":
+            return self
+        loopback = self.report_host in ("127.0.0.1", "localhost", "::1")
+        if self.report_advertise_address is None or self.report_port == 0 or loopback:
+            raise ValueError(
+                "TUNESERVE_LAUNCHER=kubernetes needs TUNESERVE_REPORT_HOST off loopback (0.0.0.0), "
+                f"TUNESERVE_REPORT_PORT fixed (not 0) and TUNESERVE_REPORT_ADVERTISE_ADDRESS, the reporting "
+                "Service's host:port the worker pods dial (e.g. tuneserve-reporting.<namespace>.svc:50052; "
+                f"see docker/k8s/trainer/); got report_host {self.report_host!r}, report_port "
+                f"{self.report_port}, report_advertise_address {self.report_advertise_address!r}"
+            )
+        if self.report_tls_cert is None and not self.report_allow_plaintext:
+            # each call carries a job's bearer token: in clear on the cluster network, anyone who can
+            # read pod traffic could report as that job (or stop it); so TLS unless explicitly waived
+            raise ValueError(
+                "TUNESERVE_LAUNCHER=kubernetes serves the reporting API to the cluster network: set "
+                "TUNESERVE_REPORT_TLS_CERT, TUNESERVE_REPORT_TLS_KEY and TUNESERVE_REPORT_TLS_CA (see "
+                "docker/k8s/trainer/, Secret tuneserve-reporting-tls), or TUNESERVE_REPORT_ALLOW_PLAINTEXT="
+                "true where a service mesh already encrypts pod traffic (the job tokens travel in clear)"
+            )
+        return self
+
+    @property
+    def report_tls(self) -> bool:
+        """Whether the reporting API serves TLS (and its workers dial it with report_tls_ca)."""
+        return self.report_tls_cert is not None
+
     @cached_property
     def jobs_db(self) -> Path:
         return self.state_dir / "jobs.sqlite3"
@@ -126,6 +222,8 @@ class Settings(BaseSettings):
     def resolved_max_concurrent_jobs(self) -> int:
         if self.max_concurrent_jobs is not None:
             return self.max_concurrent_jobs
+        if self.launcher == "kubernetes":
+            return K8S_CONCURRENT_JOBS  # the cluster's GPUs, not this machine's, bound them
         return max(1, len(self.training_gpus))
 
     @cached_property

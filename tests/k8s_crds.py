@@ -23,8 +23,8 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are large: l
 
 
 def crd_folder() -> Path | None:
-    """$TUNESERVE_K8S_CRDS, else the copy in tests/data/k8s-crds (KServe's, vendored so CI always runs
-    these checks), else the first `shared/k8s-crds` beside the repository or above it."""
+    """$TUNESERVE_K8S_CRDS, else the copy in tests/data/k8s-crds (KServe's and Kubeflow Trainer's, vendored
+    so CI always runs these checks), else the first `shared/k8s-crds` beside the repository or above it."""
     if os.environ.get("TUNESERVE_K8S_CRDS"):
         return Path(os.environ["TUNESERVE_K8S_CRDS"])
     if (REPO / "tests" / "data" / "k8s-crds").is_dir():

@@ -10,6 +10,7 @@ reason the control plane gives (asked once, "draining" if it cannot be asked); "
 control plane has been unreachable for `lost_after_s` (the service died: stop at a safe point, the
 next service requeues the job) or no longer knows this worker's token (a restarted service).
 Calls are retried on UNAVAILABLE until the link has been down for `lost_after_s`.
+With `tls_ca` (settings.report_tls_ca) the channel is TLS and trusts that CA alone.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -45,12 +47,19 @@ class GrpcReporter:
     """Reports one job's work to the control plane at `address`, with that job's `token`."""
 
     def __init__(
-        self, address: str, token: str, job_id: str, *, heartbeat_s: float = 2.0, lost_after_s: float = 10.0
+        self,
+        address: str,
+        token: str,
+        job_id: str,
+        *,
+        heartbeat_s: float = 2.0,
+        lost_after_s: float = 10.0,
+        tls_ca: Path | None = None,
     ) -> None:
         self.job_id = job_id
         self._heartbeat_s = heartbeat_s
         self._lost_after_s = lost_after_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, tls_ca)
         self._stub = pb_grpc.ReportingStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._queue: deque[pb.Event] = deque()
@@ -202,3 +211,16 @@ class GrpcReporter:
     def _lost(self) -> bool:
         since = self._failing_since
         return since is not None and time.monotonic() - since >= self._lost_after_s
+
+
+def open_channel(address: str, tls_ca: Path | None) -> grpc.Channel:
+    """A channel to the reporting API: TLS trusting `tls_ca` only (not the system's roots), else plaintext."""
+    if tls_ca is None:
+        return grpc.insecure_channel(address)
+    try:
+        ca = tls_ca.read_bytes()
+    except OSError as exc:
+        raise ValueError(
+            f"TUNESERVE_REPORT_TLS_CA {tls_ca}: cannot be read ({exc.strerror}); mount the CA there"
+        ) from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))

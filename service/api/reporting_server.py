@@ -3,6 +3,8 @@
 A gRPC server of its own, apart from the public API: bound to settings.report_host (loopback by default)
 on settings.report_port (0: a free port), without the public API's bearer token. Its callers prove who
 they are with a job-scoped token (service.jobs.intake checks it); the servicer only translates.
+With settings.report_tls_cert/key it serves TLS (workers trust settings.report_tls_ca): the token then
+never crosses the network in clear. TLS adds to the token check, it does not replace it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import grpc
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2 as pb
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
 from service.api.interceptors import ErrorInterceptor
+from service.api.tls_reload import ReloadingCertificate
 from service.errors import InvalidArgument, Unauthenticated
 from service.jobs.intake import Intake
 from service.jobs.store_codec import jsonable
@@ -26,6 +29,7 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WORKERS = 8  # a heartbeat and an event batch per running worker; calls are short
 
 
@@ -92,10 +96,32 @@ def start_reporting_server(settings: Settings, intake: Intake) -> ReportingServe
         options=[("grpc.so_reuseport", 0)],
     )
     pb_grpc.add_ReportingServicer_to_server(ReportingServicer(intake), server)
-    port = server.add_insecure_port(f"{settings.report_host}:{settings.report_port}")
+    address = f"{settings.report_host}:{settings.report_port}"
+    if settings.report_tls:
+        port = server.add_secure_port(address, _credentials(settings))
+    else:
+        port = server.add_insecure_port(address)
+        if settings.report_host not in LOOPBACK:
+            log.warning(
+                "the internal reporting API serves plaintext on %s: each worker's job token travels in "
+                "clear (set TUNESERVE_REPORT_TLS_CERT, _KEY and _CA)",
+                address,
+            )
     server.start()
-    log.info("internal reporting API listening on %s:%d", settings.report_host, port)
+    log.info(
+        "internal reporting API listening on %s:%d (%s)",
+        settings.report_host,
+        port,
+        "TLS" if settings.report_tls else "plaintext",
+    )
     return ReportingServer(server, settings.report_host, port)
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials:
+    """The server's certificate and key, read now (a wrong path stops the start, naming it) and again
+    whenever the files change (a renewed certificate needs no restart)."""
+    assert settings.report_tls_cert is not None and settings.report_tls_key is not None  # report_tls
+    return ReloadingCertificate(settings.report_tls_cert, settings.report_tls_key).credentials()
 
 
 def _token(context: grpc.ServicerContext) -> str:

@@ -48,12 +48,13 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
         architecture = registry.check_architecture(spec.model.architecture)
     with _field("model.weights"):
         weights.resolve_weights(spec.model, settings.torch_home, weights_root=settings.weights_dir)
-    with _field("training.device"):
-        _check_device(spec)
-    with _field("resources.gpus"):
-        check_gpus_fit(spec, settings)
-    with _field("resources.nodes"):
-        _check_placeable(spec)
+    if settings.launcher != "kubernetes":  # on Kubernetes the cluster's GPUs and nodes count, not ours
+        with _field("training.device"):
+            _check_device(spec)
+        with _field("resources.gpus"):
+            check_gpus_fit(spec, settings)
+        with _field("resources.nodes"):
+            _check_placeable(spec)
     spec = with_resolved_gpus(spec, settings)  # recorded: the stored spec says what the job gets
     info, val_info = _scan_data(spec, settings)
     warnings = [*_skip_warnings(info), *_skip_warnings(val_info)]
@@ -120,15 +121,15 @@ def _check_device(spec: JobSpec) -> None:
 
 
 def _check_placeable(spec: JobSpec) -> None:
-    """FailedPrecondition for a job this service cannot place: it trains on one machine only (the
-    Kubernetes launcher, which places a job on several, is not configured in this version)."""
+    """FailedPrecondition for a job this service cannot place: with local workers it trains on one
+    machine only (the Kubernetes launcher places a job on several)."""
     nodes = spec.resources.nodes
     if nodes > 1:
         raise FailedPrecondition(
             f"resources.nodes {nodes}: this service trains on one machine and has no Kubernetes launcher "
             f"configured to place a job on {nodes}; ask for resources.nodes 1 (with up to the GPUs of this "
             "machine in resources.gpus_per_node), or submit the job to a service deployed with the "
-            "Kubernetes launcher"
+            "Kubernetes launcher (TUNESERVE_LAUNCHER=kubernetes, docker/k8s/trainer/)"
         )
 
 

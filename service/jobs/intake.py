@@ -37,6 +37,7 @@ EventIn = tuple[EventKind, str, dict[str, Any]]
 class _Grant:
     token: str
     last_seen: float  # time.monotonic() of the last call (the launch, to start with)
+    called: bool = False  # the worker has made a call (it runs: a TrainJob's pods may wait for GPUs first)
     next_event: int = 0  # the worker's number of the next event it has not delivered yet
     stop_reason: str | None = None
     events_lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time
@@ -78,6 +79,12 @@ class Intake:
         with self._lock:
             grant = self._grants.get(job_id)
             return 0.0 if grant is None else time.monotonic() - grant.last_seen
+
+    def has_called(self, job_id: str) -> bool:
+        """The worker of `job_id` has called at least once since its launch."""
+        with self._lock:
+            grant = self._grants.get(job_id)
+            return grant is not None and grant.called
 
     # ------------------------------------------------------------------ the worker's side
 
@@ -138,4 +145,5 @@ class Intake:
             raise PermissionDenied(f"this reporting token belongs to another job, not to {job_id!r}")
         grant = dict(grants)[owner]
         grant.last_seen = time.monotonic()
+        grant.called = True
         return grant

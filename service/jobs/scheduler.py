@@ -56,6 +56,7 @@ class _Worker:
     stop_sent_at: float | None = None  # when it was asked to stop
     killed: bool = False
     silent: float | None = None  # seconds without a heartbeat when it was killed for that
+    pending: bool = False  # a TrainJob whose workers have not called yet (kubernetes)
 
     @property
     def job_id(self) -> str:
@@ -203,7 +204,9 @@ class Scheduler:
                 break
 
     def _launch(self, job: Job) -> bool:
-        gpus = requested_gpus(job.spec, self.settings)
+        # a TrainJob's GPUs are the cluster's (its pods ask for them): none of this machine's is held
+        on_cluster = self.settings.launcher == "kubernetes"
+        gpus = 0 if on_cluster else requested_gpus(job.spec, self.settings)
         # admitted when the service had more GPUs (before a restart): it would wait forever
         if gpus > len(self._devices.devices):
             reason = (
@@ -228,7 +231,10 @@ class Scheduler:
         return started
 
     def _start_worker(self, job: Job, devices: tuple[int, ...]) -> bool:
-        where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
+        if self.settings.launcher == "kubernetes":
+            where = f"Kubernetes (namespace {self.settings.k8s_namespace})"
+        else:
+            where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
         try:
             job = self.store.transition(
                 job.id, JobState.RUNNING, f"worker starting on {where}", expect=[JobState.QUEUED]
@@ -267,7 +273,10 @@ class Scheduler:
     def _enforce_heartbeats(self, worker: _Worker) -> None:
         """A worker that stopped reporting (hung, frozen, cut off) is killed; its exit counts as a crash."""
         silent = self.intake.silent_for(worker.job_id)
-        if not worker.killed and silent > self.settings.worker_silence_s:
+        # a TrainJob's pods may wait for GPUs long before its workers run and call
+        worker.pending = self.settings.launcher == "kubernetes" and not self.intake.has_called(worker.job_id)
+        limit = self.settings.k8s_start_timeout_s if worker.pending else self.settings.worker_silence_s
+        if not worker.killed and silent > limit:
             log.warning("job %s: no heartbeat for %.0f s; killing its worker", worker.job_id, silent)
             worker.silent = silent
             self._kill(worker)
@@ -292,6 +301,12 @@ class Scheduler:
             elif draining:
                 reason = "the service is stopping; the job resumes from its last checkpoint after a restart"
                 self.store.transition(job.id, JobState.QUEUED, reason, refund_attempt=True)
+            elif worker.silent is not None and worker.pending:
+                self._retry_or_fail(
+                    job,
+                    f"its TrainJob's workers did not start within {worker.silent:.0f} s "
+                    "(TUNESERVE_K8S_START_TIMEOUT_S; are GPUs free, does the image pull?) and it was deleted",
+                )
             elif worker.silent is not None:
                 self._retry_or_fail(job, f"worker sent no heartbeat for {worker.silent:.0f} s and was killed")
             else:

@@ -28,7 +28,12 @@ def main() -> int:
     settings = Settings()  # type: ignore[call-arg]
     address, token = os.environ[REPORT_ADDRESS_ENV], os.environ[REPORT_TOKEN_ENV]
     reporter = GrpcReporter(
-        address, token, job_id, heartbeat_s=settings.report_heartbeat_s, lost_after_s=settings.report_lost_s
+        address,
+        token,
+        job_id,
+        heartbeat_s=settings.report_heartbeat_s,
+        lost_after_s=settings.report_lost_s,
+        tls_ca=settings.report_tls_ca,
     )
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     name = reporter.assignment().spec.name
