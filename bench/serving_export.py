@@ -122,7 +122,7 @@ def plain_torchserve(exported: Path, run: Path) -> Iterator[dict[str, Any]]:
 def serving_replica(store: Path, root: Path) -> Iterator[dict[str, Any]]:
     """`tuneserve serve --serving-only` over `store`, its own state folder under `root`."""
     root.mkdir()
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
+    inference, management, metrics, grpc_inference, grpc_management, ready = free_ports(6)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env.update(
         PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TUNESERVE_STATE_DIR=str(root / "state"),
@@ -134,14 +134,9 @@ def serving_replica(store: Path, root: Path) -> Iterator[dict[str, Any]]:
         TUNESERVE_TORCHSERVE_JAVA_HEAP="256m", TUNESERVE_TORCHSERVE_TOKEN_AUTH="false",
     )  # fmt: skip
     command = [
-        sys.executable,
-        "-m",
-        "service.cli.main",
-        "serve",
-        "--serving-only",
-        "--model-store",
-        str(store),
-    ]
+        sys.executable, "-m", "service.cli.main", "serve", "--serving-only", "--model-store", str(store),
+        "--ready-port", str(ready),
+    ]  # fmt: skip
     url = f"http://127.0.0.1:{inference}"
     started = time.perf_counter()
     with open(root / "replica.log", "wb") as log:

@@ -14,6 +14,8 @@ from service.cli.client import CliError
 from service.cli.options import connect, load_settings, out
 from service.errors import TuneserveError
 
+DEFAULT_READY_PORT = 8090  # a serving replica's GET /ready (docker/k8s/serving-deployment.yaml probes it)
+
 
 def serve(
     host: Annotated[str | None, typer.Option(help="gRPC address (default: TUNESERVE_HOST)")] = None,
@@ -27,6 +29,15 @@ def serve(
             "models found there; no training, no job API, no scheduler",
         ),
     ] = False,
+    ready_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="--serving-only: GET /ready here answers 200 once TorchServe is healthy with every model "
+            "loaded (0: no readiness endpoint)",
+        ),
+    ] = DEFAULT_READY_PORT,
     model_store: Annotated[
         Path | None,
         typer.Option(
@@ -48,7 +59,7 @@ def serve(
                 )
             from service.packaging.serving_only import run_serving_only  # deferred: as below
 
-            run_serving_only(settings)
+            run_serving_only(settings, ready_port=ready_port or None)
             return
         from service.app import run_service  # deferred: the client commands must start fast
 

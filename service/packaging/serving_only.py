@@ -4,7 +4,8 @@
 (TorchServeBackend: TorchServe's process, a watchdog that restarts it and registers the models again)
 with a registry of its own, filled at start from the shared store (service.packaging.replica_models),
 and nothing else: no gRPC port, no training, no promotion gate (the control plane gated what it serves).
-Ready means TorchServe's /ping says Healthy with every chosen version registered; SIGTERM stops
+Ready means TorchServe's /ping says Healthy and every chosen version has a ready worker, which GET
+/ready on --ready-port tells a load balancer (service.packaging.replica_ready); SIGTERM stops
 TorchServe and its workers.
 
 Everything the replica writes (TorchServe's config, keys, tmp and logs, its registry) is under
@@ -27,7 +28,9 @@ from service.packaging.replica_models import (
     control_plane_registry,
     write_registry,
 )
+from service.packaging.replica_ready import ReadinessServer
 from service.packaging.torchserve_backend import TorchServeBackend
+from service.packaging.ts_config import inference_bind_host
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,22 +40,28 @@ REPLICA_REGISTRY = "replica_models.json"  # never the control plane's served_mod
 
 @dataclass
 class ServingReplica:
-    """A started replica; `stop` stops TorchServe."""
+    """A started replica; `stop` stops TorchServe, then the readiness endpoint."""
 
     backend: TorchServeBackend
     models: ReplicaModels
+    readiness: ReadinessServer | None = None
 
     def ready(self) -> bool:
         """TorchServe answers /ping Healthy and every chosen model's default version has a ready worker."""
         return all(self.backend.health().values())
 
     def stop(self) -> None:
-        self.backend.stop()
+        self.backend.stop()  # first: /ready turns 503 while TorchServe stops
+        if self.readiness is not None:
+            self.readiness.stop()
         log.info("serving replica stopped")
 
 
-def start_replica(settings: Settings, *, worker_threads: int | None = None) -> ServingReplica:
-    """Start TorchServe with the models chosen from the shared store registered (blocks until they are)."""
+def start_replica(
+    settings: Settings, *, ready_port: int | None = None, worker_threads: int | None = None
+) -> ServingReplica:
+    """Start TorchServe with the models chosen from the shared store registered (blocks until they are).
+    `ready_port`: serve GET /ready there (service.packaging.replica_ready), from before TorchServe starts."""
     own = settings.torchserve_dir.resolve()
     if own / "served_models.json" == control_plane_registry(settings.model_store):
         # same folder as a control plane: its TorchServe's pid file, keys and ports would be ours too
@@ -78,13 +87,22 @@ def start_replica(settings: Settings, *, worker_threads: int | None = None) -> S
     backend = TorchServeBackend(settings, worker_threads=worker_threads)
     # the backend's own registry file may be the control plane's (same state folder): never write it
     backend.versions.registry = write_registry(models, settings.torchserve_dir / REPLICA_REGISTRY)
-    backend.start()
-    replica = ServingReplica(backend, models)
+    readiness = None
+    if ready_port is not None:  # listening before TorchServe starts: the kubelet hears 503, not "refused"
+        readiness = ReadinessServer(inference_bind_host(settings), ready_port, backend.health)
+        readiness.start()
+    try:
+        backend.start()
+    except BaseException:
+        if readiness is not None:
+            readiness.stop()
+        raise
+    replica = ServingReplica(backend, models, readiness)
     log.info("serving replica is ready: %s", "yes" if replica.ready() else "no (see TorchServe's logs)")
     return replica
 
 
-def run_serving_only(settings: Settings) -> None:
+def run_serving_only(settings: Settings, *, ready_port: int | None = None) -> None:
     """Run a serving replica until SIGTERM or SIGINT, then stop TorchServe."""
     stop = threading.Event()
 
@@ -100,6 +118,6 @@ def run_serving_only(settings: Settings) -> None:
             "serve --serving-only runs TorchServe alone, and TUNESERVE_TORCHSERVE_ENABLED is false; "
             "unset it (or set it to true)"
         )
-    replica = start_replica(settings)
+    replica = start_replica(settings, ready_port=ready_port)
     stop.wait()
     replica.stop()

@@ -5,7 +5,8 @@ The control plane's state folder is laid out as the full service leaves it: two 
 from `torchserve/served_models.json`, the control plane's real registry file). The replica gets its
 own state folder and the store through --model-store, as in docker/k8s/serving-deployment.yaml.
 It serves version 1 only, answers REST predictions equal to version 1's checkpoint in this process,
-opens no job API port, writes nothing into the store, and stops TorchServe on SIGTERM.
+says ready (GET /ready) only once a prediction succeeds, opens no job API port, writes nothing into
+the store, and stops TorchServe on SIGTERM.
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def control_plane(
 
 
 @pytest.fixture(scope="module")
-def replica(control_plane: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def replica(
+    control_plane: Path, serving_images: list[bytes], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("replica")
-    api, inference, management, metrics, grpc_inference, grpc_management = free_ports(6)
+    api, ready, inference, management, metrics, grpc_inference, grpc_management = free_ports(7)
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")},
         "PYTHONPATH": str(REPO),
@@ -89,19 +92,26 @@ def replica(control_plane: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     }
     command = [
         sys.executable, "-m", "service.cli.main", "serve", "--serving-only",
-        "--model-store", str(control_plane / "model_store"),
+        "--model-store", str(control_plane / "model_store"), "--ready-port", str(ready),
     ]  # fmt: skip
     log_path = root / "replica.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{inference}"
+    url, ready_url = f"http://127.0.0.1:{inference}", f"http://127.0.0.1:{ready}/ready"
     try:
         deadline = time.monotonic() + 300
-        while "serving replica is ready" not in log_path.read_text():
+        not_ready = []  # what /ready answered while starting
+        while (status := http_status(ready_url)) != 200:
+            not_ready.append(status)
             if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the replica did not start (exit {process.poll()}):\n{log_path.read_text()}")
-            time.sleep(0.5)
-        yield {"process": process, "url": url, "api_port": api, "root": root, "log": log_path}
+                pytest.fail(f"the replica did not get ready (exit {process.poll()}):\n{log_path.read_text()}")
+            time.sleep(0.1)
+        # at once, as a load balancer would: the first request after "ready" must be answered
+        first = http_status(f"{url}/predictions/pets", serving_images[0])
+        yield {
+            "process": process, "url": url, "ready_url": ready_url, "api_port": api, "root": root,
+            "log": log_path, "first_after_ready": first, "not_ready": not_ready,
+        }  # fmt: skip
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -110,6 +120,19 @@ def replica(control_plane: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             except subprocess.TimeoutExpired:
                 process.kill()
         _kill_leftover_jvm(root / "state" / "torchserve" / "tmp" / ".model_server.pid")
+
+
+def http_status(url: str, body: bytes | None = None) -> int:
+    """The HTTP status of a GET (or of a POST of `body`); 0 when nothing answers."""
+    headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=30) as r:
+            r.read()
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
 
 
 def _kill_leftover_jvm(pid_file: Path) -> None:
@@ -137,6 +160,16 @@ def test_rest_answers_equal_the_served_versions_checkpoint(
 def test_ping_is_healthy_without_a_key(replica: dict[str, Any]):
     with urllib.request.urlopen(f"{replica['url']}/ping", timeout=10) as answer:
         assert json.loads(answer.read()) == {"status": "Healthy"}
+
+
+def test_ready_only_once_predictions_are_answered(replica: dict[str, Any]):
+    assert replica["first_after_ready"] == 200
+    assert set(replica["not_ready"]) <= {0, 503}  # refused before it listened, then "not yet"
+    with urllib.request.urlopen(replica["ready_url"], timeout=10) as answer:
+        assert json.loads(answer.read()) == {
+            "ready": True,
+            "checks": {"torchserve": True, "torchserve/pets": True},
+        }
 
 
 def test_the_version_the_control_plane_does_not_serve_is_not_served(

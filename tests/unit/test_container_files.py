@@ -421,7 +421,7 @@ def test_the_training_control_plane_keeps_one_replica() -> None:
 def test_serving_pods_run_serving_only_over_the_state_volume_read_only_as_non_root() -> None:
     pod = load("serving-deployment.yaml")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert container["args"] == ["--serving-only"]
+    assert container["args"][0] == "--serving-only"
     assert container["image"] == load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["image"]
     env = {e["name"]: e["value"] for e in container["env"]}
     mounts = {m["name"]: m for m in container["volumeMounts"]}
@@ -442,16 +442,18 @@ def test_serving_pods_run_serving_only_over_the_state_volume_read_only_as_non_ro
     assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
 
 
-def test_serving_probes_ask_torchserves_ping_on_the_inference_port() -> None:
+def test_serving_probes_ready_on_the_replicas_endpoint_and_live_on_torchserves_ping() -> None:
     (container,) = load("serving-deployment.yaml")["spec"]["template"]["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     env = {e["name"]: e["value"] for e in container["env"]}
     inference = Settings.model_construct().torchserve_inference_port  # the replica's TorchServe listens here
     assert "TUNESERVE_TORCHSERVE_INFERENCE_PORT" not in env and ports["inference"] == inference
     assert env["TUNESERVE_TORCHSERVE_INFERENCE_HOST"] == "0.0.0.0"  # the kubelet reaches it on the pod IP
+    assert f"--ready-port={ports['ready']}" in container["args"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ready", "port": "ready"}, probe
     # /ping without a key: only when TorchServe's token authorization is off
+    assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
     assert env["TUNESERVE_TORCHSERVE_TOKEN_AUTH"] == "false"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/ping", "port": "inference"}, probe
     service_ports = {p["name"]: p["targetPort"] for p in load("serving-service.yaml")["spec"]["ports"]}
-    assert set(service_ports.values()) <= set(ports)
+    assert set(service_ports.values()) <= set(ports) - {"ready"}
