@@ -42,7 +42,7 @@ def run(*, quick: bool, only_export: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp, torch_threads(1):
         root = Path(tmp)
         checkpoint = _trained_checkpoint(root)
-        export_rounds, export_per_client = (2, 3) if quick else (4, 10)
+        export_rounds, export_per_client = (2, 3) if quick else (6, 10)
         if only_export:
             export = compare(checkpoint, root, images, rounds=export_rounds, per_client=export_per_client)
             return {
