@@ -10,16 +10,21 @@ versions it registers is decided once, at start:
   store, grouped by the model name in its manifest, the highest version the default, batching as a
   job spec's defaults.
 A new version reaches the replicas when they restart (a rolling restart of their Deployment).
+
+Only the standard library and the registry's records: the replica's process never imports torch
+(service.packaging.archiver does, at module level, so its manifest reader is not used here).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import FailedPrecondition, TuneserveError
-from service.packaging.archiver import read_manifest, sha256_of
+from service.errors import FailedPrecondition
 from service.packaging.served_registry import ServedEntry, ServedRegistry, ServedVersion, version_key
 from service.spec import ServingSpec
 
@@ -67,14 +72,16 @@ def write_registry(models: ReplicaModels, path: Path) -> ServedRegistry:
 
 
 def _present(entries: list[ServedEntry], model_store: Path) -> list[ServedEntry]:
-    """Entries whose archives are in the store (the control plane's may name one deleted since)."""
+    """Entries whose archives are in the store unchanged (the control plane's registry may name one
+    deleted or replaced since)."""
     kept = []
     for entry in entries:
-        versions = {v: s for v, s in entry.versions.items() if (model_store / s.archive).is_file()}
+        versions = {v: s for v, s in entry.versions.items() if _unchanged(model_store / s.archive, s.sha256)}
         for missing in sorted(set(entry.versions) - set(versions), key=version_key):
             log.warning(
-                "%s version %s: its archive is not in %s; not served", entry.name, missing, model_store
-            )
+                "%s version %s: %s is not in %s as the control plane served it (gone, or its SHA-256 "
+                "differs); not served", entry.name, missing, entry.versions[missing].archive, model_store,
+            )  # fmt: skip
         if versions:
             default = entry.default if entry.default in versions else max(versions, key=version_key)
             kept.append(ServedEntry(entry.name, default, versions))
@@ -86,10 +93,10 @@ def _from_archives(model_store: Path) -> list[ServedEntry]:
     by_name: dict[str, dict[str, ServedVersion]] = {}
     for path in sorted(model_store.glob("*.mar")):
         try:
-            name, version = read_manifest(path)
+            name, version = manifest_of(path)
             version_key(version)  # TorchServe's and our version rule: dotted numbers
-        except (TuneserveError, ValueError) as exc:
-            log.warning("%s is skipped: %s", path.name, exc)
+        except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+            log.warning("%s is skipped: not a readable TorchServe archive (%s)", path.name, exc)
             continue
         if version in by_name.get(name, {}):
             log.warning("%s is skipped: %s version %s is already %s", path.name, name, version,
@@ -101,3 +108,22 @@ def _from_archives(model_store: Path) -> list[ServedEntry]:
             workers=defaults.workers, top_k=defaults.top_k, served_at=path.stat().st_mtime,
         )  # fmt: skip
     return [ServedEntry(n, max(v, key=version_key), v) for n, v in sorted(by_name.items())]
+
+
+def manifest_of(archive: Path) -> tuple[str, str]:
+    """(model name, version) from an archive's MAR-INF/MANIFEST.json (as archiver.read_manifest)."""
+    with zipfile.ZipFile(archive) as mar:
+        model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+    return str(model["modelName"]), str(model["modelVersion"])
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unchanged(path: Path, sha256: str) -> bool:
+    return path.is_file() and sha256_of(path) == sha256

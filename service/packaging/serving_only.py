@@ -1,12 +1,15 @@
 """A serving replica: TorchServe over a shared model store, with no job store, scheduler or job API.
 
-`tuneserve serve --serving-only` runs this. It is the full service's serving backend
-(TorchServeBackend: TorchServe's process, a watchdog that restarts it and registers the models again)
-with a registry of its own, filled at start from the shared store (service.packaging.replica_models),
-and nothing else: no gRPC port, no training, no promotion gate (the control plane gated what it serves).
-Ready means TorchServe's /ping says Healthy and every chosen version has a ready worker, which GET
-/ready on --ready-port tells a load balancer (service.packaging.replica_ready); SIGTERM stops
-TorchServe and its workers.
+`tuneserve serve --serving-only` runs this. It is built from the full service's TorchServe parts
+(TorchServeProcess and its files, TorchServeSupervisor's watchdog, the management client) and a
+registry of its own, filled at start from the shared store (service.packaging.replica_models), and
+nothing else: no gRPC port, no training, no promotion gate (the control plane gated what it serves),
+and no torch in this process (TorchServe's workers load the models; the full backend's import chain
+costs seconds and hundreds of MB that a replica would never use).
+
+Ready means TorchServe's /ping says Healthy and every served model's default version has a ready
+worker, which GET /ready on --ready-port tells a load balancer (service.packaging.replica_ready).
+SIGTERM stops TorchServe and its workers.
 
 Everything the replica writes (TorchServe's config, keys, tmp and logs, its registry) is under
 settings.torchserve_dir, which must be its own (an emptyDir in Kubernetes); the model store
@@ -18,52 +21,91 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import dataclass
 from typing import Any
 
-from service.errors import FailedPrecondition
-from service.packaging.replica_models import (
-    ReplicaModels,
-    choose_models,
-    control_plane_registry,
-    write_registry,
-)
+from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from service.packaging.management import ManagementClient, RestClient
+from service.packaging.replica_models import choose_models, control_plane_registry, write_registry
 from service.packaging.replica_ready import ReadinessServer
-from service.packaging.torchserve_backend import TorchServeBackend
-from service.packaging.ts_config import inference_bind_host
+from service.packaging.served_registry import ServedRegistry
+from service.packaging.supervisor import TorchServeSupervisor
+from service.packaging.torchserve_process import TorchServeProcess
+from service.packaging.ts_config import inference_bind_host, management_url
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 REPLICA_REGISTRY = "replica_models.json"  # never the control plane's served_models.json
+READY_TIMEOUT_S = 300.0  # a model's first worker: a cold node loads torch and the weights
 
 
-@dataclass
 class ServingReplica:
-    """A started replica; `stop` stops TorchServe, then the readiness endpoint."""
+    """TorchServe, its watchdog, and the versions it must serve (registered again after a restart)."""
 
-    backend: TorchServeBackend
-    models: ReplicaModels
-    readiness: ReadinessServer | None = None
+    def __init__(self, settings: Settings, registry: ServedRegistry, *, worker_threads: int | None = None):
+        self.registry = registry
+        self.process = TorchServeProcess(settings, worker_threads=worker_threads)
+        self.supervisor = TorchServeSupervisor(self.process)
+        rest = RestClient(management_url(settings), "management", self.process.keys, self.process.renew_keys)
+        self.management = ManagementClient(rest)
+        self.readiness: ReadinessServer | None = None
 
-    def ready(self) -> bool:
-        """TorchServe answers /ping Healthy and every chosen model's default version has a ready worker."""
-        return all(self.backend.health().values())
+    def start(self) -> None:
+        """Start TorchServe with every version registered (blocks until their workers are ready)."""
+        self.supervisor.start(restore=self.register_all)
 
     def stop(self) -> None:
-        self.backend.stop()  # first: /ready turns 503 while TorchServe stops
+        self.supervisor.stop()  # first: /ready turns 503 while TorchServe stops
         if self.readiness is not None:
             self.readiness.stop()
         log.info("serving replica stopped")
+
+    def register_all(self) -> None:
+        """Register every version of the registry and set each default (after each TorchServe start)."""
+        for entry in self.registry.entries():
+            for version in entry.ordered_versions():
+                served = entry.versions[version]
+                try:
+                    self.management.register(
+                        served.archive, entry.name, batch_size=served.batch_size,
+                        max_batch_delay_ms=served.max_batch_delay_ms, workers=served.workers,
+                    )  # fmt: skip
+                    self.management.wait_ready(entry.name, version, READY_TIMEOUT_S)
+                except AlreadyExists:
+                    pass  # registered by an earlier pass of this start
+                except Exception:  # one bad archive must not keep the others from serving
+                    log.exception("could not serve %s version %s", entry.name, version)
+            try:
+                self.management.set_default(entry.name, entry.default)
+            except Exception:
+                log.exception("could not make version %s the default of %s", entry.default, entry.name)
+
+    def health(self) -> dict[str, bool]:
+        """`torchserve` (runs, /ping Healthy) and `torchserve/<model>` (its default has a ready worker)."""
+        alive = self.supervisor.alive()
+        status = {"torchserve": alive}
+        for entry in self.registry.entries():
+            status[f"torchserve/{entry.name}"] = alive and self._ready(entry.name, entry.default)
+        return status
+
+    def ready(self) -> bool:
+        return all(self.health().values())
+
+    def _ready(self, name: str, version: str) -> bool:
+        try:
+            return any(info.ready for info in self.management.describe(name, version))
+        except (NotFound, Unavailable):
+            return False
 
 
 def start_replica(
     settings: Settings, *, ready_port: int | None = None, worker_threads: int | None = None
 ) -> ServingReplica:
-    """Start TorchServe with the models chosen from the shared store registered (blocks until they are).
-    `ready_port`: serve GET /ready there (service.packaging.replica_ready), from before TorchServe starts."""
-    own = settings.torchserve_dir.resolve()
-    if own / "served_models.json" == control_plane_registry(settings.model_store):
+    """Choose the versions from the shared store, start TorchServe with them registered (blocks until
+    they are). `ready_port`: serve GET /ready there, from before TorchServe starts."""
+    if settings.torchserve_dir.resolve() / "served_models.json" == control_plane_registry(
+        settings.model_store
+    ):
         # same folder as a control plane: its TorchServe's pid file, keys and ports would be ours too
         log.warning(
             "serving-only with the control plane's own state folder %s: stop the full service first, or "
@@ -84,20 +126,17 @@ def start_replica(
         settings.model_store, models.source, names or "nothing (no archives found)",
     )  # fmt: skip
     settings.torchserve_dir.mkdir(parents=True, exist_ok=True)
-    backend = TorchServeBackend(settings, worker_threads=worker_threads)
-    # the backend's own registry file may be the control plane's (same state folder): never write it
-    backend.versions.registry = write_registry(models, settings.torchserve_dir / REPLICA_REGISTRY)
-    readiness = None
+    registry = write_registry(models, settings.torchserve_dir / REPLICA_REGISTRY)
+    replica = ServingReplica(settings, registry, worker_threads=worker_threads)
     if ready_port is not None:  # listening before TorchServe starts: the kubelet hears 503, not "refused"
-        readiness = ReadinessServer(inference_bind_host(settings), ready_port, backend.health)
-        readiness.start()
+        replica.readiness = ReadinessServer(inference_bind_host(settings), ready_port, replica.health)
+        replica.readiness.start()
     try:
-        backend.start()
+        replica.start()
     except BaseException:
-        if readiness is not None:
-            readiness.stop()
+        if replica.readiness is not None:
+            replica.readiness.stop()
         raise
-    replica = ServingReplica(backend, models, readiness)
     log.info("serving replica is ready: %s", "yes" if replica.ready() else "no (see TorchServe's logs)")
     return replica
 

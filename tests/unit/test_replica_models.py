@@ -7,14 +7,18 @@ The archives are zip files with only TorchServe's MAR-INF/MANIFEST.json: that is
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from service.errors import FailedPrecondition
-from service.packaging.replica_models import choose_models, write_registry
+from service.packaging.replica_models import choose_models, sha256_of, write_registry
 from service.packaging.served_registry import ServedRegistry, ServedVersion
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def fake_mar(path: Path, name: str, version: str) -> Path:
@@ -25,9 +29,11 @@ def fake_mar(path: Path, name: str, version: str) -> Path:
     return path
 
 
-def served(version: str, archive: str, batch_size: int = 4) -> ServedVersion:
+def served(version: str, archive: Path, batch_size: int = 4) -> ServedVersion:
+    """The control plane's record of serving `archive` (its SHA-256 as packaged; "0"s when it is gone)."""
+    sha256 = sha256_of(archive) if archive.exists() else "0" * 64
     return ServedVersion(
-        version=version, job_id=f"job-{version}", archive=archive, sha256="0" * 64, checkpoint="best.pt",
+        version=version, job_id=f"job-{version}", archive=archive.name, sha256=sha256, checkpoint="best.pt",
         batch_size=batch_size, max_batch_delay_ms=7, workers=2, top_k=3, served_at=0.0,
     )  # fmt: skip
 
@@ -57,8 +63,8 @@ def test_with_the_control_plane_registry_only_its_served_versions_with_its_batch
     for version in ("1", "2", "3"):
         fake_mar(store / f"pets-v{version}.mar", "pets", version)
     registry = ServedRegistry(tmp_path / "torchserve" / "served_models.json")
-    registry.add("pets", served("1", "pets-v1.mar", batch_size=16), make_default=True)
-    registry.add("pets", served("2", "pets-v2.mar"), make_default=False)  # rolled back to 1; 3 refused
+    registry.add("pets", served("1", store / "pets-v1.mar", batch_size=16), make_default=True)
+    registry.add("pets", served("2", store / "pets-v2.mar"), make_default=False)  # rolled back; 3 refused
     (entry,) = choose_models(store).entries
     assert (entry.ordered_versions(), entry.default) == (["1", "2"], "1")
     assert entry.versions["1"].batch_size == 16
@@ -69,8 +75,20 @@ def test_a_served_version_whose_archive_is_gone_is_left_out_and_the_default_move
     store.mkdir()
     fake_mar(store / "pets-v1.mar", "pets", "1")
     registry = ServedRegistry(tmp_path / "torchserve" / "served_models.json")
-    registry.add("pets", served("1", "pets-v1.mar"), make_default=False)
-    registry.add("pets", served("2", "pets-v2.mar"), make_default=True)
+    registry.add("pets", served("1", store / "pets-v1.mar"), make_default=False)
+    registry.add("pets", served("2", store / "pets-v2.mar"), make_default=True)
+    (entry,) = choose_models(store).entries
+    assert (entry.ordered_versions(), entry.default) == (["1"], "1")
+
+
+def test_a_served_version_whose_archive_changed_since_is_left_out(tmp_path: Path):
+    store = tmp_path / "model_store"
+    store.mkdir()
+    registry = ServedRegistry(tmp_path / "torchserve" / "served_models.json")
+    for version in ("1", "2"):
+        path = fake_mar(store / f"pets-v{version}.mar", "pets", version)
+        registry.add("pets", served(version, path), make_default=True)
+    fake_mar(store / "pets-v2.mar", "pets", "2.0")  # replaced behind the control plane's back
     (entry,) = choose_models(store).entries
     assert (entry.ordered_versions(), entry.default) == (["1"], "1")
 
@@ -86,7 +104,15 @@ def test_the_replicas_registry_is_replaced_not_merged(tmp_path: Path):
     fake_mar(store / "pets-v1.mar", "pets", "1")
     path = tmp_path / "replica" / "replica_models.json"
     stale = ServedRegistry(path)
-    stale.add("old", served("9", "old-v9.mar"), make_default=True)
+    stale.add("old", served("9", store / "old-v9.mar"), make_default=True)
     written = write_registry(choose_models(store), path)
     assert [e.name for e in written.entries()] == ["pets"]
     assert [e.name for e in ServedRegistry(path).entries()] == ["pets"]  # what a restart reads back
+
+
+def test_a_replica_never_imports_torch(tmp_path: Path):
+    """The replica's process supervises TorchServe; its workers load torch, it must not (seconds of
+    start-up and hundreds of MB per replica)."""
+    probe = "import sys, service.packaging.serving_only, service.cli.main; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.strip() == "False"
