@@ -386,6 +386,8 @@ def test_the_hpa_scales_the_serving_deployment_on_cpu_and_the_pods_request_cpu()
     assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["requests"]["cpu"]  # utilisation is a share of the request
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["OMP_NUM_THREADS"] == str(container["resources"]["requests"]["cpu"])  # a thread per CPU
     assert "replicas" not in deployment["spec"]  # the HPA owns the count; apply must not reset it
     assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
 
