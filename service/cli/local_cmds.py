@@ -15,6 +15,7 @@ from service.cli.options import connect, load_settings, out
 from service.errors import TuneserveError
 
 DEFAULT_READY_PORT = 8090  # a serving replica's GET /ready (docker/k8s/serving-deployment.yaml probes it)
+DEFAULT_SYNC_INTERVAL_S = 30.0  # how soon a replica serves what the control plane newly serves
 
 
 def serve(
@@ -38,6 +39,14 @@ def serve(
             "loaded (0: no readiness endpoint)",
         ),
     ] = DEFAULT_READY_PORT,
+    sync_interval: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="--serving-only: look at the model store's served versions this often (seconds) and "
+            "serve what changed (0: only what is there at start)",
+        ),
+    ] = DEFAULT_SYNC_INTERVAL_S,
     model_store: Annotated[
         Path | None,
         typer.Option(
@@ -59,7 +68,7 @@ def serve(
                 )
             from service.packaging.serving_only import run_serving_only  # deferred: as below
 
-            run_serving_only(settings, ready_port=ready_port or None)
+            run_serving_only(settings, ready_port=ready_port or None, sync_interval_s=sync_interval)
             return
         from service.app import run_service  # deferred: the client commands must start fast
 

@@ -9,7 +9,8 @@ versions it registers is decided once, at start:
 - otherwise (an exported folder's `model-store/`, or archives copied by hand) every archive in the
   store, grouped by the model name in its manifest, the highest version the default, batching as a
   job spec's defaults.
-A new version reaches the replicas when they restart (a rolling restart of their Deployment).
+A replica started with a sync interval asks again at that interval and serves what changed
+(service.packaging.serving_only.ServingReplica.sync); one without, when it restarts.
 
 Only the standard library and the registry's records: the replica's process never imports torch
 (service.packaging.archiver does, at module level, so its manifest reader is not used here).
@@ -17,6 +18,7 @@ Only the standard library and the registry's records: the replica's process neve
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -126,4 +128,14 @@ def sha256_of(path: Path) -> str:
 
 
 def _unchanged(path: Path, sha256: str) -> bool:
-    return path.is_file() and sha256_of(path) == sha256
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return _cached_sha256(str(path), stat.st_mtime_ns, stat.st_size) == sha256
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
+    # a replica that follows the store looks every few seconds: hash an archive once, not each time
+    return sha256_of(Path(path))

@@ -7,6 +7,9 @@ nothing else: no gRPC port, no training, no promotion gate (the control plane ga
 and no torch in this process (TorchServe's workers load the models; the full backend's import chain
 costs seconds and hundreds of MB that a replica would never use).
 
+With a sync interval the replica follows the store: a version the control plane starts serving is
+registered (and ready) before it becomes the default; one it stops serving is unregistered.
+
 Ready means TorchServe's /ping says Healthy and every served model's default version has a ready
 worker, which GET /ready on --ready-port tells a load balancer (service.packaging.replica_ready).
 SIGTERM stops TorchServe and its workers.
@@ -27,7 +30,7 @@ from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavaila
 from service.packaging.management import ManagementClient, RestClient
 from service.packaging.replica_models import choose_models, control_plane_registry, write_registry
 from service.packaging.replica_ready import ReadinessServer
-from service.packaging.served_registry import ServedRegistry
+from service.packaging.served_registry import ServedRegistry, ServedVersion
 from service.packaging.supervisor import TorchServeSupervisor
 from service.packaging.torchserve_process import TorchServeProcess
 from service.packaging.ts_config import inference_bind_host, management_url
@@ -43,18 +46,30 @@ class ServingReplica:
     """TorchServe, its watchdog, and the versions it must serve (registered again after a restart)."""
 
     def __init__(self, settings: Settings, registry: ServedRegistry, *, worker_threads: int | None = None):
+        self.model_store = settings.model_store
         self.registry = registry
         self.process = TorchServeProcess(settings, worker_threads=worker_threads)
         self.supervisor = TorchServeSupervisor(self.process)
         rest = RestClient(management_url(settings), "management", self.process.keys, self.process.renew_keys)
         self.management = ManagementClient(rest)
         self.readiness: ReadinessServer | None = None
+        self._stopping = threading.Event()
+        self._syncer: threading.Thread | None = None
 
-    def start(self) -> None:
-        """Start TorchServe with every version registered (blocks until their workers are ready)."""
+    def start(self, sync_interval_s: float = 0.0) -> None:
+        """Start TorchServe with every version registered (blocks until their workers are ready); with
+        `sync_interval_s`, follow the shared store's served versions at that interval (see `sync`)."""
         self.supervisor.start(restore=self.register_all)
+        if sync_interval_s > 0:
+            self._syncer = threading.Thread(
+                target=self._follow, args=(sync_interval_s,), name="replica-sync", daemon=True
+            )
+            self._syncer.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._syncer is not None:
+            self._syncer.join(timeout=READY_TIMEOUT_S)
         self.supervisor.stop()  # first: /ready turns 503 while TorchServe stops
         if self.readiness is not None:
             self.readiness.stop()
@@ -80,6 +95,66 @@ class ServingReplica:
             except Exception:
                 log.exception("could not make version %s the default of %s", entry.default, entry.name)
 
+    def sync(self) -> None:
+        """Serve what the shared store says now: new versions are registered and ready before they
+        become the default, defaults move, versions no longer served are unregistered last."""
+        wanted = {entry.name: entry for entry in choose_models(self.model_store).entries}
+        with self.supervisor.lock:  # never while the watchdog restarts TorchServe
+            if not self.supervisor.is_running():
+                return  # the watchdog's restart registers the registry; the next sync catches up
+            for name, entry in wanted.items():
+                have = self.registry.get(name)
+                for version in entry.ordered_versions():
+                    if have is None or version not in have.versions:
+                        self._add(name, entry.versions[version])
+                served = self.registry.get(name)
+                if (
+                    served is not None
+                    and entry.default in served.versions
+                    and served.default != entry.default
+                ):
+                    self.management.set_default(name, entry.default)
+                    self.registry.set_default(name, entry.default)
+                    log.info("%s: default version is now %s", name, entry.default)
+            for served in self.registry.entries():
+                keep = wanted[served.name].versions if served.name in wanted else {}
+                # the default last: TorchServe keeps a model's default while it has other versions
+                for version in sorted(set(served.versions) - set(keep), key=lambda v: v == served.default):
+                    self._remove(served.name, version)
+
+    def _add(self, name: str, served: ServedVersion) -> None:
+        try:
+            self.management.register(
+                served.archive, name, batch_size=served.batch_size,
+                max_batch_delay_ms=served.max_batch_delay_ms, workers=served.workers,
+            )  # fmt: skip
+            self.management.wait_ready(name, served.version, READY_TIMEOUT_S)
+        except AlreadyExists:
+            pass
+        except Exception:
+            log.exception("could not serve %s version %s; the next sync tries again", name, served.version)
+            return
+        self.registry.add(name, served, make_default=False)
+        log.info("%s: serving version %s", name, served.version)
+
+    def _remove(self, name: str, version: str) -> None:
+        try:
+            self.management.unregister(name, version)
+        except NotFound:
+            pass
+        except Exception:
+            log.exception("could not stop serving %s version %s; the next sync tries again", name, version)
+            return
+        self.registry.remove(name, version)
+        log.info("%s: version %s is no longer served", name, version)
+
+    def _follow(self, interval_s: float) -> None:
+        while not self._stopping.wait(interval_s):
+            try:
+                self.sync()
+            except Exception:  # e.g. the shared volume is briefly unreadable: keep serving what we have
+                log.exception("could not follow the model store %s", self.model_store)
+
     def health(self) -> dict[str, bool]:
         """`torchserve` (runs, /ping Healthy) and `torchserve/<model>` (its default has a ready worker)."""
         alive = self.supervisor.alive()
@@ -99,10 +174,15 @@ class ServingReplica:
 
 
 def start_replica(
-    settings: Settings, *, ready_port: int | None = None, worker_threads: int | None = None
+    settings: Settings,
+    *,
+    ready_port: int | None = None,
+    sync_interval_s: float = 0.0,
+    worker_threads: int | None = None,
 ) -> ServingReplica:
     """Choose the versions from the shared store, start TorchServe with them registered (blocks until
-    they are). `ready_port`: serve GET /ready there, from before TorchServe starts."""
+    they are). `ready_port`: serve GET /ready there, from before TorchServe starts. `sync_interval_s`:
+    follow the store's served versions at that interval (0: only those found at start)."""
     if settings.torchserve_dir.resolve() / "served_models.json" == control_plane_registry(
         settings.model_store
     ):
@@ -132,7 +212,7 @@ def start_replica(
         replica.readiness = ReadinessServer(inference_bind_host(settings), ready_port, replica.health)
         replica.readiness.start()
     try:
-        replica.start()
+        replica.start(sync_interval_s)
     except BaseException:
         if replica.readiness is not None:
             replica.readiness.stop()
@@ -141,7 +221,9 @@ def start_replica(
     return replica
 
 
-def run_serving_only(settings: Settings, *, ready_port: int | None = None) -> None:
+def run_serving_only(
+    settings: Settings, *, ready_port: int | None = None, sync_interval_s: float = 0.0
+) -> None:
     """Run a serving replica until SIGTERM or SIGINT, then stop TorchServe."""
     stop = threading.Event()
 
@@ -157,6 +239,6 @@ def run_serving_only(settings: Settings, *, ready_port: int | None = None) -> No
             "serve --serving-only runs TorchServe alone, and TUNESERVE_TORCHSERVE_ENABLED is false; "
             "unset it (or set it to true)"
         )
-    replica = start_replica(settings, ready_port=ready_port)
+    replica = start_replica(settings, ready_port=ready_port, sync_interval_s=sync_interval_s)
     stop.wait()
     replica.stop()

@@ -6,7 +6,8 @@ from `torchserve/served_models.json`, the control plane's real registry file). T
 own state folder and the store through --model-store, as in docker/k8s/serving-deployment.yaml.
 It serves version 1 only, answers REST predictions equal to version 1's checkpoint in this process,
 says ready (GET /ready) only once a prediction succeeds, opens no job API port, writes nothing into
-the store, and stops TorchServe on SIGTERM.
+the store, follows the control plane when it starts and stops serving version 2, and stops TorchServe
+on SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ports import free_ports
 
 from handlers.inference import ImageClassifier
 from service.packaging.archiver import build_archive
+from service.packaging.replica_models import sha256_of
 from service.packaging.served_registry import ServedRegistry, ServedVersion
 
 pytestmark = [
@@ -93,6 +95,7 @@ def replica(
     command = [
         sys.executable, "-m", "service.cli.main", "serve", "--serving-only",
         "--model-store", str(control_plane / "model_store"), "--ready-port", str(ready),
+        "--sync-interval", "1",
     ]  # fmt: skip
     log_path = root / "replica.log"
     with open(log_path, "wb") as log:
@@ -195,6 +198,50 @@ def test_the_job_api_port_is_not_listening_and_no_job_store_is_made(replica: dic
 def test_the_shared_store_is_only_read(replica: dict[str, Any], control_plane: Path):
     assert sorted(p.name for p in (control_plane / "model_store").iterdir()) == ["pets-v1.mar", "pets-v2.mar"]
     assert sorted(p.name for p in (control_plane / "torchserve").iterdir()) == ["served_models.json"]
+
+
+def answers_of(checkpoint: Path, images: list[bytes]) -> list[Any]:
+    classifier = ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
+    return json.loads(json.dumps([classifier.handle([image])[0] for image in images]))
+
+
+def wait_for(condition: Any, timeout_s: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def test_the_replica_follows_the_control_plane_serving_then_dropping_a_version(
+    replica: dict[str, Any], control_plane: Path, serving_checkpoint: Path, serving_images: list[bytes]
+):
+    # runs after the tests above: it changes what the control plane serves
+    url, store = replica["url"], control_plane / "model_store"
+    registry = ServedRegistry(control_plane / "torchserve" / "served_models.json")
+    v1 = answers_of(serving_checkpoint, serving_images)
+    v2 = answers_of(control_plane / "refused" / "best.pt", serving_images)
+    assert v1 != v2  # else the test could not tell them apart
+    served_v2 = ServedVersion(
+        version="2", job_id="job-2", archive="pets-v2.mar", sha256=sha256_of(store / "pets-v2.mar"),
+        checkpoint="best.pt", batch_size=1, max_batch_delay_ms=0, workers=1, top_k=3, served_at=time.time(),
+    )  # fmt: skip
+    registry.add("pets", served_v2, make_default=True)  # the control plane served and promoted v2
+    wait_for(
+        lambda: http_status(f"{url}/predictions/pets", serving_images[0]) == 200
+        and predict(f"{url}/predictions/pets", serving_images[0]) == v2[0],
+        180, "the replica did not make version 2 its default", replica["log"],
+    )  # fmt: skip
+    assert [predict(f"{url}/predictions/pets", image) for image in serving_images] == v2
+    assert [predict(f"{url}/predictions/pets/1", image) for image in serving_images] == v1
+
+    registry.remove("pets", "2")  # and rolled back: version 2 unserved, 1 the default again
+    wait_for(
+        lambda: http_status(f"{url}/predictions/pets/2", serving_images[0]) == 404,
+        60, "the replica still serves version 2", replica["log"],
+    )  # fmt: skip
+    assert [predict(f"{url}/predictions/pets", image) for image in serving_images] == v1
+    assert http_status(replica["ready_url"]) == 200
 
 
 def test_sigterm_stops_torchserve_and_exits_zero(replica: dict[str, Any]):
