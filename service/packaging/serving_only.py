@@ -21,6 +21,7 @@ settings.torchserve_dir, which must be its own (an emptyDir in Kubernetes); the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -68,7 +69,7 @@ class ServingReplica:
 
     def stop(self) -> None:
         self._stopping.set()
-        if self._syncer is not None:
+        if self._syncer is not None:  # a sync loading a new version finishes it first (bounded)
             self._syncer.join(timeout=READY_TIMEOUT_S)
         self.supervisor.stop()  # first: /ready turns 503 while TorchServe stops
         if self.readiness is not None:
@@ -79,15 +80,8 @@ class ServingReplica:
         """Register every version of the registry and set each default (after each TorchServe start)."""
         for entry in self.registry.entries():
             for version in entry.ordered_versions():
-                served = entry.versions[version]
                 try:
-                    self.management.register(
-                        served.archive, entry.name, batch_size=served.batch_size,
-                        max_batch_delay_ms=served.max_batch_delay_ms, workers=served.workers,
-                    )  # fmt: skip
-                    self.management.wait_ready(entry.name, version, READY_TIMEOUT_S)
-                except AlreadyExists:
-                    pass  # registered by an earlier pass of this start
+                    self._register(entry.name, entry.versions[version])
                 except Exception:  # one bad archive must not keep the others from serving
                     log.exception("could not serve %s version %s", entry.name, version)
             try:
@@ -124,18 +118,21 @@ class ServingReplica:
 
     def _add(self, name: str, served: ServedVersion) -> None:
         try:
-            self.management.register(
-                served.archive, name, batch_size=served.batch_size,
-                max_batch_delay_ms=served.max_batch_delay_ms, workers=served.workers,
-            )  # fmt: skip
-            self.management.wait_ready(name, served.version, READY_TIMEOUT_S)
-        except AlreadyExists:
-            pass
+            self._register(name, served)
         except Exception:
             log.exception("could not serve %s version %s; the next sync tries again", name, served.version)
             return
         self.registry.add(name, served, make_default=False)
         log.info("%s: serving version %s", name, served.version)
+
+    def _register(self, name: str, served: ServedVersion) -> None:
+        """Register one version and wait until a worker is ready (one registered already is fine)."""
+        with contextlib.suppress(AlreadyExists):
+            self.management.register(
+                served.archive, name, batch_size=served.batch_size,
+                max_batch_delay_ms=served.max_batch_delay_ms, workers=served.workers,
+            )  # fmt: skip
+        self.management.wait_ready(name, served.version, READY_TIMEOUT_S)
 
     def _remove(self, name: str, version: str) -> None:
         try:
