@@ -244,6 +244,23 @@ def test_the_replica_follows_the_control_plane_serving_then_dropping_a_version(
     assert http_status(replica["ready_url"]) == 200
 
 
+def test_torchserve_killed_is_restarted_with_the_replicas_models(
+    replica: dict[str, Any], serving_checkpoint: Path, serving_images: list[bytes]
+):
+    pid_file = replica["root"] / "state" / "torchserve" / "tmp" / ".model_server.pid"
+    java = psutil.Process(int(pid_file.read_text().split()[0]))
+    java.kill()  # the JVM dies: the supervisor's watchdog restarts TorchServe and registers the models
+    java.wait(30)
+    wait_for(lambda: http_status(replica["ready_url"]) == 503, 30, "/ready did not notice", replica["log"])
+    wait_for(
+        lambda: http_status(replica["ready_url"]) == 200, 240, "the replica did not come back", replica["log"]
+    )
+    assert [predict(f"{replica['url']}/predictions/pets", image) for image in serving_images] == answers_of(
+        serving_checkpoint, serving_images
+    )
+    assert "TorchServe died; restarting it" in replica["log"].read_text()
+
+
 def test_sigterm_stops_torchserve_and_exits_zero(replica: dict[str, Any]):
     # last in this module: it ends the replica the tests above share
     pid_file = replica["root"] / "state" / "torchserve" / "tmp" / ".model_server.pid"
