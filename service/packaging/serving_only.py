@@ -93,6 +93,13 @@ class ServingReplica:
         """Serve what the shared store says now: new versions are registered and ready before they
         become the default, defaults move, versions no longer served are unregistered last."""
         wanted = {entry.name: entry for entry in choose_models(self.model_store).entries}
+        if not wanted and self.registry.entries():
+            # more likely a shared volume that lists empty for a moment than a control plane that
+            # unserved everything at once: keep serving (a restart starts from what is there)
+            log.warning(
+                "the model store %s offers nothing to serve now; keeping what is served", self.model_store
+            )
+            return
         with self.supervisor.lock:  # never while the watchdog restarts TorchServe
             if not self.supervisor.is_running():
                 return  # the watchdog's restart registers the registry; the next sync catches up
