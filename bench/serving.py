@@ -6,26 +6,29 @@ packaged and deployed by service.packaging's TorchServeBackend twice: `single` (
 `batched` (batch_size 8, max_batch_delay 5 ms). Requests are one PNG each, through TorchServe's REST
 inference API with its token. The baseline: the handler (handlers.inference.ImageClassifier) called
 in this process, one image at a time, which is what a request costs without any server around it.
+
+`exported_vs_service` (bench/serving_export.py): the same checkpoint exported and served by plain
+TorchServe (KServe's command) vs a serving replica (`tuneserve serve --serving-only`): cold start of
+each and their req/s ratio at concurrency 32. `--only-export` runs that part alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from bench.common import free_ports, make_image_folder, percentile, png_bytes, ratio, torch_threads
+from bench.serving_export import compare, load
 
 NAME = "serving"
 CONCURRENCY = (1, 8, 32)
 MODES = {"single": (1, 0), "batched": (8, 5)}  # name -> (batch_size, max_batch_delay_ms)
 
 
-def run(*, quick: bool) -> dict[str, Any]:
+def run(*, quick: bool, only_export: bool = False) -> dict[str, Any]:
     import torch
 
     from handlers.inference import ImageClassifier
@@ -39,6 +42,14 @@ def run(*, quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp, torch_threads(1):
         root = Path(tmp)
         checkpoint = _trained_checkpoint(root)
+        export_rounds, export_per_client = (2, 3) if quick else (6, 10)
+        if only_export:
+            export = compare(checkpoint, root, images, rounds=export_rounds, per_client=export_per_client)
+            return {
+                "benchmark": NAME,
+                "requests_per_client": export_per_client,
+                "exported_vs_service": export,
+            }
         ports = free_ports(5)
         settings = Settings.model_validate(
             {
@@ -64,22 +75,22 @@ def run(*, quick: bool) -> dict[str, Any]:
                 backend.deploy(archive, job_id=f"bench-{mode}", checkpoint=checkpoint, serving=serving)
                 url = f"{inference_url(settings)}/predictions/{mode}"
                 key = backend.process.keys().inference
-                _load(url, key, images, 1, 3)  # warm-up: the worker's first calls are slower
-                results[mode] = {
-                    f"c{c}": _load(url, key, images, c, requests_per_client) for c in CONCURRENCY
-                }
+                load(url, key, images, 1, 3)  # warm-up: the worker's first calls are slower
+                results[mode] = {f"c{c}": load(url, key, images, c, requests_per_client) for c in CONCURRENCY}
                 for stats in results[mode].values():
                     stats["throughput_vs_in_process"] = round(
                         ratio(stats["req_per_s"], in_process["req_per_s"]), 3
                     )
         finally:
             backend.stop()
+        export = compare(checkpoint, root, images, rounds=export_rounds, per_client=export_per_client)
     return {
         "benchmark": NAME,
         "model": "mobilenet_v3_small (random init, 1 epoch), 64 px PNG requests",
         "requests_per_client": requests_per_client,
         "in_process": in_process,
         **results,
+        "exported_vs_service": export,
     }
 
 
@@ -128,49 +139,14 @@ def _in_process(classifier: Any, images: list[bytes], count: int) -> dict[str, f
     }
 
 
-def _load(url: str, key: str, images: list[bytes], clients: int, per_client: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-
-    def client(k: int) -> None:
-        for i in range(per_client):
-            body = images[(k * per_client + i) % len(images)]
-            headers = {"Content-Type": "application/octet-stream", "Authorization": f"Bearer {key}"}
-            started = time.perf_counter()
-            try:
-                request = urllib.request.Request(url, data=body, headers=headers)
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    response.read()
-            except OSError:
-                with lock:
-                    errors[0] += 1
-                continue
-            with lock:
-                latencies.append((time.perf_counter() - started) * 1000)
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - began
-    return {
-        "req_per_s": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(percentile(latencies, 50), 2),
-        "p99_ms": round(percentile(latencies, 99), 2),
-        "errors": errors[0],
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only-export", action="store_true", help="only the exported-vs-service part")
     args = parser.parse_args(argv)
     from bench.common import emit
 
-    emit(run(quick=args.quick))
+    emit(run(quick=args.quick, only_export=args.only_export))
 
 
 if __name__ == "__main__":

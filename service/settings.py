@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     weights_root: Path | None = Field(
         None, description="a job's model.weights_file must be under this folder; default <state_dir>/weights"
     )
+    model_store_dir: Path | None = Field(
+        None,
+        description="the model store (archives); default <state_dir>/model_store. A serving replica "
+        "(serve --serving-only) points it at the control plane's store on a shared volume",
+    )
 
     # gRPC API
     host: str = "127.0.0.1"
@@ -210,7 +215,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def model_store(self) -> Path:
-        return self.state_dir / "model_store"
+        return self.model_store_dir if self.model_store_dir is not None else self.state_dir / "model_store"
 
     @cached_property
     def torchserve_dir(self) -> Path:

@@ -106,7 +106,10 @@ def cluster_serving_runtime(request: ExportRequest) -> dict[str, Any]:
                     ],
                     "ports": [{"name": "http1", "containerPort": INFERENCE_PORT, "protocol": "TCP"}],
                     # not an httpGet of /ping: with token authorization TorchServe answers it 400
-                    # without the key; it opens its ports once the snapshot's model is loaded
+                    # without the key. Neither is exact: TorchServe 0.12 opens its port and says
+                    # Healthy on /ping before the snapshot's worker has loaded the model (12.6 s
+                    # before the first answer, measured here); requests sent meanwhile wait in its
+                    # queue and are answered once the worker is up (notes/serving.md)
                     "readinessProbe": {"tcpSocket": {"port": INFERENCE_PORT}},
                     "resources": RESOURCES,
                     "securityContext": {

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -344,3 +345,117 @@ def test_grace_periods_outlast_the_drain() -> None:
     # The margin covers TorchServe's stop after the drain.
     assert seconds(pod["terminationGracePeriodSeconds"]) >= drain_s + 30
     assert seconds(compose["stop_grace_period"]) >= drain_s + 30
+
+
+# ---- Kubernetes: serving replicas (serve --serving-only) ----
+
+SERVING_MANIFESTS = (
+    "serving-deployment.yaml",
+    "serving-service.yaml",
+    "serving-hpa.yaml",
+    "serving-pdb.yaml",
+)
+
+
+def load(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((K8S / name).read_text())
+    return document
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """A matchLabels (or a Service's) selector picks a pod with these labels."""
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+@pytest.mark.parametrize("name", SERVING_MANIFESTS)
+def test_each_serving_manifest_exists_validates_strictly_and_is_applied(name: str) -> None:
+    assert K8S / name in MANIFESTS  # so the glob-driven checks above cover it too
+    result = kubernetes_validate(K8S / name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert name in yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+
+
+def test_the_hpa_scales_the_serving_deployment_on_cpu_and_the_pods_request_cpu() -> None:
+    hpa, deployment = load("serving-hpa.yaml"), load("serving-deployment.yaml")
+    assert (hpa["apiVersion"], hpa["kind"]) == ("autoscaling/v2", "HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        deployment["apiVersion"], deployment["kind"], deployment["metadata"]["name"],
+    )  # fmt: skip
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"]  # utilisation is a share of the request
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["OMP_NUM_THREADS"] == str(container["resources"]["requests"]["cpu"])  # a thread per CPU
+    assert "replicas" not in deployment["spec"]  # the HPA owns the count; apply must not reset it
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_the_pdb_and_the_service_select_the_serving_pods_and_only_them() -> None:
+    serving_pod = load("serving-deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    control_pod = load("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    pdb = load("serving-pdb.yaml")
+    assert (pdb["apiVersion"], pdb["kind"]) == ("policy/v1", "PodDisruptionBudget")
+    serving_selectors = {
+        "pdb": pdb["spec"]["selector"]["matchLabels"],
+        "service": load("serving-service.yaml")["spec"]["selector"],
+        "deployment": load("serving-deployment.yaml")["spec"]["selector"]["matchLabels"],
+    }
+    for name, selector in serving_selectors.items():
+        assert selects(selector, serving_pod), name
+        assert not selects(selector, control_pod), name
+    # and the control plane's Deployment and Service never pick up a serving pod
+    for selector in (
+        load("deployment.yaml")["spec"]["selector"]["matchLabels"],
+        load("service.yaml")["spec"]["selector"],
+    ):
+        assert not selects(selector, serving_pod)
+    assert pdb["spec"]["minAvailable"] < load("serving-hpa.yaml")["spec"]["minReplicas"]  # drains can proceed
+
+
+def test_the_training_control_plane_keeps_one_replica() -> None:
+    spec = load("deployment.yaml")["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"  # never two writers of the jobs database
+
+
+def test_serving_pods_run_serving_only_over_the_state_volume_read_only_as_non_root() -> None:
+    pod = load("serving-deployment.yaml")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"][0] == "--serving-only"
+    assert container["image"] == load("deployment.yaml")["spec"]["template"]["spec"]["containers"][0]["image"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # the model store is on the control plane's state claim, mounted read-only
+    (state,) = [n for n, v in volumes.items() if "persistentVolumeClaim" in v]
+    assert volumes[state]["persistentVolumeClaim"] == {"claimName": "tuneserve-state", "readOnly": True}
+    assert mounts[state]["readOnly"] is True
+    assert Path(env["TUNESERVE_MODEL_STORE_DIR"]).is_relative_to(mounts[state]["mountPath"])
+    # what the replica writes is on emptyDirs: its state folder (TorchServe's tmp, logs) and /tmp
+    for folder in (env["TUNESERVE_STATE_DIR"], "/tmp"):
+        (mount,) = [m for m in mounts.values() if Path(folder).is_relative_to(m["mountPath"])]
+        assert "emptyDir" in volumes[mount["name"]] and not mount.get("readOnly", False)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    user = [a for n, a in dockerfile_instructions() if n == "USER"][-1]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert f"{pod['securityContext']['runAsUser']}:{pod['securityContext']['runAsGroup']}" == user
+
+
+def test_serving_probes_ready_on_the_replicas_endpoint_and_live_on_torchserves_ping() -> None:
+    (container,) = load("serving-deployment.yaml")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    inference = Settings.model_construct().torchserve_inference_port  # the replica's TorchServe listens here
+    assert "TUNESERVE_TORCHSERVE_INFERENCE_PORT" not in env and ports["inference"] == inference
+    assert env["TUNESERVE_TORCHSERVE_INFERENCE_HOST"] == "0.0.0.0"  # the kubelet reaches it on the pod IP
+    assert f"--ready-port={ports['ready']}" in container["args"]
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ready", "port": "ready"}, probe
+    # /ping without a key: only when TorchServe's token authorization is off
+    assert container["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+    assert env["TUNESERVE_TORCHSERVE_TOKEN_AUTH"] == "false"
+    service_ports = {p["name"]: p["targetPort"] for p in load("serving-service.yaml")["spec"]["ports"]}
+    assert set(service_ports.values()) <= set(ports) - {"ready"}
