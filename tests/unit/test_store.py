@@ -1,17 +1,27 @@
-"""The job store: idempotent creation, paging, the state machine, events, results, several processes."""
+"""The job store: idempotent creation, paging, the state machine, events, results, several processes.
+
+Every test runs on each backend: raw sqlite3 (the default), SQLite through SQLAlchemy (a
+`sqlite:///` URL), and a real PostgreSQL cluster (tests/pg.py) through SQLAlchemy and psycopg.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.jobs.store import JobStore
 from service.records import EventKind, JobState
 from service.spec import JobSpec
+from tests.pg import postgres_database, postgres_server  # noqa: F401  (fixtures)
+
+BACKENDS = ["sqlite", "sqlalchemy-sqlite", "postgresql"]
 
 
 def make_spec(name: str = "job", **training: Any) -> JobSpec:
@@ -20,9 +30,27 @@ def make_spec(name: str = "job", **training: Any) -> JobSpec:
     )
 
 
+@pytest.fixture(params=BACKENDS)
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """Where a test's store lives: a SQLite path, or a URL (PostgreSQL: this module's database, emptied
+    after each test)."""
+    if request.param == "sqlite":
+        yield tmp_path / "jobs.sqlite3"
+    elif request.param == "sqlalchemy-sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    else:
+        url = request.getfixturevalue("postgres_database")
+        yield url
+        with (
+            psycopg.connect(url, autocommit=True) as conn,
+            contextlib.suppress(psycopg.errors.UndefinedTable),
+        ):
+            conn.execute("TRUNCATE events, jobs, write_probe RESTART IDENTITY")
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    db = JobStore(tmp_path / "jobs.sqlite3")
+def store(location: Path | str) -> Iterator[JobStore]:
+    db = JobStore(location)
     yield db
     db.close()
 
@@ -180,18 +208,22 @@ def test_the_state_at_a_sequence_number_follows_the_state_events(store: JobStore
     assert [store.state_at(job.id, seq) for seq in (1, 2, 3, 4)] == ["QUEUED", "QUEUED", "RUNNING", "RUNNING"]
 
 
-def _append_many(db_path: str, job_id: str, count: int) -> None:
-    store = JobStore(Path(db_path))
+def _open(target: Path | str) -> JobStore:
+    return JobStore(target)
+
+
+def _append_many(target: Path | str, job_id: str, count: int) -> None:
+    store = _open(target)
     for i in range(count):
         store.append_event(job_id, EventKind.PROGRESS, f"step {i}")
     store.close()
 
 
-def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(location: Path | str) -> None:
+    store = JobStore(location)
     job = store.create_job(make_spec())
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_append_many, args=(str(store.path), job.id, 40)) for _ in range(3)]
+    workers = [context.Process(target=_append_many, args=(location, job.id, 40)) for _ in range(3)]
     for w in workers:
         w.start()
     for w in workers:
@@ -201,12 +233,12 @@ def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(tmp_p
     store.close()
 
 
-def test_jobs_and_events_survive_reopening(tmp_path: Path) -> None:
-    first = JobStore(tmp_path / "jobs.sqlite3")
+def test_jobs_and_events_survive_reopening(location: Path | str) -> None:
+    first = JobStore(location)
     job = first.create_job(make_spec(), "k")
     first.append_event(job.id, EventKind.INFO, "remember me", {"x": [1, 2]})
     first.close()
-    second = JobStore(tmp_path / "jobs.sqlite3")
+    second = JobStore(location)
     assert second.get_job(job.id) == job
     assert second.events_after(job.id)[-1].data == {"x": [1, 2]}
     second.close()
