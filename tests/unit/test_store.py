@@ -6,53 +6,15 @@ Every test runs on each backend: raw sqlite3 (the default), SQLite through SQLAl
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.jobs.store import JobStore
 from service.records import EventKind, JobState
-from service.spec import JobSpec
-from tests.pg import postgres_database, postgres_server  # noqa: F401  (fixtures)
-
-BACKENDS = ["sqlite", "sqlalchemy-sqlite", "postgresql"]
-
-
-def make_spec(name: str = "job", **training: Any) -> JobSpec:
-    return JobSpec.model_validate(
-        {"name": name, "model": {"architecture": "resnet18"}, "data": {"path": "ds"}, "training": training}
-    )
-
-
-@pytest.fixture(params=BACKENDS)
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
-    """Where a test's store lives: a SQLite path, or a URL (PostgreSQL: this module's database, emptied
-    after each test)."""
-    if request.param == "sqlite":
-        yield tmp_path / "jobs.sqlite3"
-    elif request.param == "sqlalchemy-sqlite":
-        yield f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        yield url
-        with (
-            psycopg.connect(url, autocommit=True) as conn,
-            contextlib.suppress(psycopg.errors.UndefinedTable),
-        ):
-            conn.execute("TRUNCATE events, jobs, write_probe RESTART IDENTITY")
-
-
-@pytest.fixture
-def store(location: Path | str) -> Iterator[JobStore]:
-    db = JobStore(location)
-    yield db
-    db.close()
+from tests.store_backends import make_spec
 
 
 def test_a_new_job_is_queued_with_a_first_state_event(store: JobStore) -> None:
@@ -219,11 +181,13 @@ def _append_many(target: Path | str, job_id: str, count: int) -> None:
     store.close()
 
 
-def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(location: Path | str) -> None:
-    store = JobStore(location)
+def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(
+    store_location: Path | str,
+) -> None:
+    store = JobStore(store_location)
     job = store.create_job(make_spec())
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_append_many, args=(location, job.id, 40)) for _ in range(3)]
+    workers = [context.Process(target=_append_many, args=(store_location, job.id, 40)) for _ in range(3)]
     for w in workers:
         w.start()
     for w in workers:
@@ -233,12 +197,12 @@ def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(locat
     store.close()
 
 
-def test_jobs_and_events_survive_reopening(location: Path | str) -> None:
-    first = JobStore(location)
+def test_jobs_and_events_survive_reopening(store_location: Path | str) -> None:
+    first = JobStore(store_location)
     job = first.create_job(make_spec(), "k")
     first.append_event(job.id, EventKind.INFO, "remember me", {"x": [1, 2]})
     first.close()
-    second = JobStore(location)
+    second = JobStore(store_location)
     assert second.get_job(job.id) == job
     assert second.events_after(job.id)[-1].data == {"x": [1, 2]}
     second.close()
