@@ -65,7 +65,7 @@ class SqlAlchemyDatabase:
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url)
         self.dialect = self.engine.dialect.name
-        self.display_url = self.engine.url.render_as_string(hide_password=True)
+        self.display_url = mask(url)  # as the user wrote it, not with the driver SQLAlchemy was given
         self._postgres = self.dialect == "postgresql"
         # reads need no transaction: each statement sees the latest commits, and no ROLLBACK round trip
         self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
