@@ -64,11 +64,12 @@ class SqlAlchemyDatabase:
 
     def __init__(self, url: str) -> None:
         self.engine = create_engine(url)
+        # reads need no transaction: each statement sees the latest commits, with no BEGIN or ROLLBACK
+        # round trip. A pool of its own, so its connections stay in autocommit instead of switching
+        self._reader = create_engine(url, autocommit=True)
         self.dialect = self.engine.dialect.name
         self.display_url = mask(url)  # as the user wrote it, not with the driver SQLAlchemy was given
         self._postgres = self.dialect == "postgresql"
-        # reads need no transaction: each statement sees the latest commits, and no ROLLBACK round trip
-        self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision; a database that cannot be reached is Unavailable."""
@@ -87,6 +88,7 @@ class SqlAlchemyDatabase:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._reader.dispose()
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -99,8 +101,9 @@ class SqlAlchemyDatabase:
             raise
 
 
-def create_engine(url: str) -> sa.Engine:
-    """An engine for `url` (postgresql:// or sqlite:///); a URL of another kind is InvalidArgument."""
+def create_engine(url: str, *, autocommit: bool = False) -> sa.Engine:
+    """An engine for `url` (postgresql:// or sqlite:///); a URL of another kind is InvalidArgument.
+    `autocommit`: every statement commits by itself (for reads)."""
     try:
         parsed = sa.make_url(url)
     except sa_exc.ArgumentError:
@@ -113,20 +116,23 @@ def create_engine(url: str) -> sa.Engine:
             parsed.set(drivername="postgresql+psycopg"),  # psycopg 3, whatever driver the URL named
             pool_size=POOL_SIZE,
             max_overflow=POOL_SIZE,
-            pool_pre_ping=True,  # a connection the server dropped (restart) is replaced, not handed out
+            # no pre-ping (a round trip per call): after a server restart the first call fails
+            # (UNAVAILABLE, retryable) and SQLAlchemy then replaces every pooled connection
             connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+            **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         )
     if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return sqlite_engine(Path(parsed.database))
+        return sqlite_engine(Path(parsed.database), immediate=not autocommit)
     raise InvalidArgument(
         f"TUNESERVE_DATABASE_URL {parsed.render_as_string(hide_password=True)!r} is not supported: "
         f"only PostgreSQL and SQLite files are; {URL_HELP}"
     )
 
 
-def sqlite_engine(path: Path, **options: Any) -> sa.Engine:
-    """An engine on the store's SQLite file whose transactions are BEGIN IMMEDIATE, with the raw
-    connections' pragmas (SQLAlchemy's own BEGIN is deferred: two writers could deadlock upgrading)."""
+def sqlite_engine(path: Path, *, immediate: bool = True, **options: Any) -> sa.Engine:
+    """An engine on the store's SQLite file with the raw connections' pragmas, whose transactions are
+    BEGIN IMMEDIATE (SQLAlchemy's own BEGIN is deferred: two writers could deadlock upgrading), or
+    none at all when not `immediate` (reads: each statement on its own, as the raw store's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(f"sqlite:///{path}", **options)
 
@@ -135,9 +141,10 @@ def sqlite_engine(path: Path, **options: Any) -> sa.Engine:
         dbapi_connection.isolation_level = None  # autocommit: the "begin" hook below opens transactions
         configure_sqlite(dbapi_connection)
 
-    @sa.event.listens_for(engine, "begin")
-    def on_begin(conn: sa.Connection) -> None:
-        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+    if immediate:
+
+        @sa.event.listens_for(engine, "begin")
+        def on_begin(conn: sa.Connection) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
