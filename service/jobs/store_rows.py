@@ -10,7 +10,9 @@ from typing import Any
 from service.errors import NotFound
 from service.jobs.store_codec import jsonable
 from service.jobs.store_db import Conn, Row
-from service.records import EventKind, JobEvent
+from service.records import EventKind, JobEvent, JobState
+
+ACTIVE_STATES = (JobState.RUNNING, JobState.PACKAGING)  # a worker (and, when claimed, a lease) holds the job
 
 
 def fetch_row(db: Conn, job_id: str, *, lock: bool = False) -> Row:
