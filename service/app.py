@@ -24,6 +24,7 @@ from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.manager import JobManager
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
+from service.jobs.store_open import store_target
 from service.jobs.torchrun_launcher import ByWorldSize, TorchrunLauncher
 from service.packaging.backend import ServingBackend
 from service.records import JobState
@@ -84,7 +85,7 @@ def start_service(
     )
     for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    store = JobStore(settings.jobs_db)
+    store = JobStore(store_target(settings))
     intake = Intake(store)
     reporting = start_reporting_server(settings, intake)  # first: a taken port leaves nothing running
     backend = None

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
 
     # Folders
     state_dir: Path = Field(Path(".state"), description="jobs database, job folders, model store")
+    # unset: the jobs live in <state_dir>/jobs.sqlite3; postgresql://USER:PASSWORD@HOST:5432/DB shares them
+    # among service replicas (a secret: it holds the password)
+    database_url: SecretStr | None = Field(None, description="the job store's database; default SQLite")
     data_root: Path = Field(Path("data"), description="datasets must live under this folder")
     torch_home: Path = Field(default_factory=_default_torch_home, description="torch hub cache (weights)")
     weights_root: Path | None = Field(

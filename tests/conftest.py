@@ -15,6 +15,10 @@ from service.spec import JobSpec, ModelSpec
 from service.training.builder import build_model
 from service.training.checkpoints import make_checkpoint, save_checkpoint
 
+# postgres_server / postgres_database: one throw-away PostgreSQL for the whole session;
+# store_location / store: a job store on each backend (parametrized)
+pytest_plugins = ["tests.pg", "tests.store_backends"]
+
 
 @pytest.fixture(autouse=True)
 def _pil_bomb_limit_restored() -> Any:

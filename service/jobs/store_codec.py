@@ -1,4 +1,4 @@
-"""The job store's codec: jobs and events as SQLite rows and JSON, results from JSON, page tokens."""
+"""The job store's codec: jobs and events as database rows and JSON, results from JSON, page tokens."""
 
 from __future__ import annotations
 
@@ -6,19 +6,17 @@ import base64
 import dataclasses
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from typing import Any
 
 from service.errors import InvalidArgument
 from service.records import EventKind, Job, JobEvent, JobResult, JobState
 from service.spec import JobSpec
 
-if TYPE_CHECKING:  # a worker decodes results with this module and never touches SQLite
-    import sqlite3
-
 RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(JobResult))
 
 
-def job_from_row(row: sqlite3.Row) -> Job:
+def job_from_row(row: Mapping[str, Any]) -> Job:
     return Job(
         id=row["id"],
         spec=JobSpec.model_validate(json.loads(row["spec"])),
@@ -35,7 +33,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-def event_from_row(row: sqlite3.Row) -> JobEvent:
+def event_from_row(row: Mapping[str, Any]) -> JobEvent:
     return JobEvent(
         job_id=row["job_id"],
         seq=row["seq"],

@@ -1,30 +1,20 @@
-"""The job store: idempotent creation, paging, the state machine, events, results, several processes."""
+"""The job store: idempotent creation, paging, the state machine, events, results, several processes.
+
+Every test runs on each backend: raw sqlite3 (the default), SQLite through SQLAlchemy (a
+`sqlite:///` URL), and a real PostgreSQL cluster (tests/pg.py) through SQLAlchemy and psycopg.
+"""
 
 from __future__ import annotations
 
 import multiprocessing
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.jobs.store import JobStore
 from service.records import EventKind, JobState
-from service.spec import JobSpec
-
-
-def make_spec(name: str = "job", **training: Any) -> JobSpec:
-    return JobSpec.model_validate(
-        {"name": name, "model": {"architecture": "resnet18"}, "data": {"path": "ds"}, "training": training}
-    )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    db = JobStore(tmp_path / "jobs.sqlite3")
-    yield db
-    db.close()
+from tests.store_backends import make_spec
 
 
 def test_a_new_job_is_queued_with_a_first_state_event(store: JobStore) -> None:
@@ -180,18 +170,24 @@ def test_the_state_at_a_sequence_number_follows_the_state_events(store: JobStore
     assert [store.state_at(job.id, seq) for seq in (1, 2, 3, 4)] == ["QUEUED", "QUEUED", "RUNNING", "RUNNING"]
 
 
-def _append_many(db_path: str, job_id: str, count: int) -> None:
-    store = JobStore(Path(db_path))
+def _open(target: Path | str) -> JobStore:
+    return JobStore(target)
+
+
+def _append_many(target: Path | str, job_id: str, count: int) -> None:
+    store = _open(target)
     for i in range(count):
         store.append_event(job_id, EventKind.PROGRESS, f"step {i}")
     store.close()
 
 
-def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(
+    store_location: Path | str,
+) -> None:
+    store = JobStore(store_location)
     job = store.create_job(make_spec())
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_append_many, args=(str(store.path), job.id, 40)) for _ in range(3)]
+    workers = [context.Process(target=_append_many, args=(store_location, job.id, 40)) for _ in range(3)]
     for w in workers:
         w.start()
     for w in workers:
@@ -201,12 +197,12 @@ def test_processes_appending_at_once_get_distinct_gapless_sequence_numbers(tmp_p
     store.close()
 
 
-def test_jobs_and_events_survive_reopening(tmp_path: Path) -> None:
-    first = JobStore(tmp_path / "jobs.sqlite3")
+def test_jobs_and_events_survive_reopening(store_location: Path | str) -> None:
+    first = JobStore(store_location)
     job = first.create_job(make_spec(), "k")
     first.append_event(job.id, EventKind.INFO, "remember me", {"x": [1, 2]})
     first.close()
-    second = JobStore(tmp_path / "jobs.sqlite3")
+    second = JobStore(store_location)
     assert second.get_job(job.id) == job
     assert second.events_after(job.id)[-1].data == {"x": [1, 2]}
     second.close()
