@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from service.errors import FailedPrecondition
 from service.records import EventKind
 from service.training.reporting import Reporter
 
@@ -174,6 +175,28 @@ class Group:
             f"{self.ranks.describe()}: {what} failed: a peer process died or did not answer within "
             f"{self.timeout_s:.0f} s ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
         )
+
+
+def convert_sync_batchnorm(model: nn.Module) -> int:
+    """Replace `model`'s BatchNorm layers, in place, by SyncBatchNorm (statistics over the global batch);
+    returns how many. Only on NCCL: check_sync_batchnorm first."""
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if converted is not model:  # the root itself was a BatchNorm: no model this service builds
+        raise ValueError("the model's root module is a BatchNorm layer; it cannot be converted in place")
+    return sum(1 for m in model.modules() if isinstance(m, nn.SyncBatchNorm))
+
+
+def check_sync_batchnorm(group: Group) -> None:
+    """FailedPrecondition unless SyncBatchNorm can run in `group`: several ranks on NCCL. Admission
+    refuses such specs; this catches a job whose device resolved to the CPU after all."""
+    if group.ranks.distributed and group.backend == "nccl":
+        return
+    where = f"the {group.backend} backend" if group.backend else "a single process"
+    raise FailedPrecondition(
+        f"training.sync_batchnorm is set but this job runs on {where}: SyncBatchNorm runs only with "
+        "several CUDA processes on NCCL (not on the CPU's gloo); set training.sync_batchnorm false, or "
+        "train on 2 or more GPUs"
+    )
 
 
 def _from_the_backend(exc: RuntimeError) -> bool:

@@ -29,7 +29,13 @@ from service.training.checkpoints import (
     load_checkpoint,
     restore_rng,
 )
-from service.training.distributed import Group, RankReporter, Ranks
+from service.training.distributed import (
+    Group,
+    RankReporter,
+    Ranks,
+    check_sync_batchnorm,
+    convert_sync_batchnorm,
+)
 from service.training.early_stopping import EarlyStopping, comparator
 from service.training.loaders import build_loaders
 from service.training.optim import make_optimizer, make_scheduler, seed_everything, select_device
@@ -85,9 +91,13 @@ def prepare(
             else resolve_weights(spec.model, settings.torch_home, require_file=False).name
         )
         built = rebuild_model(resume["model_config"], units, weights_name=started_from)
+    # before freezing: the freeze plan holds the model's modules, and this replaces its BatchNorm layers
+    synced = convert_sync_batchnorm(built.model) if training.sync_batchnorm and ranks.distributed else 0
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)
     device = select_device(training, built.model)
     group = Group(ranks, settings.collective_timeout_s).start(device.device.type)
+    if training.sync_batchnorm:
+        check_sync_batchnorm(group)
     reporter = RankReporter(reporter, group)
     built.model.to(device.device)
     if device.channels_last:
@@ -187,11 +197,13 @@ def prepare(
         reporter.event(
             EventKind.INFO,
             f"DDP over {ranks.world_size} processes ({group.backend}): {per_rank} images per process "
-            f"per step, global batch {training.batch_size}",
+            f"per step, global batch {training.batch_size}"
+            + (f"; {synced} BatchNorm layers synchronised (SyncBatchNorm)" if synced else ""),
             {
                 "world_size": ranks.world_size,
                 "backend": group.backend,
                 "batch_per_rank": per_rank,
+                "sync_batchnorm_layers": synced,
             },
         )
     return run
