@@ -148,6 +148,26 @@ class Group:
             return None
         return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
 
+    def gather(self, items: list[T], what: str) -> list[T]:
+        """Every rank's `items`, rank 0's first, on every rank (small picklable things: skipped files)."""
+        if not self.ranks.distributed:
+            return list(items)
+        gathered: list[list[T] | None] = [None] * self.ranks.world_size
+        self._run(what, lambda: dist.all_gather_object(gathered, items))
+        return [item for part in gathered for item in part or []]
+
+    def gather_rows(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Every rank's `tensor`, rank 0's first, on every rank; the ranks' row counts may differ, the
+        other dimensions not (padded to the longest for the all-gather, cut back after)."""
+        if not self.ranks.distributed:
+            return [tensor]
+        counts = self.gather([len(tensor)], f"{what} (row counts)")
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        self._run(what, lambda: dist.all_gather(parts, padded))
+        return [part[:count] for part, count in zip(parts, counts, strict=True)]
+
     def barrier(self, what: str) -> None:
         if self.ranks.distributed:
             self._run(what, lambda: dist.barrier())
