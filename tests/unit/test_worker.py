@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from reliability import record
 
 from service.api.report_client import GrpcReporter
 from service.api.reporting_server import start_reporting_server
@@ -74,6 +75,7 @@ def test_the_reporter_writes_events_and_results_into_the_store(plane: Plane) -> 
     reporter.close()
 
 
+@pytest.mark.reliability
 def test_a_rank_other_than_0_that_fails_reports_why_and_fails_the_job_once(
     plane: Plane, tmp_path: Path
 ) -> None:
@@ -93,6 +95,12 @@ def test_a_rank_other_than_0_that_fails_reports_why_and_fails_the_job_once(
     run_job(settings, second, Ranks(rank=0, local_rank=0, world_size=2))
     second.close()
     assert len([e for e in plane.store.events_after(plane.job_id) if e.kind == EventKind.ERROR]) == 1
+    record(
+        "distributed",
+        "rank 1 of a 2-rank job fails on its own (its dataset missing), rank 0 follows",
+        1,
+        "one ERROR event naming rank 1 and why, the job FAILED at once (not retried as a lost peer)",
+    )
 
 
 def test_an_archive_an_earlier_attempt_built_but_never_reported_is_reported_not_built_again(
