@@ -96,6 +96,27 @@ def test_a_two_process_job_succeeds_with_one_set_of_checkpoints_and_events(
     assert job_processes(job.id) == []
 
 
+def test_a_two_process_frozen_prefix_job_caches_its_features_on_every_rank(
+    service: Service, channel: grpc.Channel
+) -> None:
+    client = stub(channel)
+    request = pb.CreateJobRequest(
+        spec=spec(
+            "ddp-cache",
+            freeze={"until_layer": "features.12"},
+            training={"epochs": 2, "batch_size": 8, "augmentation": "none", "feature_cache": True},
+            resources=TWO_RANKS,
+        )
+    )
+    job = client.CreateJob(request)
+    final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
+    assert final.state == pb.SUCCEEDED, final.error
+    cached = [e for e in all_events(client, job.id) if e.kind == "INFO" and "cached the frozen" in e.message]
+    assert len(cached) == 1 and cached[0].data["images"] == 24  # every training image, once, from both shards
+    log = (service.settings.job_dir(job.id) / "worker.log").read_text()
+    assert "rank 1 of 2 joined" in log
+
+
 @pytest.mark.reliability
 def test_cancel_stops_both_ranks(service: Service, channel: grpc.Channel) -> None:
     client = stub(channel)
