@@ -94,8 +94,9 @@ def cache_features(
         features.append(output)
         targets.append(batch.targets)
     skipped = group.gather(skipped, "gathering the files the frozen-feature pass skipped")
-    if group.any(too_big, "agreeing whether the frozen features fit in memory"):
-        log.info("frozen features would exceed %d bytes; not caching them", max_bytes)
+    # a rank with nothing cached (its shard all undecodable) has no shape to exchange: images, then
+    if group.any(too_big or not features, "agreeing whether to cache the frozen features"):
+        log.info("frozen features would exceed %d bytes, or a shard has none; not caching them", max_bytes)
         return None, skipped
     cached = _whole(group, dataset, torch.cat(features), torch.cat(targets), skipped)
     per_rank = batch_size // ranks.world_size
