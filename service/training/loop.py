@@ -59,8 +59,8 @@ def train_one_epoch(
     """
     epoch, max_steps, objective, device = plan.epoch, plan.max_steps, trainer.objective, trainer.device
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    # training accuracy decides at the default threshold (0.5), as it always has; validation uses the job's
-    accumulator = MetricAccumulator(objective.task, objective.num_classes)
+    # binary/multilabel: the job's threshold, as validation, the handler and the promotion gate decide
+    accumulator = MetricAccumulator(objective.task, objective.num_classes, objective.threshold)
     result = EpochResult(metrics={}, steps=0)
     started = last_report = time.monotonic()
     for i, (images, targets, skipped) in enumerate(loader):
