@@ -139,14 +139,22 @@ class Group:
         """A stop reason on every rank when any rank has one (this rank's own first): all stop at once."""
         if not self.ranks.distributed:
             return local
-        # the reason travels as a number: 0 none, 1.. a known reason, one past them any other
-        known = STOP_REASONS.index(local) + 1 if local in STOP_REASONS else len(STOP_REASONS) + 1
-        value = torch.tensor([float(known if local else 0)])
+        value = torch.tensor([float(_stop_code(local))])
         self._run("agreeing on a stop", lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
-        agreed = int(value.item())
-        if agreed == 0:
-            return None
-        return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
+        return _stop_reason(local, int(value.item()))
+
+    def agree_step(self, local_stop: str | None, empty: bool) -> tuple[str | None, bool]:
+        """Both per-step agreements in one all-reduce (one round trip per training step, not two): the
+        stop reason, as agree_stop gives it, and whether any rank's batch is empty, as `any` gives it."""
+        if not self.ranks.distributed:
+            return local_stop, empty
+        # both are "the largest over the ranks": one MAX over [stop code, empty]
+        value = torch.tensor([float(_stop_code(local_stop)), 1.0 if empty else 0.0])
+        self._run(
+            "agreeing on a stop and on skipping a batch whose images all failed to decode",
+            lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX),
+        )
+        return _stop_reason(local_stop, int(value[0].item())), bool(value[1].item())
 
     def gather(self, items: list[T], what: str) -> list[T]:
         """Every rank's `items`, rank 0's first, on every rank (small picklable things: skipped files)."""
@@ -219,6 +227,20 @@ def check_sync_batchnorm(group: Group) -> None:
     )
 
 
+def _stop_code(reason: str | None) -> int:
+    """A stop reason as a number for a MAX all-reduce: 0 none, 1.. a known reason, one past them any other."""
+    if not reason:
+        return 0
+    return STOP_REASONS.index(reason) + 1 if reason in STOP_REASONS else len(STOP_REASONS) + 1
+
+
+def _stop_reason(local: str | None, agreed: int) -> str | None:
+    """The reason this rank stops for, given the group's largest code: its own first."""
+    if agreed == 0:
+        return None
+    return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
+
+
 def _from_the_backend(exc: RuntimeError) -> bool:
     """A process-group failure: NCCL raises DistError, gloo a RuntimeError that names itself."""
     text = str(exc)
@@ -242,3 +264,7 @@ class RankReporter:
 
     def stop_requested(self) -> str | None:
         return self.group.agree_stop(self.inner.stop_requested())
+
+    def stop_or_skip(self, empty: bool) -> tuple[str | None, bool]:
+        """stop_requested() and whether any rank's batch is `empty`, agreed in one collective (per step)."""
+        return self.group.agree_step(self.inner.stop_requested(), empty)

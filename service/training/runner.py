@@ -28,10 +28,10 @@ from service.settings import Settings
 from service.spec import JobSpec
 from service.training import freezing, telemetry
 from service.training.checkpoints import capture_rng, load_checkpoint, make_checkpoint
-from service.training.distributed import Group, Ranks
+from service.training.distributed import RankReporter, Ranks
 from service.training.gate_sample import choose_gate_sample
 from service.training.loaders import epoch_seed, in_order
-from service.training.loop import EpochPlan, SkipTogether, evaluate, train_one_epoch
+from service.training.loop import EpochPlan, StepAgreement, evaluate, train_one_epoch
 from service.training.prepare import prepare
 from service.training.reporting import Reporter
 from service.training.state import Run, float_metrics
@@ -80,7 +80,7 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     group = run.group
     trained = train_one_epoch(
         trainer, loader, EpochPlan(epoch, progress.step, spec.training.max_steps_per_epoch), reporter,
-        log_step=run.sinks.metrics.step, skip_together=_skip_together(group),
+        log_step=run.sinks.metrics.step, agree=_per_step_agreement(run),
     )  # fmt: skip
     if trained.stopped:
         return trained.stopped
@@ -137,10 +137,13 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     return None
 
 
-def _skip_together(group: Group) -> SkipTogether | None:
-    if not group.ranks.distributed:
+def _per_step_agreement(run: Run) -> StepAgreement | None:
+    """Under DDP the stop check and the skip of a batch none of whose images decoded on some rank, agreed
+    in one collective per step (prepare wraps the reporter in a RankReporter for every job)."""
+    reporter = run.reporter
+    if not run.group.ranks.distributed or not isinstance(reporter, RankReporter):
         return None
-    return lambda empty: group.any(empty, "agreeing to skip a batch whose images all failed to decode")
+    return reporter.stop_or_skip
 
 
 def finish(run: Run) -> TrainingOutcome:

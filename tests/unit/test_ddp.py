@@ -22,12 +22,15 @@ from reliability import record
 from service.records import EventKind
 from service.settings import Settings
 from service.spec import JobSpec
+from service.tasks import task_for
 from service.training import loaders
 from service.training.checkpoints import load_checkpoint
-from service.training.distributed import Ranks
-from service.training.loaders import EpochSampler
+from service.training.distributed import Group, RankReporter, Ranks
+from service.training.loaders import Batch, EpochSampler
+from service.training.loop import EpochPlan, train_one_epoch
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
+from service.training.steps import DevicePlan, Objective, Optimisation, Trainer
 
 TOLERANCE = 1e-6
 
@@ -231,3 +234,66 @@ def test_two_ranks_caching_the_frozen_features_train_the_weights_they_train_on_i
     assert worst <= 1e-5, f"largest parameter difference {worst:.3g}"
     first = load_checkpoint(root / "frozen-cached/checkpoints/epoch-0001.pt")["model"]
     assert any((cached["model"][k] != first[k]).any() for k in first)  # the second epoch trained
+
+
+class StopAtPoll(CollectingReporter):
+    """Asks to stop from its `at`-th stop check on (rank 0's service cancelling the job)."""
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at, self.polls = at, 0
+
+    def stop_requested(self) -> str | None:
+        self.polls += 1
+        return "cancelled" if self.at is not None and self.polls >= self.at else None
+
+
+def run_rank_agreeing(rank: int, port: int, results: Any) -> None:
+    """6 batches per rank through the real loop and a real gloo group: rank 1's third batch has no image,
+    rank 0's service asks to stop at the fifth check. Counts the all-reduces the loop's checks make (DDP's
+    gradient all-reduce runs in its C++ reducer, not through torch.distributed.all_reduce)."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    group = Group(Ranks.from_env(), timeout_s=60).start("cpu")
+    torch.manual_seed(0)
+    model = group.wrap(torch.nn.Linear(4, 3))
+    calls = []
+    real = torch.distributed.all_reduce
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    torch.distributed.all_reduce = counted  # type: ignore[assignment]
+    generator = torch.Generator().manual_seed(rank)
+    batches = [Batch(torch.randn(2, 4, generator=generator), torch.tensor([0, 2]), []) for _ in range(6)]
+    if rank == 1:
+        batches[2] = Batch(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), [])
+    reporter = RankReporter(StopAtPoll(5 if rank == 0 else None), group)
+    task = task_for("multiclass")
+    trainer = Trainer(
+        model,
+        Objective(task, task.criterion(), num_classes=3),
+        Optimisation(torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)),
+        DevicePlan(torch.device("cpu")),
+    )
+    result = train_one_epoch(trainer, batches, EpochPlan(1), reporter, agree=reporter.stop_or_skip)  # type: ignore[arg-type]
+    torch.distributed.all_reduce = real
+    weights = [p.detach().tolist() for p in model.parameters()]  # lists: a tensor would be shared memory
+    group.close()
+    results.put((rank, result.stopped, result.steps, len(calls), weights))
+
+
+@pytest.mark.slow
+def test_the_ranks_agree_to_stop_and_to_skip_an_empty_batch_in_one_all_reduce_per_step() -> None:
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(run_rank_agreeing, args=(free_port(), results), nprocs=2, join=True)
+    found = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
+    for rank in (0, 1):
+        stopped, steps, all_reduces, _ = found[rank]
+        # checks at batches 0..4: batch 2 skipped by both (rank 1's was empty), the stop seen at batch 4
+        assert (stopped, steps) == ("cancelled", 3), rank
+        assert all_reduces == 5, f"rank {rank}: {all_reduces} all-reduces for 5 checks"
+    assert found[0][3] == found[1][3]  # the same steps on both ranks: gradients averaged in step
