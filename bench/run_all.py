@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import cache_speed, control_plane, ddp, latency, loop_speed, memory, reporting
+from bench import cache_speed, control_plane, ddp, ddp_cache, latency, loop_speed, memory, reporting
 from bench.common import emit
 
 NAMES = (
@@ -32,6 +32,7 @@ NAMES = (
     "reporting",
     "peak_memory",
     "ddp",
+    "ddp_cache",
 )
 
 
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "reporting": lambda: reporting.run(reporting.QUICK if args.quick else reporting.FULL),
         "peak_memory": lambda: memory.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
         "ddp": lambda: ddp.run(ddp.QUICK if args.quick else ddp.FULL),
+        "ddp_cache": lambda: ddp_cache.run(ddp_cache.QUICK if args.quick else ddp_cache.FULL),
     }
     failed = False
     for name in NAMES:

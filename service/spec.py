@@ -108,6 +108,10 @@ class TrainingSpec(_Frozen):
     compile: bool = False
     feature_cache: bool = Field(True, description="cache the frozen prefix's outputs when that is exact")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap on steps per epoch (smoke runs)")
+    sync_batchnorm: bool = Field(
+        False,
+        description="DDP on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm, NCCL only)",
+    )
 
 
 class EarlyStoppingSpec(_Frozen):
@@ -264,6 +268,8 @@ class JobSpec(_Frozen):
                 f"process(es)): each process takes batch_size / {world}; use a multiple of {world}, "
                 f"e.g. {max(world, self.training.batch_size // world * world)}"
             )
+        if (problem := sync_batchnorm_problem(self)) is not None:
+            raise ValueError(problem)
         if self.training.scheduler == "onecycle" and self.training.optimizer == "rmsprop":
             raise ValueError("training.scheduler='onecycle' needs sgd, adam or adamw (got rmsprop)")
         return self
@@ -274,6 +280,28 @@ class JobSpec(_Frozen):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def sync_batchnorm_problem(spec: JobSpec) -> str | None:
+    """Why `training.sync_batchnorm` cannot run for `spec`, or None. SyncBatchNorm reduces statistics
+    with NCCL only: torch raises for it on the CPU (gloo), and with one process there is nothing to
+    synchronise. While resources.gpus is unresolved (None: admission picks the machine's default) only
+    the CPU case is known here; admission asks again once it has resolved it."""
+    if not spec.training.sync_batchnorm:
+        return None
+    fix = "set training.sync_batchnorm false, or train on 2 or more GPUs (resources.gpus_per_node >= 2)"
+    gpus = spec.resources.gpus
+    if spec.training.device == "cpu" or gpus == 0:
+        return (
+            "training.sync_batchnorm needs CUDA GPUs: SyncBatchNorm runs on NCCL only and does not run on "
+            f"the CPU's gloo backend, and this job trains on the CPU; {fix}"
+        )
+    if gpus is not None and spec.resources.world_size == 1:
+        return (
+            "training.sync_batchnorm needs more than one training process (world size 1: "
+            f"{spec.resources.nodes} node x {gpus} GPU): there are no other ranks' statistics; {fix}"
+        )
+    return None
 
 
 def parse_spec(data: dict[str, Any]) -> JobSpec:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from service.devices import check_gpus_fit, with_resolved_gpus
 from service.errors import FailedPrecondition, TuneserveError
 from service.settings import Settings
-from service.spec import JobSpec
+from service.spec import JobSpec, sync_batchnorm_problem
 from service.tasks import task_for
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
         with _field("resources.nodes"):
             _check_placeable(spec)
     spec = with_resolved_gpus(spec, settings)  # recorded: the stored spec says what the job gets
+    with _field("training.sync_batchnorm"):
+        _check_sync_batchnorm(spec)
     info, val_info = _scan_data(spec, settings)
     warnings = [*_skip_warnings(info), *_skip_warnings(val_info)]
     description = _describe(spec, architecture, len(info.class_names), settings)
@@ -131,6 +133,13 @@ def _check_placeable(spec: JobSpec) -> None:
             "machine in resources.gpus_per_node), or submit the job to a service deployed with the "
             "Kubernetes launcher (TUNESERVE_LAUNCHER=kubernetes, docker/k8s/trainer/)"
         )
+
+
+def _check_sync_batchnorm(spec: JobSpec) -> None:
+    """FailedPrecondition when the GPUs this machine gives the job cannot run SyncBatchNorm (the spec
+    alone could not tell: it left resources.gpus to the machine's default)."""
+    if (problem := sync_batchnorm_problem(spec)) is not None:
+        raise FailedPrecondition(problem)
 
 
 def _skip_warnings(info: DatasetInfo | None) -> list[str]:

@@ -5,8 +5,9 @@ through the control plane's internal API; it never opens the job store. The sche
 RUNNING before it launches the worker and decides what follows its exit (service.jobs.launcher):
 exit 0 packaged, 75 stopped at a safe point, 1 failed (already reported FAILED), else a crash.
 
-Under DDP every rank runs this; rank 0 alone moves the job, packages it and reports a failure (a peer's
-failure reaches it as a failed collective), the others train and exit.
+Under DDP every rank runs this; rank 0 alone moves the job and packages it, the others train and exit.
+A rank that fails reports its own failure (the job's events name the rank and why); the others learn of
+it as a failed collective (PeerLost) and exit without reporting again.
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def run_job(settings: Settings, reporter: JobReporter, ranks: Ranks | None = Non
     except JobCancelled:
         return EXIT_STOPPED
     except PeerLost as exc:
+        log.error("job %s: %s", job.id, one_line(exc))
+        if reporter.stop_requested():
+            return EXIT_STOPPED
+        if _failed_by_a_peer(reporter):
+            return EXIT_FAILED  # that rank reported why; nothing to retry
         # a rank died: not this job's failure, so nothing is reported and the exit counts as a crash;
         # the scheduler's retry resumes every rank from the last checkpoint
-        log.error("job %s: %s", job.id, one_line(exc))
-        return EXIT_STOPPED if reporter.stop_requested() else EXIT_PEER_LOST
+        return EXIT_PEER_LOST
     except Exception as exc:
         reason = one_line(exc)
         if reporter.stop_requested():
@@ -67,11 +72,34 @@ def run_job(settings: Settings, reporter: JobReporter, ranks: Ranks | None = Non
             log.warning("job %s stopped on request during %s", job.id, reason)
             return EXIT_STOPPED
         log.exception("job %s failed (%s): %s", job.id, ranks.describe(), reason)
-        if not ranks.is_main:
-            return EXIT_FAILED  # rank 0 reports (its next collective fails when this rank is gone)
+        if ranks.distributed:
+            _report_rank_failure(reporter, ranks, reason)
+            return EXIT_FAILED
         reporter.event(EventKind.ERROR, reason, {"traceback": traceback.format_exc()})
         reporter.move(JobState.FAILED, reason)
         return EXIT_FAILED
+
+
+def _report_rank_failure(reporter: JobReporter, ranks: Ranks, reason: str) -> None:
+    """A rank failed on its own (its shard's data, its device): it reports the failure itself, whichever
+    rank it is, or only worker.log would say why. Its exit then ends the group at once: torchrun stops the
+    other ranks, whose collectives with this rank fail (PeerLost) and find the job FAILED."""
+    try:
+        if reporter.assignment().state.is_final:
+            return  # another rank failed first (the same way, most often) and said so
+        message = f"{ranks.describe()}: {reason}"
+        reporter.event(EventKind.ERROR, message, {"traceback": traceback.format_exc(), "rank": ranks.rank})
+        reporter.move(JobState.FAILED, message)
+    except Exception:  # the job moved meanwhile, or the service is gone: the exit still fails the group
+        log.exception("could not report %s's failure", ranks.describe())
+
+
+def _failed_by_a_peer(reporter: JobReporter) -> bool:
+    try:
+        return reporter.assignment().state == JobState.FAILED
+    except Exception:
+        log.exception("could not read the job's state after losing a peer")
+        return False
 
 
 def _train_and_package(job: Job, settings: Settings, reporter: JobReporter, ranks: Ranks) -> int:

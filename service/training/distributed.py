@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from service.errors import FailedPrecondition
 from service.records import EventKind
 from service.training.reporting import Reporter
 
@@ -138,14 +139,42 @@ class Group:
         """A stop reason on every rank when any rank has one (this rank's own first): all stop at once."""
         if not self.ranks.distributed:
             return local
-        # the reason travels as a number: 0 none, 1.. a known reason, one past them any other
-        known = STOP_REASONS.index(local) + 1 if local in STOP_REASONS else len(STOP_REASONS) + 1
-        value = torch.tensor([float(known if local else 0)])
+        value = torch.tensor([float(_stop_code(local))])
         self._run("agreeing on a stop", lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
-        agreed = int(value.item())
-        if agreed == 0:
-            return None
-        return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
+        return _stop_reason(local, int(value.item()))
+
+    def agree_step(self, local_stop: str | None, empty: bool) -> tuple[str | None, bool]:
+        """Both per-step agreements in one all-reduce (one round trip per training step, not two): the
+        stop reason, as agree_stop gives it, and whether any rank's batch is empty, as `any` gives it."""
+        if not self.ranks.distributed:
+            return local_stop, empty
+        # both are "the largest over the ranks": one MAX over [stop code, empty]
+        value = torch.tensor([float(_stop_code(local_stop)), 1.0 if empty else 0.0])
+        self._run(
+            "agreeing on a stop and on skipping a batch whose images all failed to decode",
+            lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX),
+        )
+        return _stop_reason(local_stop, int(value[0].item())), bool(value[1].item())
+
+    def gather(self, items: list[T], what: str) -> list[T]:
+        """Every rank's `items`, rank 0's first, on every rank (small picklable things: skipped files)."""
+        if not self.ranks.distributed:
+            return list(items)
+        gathered: list[list[T] | None] = [None] * self.ranks.world_size
+        self._run(what, lambda: dist.all_gather_object(gathered, items))
+        return [item for part in gathered for item in part or []]
+
+    def gather_rows(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """Every rank's `tensor`, rank 0's first, on every rank; the ranks' row counts may differ, the
+        other dimensions not (padded to the longest for the all-gather, cut back after)."""
+        if not self.ranks.distributed:
+            return [tensor]
+        counts = self.gather([len(tensor)], f"{what} (row counts)")
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        self._run(what, lambda: dist.all_gather(parts, padded))
+        return [part[:count] for part, count in zip(parts, counts, strict=True)]
 
     def barrier(self, what: str) -> None:
         if self.ranks.distributed:
@@ -176,6 +205,42 @@ class Group:
         )
 
 
+def convert_sync_batchnorm(model: nn.Module) -> int:
+    """Replace `model`'s BatchNorm layers, in place, by SyncBatchNorm (statistics over the global batch);
+    returns how many. Only on NCCL: check_sync_batchnorm first."""
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if converted is not model:  # the root itself was a BatchNorm: no model this service builds
+        raise ValueError("the model's root module is a BatchNorm layer; it cannot be converted in place")
+    return sum(1 for m in model.modules() if isinstance(m, nn.SyncBatchNorm))
+
+
+def check_sync_batchnorm(group: Group) -> None:
+    """FailedPrecondition unless SyncBatchNorm can run in `group`: several ranks on NCCL. Admission
+    refuses such specs; this catches a job whose device resolved to the CPU after all."""
+    if group.ranks.distributed and group.backend == "nccl":
+        return
+    where = f"the {group.backend} backend" if group.backend else "a single process"
+    raise FailedPrecondition(
+        f"training.sync_batchnorm is set but this job runs on {where}: SyncBatchNorm runs only with "
+        "several CUDA processes on NCCL (not on the CPU's gloo); set training.sync_batchnorm false, or "
+        "train on 2 or more GPUs"
+    )
+
+
+def _stop_code(reason: str | None) -> int:
+    """A stop reason as a number for a MAX all-reduce: 0 none, 1.. a known reason, one past them any other."""
+    if not reason:
+        return 0
+    return STOP_REASONS.index(reason) + 1 if reason in STOP_REASONS else len(STOP_REASONS) + 1
+
+
+def _stop_reason(local: str | None, agreed: int) -> str | None:
+    """The reason this rank stops for, given the group's largest code: its own first."""
+    if agreed == 0:
+        return None
+    return local or (STOP_REASONS[agreed - 1] if agreed <= len(STOP_REASONS) else "stopped")
+
+
 def _from_the_backend(exc: RuntimeError) -> bool:
     """A process-group failure: NCCL raises DistError, gloo a RuntimeError that names itself."""
     text = str(exc)
@@ -199,3 +264,7 @@ class RankReporter:
 
     def stop_requested(self) -> str | None:
         return self.group.agree_stop(self.inner.stop_requested())
+
+    def stop_or_skip(self, empty: bool) -> tuple[str | None, bool]:
+        """stop_requested() and whether any rank's batch is `empty`, agreed in one collective (per step)."""
+        return self.group.agree_step(self.inner.stop_requested(), empty)

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from service.spec import JobSpec
+from service.training.distributed import Group, Ranks
 from service.training.freezing import FrozenSplit
 from service.training.loaders import Batch, EpochSampler, ImageDataset, Loader, drop_last_batch, in_order
 from service.training.scan import Skipped
@@ -63,14 +64,23 @@ def cache_features(
     seed: int,
     num_workers: int = 0,
     max_bytes: int = FEATURE_CACHE_MAX_BYTES,
+    group: Group | None = None,
 ) -> tuple[Loader | None, list[Skipped]]:
     """A loader of the prefix's outputs over `dataset`, shuffled per (seed, epoch) like the image loader,
-    or None when they would take more than `max_bytes`; plus the images that failed to decode."""
+    or None when they would take more than `max_bytes`; plus the images that failed to decode.
+
+    `batch_size` is the global batch. Under DDP (`group`) each rank runs the prefix over its shard only,
+    then the ranks exchange what they computed, so every rank holds every image's features and takes its
+    shard of each epoch's order, as the image loader does: the same batches as without the cache (a
+    shard fixed once would change which images meet in a step). The cost: each rank holds the whole
+    cache in memory."""
+    group = group or Group(Ranks())
+    ranks = group.ranks
     features: list[Tensor] = []
     targets: list[Tensor] = []
     skipped: list[Skipped] = []
-    used = 0
-    for batch in in_order(dataset, batch_size, num_workers):
+    used, too_big = 0, False
+    for batch in in_order(dataset, batch_size, num_workers, rank=ranks.rank, world_size=ranks.world_size):
         skipped += batch.skipped
         if batch.images.numel() == 0:
             continue
@@ -78,17 +88,47 @@ def cache_features(
         with device.autocast():
             output = split.prefix(on_device)
         used += output.numel() * output.element_size()
-        if used > max_bytes:
-            log.info("frozen features would exceed %d bytes; not caching them", max_bytes)
-            return None, skipped
+        if used * ranks.world_size > max_bytes:  # every rank will hold every shard's features
+            too_big = True
+            break
         features.append(output)
         targets.append(batch.targets)
-    cached = FeatureDataset(torch.cat(features), torch.cat(targets))
+    skipped = group.gather(skipped, "gathering the files the frozen-feature pass skipped")
+    # a rank with nothing cached (its shard all undecodable) has no shape to exchange: images, then
+    if group.any(too_big or not features, "agreeing whether to cache the frozen features"):
+        log.info("frozen features would exceed %d bytes, or a shard has none; not caching them", max_bytes)
+        return None, skipped
+    cached = _whole(group, dataset, torch.cat(features), torch.cat(targets), skipped)
+    per_rank = batch_size // ranks.world_size
     loader: Loader = DataLoader(
         cached,  # type: ignore[arg-type]
-        batch_size=batch_size,
-        sampler=EpochSampler(len(cached), seed, shuffle=True),
-        drop_last=drop_last_batch(len(cached), batch_size),
+        batch_size=per_rank,
+        # the image loader's sampler and tail rule (service.training.loaders.build_loaders)
+        sampler=EpochSampler(
+            len(cached), seed, True, rank=ranks.rank, world_size=ranks.world_size, drop_last=True
+        ),
+        drop_last=drop_last_batch(len(cached) // ranks.world_size, per_rank),
         collate_fn=_collate,
+        # its own generator, as the image loader has: without one each pass draws its base seed from
+        # the global generator, and the dropout masks seeded from (seed, epoch) would shift
+        generator=torch.Generator().manual_seed(seed),
     )
     return loader, skipped
+
+
+def _whole(
+    group: Group, dataset: ImageDataset, features: Tensor, targets: Tensor, skipped: list[Skipped]
+) -> FeatureDataset:
+    """Every rank's shard of features put back in dataset order, the skipped images left out (as one
+    process's in-order pass would leave them)."""
+    if not group.ranks.distributed:
+        return FeatureDataset(features, targets)
+    ranks, lost = group.ranks, {s.path for s in skipped}
+    shard = range(ranks.rank, len(dataset), ranks.world_size)
+    indices = torch.tensor([i for i in shard if dataset.samples[i].path not in lost], device=features.device)
+    all_indices = torch.cat(group.gather_rows(indices, "gathering the frozen features' indices"))
+    all_features = torch.cat(group.gather_rows(features, "gathering the frozen features"))
+    on_device = targets.to(features.device)  # NCCL gathers only what is on the GPU
+    all_targets = torch.cat(group.gather_rows(on_device, "gathering the frozen features' targets")).cpu()
+    order = torch.argsort(all_indices)
+    return FeatureDataset(all_features[order], all_targets[order])

@@ -95,6 +95,20 @@ class Chain:
         return x
 
 
+class TrainablePart(nn.Module):
+    """The layers after the frozen prefix as one Module: what DDP wraps to average their gradients, what
+    the tracer needs, and the name the Graphs tab shows. Its module steps are registered so their
+    parameters (and names) are found."""
+
+    def __init__(self, chain: Chain) -> None:
+        super().__init__()
+        self.chain = chain
+        self.blocks = nn.ModuleList(step for step in chain.steps if isinstance(step, nn.Module))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.chain(x)
+
+
 @dataclass(frozen=True)
 class FrozenSplit:
     """model(x) == rest(prefix(x)), exactly. Run `prefix` under torch.no_grad().

@@ -199,7 +199,7 @@ def build_loaders(
     num_workers: int | None = None,
     pin_memory: bool = False,
     max_image_pixels: int | None = None,
-    cache_max_bytes: int = CACHE_MAX_BYTES,
+    cache_max_bytes: int | None = None,
     decode_device: torch.device | None = None,
     rank: int = 0,
     world_size: int = 1,
@@ -213,7 +213,8 @@ def build_loaders(
     train_samples, val_samples = splits.train, splits.val
     train_images = val_images = None
     skipped: list[Skipped] = []
-    cached = estimate_bytes(train_samples + val_samples, preprocessing.resize_size) <= cache_max_bytes
+    limit = CACHE_MAX_BYTES if cache_max_bytes is None else cache_max_bytes  # read now: tests lower it
+    cached = estimate_bytes(train_samples + val_samples, preprocessing.resize_size) <= limit
     if cached:
         train_samples, train_images, lost_train = preload(
             train_samples, preprocessing, max_image_pixels, decode_device
@@ -261,12 +262,15 @@ def build_loaders(
     return Loaders(train, val, train_ds, val_ds, cached, workers, tuple(skipped))
 
 
-def in_order(dataset: ImageDataset, batch_size: int, num_workers: int = 0) -> Loader:
-    """The dataset once through in index order (as epoch 0 with no shuffling)."""
+def in_order(
+    dataset: ImageDataset, batch_size: int, num_workers: int = 0, *, rank: int = 0, world_size: int = 1
+) -> Loader:
+    """The dataset once through in index order (as epoch 0 with no shuffling); under DDP this rank's
+    shard of it (indices rank, rank + world_size, ...)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), 0, shuffle=False),
+        sampler=EpochSampler(len(dataset), 0, shuffle=False, rank=rank, world_size=world_size),
         num_workers=num_workers,
         collate_fn=collate,
     )

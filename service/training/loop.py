@@ -18,6 +18,9 @@ from service.training.scan import Skipped
 from service.training.steps import DevicePlan, Objective, Trainer
 
 StepLogger = Callable[[dict[str, float], int], None]  # (values, optimizer step)
+# DDP, once per step: (this rank's batch is empty) -> (the stop reason of any rank, whether any rank's batch
+# is empty), the same on every rank, so that they all stop or skip that step together
+StepAgreement = Callable[[bool], tuple[str | None, bool]]
 
 
 @dataclass
@@ -46,25 +49,31 @@ def train_one_epoch(
     *,
     log_step: StepLogger | None = None,
     progress_every_s: float = 1.0,
+    agree: StepAgreement | None = None,
 ) -> EpochResult:
     """Train over the loader (at most `plan.max_steps` batches).
 
-    The caller puts the model in train mode (freezing decides which blocks stay in eval).
+    The caller puts the model in train mode (freezing decides which blocks stay in eval). Under DDP
+    (`agree`, in place of `reporter.stop_requested()`) a batch none of whose images decoded on one rank
+    is skipped by every rank: a rank that skipped alone would pair its next collectives with its peers'
+    gradient all-reduce and the group would hang until the collective timeout.
     """
     epoch, max_steps, objective, device = plan.epoch, plan.max_steps, trainer.objective, trainer.device
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    # training accuracy decides at the default threshold (0.5), as it always has; validation uses the job's
-    accumulator = MetricAccumulator(objective.task, objective.num_classes)
+    # binary/multilabel: the job's threshold, as validation, the handler and the promotion gate decide
+    accumulator = MetricAccumulator(objective.task, objective.num_classes, objective.threshold)
     result = EpochResult(metrics={}, steps=0)
     started = last_report = time.monotonic()
     for i, (images, targets, skipped) in enumerate(loader):
         if i >= steps:
             break
-        if reason := reporter.stop_requested():
+        empty = images.numel() == 0  # every image of the batch failed to decode
+        reason, skip = agree(empty) if agree is not None else (reporter.stop_requested(), empty)
+        if reason:
             result.stopped = reason
             return result
         result.skipped += skipped
-        if images.numel() == 0:  # every image of the batch failed to decode
+        if skip:
             continue
         if result.first_images is None:
             result.first_images = images

@@ -29,7 +29,13 @@ from service.training.checkpoints import (
     load_checkpoint,
     restore_rng,
 )
-from service.training.distributed import Group, RankReporter, Ranks
+from service.training.distributed import (
+    Group,
+    RankReporter,
+    Ranks,
+    check_sync_batchnorm,
+    convert_sync_batchnorm,
+)
 from service.training.early_stopping import EarlyStopping, comparator
 from service.training.loaders import build_loaders
 from service.training.optim import make_optimizer, make_scheduler, seed_everything, select_device
@@ -85,9 +91,13 @@ def prepare(
             else resolve_weights(spec.model, settings.torch_home, require_file=False).name
         )
         built = rebuild_model(resume["model_config"], units, weights_name=started_from)
+    # before freezing: the freeze plan holds the model's modules, and this replaces its BatchNorm layers
+    synced = convert_sync_batchnorm(built.model) if training.sync_batchnorm and ranks.distributed else 0
     plan = freezing.apply_freeze(built.model, spec.freeze, built.head_names, architecture=built.architecture)
     device = select_device(training, built.model)
     group = Group(ranks, settings.collective_timeout_s).start(device.device.type)
+    if training.sync_batchnorm:
+        check_sync_batchnorm(group)
     reporter = RankReporter(reporter, group)
     built.model.to(device.device)
     if device.channels_last:
@@ -116,16 +126,20 @@ def prepare(
     scheduler, per_step = make_scheduler(training, optimizer, steps_per_epoch)
     stopping = spec.early_stopping
     split = freezing.split_frozen_prefix(built.model, plan)
+    if ranks.distributed and spec.freeze.batchnorm != "eval":
+        # frozen BatchNorm in train mode: DDP over the whole model keeps the prefix's running
+        # statistics as rank 0's (broadcast each step); a prefix run apart would let them drift per rank
+        split = None
+    rest = _trainable_rest(split, group)
     network = Network(
         built=built,
         preprocessing=preprocessing,
         plan=plan,
-        forward=_make_forward(
-            group.wrap(built.model), split if not ranks.distributed else None, training.compile
-        ),
+        forward=_make_forward(built.model, split, rest, group, training.compile),
         split=split,
         config=_model_config(spec, built, preprocessing, splits.class_names),
         torch_home=settings.torch_home,
+        rest=rest,
     )
     optimisation = Optimisation(
         optimizer,
@@ -160,14 +174,6 @@ def prepare(
         wandb_run_id=resume["wandb_run_id"] if resume is not None else None,
     )
     cache_features = feature_cache.can_cache(spec, split)
-    if cache_features and ranks.distributed:
-        cache_features = False  # each rank caching its own shard is a later step
-        reporter.event(
-            EventKind.INFO,
-            f"feature cache off: not yet under DDP ({ranks.world_size} processes); every epoch runs the "
-            "frozen blocks",
-            {"feature_cache": False, "world_size": ranks.world_size},
-        )
     run = Run(
         spec=spec,
         device=device,
@@ -187,11 +193,13 @@ def prepare(
         reporter.event(
             EventKind.INFO,
             f"DDP over {ranks.world_size} processes ({group.backend}): {per_rank} images per process "
-            f"per step, global batch {training.batch_size}",
+            f"per step, global batch {training.batch_size}"
+            + (f"; {synced} BatchNorm layers synchronised (SyncBatchNorm)" if synced else ""),
             {
                 "world_size": ranks.world_size,
                 "backend": group.backend,
                 "batch_per_rank": per_rank,
+                "sync_batchnorm_layers": synced,
             },
         )
     return run
@@ -203,15 +211,32 @@ def _without_loggers(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"logging": quiet})
 
 
-def _make_forward(model: nn.Module, split: freezing.FrozenSplit | None, compile_model: bool) -> Forward:
-    """The training forward pass: the frozen prefix under no_grad when the model splits exactly."""
+def _trainable_rest(split: freezing.FrozenSplit | None, group: Group) -> Forward | None:
+    """What trains after the split: its layers, under DDP as one module in DistributedDataParallel (the
+    prefix has no gradient to average, and cached features enter here)."""
     if split is None:
-        return torch.compile(model) if compile_model else model  # type: ignore[return-value]
+        return None
+    if not group.ranks.distributed:
+        return split.rest
+    return group.wrap(freezing.TrainablePart(split.rest))
+
+
+def _make_forward(
+    model: nn.Module,
+    split: freezing.FrozenSplit | None,
+    rest: Forward | None,
+    group: Group,
+    compile_model: bool,
+) -> Forward:
+    """The training forward pass: the frozen prefix under no_grad when the model splits exactly."""
+    if split is None or rest is None:
+        whole = group.wrap(model)
+        return torch.compile(whole) if compile_model else whole  # type: ignore[return-value]
 
     def forward(images: Tensor) -> Tensor:
         with torch.no_grad():  # no activations kept for a part that gets no gradient
             features = split.prefix(images)
-        return split.rest(features)
+        return rest(features)
 
     return torch.compile(forward) if compile_model else forward  # type: ignore[return-value]
 

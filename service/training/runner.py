@@ -28,10 +28,10 @@ from service.settings import Settings
 from service.spec import JobSpec
 from service.training import freezing, telemetry
 from service.training.checkpoints import capture_rng, load_checkpoint, make_checkpoint
-from service.training.distributed import Ranks
+from service.training.distributed import RankReporter, Ranks
 from service.training.gate_sample import choose_gate_sample
 from service.training.loaders import epoch_seed, in_order
-from service.training.loop import EpochPlan, evaluate, train_one_epoch
+from service.training.loop import EpochPlan, StepAgreement, evaluate, train_one_epoch
 from service.training.prepare import prepare
 from service.training.reporting import Reporter
 from service.training.state import Run, float_metrics
@@ -77,15 +77,15 @@ def run_epoch(run: Run, epoch: int) -> str | None:
     loader, trainer, holds_images = run.training_batches(epoch)
     # data order and augmentation come from (seed, epoch) in the loaders; dropout from this
     torch.manual_seed(epoch_seed(spec.training.seed, epoch))
+    group = run.group
     trained = train_one_epoch(
         trainer, loader, EpochPlan(epoch, progress.step, spec.training.max_steps_per_epoch), reporter,
-        log_step=run.sinks.metrics.step,
+        log_step=run.sinks.metrics.step, agree=_per_step_agreement(run),
     )  # fmt: skip
     if trained.stopped:
         return trained.stopped
     lr = run.optimisation.lr
     run.optimisation.end_epoch()
-    group = run.group
     # under DDP the ranks' validation shards differ in length: no stop check (a collective) inside it
     checks = None if group.ranks.distributed else reporter
     evaluated = evaluate(run.model, run.data.loaders.val, run.objective, run.device, reporter=checks)
@@ -97,7 +97,9 @@ def run_epoch(run: Run, epoch: int) -> str | None:
         evaluated.metrics, evaluated.accumulator.count, "averaging the validation metrics"
     )
     progress.epoch, progress.step = epoch, progress.step + trained.steps
-    telemetry.report_skips(run, trained.skipped + evaluated.skipped, f"epoch {epoch}")
+    # each rank decodes its own shard: rank 0 reports every rank's skipped files
+    skipped = group.gather(trained.skipped + evaluated.skipped, "gathering the skipped files")
+    telemetry.report_skips(run, skipped, f"epoch {epoch}")
     metrics: dict[str, Any] = {"epoch": epoch}
     metrics |= {f"train_{k}": v for k, v in trained.metrics.items()}
     metrics |= {f"val_{k}": v for k, v in evaluated.metrics.items()}
@@ -133,6 +135,15 @@ def run_epoch(run: Run, epoch: int) -> str | None:
             },
         )
     return None
+
+
+def _per_step_agreement(run: Run) -> StepAgreement | None:
+    """Under DDP the stop check and the skip of a batch none of whose images decoded on some rank, agreed
+    in one collective per step (prepare wraps the reporter in a RankReporter for every job)."""
+    reporter = run.reporter
+    if not run.group.ranks.distributed or not isinstance(reporter, RankReporter):
+        return None
+    return reporter.stop_or_skip
 
 
 def finish(run: Run) -> TrainingOutcome:

@@ -41,6 +41,9 @@ class Network:
     split: freezing.FrozenSplit | None  # the frozen prefix and the rest, when the model splits
     config: dict[str, Any]  # what serving needs to rebuild it: saved with every checkpoint
     torch_home: Path  # for the layer table
+    # the rest after the split as training runs it: split.rest, or under DDP the rest inside
+    # DistributedDataParallel (its gradients averaged over the ranks); None when there is no split
+    rest: Forward | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -129,7 +132,7 @@ class Run:
                 data.feature_loader = self._cache_features()
             if data.feature_loader is not None:
                 set_epoch(data.feature_loader, epoch)
-                return data.feature_loader, self.trainer(network.split.rest), False
+                return data.feature_loader, self.trainer(network.rest or network.split.rest), False
         data.loaders.set_epoch(epoch)
         return data.loaders.train, self.trainer(network.forward), True
 
@@ -142,7 +145,7 @@ class Run:
         started = time.monotonic()
         loader, skipped = feature_cache.cache_features(
             split, loaders.train_dataset, self.device, batch_size=self.spec.training.batch_size,
-            seed=self.spec.training.seed, num_workers=loaders.num_workers,
+            seed=self.spec.training.seed, num_workers=loaders.num_workers, group=self.group,
         )  # fmt: skip
         telemetry.report_skips(self, skipped, "the frozen-feature pass")
         if loader is None:

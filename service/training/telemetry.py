@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from service.records import EventKind
-from service.training.freezing import Chain
+from service.training.freezing import TrainablePart
 from service.training.loop import Evaluation
 from service.training.scan import Skipped, skip_summary
 from service.training.tb_figures import choose_preview, confusion_figure
@@ -78,19 +78,6 @@ def log_graph(run: Run) -> None:
             example = run.network.split.prefix(example)
         module = TrainablePart(run.network.split.rest)
     run.sinks.metrics.tensorboard.graph(module, example)
-
-
-class TrainablePart(nn.Module):
-    """The layers after the frozen prefix as one Module: what the tracer needs, and the name the
-    Graphs tab shows. Its module steps are registered so their names show too."""
-
-    def __init__(self, chain: Chain) -> None:
-        super().__init__()
-        self.chain = chain
-        self.blocks = nn.ModuleList(step for step in chain.steps if isinstance(step, nn.Module))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.chain(x)
 
 
 def report_skips(run: Run, skipped: list[Skipped], where: str) -> None:

@@ -22,6 +22,7 @@ from harness import (
     wait_event,
     wait_state,
 )
+from reliability import record
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.app import Service, start_service
@@ -95,6 +96,28 @@ def test_a_two_process_job_succeeds_with_one_set_of_checkpoints_and_events(
     assert job_processes(job.id) == []
 
 
+def test_a_two_process_frozen_prefix_job_caches_its_features_on_every_rank(
+    service: Service, channel: grpc.Channel
+) -> None:
+    client = stub(channel)
+    request = pb.CreateJobRequest(
+        spec=spec(
+            "ddp-cache",
+            freeze={"until_layer": "features.12"},
+            training={"epochs": 2, "batch_size": 8, "augmentation": "none", "feature_cache": True},
+            resources=TWO_RANKS,
+        )
+    )
+    job = client.CreateJob(request)
+    final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
+    assert final.state == pb.SUCCEEDED, final.error
+    cached = [e for e in all_events(client, job.id) if e.kind == "INFO" and "cached the frozen" in e.message]
+    assert len(cached) == 1 and cached[0].data["images"] == 24  # every training image, once, from both shards
+    log = (service.settings.job_dir(job.id) / "worker.log").read_text()
+    assert "rank 1 of 2 joined" in log
+
+
+@pytest.mark.reliability
 def test_cancel_stops_both_ranks(service: Service, channel: grpc.Channel) -> None:
     client = stub(channel)
     job = client.CreateJob(
@@ -111,8 +134,12 @@ def test_cancel_stops_both_ranks(service: Service, channel: grpc.Channel) -> Non
     while job_processes(job.id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert job_processes(job.id) == []
+    record(
+        "distributed", "cancel a 2-rank DDP job mid-training", 1, "CANCELLED; torchrun and both ranks gone"
+    )
 
 
+@pytest.mark.reliability
 def test_a_rank_killed_mid_training_is_retried_and_ends_like_an_uninterrupted_run(
     service: Service, channel: grpc.Channel
 ) -> None:
@@ -143,8 +170,16 @@ def test_a_rank_killed_mid_training_is_retried_and_ends_like_an_uninterrupted_ru
     expected, got = weights(straight), weights(job)
     for key, tensor in expected.items():
         assert (got[key] == tensor).all(), key  # type: ignore[attr-defined]
+    record(
+        "distributed",
+        "SIGKILL one rank of a 2-rank DDP job after its first checkpoint",
+        1,
+        "the whole job retried once (attempts 2), resumed from last.pt, SUCCEEDED with weights equal bit "
+        "for bit to an uninterrupted 2-rank run",
+    )
 
 
+@pytest.mark.reliability
 def test_a_sigkill_to_torchrun_leaves_no_rank_behind(service: Service, channel: grpc.Channel) -> None:
     client = stub(channel)
     job = client.CreateJob(
@@ -166,8 +201,15 @@ def test_a_sigkill_to_torchrun_leaves_no_rank_behind(service: Service, channel: 
         time.sleep(0.1)
     final = wait_state(client, job.id, (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED), timeout=240)
     assert final.state == pb.SUCCEEDED and final.attempts == 2, final.error
+    record(
+        "distributed",
+        "SIGKILL torchrun (the launcher) of a 2-rank DDP job",
+        1,
+        "both ranks ended within 10 s (parent-death signal); the job retried once and SUCCEEDED",
+    )
 
 
+@pytest.mark.reliability
 def test_a_drain_stops_both_ranks_at_a_safe_point_and_requeues_the_job(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -193,3 +235,9 @@ def test_a_drain_stops_both_ranks_at_a_safe_point_and_requeues_the_job(
     assert job_processes(job.id) == []
     log = (settings.job_dir(job.id) / "worker.log").read_text()
     assert "training stopped (draining)" in log
+    record(
+        "distributed",
+        "drain the service (SIGTERM to torchrun) during a 2-rank DDP job",
+        1,
+        "both ranks stopped at the same step, no process left, the job QUEUED to resume after a restart",
+    )

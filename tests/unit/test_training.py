@@ -23,7 +23,7 @@ from service.tasks import task_for
 from service.training.checkpoints import MODEL_CONFIG_KEYS, load_checkpoint, make_checkpoint
 from service.training.gate_sample import gate_sample_for
 from service.training.loaders import Batch
-from service.training.loop import EpochPlan, train_one_epoch
+from service.training.loop import EpochPlan, evaluate, train_one_epoch
 from service.training.optim import make_optimizer, make_scheduler, select_device
 from service.training.reporting import CollectingReporter
 from service.training.runner import TrainingOutcome, train
@@ -351,6 +351,51 @@ def test_the_first_step_is_reported_at_once_then_at_most_once_a_period() -> None
     assert result.steps == 4
     # step 1 tells a watcher training has begun (the job-latency benchmark reads it); step 4 ends the epoch
     assert [d["step"] for k, _, d in reporter.events if k == EventKind.PROGRESS] == [1, 4]
+
+
+@pytest.mark.parametrize("task_name", ["binary", "multilabel"])
+def test_training_and_validation_accuracy_decide_at_the_jobs_threshold(task_name: str) -> None:
+    """The loop's accuracy, at the job's threshold, against a plain sigmoid > threshold on the same logits
+    (lr 0: the weights never move, so the logits the loop judged are the model's on the same images)."""
+    torch.manual_seed(3)
+    labels = 1 if task_name == "binary" else 3
+    model = torch.nn.Linear(4, labels)
+    images = torch.randn(4, 6, 4)  # 4 batches of 6
+    targets = torch.randint(0, 2, (4, 6) if task_name == "binary" else (4, 6, labels))
+    batches = [
+        Batch(x, y if task_name == "binary" else y.float(), []) for x, y in zip(images, targets, strict=True)
+    ]
+    task = task_for(task_name)
+
+    def judged(threshold: float) -> tuple[float, float, list[float]]:
+        objective = Objective(task, task.criterion(), num_classes=labels, threshold=threshold)
+        optimisation = Optimisation(
+            torch.optim.SGD(model.parameters(), lr=0.0), torch.amp.GradScaler("cpu", enabled=False)
+        )
+        trainer = Trainer(model, objective, optimisation, DevicePlan(torch.device("cpu")))
+        logged: list[float] = []
+        trained = train_one_epoch(
+            trainer, batches, EpochPlan(1), CollectingReporter(),  # type: ignore[arg-type]
+            log_step=lambda values, _step: logged.append(values["train/accuracy"]),
+        )  # fmt: skip
+        validated = evaluate(model, batches, objective, trainer.device)  # type: ignore[arg-type]
+        return trained.metrics["accuracy"], validated.metrics["accuracy"], logged
+
+    with torch.no_grad():
+        probabilities = torch.sigmoid(model(images.reshape(-1, 4)))
+    truth = targets.reshape(len(probabilities), labels)
+
+    def plain(threshold: float) -> float:
+        return ((probabilities > threshold).long() == truth).double().mean().item()
+
+    # the two thresholds differ by at least one decision of 24 x labels; the tolerance only absorbs the
+    # float32 per-image means of multilabel
+    assert abs(plain(0.3) - plain(0.5)) >= 1 / (24 * labels)
+    for threshold in (0.3, 0.5):
+        trained, validated, per_step = judged(threshold)
+        assert trained == pytest.approx(plain(threshold), abs=1e-6), threshold
+        assert validated == pytest.approx(plain(threshold), abs=1e-6), threshold
+        assert sum(per_step) / len(per_step) == pytest.approx(plain(threshold), abs=1e-6), threshold
 
 
 def test_a_resume_onto_a_dataset_whose_classes_changed_is_refused_before_anything_starts(

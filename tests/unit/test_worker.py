@@ -11,16 +11,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from reliability import record
 
 from service.api.report_client import GrpcReporter
 from service.api.reporting_server import start_reporting_server
 from service.errors import FailedPrecondition
 from service.jobs.intake import Intake
+from service.jobs.launcher import EXIT_FAILED
 from service.jobs.store import JobStore
-from service.jobs.worker import BUILT_ARCHIVE, one_line, package
+from service.jobs.worker import BUILT_ARCHIVE, one_line, package, run_job
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 from service.spec import JobSpec
+from service.training.distributed import Ranks
 from service.training.reporting import CollectingReporter
 
 
@@ -70,6 +73,34 @@ def test_the_reporter_writes_events_and_results_into_the_store(plane: Plane) -> 
     assert plane.store.events_after(plane.job_id)[-1].data == {"epoch": 1}
     assert plane.store.get_job(plane.job_id).result.epochs_completed == 1
     reporter.close()
+
+
+@pytest.mark.reliability
+def test_a_rank_other_than_0_that_fails_reports_why_and_fails_the_job_once(
+    plane: Plane, tmp_path: Path
+) -> None:
+    """Rank 1 of 2 fails on its own (here: its dataset is missing, before any process group is joined):
+    the job's events say which rank and why, the job is FAILED (not retried as a lost peer), and a second
+    rank failing the same way adds nothing."""
+    settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "no-data")
+    reporter = plane.reporter()
+    assert run_job(settings, reporter, Ranks(rank=1, local_rank=1, world_size=2)) == EXIT_FAILED
+    reporter.close()
+    job = plane.store.get_job(plane.job_id)
+    assert job.state == JobState.FAILED and (job.error or "").startswith("rank 1 of 2: ")
+    errors = [e for e in plane.store.events_after(plane.job_id) if e.kind == EventKind.ERROR]
+    assert len(errors) == 1 and errors[0].message.startswith("rank 1 of 2: ") and errors[0].data["rank"] == 1
+    second = plane.reporter()
+    # the job is no longer RUNNING: the other rank's worker finds nothing to do, or reports nothing new
+    run_job(settings, second, Ranks(rank=0, local_rank=0, world_size=2))
+    second.close()
+    assert len([e for e in plane.store.events_after(plane.job_id) if e.kind == EventKind.ERROR]) == 1
+    record(
+        "distributed",
+        "rank 1 of a 2-rank job fails on its own (its dataset missing), rank 0 follows",
+        1,
+        "one ERROR event naming rank 1 and why, the job FAILED at once (not retried as a lost peer)",
+    )
 
 
 def test_an_archive_an_earlier_attempt_built_but_never_reported_is_reported_not_built_again(
