@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
         args.job_id = assignment.job_id
     else:
-        timings["imports_done_at"] = timings["assigned_at"] = time.time()  # imported before main()
+        timings["assigned_at"] = timings["process_started_at"]  # its job came with its command line
+        timings["imports_done_at"] = time.time()  # imported before main()
     # read by bench/latency.py: where the time before the first training step went
     log.info("worker timings %s", json.dumps({"warm": bool(args.spare), **timings}))
     # its own process group, so a stop reaches its data-loader children too (already so when the
