@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import free_ports, make_image_folder, png_bytes
+from service.jobs.local_launcher import SPARE_LOG
 
 ROLES = ("service", "worker", "torchserve_frontend", "torchserve_worker")
 WORKER_TIMINGS = re.compile(r"worker timings (\{.*\})")
@@ -84,9 +85,14 @@ def run_job(
                 grpc.channel_ready_future(channel).result(timeout=timeout_s)
                 _wait_healthy(channel, timeout_s)
                 ready = time.time()
+                if env.get("TUNESERVE_WARM_WORKERS", "1") != "0":
+                    # steady state: a service up for a while has its spare ready before a job comes
+                    _wait_spare_ready(root / "state" / SPARE_LOG, timeout_s)
+                spare_ready = time.time()
                 latency = _one_job(pb, pb_grpc.FineTuningStub(channel), pb_grpc.InferenceStub(channel),
                                    torchserve, epochs, timeout_s)  # fmt: skip
                 latency["service_start_to_ready_s"] = round(ready - started, 3)
+                latency["ready_to_spare_ready_s"] = round(spare_ready - ready, 3)
                 latency |= parts(latency.pop("_marks"), worker_timings(root / "state" / "jobs"))
         except BaseException:
             log.flush()
@@ -102,6 +108,15 @@ def run_job(
                 process.wait()
             log.close()
         return ServiceRun(latency, sampler.peaks_mib(), sampler.counts())
+
+
+def _wait_spare_ready(spare_log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if spare_log.is_file() and "spare worker ready" in spare_log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no spare worker was ready after {timeout_s} s (see {spare_log})")
 
 
 def _wait_healthy(channel: Any, timeout_s: float) -> None:
@@ -183,15 +198,17 @@ def worker_timings(jobs_dir: Path) -> dict[str, Any]:
 
 def parts(marks: dict[str, float], worker: dict[str, Any]) -> dict[str, Any]:
     """Where the time went, in seconds. Before the first step: queue (submission -> RUNNING), spawn
-    (RUNNING -> the worker process exists, or has its job if it was a spare), import (what of the worker's
-    imports was still to do then), build (-> the end of prepare: data scan, model, loaders) and first batch
+    (RUNNING -> the worker process exists, or a spare is handed the job), imports (-> the worker has
+    imported what a job needs and holds its job: a spare's rest of its imports, if any, and the hand-over
+    on its stdin), build (-> the end of prepare: data scan, model, loaders) and first batch
     (-> the first step's report). After training: package (-> PACKAGED: final evaluation and archive),
     register (-> the version is loaded in TorchServe), gate, promote (-> SERVED), first answer."""
     out: dict[str, Any] = {}
     if worker:
         running = marks["running"]
-        has_job = worker["assigned_at"]  # a cold worker's: when its process started
-        ready = max(worker["imports_done_at"], has_job)
+        # a cold worker has its job when its process starts, a spare when the launcher hands it over
+        has_job = worker["sent_at"] if worker["warm"] else worker["assigned_at"]
+        ready = max(worker["imports_done_at"], worker["assigned_at"])
         out["warm_worker"] = bool(worker["warm"])
         out["first_step_parts_s"] = _rounded(
             queue=running - marks["submitted"],

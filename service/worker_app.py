@@ -52,9 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if assignment is None:
             return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
         args.job_id = assignment.job_id
+        timings["sent_at"] = assignment.sent_at
     else:
         timings["assigned_at"] = timings["process_started_at"]  # its job came with its command line
-        timings["imports_done_at"] = time.time()  # imported before main()
+        preload()  # what it would import on the way anyway: timed here, as a spare's imports are
+        timings["imports_done_at"] = time.time()
     # read by bench/latency.py: where the time before the first training step went
     log.info("worker timings %s", json.dumps({"warm": bool(args.spare), **timings}))
     # its own process group, so a stop reaches its data-loader children too (already so when the

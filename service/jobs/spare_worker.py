@@ -27,8 +27,9 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +50,7 @@ class Assignment:
     job_id: str
     log_path: str  # absolute: the job's worker.log, opened for appending
     env: dict[str, str]
+    sent_at: float = 0.0  # when the launcher handed it over (wall clock): bench/latency.py's parts
 
     def encode(self) -> bytes:
         return (json.dumps(asdict(self)) + "\n").encode()
@@ -56,9 +58,8 @@ class Assignment:
     @classmethod
     def decode(cls, line: bytes) -> Assignment:
         fields = json.loads(line)
-        return cls(
-            str(fields["job_id"]), str(fields["log_path"]), {str(k): str(v) for k, v in fields["env"].items()}
-        )
+        env = {str(k): str(v) for k, v in fields["env"].items()}
+        return cls(str(fields["job_id"]), str(fields["log_path"]), env, float(fields.get("sent_at", 0.0)))
 
 
 def comparable_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -103,7 +104,7 @@ class SpareWorker:
             log.warning("the spare worker %d had exited (code %s)", self.pid, self.popen.returncode)
             return None
         try:
-            stdin.write(assignment.encode())
+            stdin.write(replace(assignment, sent_at=time.time()).encode())
             stdin.close()  # the spare reads one line: the end of its stdin is no news to it
         except OSError as exc:  # BrokenPipeError: it died just now
             log.warning("the spare worker %d could not take job %s: %s", self.pid, assignment.job_id, exc)

@@ -20,15 +20,21 @@ def test_a_cold_workers_time_before_the_first_step_is_spawn_imports_build_and_fi
 
 
 def test_a_spare_that_had_imported_before_its_job_spends_no_time_importing() -> None:
-    worker = {"warm": True, "process_started_at": 90.0, "imports_done_at": 95.0, "assigned_at": 100.25}
+    worker = {
+        "warm": True, "process_started_at": 90.0, "imports_done_at": 95.0,
+        "sent_at": 100.25, "assigned_at": 100.26,
+    }  # fmt: skip
     first = parts(MARKS, worker)["first_step_parts_s"]
-    assert first["imports"] == 0.0
+    assert first["imports"] == 0.01  # the hand-over alone
     assert first["spawn"] == 0.05
     assert math.isclose(sum(first.values()), MARKS["first_step"] - MARKS["submitted"])
 
 
 def test_a_spare_still_importing_when_its_job_came_counts_the_rest_as_imports() -> None:
-    worker = {"warm": True, "process_started_at": 99.0, "imports_done_at": 101.0, "assigned_at": 100.25}
+    worker = {
+        "warm": True, "process_started_at": 99.0, "imports_done_at": 101.0,
+        "sent_at": 100.25, "assigned_at": 101.0,
+    }  # fmt: skip
     assert parts(MARKS, worker)["first_step_parts_s"]["imports"] == 0.75
 
 
