@@ -128,6 +128,8 @@ class LocalProcessLauncher:
         if spare is not None and spare.fits(assignment.env):
             popen = spare.take(assignment)
             self._early_deaths = 0 if popen is not None else self._early_deaths + 1
+            if popen is None:
+                spare.close()  # reaped: it died before its job (its log says why)
         elif spare is not None:
             log.info(
                 "the spare worker was started with another environment; job %s starts cold", assignment.job_id
@@ -141,6 +143,7 @@ class LocalProcessLauncher:
                 SPARE_EARLY_DEATHS,
                 self.settings.state_dir / SPARE_LOG,
             )
+            self._early_deaths += 1  # said once
         return popen
 
     def _make_spare(self, env: Mapping[str, str]) -> None:

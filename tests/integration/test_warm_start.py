@@ -20,6 +20,7 @@ import pytest
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.app import Service, start_service
+from service.jobs.launcher import worker_env
 from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.spare_worker import SPARE_FLAG, Assignment
 from service.settings import Settings
@@ -228,5 +229,19 @@ def test_a_spare_started_with_another_environment_is_not_used(tmp_path: Path) ->
         assert launcher._from_spare(Assignment("job-x", str(log_path), other)) is None  # cold
         assert not alive(spare) or wait_for(lambda: not alive(spare) or None, 10, "the unfit spare")
         assert launcher.spare_pid() not in (None, spare)  # the next spare, with the job's environment
+    finally:
+        launcher.close()
+
+
+def test_a_spare_that_died_before_its_job_means_a_cold_start_and_a_new_spare(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    launcher = LocalProcessLauncher(settings)
+    try:
+        spare = wait_for(launcher.spare_pid, 10, "a spare")
+        os.killpg(spare, signal.SIGKILL)
+        wait_for(lambda: not alive(spare) or None, 10, "the spare to die")
+        env = worker_env(settings)
+        assert launcher._from_spare(Assignment("job-x", str(tmp_path / "worker.log"), env)) is None  # cold
+        assert launcher.spare_pid() not in (None, spare)
     finally:
         launcher.close()
