@@ -53,12 +53,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
         args.job_id = assignment.job_id
         timings["sent_at"] = assignment.sent_at
-    else:
-        timings["assigned_at"] = timings["process_started_at"]  # its job came with its command line
-        preload()  # what it would import on the way anyway: timed here, as a spare's imports are
-        timings["imports_done_at"] = time.time()
-    # read by bench/latency.py: where the time before the first training step went
-    log.info("worker timings %s", json.dumps({"warm": bool(args.spare), **timings}))
     # its own process group, so a stop reaches its data-loader children too (already so when the
     # launcher started it with start_new_session: setsid then fails, harmlessly)
     with contextlib.suppress(OSError):
@@ -82,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     signal.signal(signal.SIGINT, reporter.signal_stop)
     try:
+        if not args.spare:
+            timings["assigned_at"] = timings["process_started_at"]  # its job came with its command line
+            # what it imports on its way anyway, here (a stop meanwhile is handled), timed as a spare's
+            preload()
+            timings["imports_done_at"] = time.time()
+        # read by bench/latency.py: where the time before the first training step went
+        log.info("worker timings %s", json.dumps({"warm": bool(args.spare), **timings}))
         return run_job(settings, reporter, ranks)
     finally:
         reporter.close()

@@ -131,10 +131,23 @@ def test_stopping_the_service_ends_its_idle_spare(settings: Settings) -> None:
     assert local_launcher(service).spare_pid() is None
 
 
-def test_with_warm_workers_off_there_is_no_spare(tmp_path: Path) -> None:
-    service = start_service(make_settings(tmp_path, warm_workers=0))
+@pytest.mark.slow
+def test_with_warm_workers_off_there_is_no_spare_and_a_job_runs_on_a_worker_of_its_own(
+    tmp_path: Path,
+) -> None:
+    make_image_folder(tmp_path / "data" / "ds", per_class=4)
+    settings = make_settings(tmp_path, warm_workers=0)
+    service = start_service(settings)
     try:
         assert local_launcher(service).spare_pid() is None
+        with channel_to(service) as channel:
+            client = stub(channel)
+            submitted = time.time()
+            job = client.CreateJob(pb.CreateJobRequest(spec=spec("cold")))
+            assert wait_state(client, job.id, FINAL, timeout=240).state == pb.SUCCEEDED
+        _, timings = worker_timings(settings, job.id)
+        assert timings["warm"] is False
+        assert submitted < timings["process_started_at"] < timings["imports_done_at"]
     finally:
         service.stop(drain=False)
 
