@@ -18,11 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from service.api import convert
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.app import Service, start_service
 from service.jobs.launcher import worker_env
 from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.spare_worker import SPARE_FLAG, Assignment
+from service.jobs.store import JobStore
 from service.settings import Settings
 from tests.integration.harness import (
     FINAL,
@@ -152,18 +154,24 @@ def test_with_warm_workers_off_there_is_no_spare_and_a_job_runs_on_a_worker_of_i
         service.stop(drain=False)
 
 
-def service_process(settings: Settings) -> subprocess.Popen[bytes]:
+def service_process(
+    settings: Settings, log: Path | None = None, **env_overrides: str
+) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env |= {
         "TUNESERVE_STATE_DIR": str(settings.state_dir),
         "TUNESERVE_DATA_ROOT": str(settings.data_root),
+        "TUNESERVE_TORCH_HOME": str(settings.torch_home),
         "TUNESERVE_PORT": "0",
         "TUNESERVE_TORCHSERVE_ENABLED": "false",
+        "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(PROJECT_ROOT),
+        **env_overrides,
     }
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (the child holds it)
     return subprocess.Popen(
         [sys.executable, "-c", "from service.app import run_service; run_service()"],
-        cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
     )  # fmt: skip
 
 
@@ -258,3 +266,41 @@ def test_a_spare_that_died_before_its_job_means_a_cold_start_and_a_new_spare(tmp
         assert launcher.spare_pid() not in (None, spare)
     finally:
         launcher.close()
+
+
+@pytest.mark.slow
+def test_a_restarted_service_stops_the_warm_started_worker_its_predecessor_left(settings: Settings) -> None:
+    """A spare's command line says --spare, not --job-id: the restarted service knows it by its worker.log.
+    The worker would stop by itself once it lost the service for report_lost_s: that is long here, so only
+    the restarted service can have ended it."""
+    patient = {"TUNESERVE_REPORT_LOST_S": "600", "TUNESERVE_CANCEL_GRACE_S": "5"}
+    first = service_process(settings, settings.state_dir.parent / "first.log", **patient)
+    second = None
+    worker = 0
+    try:
+        [spare] = wait_for(lambda: spare_children(first.pid) or None, 60, "the first service's spare")
+        store = JobStore(settings.jobs_db)
+        try:
+            job = store.create_job(convert.spec_from_proto(spec("orphan", training={"epochs": 500})))
+            wait_for(lambda: store.worker_ref(job.id), 120, "the job's worker")
+            assert store.worker_ref(job.id) == str(spare)
+        finally:
+            store.close()
+        worker = spare
+        wait_for(lambda: (settings.job_dir(job.id) / "worker.log").read_text().count("worker timings"), 120)
+        first.kill()  # SIGKILL: the worker, its job in hand, outlives the service
+        first.wait(timeout=30)
+        time.sleep(1.0)
+        assert alive(worker)
+
+        log = settings.state_dir.parent / "second.log"
+        second = service_process(settings, log, **patient)
+        wait_for(lambda: not alive(worker) or None, 120, "the orphaned worker to be stopped")
+        assert f"stopping worker {worker} of job {job.id} left by the previous service" in log.read_text()
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+        if worker and alive(worker):
+            os.killpg(worker, signal.SIGKILL)
