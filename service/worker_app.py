@@ -18,6 +18,7 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--job-id")
     which.add_argument("--spare", action="store_true", help="import everything, then wait for a job on stdin")
+    parser.add_argument(
+        "--spare-delay", type=float, default=0.0, help="a spare: seconds to wait before importing"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("TUNESERVE_LOG_LEVEL", "INFO"),
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     timings = {"process_started_at": _process_started_at()}
     if args.spare:
-        assignment = wait_for_assignment(timings)
+        assignment = wait_for_assignment(timings, args.spare_delay)
         if assignment is None:
             return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
         args.job_id = assignment.job_id
@@ -88,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         reporter.close()
 
 
-def wait_for_assignment(timings: dict[str, float]) -> Assignment | None:
+def wait_for_assignment(timings: dict[str, float], delay_s: float = 0.0) -> Assignment | None:
     """A spare's life before its job: preload, check CUDA is untouched, read the assignment from stdin,
     then become that job's worker (its environment, its worker.log). None: no job will come (the
     launcher closed the pipe, the service is gone), or this spare touched CUDA and must not take one."""
     _set_parent_death_signal(signal.SIGKILL)  # idle, it dies with the service
+    if delay_s > 0:  # leave the CPUs to the job just started, unless the next job is here already
+        select.select([sys.stdin], [], [], delay_s)
     preload()
     timings["imports_done_at"] = time.time()
     import torch

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 WorkerCommand = Callable[[str], Sequence[str]]
 WORKER_MODULE = "service.worker_app"
 SPARE_LOG = "spare-worker.log"  # in the state folder: what spares print before they have a job
+# the next spare waits this long before importing: the CPUs are the new job's for its first steps
+SPARE_DELAY_S = 3.0
 SPARE_EARLY_DEATHS = 3  # spares that die before their job, in a row, before the launcher stops making them
 
 
@@ -136,7 +138,7 @@ class LocalProcessLauncher:
             )
             spare.close()
         if self._early_deaths < SPARE_EARLY_DEATHS:
-            self._make_spare(assignment.env)
+            self._make_spare(assignment.env, SPARE_DELAY_S)
         elif self._early_deaths == SPARE_EARLY_DEATHS:
             log.error(
                 "%d spare workers in a row died before their job (see %s); jobs start cold from now on",
@@ -146,10 +148,12 @@ class LocalProcessLauncher:
             self._early_deaths += 1  # said once
         return popen
 
-    def _make_spare(self, env: Mapping[str, str]) -> None:
+    def _make_spare(self, env: Mapping[str, str], delay_s: float = 0.0) -> None:
         """Start the next spare with `env` (less the per-launch part); failing only means cold starts."""
         try:
-            spare = SpareWorker(spare_argv(worker_command("")), env, self.settings.state_dir / SPARE_LOG)
+            spare = SpareWorker(
+                spare_argv(worker_command("")), env, self.settings.state_dir / SPARE_LOG, delay_s
+            )
         except OSError as exc:
             log.warning("could not start a spare worker (jobs start cold): %s", exc)
             return

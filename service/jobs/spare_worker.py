@@ -15,6 +15,9 @@ spare imports torch but never calls into torch.cuda before its assignment; it ch
 exits rather than wait when something did (the launcher then starts that job cold). It starts with
 CUDA_VISIBLE_DEVICES empty, so even a stray initialisation would see no GPU rather than another job's.
 
+The spare made right after a job was handed over waits a few seconds (or until a job comes) before it
+imports: on a small machine its imports would otherwise take CPU from that job's first steps.
+
 An idle spare dies with the service: it is killed with its parent (PR_SET_PDEATHSIG) and it exits at
 the end of its stdin. Once assigned it is a worker like any other and outlives the service the same way.
 """
@@ -39,6 +42,7 @@ from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
 log = logging.getLogger(__name__)
 
 SPARE_FLAG = "--spare"
+DELAY_FLAG = "--spare-delay"
 # set for each launch, so a spare made before the job exists cannot have them: not compared
 PER_LAUNCH_ENV = frozenset({REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV, VISIBLE_DEVICES})
 
@@ -70,13 +74,14 @@ def comparable_env(env: Mapping[str, str]) -> dict[str, str]:
 class SpareWorker:
     """One spare worker process (launcher side). `take` hands it a job; `close` ends it unused."""
 
-    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path, delay_s: float = 0.0) -> None:
+        """`delay_s`: the spare waits this long (or until a job comes) before it imports anything."""
         self.env = comparable_env(env)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in take() or close())
         try:
             self.popen = subprocess.Popen(
-                [*argv, SPARE_FLAG],
+                [*argv, SPARE_FLAG, DELAY_FLAG, str(delay_s)],
                 env={**self.env, VISIBLE_DEVICES: ""},
                 stdin=subprocess.PIPE,
                 stdout=self._log,
