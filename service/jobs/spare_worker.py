@@ -6,9 +6,11 @@ own process group, as `python -m service.worker_app --spare`. Handing it a job i
 stdin (`Assignment`): the job id, the job's worker.log and the job's whole environment (the report token
 and CUDA_VISIBLE_DEVICES included), which the spare puts in place of its own before it reads any setting.
 
-Why a spare process rather than a forkserver: a forked child shares its parent's threads' state and its
-process group; a spare is an ordinary child like a cold worker, so stop/kill/poll, its own process group
-and the /proc checks behave exactly as for a cold one, and nothing in the service process is preloaded.
+Why a spare process rather than multiprocessing's forkserver: a forkserver's children are the server's,
+not the service's (their exit codes come back through multiprocessing, not Popen) and run a Python
+function, not `python -m service.worker_app`; a spare is an ordinary child (Popen) like a cold worker, so
+stop/kill/poll, its own process group and the /proc checks behave exactly as for a cold one, and the
+service process itself imports nothing more.
 
 CUDA: the environment (CUDA_VISIBLE_DEVICES) must be in place before torch initialises CUDA, so the
 spare imports torch but never calls into torch.cuda before its assignment; it checks that on itself and
