@@ -1,9 +1,12 @@
 """Benchmark 3: job latency: submission to the first training step; end of training to the served
 model's first answer. One small job through a real `tuneserve serve` process (bench.service_run).
 
-Times come from the job's own events (the service's clock, the same machine's) and this client's
-clock. The baseline in the same run: the training itself (training_s), so the figures read as the
-overhead around the work. With --no-torchserve only the first half is measured.
+Times come from the job's own events (the service's clock, the same machine's), the worker's own timings
+line and this client's clock, with their parts (bench.service_run.parts): queue, spawn, imports, build,
+first batch; package, register, gate, promote, first answer. The baselines in the same run: the
+training itself (training_s), so the figures read as the overhead around the work, and with --compare
+the same job with warm workers off (TUNESERVE_WARM_WORKERS=0: a worker spawned per job, as before the
+spare worker), as `cold` with the ratio warm / cold. With --no-torchserve only the first half is measured.
 """
 
 from __future__ import annotations
@@ -17,9 +20,26 @@ from bench.service_run import ServiceRun, run_job
 NAME = "job_latency"
 
 
-def run(*, torchserve: bool, quick: bool, shared: ServiceRun | None = None) -> dict[str, Any]:
-    result = shared or run_job(torchserve=torchserve, epochs=1 if quick else 3, per_class=8 if quick else 40)
-    latency = result.latency
+def run(
+    *, torchserve: bool, quick: bool, shared: ServiceRun | None = None, compare: bool = False
+) -> dict[str, Any]:
+    size = {"epochs": 1 if quick else 3, "per_class": 8 if quick else 40}
+    result = shared or run_job(torchserve=torchserve, **size)
+    out = summary(result.latency, torchserve)
+    if compare:
+        cold = run_job(torchserve=torchserve, extra_env={"TUNESERVE_WARM_WORKERS": "0"}, **size).latency
+        out["cold"] = summary(cold, torchserve)
+        out["first_step_warm_vs_cold"] = round(
+            ratio(out["submit_to_first_step_s"], cold["submit_to_first_step_s"]), 3
+        )
+        if torchserve:
+            out["first_answer_warm_vs_cold"] = round(
+                ratio(out["training_end_to_first_answer_s"], cold["training_end_to_first_answer_s"]), 3
+            )
+    return out
+
+
+def summary(latency: dict[str, Any], torchserve: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": NAME, "torchserve": torchserve, **latency}
     out["first_step_overhead_vs_training"] = round(
         ratio(latency["submit_to_first_step_s"], latency["training_s"]), 3
@@ -31,8 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-torchserve", action="store_true", help="measure submission to first step only")
+    parser.add_argument(
+        "--compare", action="store_true", help="also run the job with warm workers off (the baseline)"
+    )
     args = parser.parse_args(argv)
-    emit(run(torchserve=not args.no_torchserve, quick=args.quick))
+    emit(run(torchserve=not args.no_torchserve, quick=args.quick, compare=args.compare))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,17 @@
 off) and every port free on loopback. One small job is submitted over gRPC and watched: its first
 PROGRESS event is its first training step (the loop reports step 1 at once), and once its SERVED
 event arrives the served model is asked for a prediction through the service's Inference API.
-Meanwhile a sampler reads the peak RSS (VmHWM) of the service, its worker and TorchServe's processes
+The parts of both halves come from the same events and from the worker's own `worker timings` line in
+its worker.log (when its process started, when its imports were done, when it got its job): see
+`parts`. Meanwhile a sampler reads the peak RSS (VmHWM) of the service, its worker and TorchServe's processes
 from /proc every 50 ms (a worker's peak is read just before it exits).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import free_ports, make_image_folder, png_bytes
+from service.jobs.local_launcher import SPARE_LOG
 
 ROLES = ("service", "worker", "torchserve_frontend", "torchserve_worker")
+WORKER_TIMINGS = re.compile(r"worker timings (\{.*\})")
 
 
 @dataclass
@@ -32,8 +38,16 @@ class ServiceRun:
     processes: dict[str, int] = field(default_factory=dict)  # by role: how many were seen
 
 
-def run_job(*, torchserve: bool, epochs: int = 1, per_class: int = 8, timeout_s: float = 300.0) -> ServiceRun:
-    """Start the service, run one job to served (or to done without TorchServe), stop the service."""
+def run_job(
+    *,
+    torchserve: bool,
+    epochs: int = 1,
+    per_class: int = 8,
+    timeout_s: float = 300.0,
+    extra_env: dict[str, str] | None = None,
+) -> ServiceRun:
+    """Start the service, run one job to served (or to done without TorchServe), stop the service.
+    `extra_env`: more TUNESERVE_* settings for the service (e.g. TUNESERVE_WARM_WORKERS=0)."""
     import grpc
 
     from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -54,6 +68,7 @@ def run_job(*, torchserve: bool, epochs: int = 1, per_class: int = 8, timeout_s:
             "TUNESERVE_TORCHSERVE_JAVA_HEAP": "256m",
             "TUNESERVE_TORCHSERVE_START_TIMEOUT_S": "180",
             "OMP_NUM_THREADS": "1",  # the shared CPUs here: one thread per process runs far faster
+            **(extra_env or {}),
         }
         names = ("INFERENCE", "MANAGEMENT", "METRICS", "GRPC_INFERENCE", "GRPC_MANAGEMENT")
         env |= {f"TUNESERVE_TORCHSERVE_{n}_PORT": str(p) for n, p in zip(names, ts_ports, strict=True)}
@@ -70,9 +85,15 @@ def run_job(*, torchserve: bool, epochs: int = 1, per_class: int = 8, timeout_s:
                 grpc.channel_ready_future(channel).result(timeout=timeout_s)
                 _wait_healthy(channel, timeout_s)
                 ready = time.time()
+                if env.get("TUNESERVE_WARM_WORKERS", "1") != "0":
+                    # steady state: a service up for a while has its spare ready before a job comes
+                    _wait_spare_ready(root / "state" / SPARE_LOG, timeout_s)
+                spare_ready = time.time()
                 latency = _one_job(pb, pb_grpc.FineTuningStub(channel), pb_grpc.InferenceStub(channel),
                                    torchserve, epochs, timeout_s)  # fmt: skip
                 latency["service_start_to_ready_s"] = round(ready - started, 3)
+                latency["ready_to_spare_ready_s"] = round(spare_ready - ready, 3)
+                latency |= parts(latency.pop("_marks"), worker_timings(root / "state" / "jobs"))
         except BaseException:
             log.flush()
             sys.stderr.write((root / "service.log").read_text(errors="replace")[-3000:])
@@ -87,6 +108,15 @@ def run_job(*, torchserve: bool, epochs: int = 1, per_class: int = 8, timeout_s:
                 process.wait()
             log.close()
         return ServiceRun(latency, sampler.peaks_mib(), sampler.counts())
+
+
+def _wait_spare_ready(spare_log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if spare_log.is_file() and "spare worker ready" in spare_log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no spare worker was ready after {timeout_s} s (see {spare_log})")
 
 
 def _wait_healthy(channel: Any, timeout_s: float) -> None:
@@ -123,10 +153,17 @@ def _one_job(
         at = event.time.seconds + event.time.nanos / 1e9
         if event.kind == "STATE" and event.state == pb.RUNNING:
             marks.setdefault("running", at)
+        if event.kind == "INFO" and event.message.startswith("training on "):  # the end of prepare()
+            marks.setdefault("prepared", at)
         if event.kind == "PROGRESS":
             marks.setdefault("first_step", at)
         if event.kind in ("EPOCH", "CHECKPOINT"):
             marks["training_end"] = at
+        if event.kind == "PACKAGED":
+            marks["packaged"] = at
+        if event.kind == "INFO" and event.message.startswith("promotion gate:"):
+            marks["gated"] = at
+            marks["gate_s"] = float(event.data["seconds"])
         if event.kind == "SERVED":
             marks["served"] = at
             image = png_bytes(0)
@@ -145,7 +182,55 @@ def _one_job(
     if answer_at is not None:
         result["training_end_to_served_s"] = round(marks["served"] - marks["training_end"], 3)
         result["training_end_to_first_answer_s"] = round(answer_at - marks["training_end"], 3)
+        marks["answer"] = answer_at
+    result["_marks"] = {**marks, "submitted": submitted}
     return result
+
+
+def worker_timings(jobs_dir: Path) -> dict[str, Any]:
+    """The `worker timings` line of the (one) job's last worker (service.worker_app writes it)."""
+    found: dict[str, Any] = {}
+    for log in jobs_dir.glob("*/worker.log"):
+        for match in WORKER_TIMINGS.finditer(log.read_text(errors="replace")):
+            found = json.loads(match.group(1))
+    return found
+
+
+def parts(marks: dict[str, float], worker: dict[str, Any]) -> dict[str, Any]:
+    """Where the time went, in seconds. Before the first step: queue (submission -> RUNNING), spawn
+    (RUNNING -> the worker process exists, or a spare is handed the job), imports (-> the worker has
+    imported what a job needs and holds its job: a spare's rest of its imports, if any, and the hand-over
+    on its stdin), build (-> the end of prepare: data scan, model, loaders) and first batch
+    (-> the first step's report). After training: package (-> PACKAGED: final evaluation and archive),
+    register (-> the version is loaded in TorchServe), gate, promote (-> SERVED), first answer."""
+    out: dict[str, Any] = {}
+    if worker:
+        running = marks["running"]
+        # a cold worker has its job when its process starts, a spare when the launcher hands it over
+        has_job = worker["sent_at"] if worker["warm"] else worker["assigned_at"]
+        ready = max(worker["imports_done_at"], worker["assigned_at"])
+        out["warm_worker"] = bool(worker["warm"])
+        out["first_step_parts_s"] = _rounded(
+            queue=running - marks["submitted"],
+            spawn=has_job - running,
+            imports=ready - has_job,
+            build=marks["prepared"] - ready,
+            first_batch=marks["first_step"] - marks["prepared"],
+        )
+    if "served" in marks and "gated" in marks:
+        gate_started = marks["gated"] - marks["gate_s"]
+        out["served_parts_s"] = _rounded(
+            package=marks["packaged"] - marks["training_end"],
+            register=gate_started - marks["packaged"],
+            gate=marks["gate_s"],
+            promote=marks["served"] - marks["gated"],
+            first_answer=marks["answer"] - marks["served"],
+        )
+    return out
+
+
+def _rounded(**seconds: float) -> dict[str, float]:
+    return {name: round(value, 3) for name, value in seconds.items()}
 
 
 class MemorySampler(threading.Thread):

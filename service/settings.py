@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     )
     max_queued_jobs: int = Field(100, ge=1)
     max_job_retries: int = Field(2, ge=0, description="worker deaths retried from the last checkpoint")
+    warm_workers: int = Field(
+        1, ge=0, le=1, description="1: keep a spare worker with torch imported ready for the next job; 0: off"
+    )
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
 

@@ -1,6 +1,7 @@
 """The worker process, assembled: settings from the environment, a gRPC reporter, one job's work.
 
     python -m service.worker_app --job-id job-1a2b3c4d5e6f
+    python -m service.worker_app --spare     (a spare: its job comes on stdin, service.jobs.spare_worker)
 
 Under torchrun (a DDP job) every rank runs it; it reads RANK, LOCAL_RANK and WORLD_SIZE
 (service.training.distributed) and dies with torchrun. A launcher (service.jobs.launcher) starts it
@@ -14,13 +15,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import select
 import signal
 import sys
+import time
 
 from service.api.report_client import GrpcReporter
 from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
+from service.jobs.spare_worker import Assignment
 from service.jobs.worker import run_job
 from service.settings import Settings
 from service.training.distributed import Ranks
@@ -28,16 +33,30 @@ from service.training.distributed import Ranks
 log = logging.getLogger("service.worker_app")
 
 EXIT_USAGE = 2
+EXIT_SPARE_UNFIT = 3  # a spare that touched CUDA before its assignment: it takes no job
+PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job-id", required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job-id")
+    which.add_argument("--spare", action="store_true", help="import everything, then wait for a job on stdin")
+    parser.add_argument(
+        "--spare-delay", type=float, default=0.0, help="a spare: seconds to wait before importing"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("TUNESERVE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] %(message)s",
     )
+    timings = {"process_started_at": _process_started_at()}
+    if args.spare:
+        assignment = wait_for_assignment(timings, args.spare_delay)
+        if assignment is None:
+            return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
+        args.job_id = assignment.job_id
+        timings["sent_at"] = assignment.sent_at
     # its own process group, so a stop reaches its data-loader children too (already so when the
     # launcher started it with start_new_session: setsid then fails, harmlessly)
     with contextlib.suppress(OSError):
@@ -61,16 +80,88 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     signal.signal(signal.SIGINT, reporter.signal_stop)
     try:
+        if not args.spare:
+            timings["assigned_at"] = timings["process_started_at"]  # its job came with its command line
+            # what it imports on its way anyway, here (a stop meanwhile is handled), timed as a spare's
+            preload()
+            timings["imports_done_at"] = time.time()
+        # read by bench/latency.py: where the time before the first training step went
+        log.info("worker timings %s", json.dumps({"warm": bool(args.spare), **timings}))
         return run_job(settings, reporter, ranks)
     finally:
         reporter.close()
 
 
+def wait_for_assignment(timings: dict[str, float], delay_s: float = 0.0) -> Assignment | None:
+    """A spare's life before its job: preload, check CUDA is untouched, read the assignment from stdin,
+    then become that job's worker (its environment, its worker.log). None: no job will come (the
+    launcher closed the pipe, the service is gone), or this spare touched CUDA and must not take one."""
+    _set_parent_death_signal(signal.SIGKILL)  # idle, it dies with the service
+    if delay_s > 0:  # leave the CPUs to the job just started, unless the next job is here already
+        select.select([sys.stdin], [], [], delay_s)
+    preload()
+    timings["imports_done_at"] = time.time()
+    import torch
+
+    if torch.cuda.is_initialized():
+        # CUDA_VISIBLE_DEVICES is read when CUDA initialises: this process could not honour a job's GPUs
+        log.error("spare worker: CUDA was initialised before an assignment; exiting (the job starts cold)")
+        return None
+    timings["cuda_untouched"] = 1.0
+    log.info("spare worker ready in %.1f s", timings["imports_done_at"] - timings["process_started_at"])
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        log.info("spare worker: no assignment came; exiting")
+        return None
+    assignment = Assignment.decode(line)
+    timings["assigned_at"] = time.time()
+    _set_parent_death_signal(0)  # a worker outlives its service like a cold one (stop_leftover finds it)
+    _become_worker(assignment)
+    return assignment
+
+
+def preload() -> None:
+    """Import what a job imports before its first step (and packaging, after its last), but call nothing:
+    above all nothing in torch.cuda (see service.jobs.spare_worker)."""
+    import torchvision.models  # noqa: F401
+
+    import service.packaging.choose_backend
+    import service.training.runner  # noqa: F401
+
+
+def _become_worker(assignment: Assignment) -> None:
+    """The job's environment in place of the spare's (before anything reads a setting or CUDA), and its
+    worker.log as stdout and stderr, as a cold worker's."""
+    os.environ.clear()  # through unsetenv/putenv: the C environment CUDA reads follows
+    os.environ.update(assignment.env)
+    fd = os.open(assignment.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    for target in (1, 2):
+        os.dup2(fd, target)
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # the assignment pipe is done; children get what a cold worker's get
+    os.close(null)
+
+
+def _process_started_at() -> float:
+    """When this process started (wall clock), from /proc: before the interpreter imported anything."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            age = float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+        return time.time() - age
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
 def _die_with_parent() -> None:
     """A rank ends when torchrun does, even by SIGKILL (its own session is out of the group's reach)."""
-    pr_set_pdeathsig = 1
+    _set_parent_death_signal(signal.SIGKILL)
+
+
+def _set_parent_death_signal(sig: int) -> None:
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 Each attempt appends to the job's worker.log; a stop is SIGTERM to the group (the worker learns whether
 it is a cancel or a drain from its heartbeat reply), a kill is SIGKILL to the group, and after the exit
 the group is killed once more so no data-loader child outlives its worker.
+
+With settings.warm_workers (default 1) the launcher keeps a spare worker ready (service.jobs.spare_worker):
+`start` hands the job to it instead of spawning, and starts the next spare. The handed-over process is the
+job's worker in every respect above (its pid names its own group, it appends to worker.log). A job starts
+cold when there is no fitting spare: warm workers off, a custom worker command or argv (tests, torchrun),
+a spare that died, or an environment other than the one the spare was started with.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from pathlib import Path
 from typing import IO
 
 from service.devices import VISIBLE_DEVICES, visible_devices
-from service.jobs.launcher import LaunchError, WorkerExit, WorkerHandle
+from service.jobs.launcher import LaunchError, WorkerExit, WorkerHandle, worker_env
+from service.jobs.spare_worker import Assignment, SpareWorker, spare_argv
 from service.records import Job
 from service.settings import Settings
 
@@ -30,6 +37,10 @@ log = logging.getLogger(__name__)
 
 WorkerCommand = Callable[[str], Sequence[str]]
 WORKER_MODULE = "service.worker_app"
+SPARE_LOG = "spare-worker.log"  # in the state folder: what spares print before they have a job
+# the next spare waits this long before importing: the CPUs are the new job's for its first steps
+SPARE_DELAY_S = 3.0
+SPARE_EARLY_DEATHS = 3  # spares that die before their job, in a row, before the launcher stops making them
 
 
 def worker_command(job_id: str) -> list[str]:
@@ -50,6 +61,20 @@ class LocalProcessLauncher:
         self._command = command
         self._processes: dict[str, _Process] = {}
         self._lock = threading.Lock()
+        self._spare: SpareWorker | None = None
+        self._early_deaths = 0
+        self._closed = False
+        if self.warm:
+            self._make_spare(worker_env(settings))  # at service start: the first job starts warm too
+
+    @property
+    def warm(self) -> bool:
+        """Spares are used: the setting is on and the worker is ours (not a test's command, not torchrun)."""
+        return (
+            self.settings.warm_workers > 0
+            and self._command is worker_command
+            and type(self).argv is LocalProcessLauncher.argv
+        )
 
     def start(self, job: Job, devices: tuple[int, ...], env: Mapping[str, str]) -> WorkerHandle:
         log_file: IO[bytes] | None = None
@@ -58,18 +83,21 @@ class LocalProcessLauncher:
             env = {**env, VISIBLE_DEVICES: visible_devices(devices, os.environ.get(VISIBLE_DEVICES))}
             job_dir = self.settings.job_dir(job.id)
             job_dir.mkdir(parents=True, exist_ok=True)
-            log_file = open(job_dir / "worker.log", "ab")  # noqa: SIM115 (closed in release())
+            log_path = job_dir.resolve() / "worker.log"
+            log_file = open(log_path, "ab")  # noqa: SIM115 (closed in release())
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
             log_file.write(f"\n=== attempt {job.attempts} at {stamp} ===\n".encode())
             log_file.flush()
-            popen = subprocess.Popen(
-                self.argv(job),
-                env=dict(env),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: a stop reaches its children
-            )
+            popen = self._from_spare(Assignment(job.id, str(log_path), dict(env)))
+            if popen is None:
+                popen = subprocess.Popen(
+                    self.argv(job),
+                    env=dict(env),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: a stop reaches its children
+                )
         except (OSError, IndexError) as exc:
             # IndexError: more GPUs configured than the service's own CUDA_VISIBLE_DEVICES lists
             if log_file is not None:
@@ -79,6 +107,62 @@ class LocalProcessLauncher:
         with self._lock:
             self._processes[handle.ref] = _Process(popen, log_file)
         return handle
+
+    def close(self) -> None:
+        """End the spare, if any (the workers of jobs are the scheduler's to stop). Idempotent."""
+        with self._lock:
+            spare, self._spare, self._closed = self._spare, None, True
+        if spare is not None:
+            spare.close()
+
+    def spare_pid(self) -> int | None:
+        """The pid of the spare waiting for the next job, if there is one."""
+        with self._lock:
+            return None if self._spare is None else self._spare.pid
+
+    def _from_spare(self, assignment: Assignment) -> subprocess.Popen[bytes] | None:
+        """The spare, now running `assignment`'s job, and the next spare started; None: start it cold."""
+        if not self.warm:
+            return None
+        with self._lock:
+            spare, self._spare = self._spare, None
+        popen = None
+        if spare is not None and spare.fits(assignment.env):
+            popen = spare.take(assignment)
+            self._early_deaths = 0 if popen is not None else self._early_deaths + 1
+            if popen is None:
+                spare.close()  # reaped: it died before its job (its log says why)
+        elif spare is not None:
+            log.info(
+                "the spare worker was started with another environment; job %s starts cold", assignment.job_id
+            )
+            spare.close()
+        if self._early_deaths < SPARE_EARLY_DEATHS:
+            self._make_spare(assignment.env, SPARE_DELAY_S)
+        elif self._early_deaths == SPARE_EARLY_DEATHS:
+            log.error(
+                "%d spare workers in a row died before their job (see %s); jobs start cold from now on",
+                SPARE_EARLY_DEATHS,
+                self.settings.state_dir / SPARE_LOG,
+            )
+            self._early_deaths += 1  # said once
+        return popen
+
+    def _make_spare(self, env: Mapping[str, str], delay_s: float = 0.0) -> None:
+        """Start the next spare with `env` (less the per-launch part); failing only means cold starts."""
+        try:
+            spare = SpareWorker(
+                spare_argv(worker_command("")), env, self.settings.state_dir / SPARE_LOG, delay_s
+            )
+        except OSError as exc:
+            log.warning("could not start a spare worker (jobs start cold): %s", exc)
+            return
+        with self._lock:
+            kept = not self._closed
+            if kept:
+                self._spare = spare
+        if not kept:  # closed meanwhile
+            spare.close()
 
     def argv(self, job: Job) -> list[str]:
         """The worker's command line (the torchrun launcher wraps it)."""
@@ -106,7 +190,7 @@ class LocalProcessLauncher:
         if not ref.isdigit():
             return  # not a process of ours (another launcher's worker)
         pid = int(ref)
-        if not _runs_job(pid, job_id):
+        if not _runs_job(pid, job_id, self.settings.job_dir(job_id).resolve() / "worker.log"):
             return  # gone, or the pid was reused by something else
         log.warning("stopping worker %d of job %s left by the previous service", pid, job_id)
         _kill_group(pid, signal.SIGTERM)
@@ -132,13 +216,19 @@ def describe_exit(returncode: int) -> str:
     return f"worker exited with code {returncode} without finishing (see the job's worker.log)"
 
 
-def _runs_job(pid: int, job_id: str) -> bool:
-    """The process `pid` is a worker of `job_id`, judged by its command line (`... --job-id <job_id>`)."""
+def _runs_job(pid: int, job_id: str, log_path: Path) -> bool:
+    """The process `pid` is a worker of `job_id`: its command line says `... --job-id <job_id>`, or (a
+    spare that took the job, whose command line is `--spare`) its stdout is the job's worker.log."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False  # gone (or not Linux: nothing to check against)
-    return any(a == b"--job-id" and b == job_id.encode() for a, b in itertools.pairwise(argv))
+    if any(a == b"--job-id" and b == job_id.encode() for a, b in itertools.pairwise(argv)):
+        return True
+    try:
+        return os.readlink(f"/proc/{pid}/fd/1") == str(log_path)
+    except OSError:
+        return False
 
 
 def _kill_group(pgid: int, sig: signal.Signals) -> None:

@@ -171,6 +171,10 @@ class Scheduler:
                     self._kill(worker)
             time.sleep(0.05)
         self._deploys.shutdown(wait=True)
+        # a launcher may hold processes of no job (a spare worker); the Launcher protocol leaves it optional
+        close = getattr(self.launcher, "close", None)
+        if callable(close):
+            close()
 
     # ------------------------------------------------------------------ the loop
 

@@ -74,6 +74,13 @@ class ByWorldSize:
         # both are local process groups named by pid: either launcher stops what the other left
         self.single.stop_leftover(job_id, ref, grace_s)
 
+    def close(self) -> None:
+        """End what the launchers hold for no job (the local launcher's spare worker)."""
+        for launcher in (self.single, self.ddp):
+            close = getattr(launcher, "close", None)
+            if callable(close):
+                close()
+
     def _of(self, handle: WorkerHandle) -> Launcher:
         with self._lock:
             return self._chosen[handle.ref]
