@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         args.job_id,
         heartbeat_s=settings.report_heartbeat_s,
         lost_after_s=settings.report_lost_s,
+        tls_ca=settings.report_tls_ca,
     ).start()
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     signal.signal(signal.SIGINT, reporter.signal_stop)

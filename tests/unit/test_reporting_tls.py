@@ -185,3 +185,28 @@ def test_plaintext_off_loopback_is_logged_as_such(tmp_path: Path, caplog: pytest
     finally:
         store.close()
     assert any("travels in clear" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_the_real_worker_program_reports_over_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """`python -m service.worker_app` itself (not a test double) dials the TLS reporting API with the CA
+    its environment names: its job's dataset is missing, and the FAILED it reports arrives in the store."""
+    import subprocess
+    import sys
+
+    from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
+
+    settings = tls_settings(tmp_path / "state", pki, data_root=tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    plane = TlsPlane(settings)
+    try:
+        env = worker_env(settings) | {REPORT_ADDRESS_ENV: plane.server.address, REPORT_TOKEN_ENV: plane.token}
+        done = subprocess.run(
+            [sys.executable, "-m", "service.worker_app", "--job-id", plane.job_id],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        job = plane.store.get_job(plane.job_id)
+        assert job.state == JobState.FAILED, (done.returncode, done.stderr[-2000:])
+        assert "dataset" in (job.error or "").lower(), job.error
+    finally:
+        plane.close()
