@@ -108,3 +108,20 @@ def test_a_job_another_replica_took_over_has_its_worker_killed_here(make_harness
     job = h.store.get_job(job_id)
     assert (job.state, h.store.lease_owner(job_id)) == (JobState.RUNNING, "other")
     assert h.store.events_after(job_id) == before  # no retry, no state change written by this replica
+
+
+def test_a_job_whose_gpus_are_busy_is_not_claimed_until_they_are_free(make_harness: MakeHarness) -> None:
+    h = make_harness(gpu_count=4, max_concurrent_jobs=4)
+    h.scheduler.start()
+    three = h.create("slow-three", gpus=3)
+    h.wait_started(three)
+    pair, single = h.create("slow-pair", gpus=2), h.create("slow-single", gpus=1)
+    time.sleep(1.0)  # many ticks: one GPU is free, yet neither is claimed (oldest first, no claim churn)
+    for job_id in (pair, single):
+        assert (h.store.get_job(job_id).state, h.store.lease_owner(job_id)) == (JobState.QUEUED, None)
+        assert h.messages(job_id, EventKind.STATE) == ["job queued"]
+    h.store.request_cancel(three)
+    h.wait_started(pair)
+    h.wait_started(single)
+    assert h.visible_devices(pair) == ["0,1"] and h.visible_devices(single) == ["2"]
+    assert h.store.lease_owner(pair) == "me" == h.store.lease_owner(single)
