@@ -7,6 +7,8 @@ survive a restart: the jobs database, job folders (checkpoints, logs), the model
 from __future__ import annotations
 
 import os
+import secrets
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -67,6 +69,13 @@ class Settings(BaseSettings):
     )
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
+    # Several replicas on one PostgreSQL: each claims jobs with a lease it renews every lease_s / 3; a job
+    # whose lease ran out (its replica died) is re-queued by another. Keep lease_s above report_lost_s, so
+    # a dead replica's worker has stopped itself before the job runs elsewhere.
+    replica_id: str | None = Field(
+        None, min_length=1, description="this replica's name in leases; default: hostname-pid-random"
+    )
+    lease_s: float = Field(30.0, gt=0, description="a claimed job's lease; renewed every lease_s / 3")
 
     # Reporting: workers report to the control plane over an internal gRPC API (not the job store)
     report_host: str = Field("127.0.0.1", description="the internal reporting API listens here (loopback)")
@@ -226,6 +235,13 @@ class Settings(BaseSettings):
     @cached_property
     def torchserve_dir(self) -> Path:
         return self.state_dir / "torchserve"
+
+    @cached_property
+    def resolved_replica_id(self) -> str:
+        """replica_id, or one made unique per process (a restarted process is a new replica)."""
+        if self.replica_id is not None:
+            return self.replica_id
+        return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id

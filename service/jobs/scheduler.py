@@ -14,12 +14,19 @@ Each worker gets its own GPUs (service.devices): distinct indices from the alloc
 the worker exits, however it exits. The oldest queued job waits while its GPUs are busy, and the
 younger ones wait behind it.
 
+Several replicas on one PostgreSQL: the scheduler claims each job with a lease and keeps it renewed
+(service.jobs.scheduler_leases); at start it re-queues only its own or never-leased jobs, and a dead
+replica's jobs come back to the queue when their lease runs out. On SQLite (one replica) no lease is
+taken and everything is as it was: the queue is read, the job moved to RUNNING, all interrupted jobs
+re-queued at start.
+
 The polling thread is supervised: `healthy()` (called by the service's health probe) restarts it when
 it has died and reports unhealthy until the new thread has completed a tick.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -40,7 +47,8 @@ from service.jobs.launcher import (
     WorkerHandle,
     worker_env,
 )
-from service.jobs.store import ACTIVE_STATES, JobStore
+from service.jobs.scheduler_leases import LeaseKeeper
+from service.jobs.store import JobStore
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 
@@ -94,6 +102,7 @@ class Scheduler:
         self._devices = DeviceAllocator(())
         self._supervise = threading.Lock()
         self._last_tick_ok = False  # the thread's last tick ran through (reset when it is restarted)
+        self._leases: LeaseKeeper | None = None  # a shared database: claims with leases
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -102,11 +111,24 @@ class Scheduler:
         self._capacity = self.settings.resolved_max_concurrent_jobs()
         self._env = worker_env(self.settings)
         self._devices = DeviceAllocator(self.settings.training_gpus)
-        for job in self.store.jobs_in(ACTIVE_STATES):
+        replica = None
+        if self.store.db.dialect == "postgresql":
+            replica = self.settings.resolved_replica_id
+            self._leases = LeaseKeeper(self.store, replica, self.settings.lease_s)
+            log.info("replica %s: claiming jobs with %.0f s leases", replica, self.settings.lease_s)
+            if self.settings.lease_s <= self.settings.report_lost_s:
+                log.warning(
+                    "TUNESERVE_LEASE_S %.0f is not above TUNESERVE_REPORT_LOST_S %.0f: a dead replica's job "
+                    "may start elsewhere while its worker still runs",
+                    self.settings.lease_s,
+                    self.settings.report_lost_s,
+                )
+        # only this replica's own (or never-leased) jobs: the others' workers are alive elsewhere
+        for job in self.store.interrupted(replica):
             ref = self.store.worker_ref(job.id)
             if ref is not None:
                 self.launcher.stop_leftover(job.id, ref, self.settings.cancel_grace_s)
-        for job in self.store.requeue_interrupted():
+        for job in self.store.requeue_interrupted(replica=replica):
             log.info("re-queued interrupted job %s", job.id)
         self._start_thread()
         log.info(
@@ -162,6 +184,8 @@ class Scheduler:
                 self._kill(worker)
         deadline = time.monotonic() + grace
         while self._workers:
+            if self._leases is not None:  # the drain may outlast a lease: keep the jobs ours meanwhile
+                self._beat_quietly()
             for worker in list(self._workers.values()):
                 ended = self.launcher.poll(worker.handle)
                 if ended is not None:
@@ -194,7 +218,20 @@ class Scheduler:
             log.critical("the scheduler thread died", exc_info=True)
             raise
 
+    def _beat_quietly(self) -> None:
+        try:
+            assert self._leases is not None
+            self._leases.beat()
+        except Exception:  # the database is away: the next call tries again
+            log.warning("renewing leases failed", exc_info=True)
+
     def _tick(self) -> None:
+        if self._leases is not None:
+            held = self._leases.beat()
+            if held is not None:
+                for worker in list(self._workers.values()):
+                    if worker.job_id not in held and self._leases.lost(worker.job_id):
+                        self._forget(worker)
         for worker in list(self._workers.values()):
             ended = self.launcher.poll(worker.handle)
             if ended is not None:
@@ -204,10 +241,38 @@ class Scheduler:
                 self._enforce_heartbeats(worker)
         while len(self._workers) < self._capacity and not self._stopping.is_set():
             job = self.store.next_queued(exclude=list(self._workers))
+            if job is not None and self._leases is not None:
+                job = self._claim(job)
             if job is None or not self._launch(job):
                 break
 
+    def _claim(self, peeked: Job) -> Job | None:
+        """Claim the oldest queued job, unless the GPUs the peeked one needs are busy (no claim that
+        would be given back at once). Another replica may have taken the peeked one: the claim is
+        whatever is oldest now."""
+        assert self._leases is not None
+        on_cluster = self.settings.launcher == "kubernetes"  # a TrainJob holds none of this machine's GPUs
+        gpus = 0 if on_cluster else requested_gpus(peeked.spec, self.settings)
+        if gpus <= len(self._devices.devices) and len(self._devices.free()) < gpus:
+            return None
+        return self._leases.claim(exclude=list(self._workers))
+
+    def _forget(self, worker: _Worker) -> None:
+        """Another replica has the job now (its lease ran out here): kill the worker, leave the job alone."""
+        log.warning(
+            "job %s: its lease was lost (re-queued by another replica); killing worker %s",
+            worker.job_id,
+            worker.handle.ref,
+        )
+        self.launcher.kill(worker.handle)
+        del self._workers[worker.job_id]
+        self.intake.revoke(worker.job_id)
+        self.launcher.release(worker.handle)
+        self._devices.release(worker.job_id)
+
     def _launch(self, job: Job) -> bool:
+        """Start a worker for `job`: QUEUED, or RUNNING already when it was claimed with a lease."""
+        claimed = job.state == JobState.RUNNING
         # a TrainJob's GPUs are the cluster's (its pods ask for them): none of this machine's is held
         on_cluster = self.settings.launcher == "kubernetes"
         gpus = 0 if on_cluster else requested_gpus(job.spec, self.settings)
@@ -218,33 +283,47 @@ class Scheduler:
                 "trains on now; resubmit the job with fewer"
             )
             try:
-                self.store.transition(job.id, JobState.FAILED, reason, expect=[JobState.QUEUED])
+                self.store.transition(job.id, JobState.FAILED, reason, expect=[job.state])
             except FailedPrecondition:  # cancelled meanwhile
                 return False
             return True  # the next queued job may start
         devices = self._devices.acquire(job.id, gpus)
         if devices is None:
+            if claimed:  # another job took the GPUs since the peek: give the claim back
+                self._unclaim(job, "waiting for GPUs")
             return False  # busy: the oldest job waits for its GPUs, and the younger ones behind it
         started = False
         try:
-            started = self._start_worker(job, devices)
+            started = self._start_worker(job, devices, claimed=claimed)
         finally:
             if not started:  # whatever stopped it (a cancel, a failed launch, an error): nothing is held
                 self._devices.release(job.id)
                 self.intake.revoke(job.id)
+                if claimed:
+                    self._unclaim(job, "no worker was started")
         return started
 
-    def _start_worker(self, job: Job, devices: tuple[int, ...]) -> bool:
+    def _unclaim(self, job: Job, reason: str) -> None:
+        """A claimed job without a worker goes back to the queue (unless it has moved on: FAILED)."""
+        with contextlib.suppress(FailedPrecondition):
+            self.store.transition(
+                job.id, JobState.QUEUED, reason, expect=[JobState.RUNNING], refund_attempt=True
+            )
+
+    def _start_worker(self, job: Job, devices: tuple[int, ...], *, claimed: bool) -> bool:
         if self.settings.launcher == "kubernetes":
             where = f"Kubernetes (namespace {self.settings.k8s_namespace})"
         else:
             where = f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
-        try:
-            job = self.store.transition(
-                job.id, JobState.RUNNING, f"worker starting on {where}", expect=[JobState.QUEUED]
-            )
-        except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
-            return False
+        if claimed:
+            self.store.append_event(job.id, EventKind.INFO, f"worker starting on {where}")
+        else:
+            try:
+                job = self.store.transition(
+                    job.id, JobState.RUNNING, f"worker starting on {where}", expect=[JobState.QUEUED]
+                )
+            except FailedPrecondition:  # cancelled between the queue read and now: look again next tick
+                return False
         env = {
             **self._env,
             REPORT_ADDRESS_ENV: self.report_address,

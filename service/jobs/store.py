@@ -229,10 +229,14 @@ class JobStore:
                 insert_event(db, job_id, EventKind.INFO, "cancel requested; stopping the worker", {}, now)
             return job_from_row(fetch_row(db, job_id))
 
-    def requeue_interrupted(self, reason: str = "the service restarted") -> list[Job]:
-        """On start-up: RUNNING/PACKAGING jobs go back to QUEUED (or CANCELLED if that was asked)."""
+    def requeue_interrupted(
+        self, reason: str = "the service restarted", *, replica: str | None = None
+    ) -> list[Job]:
+        """On start-up: RUNNING/PACKAGING jobs go back to QUEUED (or CANCELLED if that was asked).
+        With `replica` (a shared database), only the jobs leased to it or never leased (started by a
+        service without leases): other replicas' jobs are theirs, or requeue_expired's once they expire."""
         requeued = []
-        for job in self.jobs_in(ACTIVE_STATES):
+        for job in self.interrupted(replica):
             if job.cancel_requested:
                 self.transition(job.id, JobState.CANCELLED, f"cancelled by request ({reason})")
                 continue
@@ -240,6 +244,25 @@ class JobStore:
             self.append_event(job.id, EventKind.INFO, f"{reason}; the job resumes from its last checkpoint")
             requeued.append(self.get_job(job.id))
         return requeued
+
+    def interrupted(self, replica: str | None = None) -> list[Job]:
+        """RUNNING/PACKAGING jobs, oldest first; with `replica`, only those leased to it or to no one."""
+        if replica is None:
+            return self.jobs_in(ACTIVE_STATES)
+        names, values = placeholders("s", [s.value for s in ACTIVE_STATES])
+        with self.db.read() as db:
+            rows = db.all(
+                f"SELECT * FROM jobs WHERE state IN ({names})"
+                " AND (lease_owner IS NULL OR lease_owner = :r) ORDER BY num",
+                values | {"r": replica},
+            )
+        return [job_from_row(r) for r in rows]
+
+    def lease_owner(self, job_id: str) -> str | None:
+        """The replica holding the job's lease; None when no one does."""
+        with self.db.read() as db:
+            row = fetch_row(db, job_id)
+        return None if row["lease_owner"] is None else str(row["lease_owner"])
 
     def set_worker_ref(self, job_id: str, ref: str | None) -> None:
         """What names the job's worker to its launcher (a local launcher's process group id)."""

@@ -82,7 +82,8 @@ def _requeue_if_expired(database: Database, job_id: str, reason: str, now: float
     with database.write() as db:
         row = fetch_row(db, job_id, lock=True)
         # checked again under the lock: its replica may have renewed, or finished, since the look
-        if row["state"] not in {s.value for s in ACTIVE_STATES} or not (row["lease_expires"] or now) < now:
+        expires = row["lease_expires"]
+        if row["state"] not in {s.value for s in ACTIVE_STATES} or expires is None or not expires < now:
             return None
         cancel = bool(row["cancel_requested"])
         to_state = JobState.CANCELLED if cancel else JobState.QUEUED

@@ -7,13 +7,10 @@ a second for every process that opens the store).
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from service.jobs.store_db import SCHEMA_HEAD, Database, SqliteDatabase, sqlite_revision
 from service.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 def store_target(settings: Settings) -> Path | str:
@@ -41,12 +38,5 @@ def open_database(target: Path | str | Database) -> Database:
         except BaseException:
             database.close()
             raise
-        if database.dialect == "postgresql":
-            # the store can share a queue (claim_next, leases), but the scheduler does not claim yet: a
-            # second replica's start-up would re-queue the first one's running jobs
-            log.warning(
-                "job store on PostgreSQL at %s: run ONE service replica per database for now",
-                database.display_url,
-            )
         return database
     return target

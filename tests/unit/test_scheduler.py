@@ -19,6 +19,7 @@ from service.jobs.launcher import worker_env
 from service.jobs.local_launcher import LocalProcessLauncher, describe_exit
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
+from service.jobs.store_open import store_target
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 from service.spec import JobSpec
@@ -48,7 +49,7 @@ class Harness:
         values = {"state_dir": tmp_path / "state", "max_concurrent_jobs": 1, "max_job_retries": 1,
                   "cancel_grace_s": 1.0, "drain_grace_s": 5.0, **settings}  # fmt: skip
         self.settings = Settings(**values)
-        self.store = JobStore(self.settings.jobs_db)
+        self.store = JobStore(store_target(self.settings))  # the SQLite file unless database_url is set
         self.deployed: list[str] = []
         self.deploy_error: Exception | None = None
         self.intake = Intake(self.store)

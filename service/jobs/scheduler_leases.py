@@ -1,0 +1,61 @@
+"""The scheduler's side of leases, for several service replicas on one database (PostgreSQL).
+
+A replica claims each job it runs (`claim_next`: the job becomes RUNNING, leased to the replica), and
+every lease_s / 3 renews all its leases in one statement and re-queues the jobs whose lease ran out: a
+replica that died stops renewing, so its jobs go back to the queue one lease later and another replica
+resumes them from their last checkpoint. A job missing from the renewal's answer is no longer this
+replica's (it was re-queued while this replica could not reach the database): its worker is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from service.jobs.store import JobStore
+from service.records import Job
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    """Claims, renews and re-queues on behalf of one replica; called from the scheduler's thread."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        replica: str,
+        lease_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.replica = replica
+        self.lease_s = lease_s
+        self._clock = clock
+        self._due = 0.0  # the next renewal: at once
+
+    def beat(self, *, force: bool = False) -> set[str] | None:
+        """When a renewal is due (or `force`): renew this replica's leases, re-queue expired ones, and
+        answer the ids this replica still holds; None when it was not time yet."""
+        now = self._clock()
+        if not force and now < self._due:
+            return None
+        held = set(self.store.renew(self.replica, self.lease_s))
+        self._due = now + self.lease_s / 3
+        for job in self.store.requeue_expired():
+            log.warning("job %s: its replica's lease expired; re-queued (%s)", job.id, job.state)
+        return held
+
+    def claim(self, exclude: Sequence[str]) -> Job | None:
+        """The oldest queued job, now RUNNING and leased to this replica; None when the queue is empty."""
+        job = self.store.claim_next(self.replica, self.lease_s, exclude)
+        if job is not None:
+            # a claim lives lease_s from now: renew at the usual pace from here, not from the last beat
+            self._due = min(self._due, self._clock() + self.lease_s / 3)
+        return job
+
+    def lost(self, job_id: str) -> bool:
+        """The job is still active but no longer leased to this replica: another replica has it now."""
+        job = self.store.get_job(job_id)
+        return not job.state.is_final and self.store.lease_owner(job_id) != self.replica

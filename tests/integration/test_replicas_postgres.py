@@ -1,0 +1,181 @@
+"""Two service replicas (real processes, one shared state folder) on one real PostgreSQL (tests/pg.py):
+every job runs exactly once, and when one replica is killed with SIGKILL mid-training, the other takes
+its job once the lease has run out and resumes it from the checkpoint the dead replica's worker left."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import make_image_folder, spec, wait_for
+
+from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+from service.jobs.store import JobStore
+from service.records import EventKind, Job, JobState
+
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+SERVING_ON = re.compile(r"tuneserve is serving on [\d.]+:(\d+)")
+LEASE_S = 6.0
+
+
+@dataclass
+class Replica:
+    """`run_service()` in its own process, replica `name`, on the shared state folder under `root`."""
+
+    name: str
+    root: Path
+    database_url: str
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self, timeout: float = 240) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+        env |= {
+            "TUNESERVE_STATE_DIR": str(self.root / "state"),
+            "TUNESERVE_DATA_ROOT": str(self.root / "data"),
+            "TUNESERVE_TORCH_HOME": str(self.root / "torch"),
+            "TUNESERVE_DATABASE_URL": self.database_url,
+            "TUNESERVE_REPLICA_ID": self.name,
+            "TUNESERVE_LEASE_S": str(LEASE_S),
+            # a worker whose replica is gone stops at its first failed heartbeat: well within a lease
+            "TUNESERVE_REPORT_HEARTBEAT_S": "0.2",
+            "TUNESERVE_REPORT_LOST_S": "0",
+            "TUNESERVE_PORT": "0",
+            "TUNESERVE_TORCHSERVE_ENABLED": "false",
+            "TUNESERVE_MAX_CONCURRENT_JOBS": "1",
+            "TUNESERVE_CANCEL_GRACE_S": "5",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(PROJECT_ROOT),
+        }
+        log = self.root / f"replica-{self.name}.log"
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from service.app import run_service; run_service()"],
+                cwd=PROJECT_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def serving() -> int | None:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"replica {self.name} exited at start: {log.read_text()[-3000:]}")
+            match = SERVING_ON.search(log.read_text())
+            return int(match.group(1)) if match else None
+
+        self.port = wait_for(serving, timeout, f"replica {self.name} to start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()  # SIGKILL: no drain, no clean-up, its leases simply stop being renewed
+        self.process.wait()
+
+    @contextlib.contextmanager
+    def client(self) -> Iterator[pb_grpc.FineTuningStub]:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            yield pb_grpc.FineTuningStub(channel)
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Replica, Replica, JobStore]]:
+    make_image_folder(tmp_path / "data" / "ds", per_class=8)
+    pair = (Replica("a", tmp_path, postgres_database), Replica("b", tmp_path, postgres_database))
+    store = JobStore(postgres_database)
+    try:
+        for replica in pair:
+            replica.start()
+        yield pair[0], pair[1], store
+    finally:
+        for replica in pair:
+            if replica.process is not None and replica.process.poll() is None:
+                replica.kill()
+        jobs, _ = store.list_jobs(page_size=100)
+        for job in jobs:  # leave no worker behind on a shared machine
+            pid = store.worker_pid(job.id)
+            if pid is not None and alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+        store.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def claims(store: JobStore, job_id: str) -> list[str]:
+    """The replicas that claimed the job, in order (from its QUEUED -> RUNNING events)."""
+    found = []
+    for event in store.events_after(job_id):
+        if event.kind == EventKind.STATE and event.data["state"] == "RUNNING":
+            found.append(event.message.rsplit("claimed by ", 1)[-1])
+    return found
+
+
+def wait_final(store: JobStore, job_id: str, timeout: float = 300) -> Job:
+    return wait_for(
+        lambda: (job := store.get_job(job_id)).state.is_final and job, timeout, f"{job_id} to finish"
+    )
+
+
+def test_two_replicas_run_every_job_exactly_once(replicas: tuple[Replica, Replica, JobStore]) -> None:
+    a, b, store = replicas
+    with a.client() as client_a, b.client() as client_b:
+        ids = [
+            (client_a if i % 2 else client_b)
+            .CreateJob(pb.CreateJobRequest(spec=spec(f"job-{i}", training={"epochs": 2})))
+            .id
+            for i in range(4)
+        ]
+    done = [wait_final(store, job_id) for job_id in ids]
+    assert [job.state for job in done] == [JobState.SUCCEEDED] * 4, [job.error for job in done]
+    assert [job.attempts for job in done] == [1] * 4
+    owners = [claims(store, job_id) for job_id in ids]
+    assert all(len(o) == 1 for o in owners), owners  # each claimed once: no job ran twice
+    assert {o[0] for o in owners} == {"a", "b"}  # both replicas worked
+    for job_id in ids:
+        epochs = [e.data["epoch"] for e in store.events_after(job_id) if e.kind == EventKind.EPOCH]
+        assert epochs == [1, 2]
+
+
+def test_a_killed_replicas_job_is_resumed_by_the_other_from_its_checkpoint(
+    replicas: tuple[Replica, Replica, JobStore],
+) -> None:
+    a, b, store = replicas
+    with a.client() as client:
+        job_id = client.CreateJob(pb.CreateJobRequest(spec=spec("survivor", training={"epochs": 4}))).id
+    wait_for(
+        lambda: any(e.kind == EventKind.CHECKPOINT for e in store.events_after(job_id)),
+        240,
+        "the first checkpoint",
+    )
+    [owner_name] = claims(store, job_id)
+    owner, other = (a, b) if owner_name == "a" else (b, a)
+    worker = store.worker_pid(job_id)
+    assert worker is not None
+    owner.kill()
+    # the dead replica's worker stops at its first failed heartbeat, long before the lease runs out
+    wait_for(lambda: not alive(worker), 60, "the orphaned worker to stop")
+    assert store.get_job(job_id).state == JobState.RUNNING  # still leased to the dead replica
+
+    done = wait_final(store, job_id)
+    assert done.state == JobState.SUCCEEDED, done.error
+    assert done.result.epochs_completed == 4
+    assert done.attempts == 1  # the lost attempt was refunded: the replica died, not the job
+    assert claims(store, job_id) == [owner.name, other.name]
+    messages = [e.message for e in store.events_after(job_id)]
+    assert any("lease expired" in m and f"({owner.name})" in m for m in messages)
+    assert any(m.startswith("resumed from") for m in messages)
