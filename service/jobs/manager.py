@@ -13,7 +13,7 @@ from typing import Any
 from service.devices import with_resolved_gpus
 from service.errors import ResourceExhausted
 from service.jobs.store import JobStore
-from service.jobs.watch import POLL_S, follow_events
+from service.jobs.watch import FALLBACK_S, follow_events
 from service.records import EventKind, Job, JobEvent, JobState
 from service.settings import Settings
 from service.spec import JobSpec
@@ -38,7 +38,7 @@ class JobManager:
         wake: Callable[[], None] = lambda: None,
         admit: Admit = _admit,
         max_watchers: int | None = None,
-        watch_poll_s: float = POLL_S,
+        watch_fallback_s: float = FALLBACK_S,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -46,7 +46,7 @@ class JobManager:
         self._admit = admit
         # every WatchJob holds a server thread for as long as it streams: keep some threads for the rest
         self._watchers = threading.BoundedSemaphore(max_watchers or max(1, settings.grpc_workers - 4))
-        self._watch_poll_s = watch_poll_s
+        self._watch_fallback_s = watch_fallback_s
         self._open_watches: set[threading.Event] = set()
         self._lock = threading.Lock()
 
@@ -79,7 +79,9 @@ class JobManager:
     ) -> Iterator[tuple[JobEvent, JobState]]:
         """Events after `after_seq` until the job ends, the watcher leaves (`stop` is set) or close()."""
         with self._watch_slot(stop):
-            yield from follow_events(self.store, job_id, after_seq, stop=stop, poll_s=self._watch_poll_s)
+            yield from follow_events(
+                self.store, job_id, after_seq, stop=stop, fallback_s=self._watch_fallback_s
+            )
 
     def open_watches(self) -> int:
         """How many WatchJob streams are open now."""
@@ -91,6 +93,7 @@ class JobManager:
         with self._lock:
             for stop in self._open_watches:
                 stop.set()
+        self.store.bell.wake_all()
 
     @contextmanager
     def _watch_slot(self, stop: threading.Event) -> Iterator[None]:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from service.jobs import store_leases
+from service.jobs.event_bell import EventBell
 from service.jobs.store_codec import (
     RESULT_FIELDS,
     decode_page_token,
@@ -34,7 +36,7 @@ from service.jobs.store_codec import (
     jsonable,
     result_from_json,
 )
-from service.jobs.store_db import Database
+from service.jobs.store_db import Conn, Database
 from service.jobs.store_open import open_database
 from service.jobs.store_rows import ACTIVE_STATES, fetch_row, insert_event, placeholders, update_row
 from service.records import EventKind, Job, JobEvent, JobResult, JobState
@@ -60,6 +62,8 @@ class JobStore:
 
     def __init__(self, target: Path | str | Database) -> None:
         self.db = open_database(target)
+        # rung after each committed write that adds events, so WatchJob waits instead of polling
+        self.bell = EventBell()
         self.path: Path | None = Path(target) if isinstance(target, Path) else None
 
     @property
@@ -180,7 +184,7 @@ class JobStore:
         A FAILED job's `reason` becomes its error. Leaving RUNNING/PACKAGING ends the job's lease.
         """
         now = time.time()
-        with self.db.write() as db:
+        with self._write_events(job_id) as db:
             row = fetch_row(db, job_id, lock=True)
             current = JobState(row["state"])
             came_from_expected = expect is None or current in frozenset(expect)
@@ -210,7 +214,7 @@ class JobStore:
     def request_cancel(self, job_id: str) -> Job:
         """Mark a job for cancellation; a QUEUED job is CANCELLED at once, a running one by the scheduler."""
         now = time.time()
-        with self.db.write() as db:
+        with self._write_events(job_id) as db:
             row = fetch_row(db, job_id, lock=True)
             state = JobState(row["state"])
             if state.is_final:
@@ -288,7 +292,10 @@ class JobStore:
         """Take the oldest QUEUED job not in `exclude` for `replica`: it becomes RUNNING (an attempt),
         leased to `replica` for `lease_s` seconds. None when there is nothing to take. Replicas claiming
         at once each get a different job (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: one writer)."""
-        return store_leases.claim_next(self.db, replica, lease_s, exclude)
+        job = store_leases.claim_next(self.db, replica, lease_s, exclude)
+        if job is not None:
+            self.bell.ring(job.id)
+        return job
 
     def renew(self, replica: str, lease_s: float) -> list[str]:
         """Extend every lease `replica` holds by `lease_s` from now (its heartbeat); the ids of its jobs.
@@ -298,7 +305,10 @@ class JobStore:
     def requeue_expired(self, reason: str = "its replica's lease expired") -> list[Job]:
         """Jobs whose lease ran out go back to QUEUED with their attempt refunded (CANCELLED if that was
         asked), to resume from their last checkpoint elsewhere."""
-        return store_leases.requeue_expired(self.db, reason)
+        jobs = store_leases.requeue_expired(self.db, reason)
+        for job in jobs:
+            self.bell.ring(job.id)
+        return jobs
 
     # ------------------------------------------------------------------ results and events
 
@@ -317,14 +327,14 @@ class JobStore:
         self, job_id: str, kind: EventKind, message: str, data: dict[str, Any] | None = None
     ) -> JobEvent:
         """Add an event with the job's next sequence number."""
-        with self.db.write() as db:
+        with self._write_events(job_id) as db:
             fetch_row(db, job_id, lock=True)
             return insert_event(db, job_id, EventKind(kind), message, data or {}, time.time())
 
     def append_events(self, job_id: str, events: Iterable[tuple[EventKind, str, dict[str, Any]]]) -> int:
         """Add events in order, in one transaction; the sequence number of the last one."""
         now = time.time()
-        with self.db.write() as db:
+        with self._write_events(job_id) as db:
             fetch_row(db, job_id, lock=True)
             seq = 0
             for kind, message, data in events:
@@ -363,6 +373,14 @@ class JobStore:
     def close(self) -> None:
         """Close every connection this instance opened (any thread's)."""
         self.db.close()
+
+    @contextmanager
+    def _write_events(self, job_id: str) -> Iterator[Conn]:
+        """A write transaction that adds events to `job_id`: its watchers are told once it has committed
+        (not on failure: nothing new to see)."""
+        with self.db.write() as db:
+            yield db
+        self.bell.ring(job_id)
 
 
 def new_job_id() -> str:
