@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from test_scheduler import Harness, make_spec
 
@@ -55,6 +56,10 @@ def make_harness(tmp_path: Path, postgres_database: str) -> Iterator[MakeHarness
     for h in made:
         h.scheduler.stop(drain=False)
         h.close()
+    # the module shares one database: a job a test leaves RUNNING would be re-queued (its lease expires)
+    # and claimed before the next test's own jobs
+    with psycopg.connect(postgres_database, autocommit=True) as conn:
+        conn.execute("TRUNCATE events, jobs, write_probe RESTART IDENTITY")
 
 
 def test_at_start_only_this_replicas_own_and_never_leased_jobs_are_requeued(
