@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import FailedPrecondition
-from service.packaging.replica_models import choose_models, sha256_of, write_registry
+from service.packaging.mar_files import sha256_of
+from service.packaging.replica_models import choose_models, write_registry
 from service.packaging.served_registry import ServedRegistry, ServedVersion
 
 REPO = Path(__file__).resolve().parents[2]
