@@ -125,8 +125,9 @@ def cluster_serving_runtime(request: ExportRequest) -> dict[str, Any]:
                         {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
                     ],
                     "ports": [{"name": "http1", "containerPort": INFERENCE_PORT, "protocol": "TCP"}],
-                    # not a tcpSocket probe (the port opens, and /ping says Healthy, 12.6 s before
-                    # the snapshot's worker has loaded the model, measured) nor an httpGet of /ping
+                    # not a tcpSocket probe (the port opens 12.6 s before the snapshot's worker has
+                    # loaded the model; 58 s on a busy 2-core machine, test_export_readiness measures
+                    # it) nor an httpGet of /ping
                     # (400 without the key under token authorization): an exec of ts_ready, which asks
                     # the loopback management API, with the key file's management key, whether every
                     # snapshot version has a READY worker. Our image has it (the service package).

@@ -2,9 +2,9 @@
 
 The KServe runtime's container runs this as its exec readiness probe
 (`python -m service.packaging.ts_ready --ts-config ... --key-file ...`, see kserve_manifests).
-TorchServe 0.12 opens its inference port, and says Healthy on /ping, before the snapshot's worker
-has loaded the model (12.6 s on the 2-core dev machine), so a tcpSocket probe lets a pod take traffic
-that waits in TorchServe's queue. This asks the management API (loopback only, the management key
+TorchServe 0.12 opens its inference port before the snapshot's worker has loaded the model (12.6 s
+earlier on the 2-core dev machine, 58 s when it is busy), so a tcpSocket probe lets a pod take
+traffic that waits in TorchServe's queue. This asks the management API (loopback only, the management key
 from key_file.json when token authorization is on) whether every model version the config's
 model_snapshot names has a READY worker, as the serving replica's readiness does
 (service.packaging.serving_only.ServingReplica.health).
