@@ -9,7 +9,6 @@ other's. Which version to build is service.packaging.model_store's rule.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import torch
 from handlers.inference import CONFIG_FILE, DEFAULT_MAX_IMAGE_PIXELS, LABELS_FILE, MODEL_FILE
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from service.packaging.handler_runtime import stage_runtime
+from service.packaging.mar_files import sha256_of
 from service.serving_types import Archive
 from service.spec import NAME_PATTERN
 from service.training.checkpoints import load_checkpoint
@@ -70,14 +69,6 @@ def build_archive(
                 f"archive {target} appeared while packaging; package under a new version"
             ) from None
     return Archive(path=target, sha256=sha256_of(target), name=model_name, version=version)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def serving_config(state: dict[str, Any], max_image_pixels: int) -> dict[str, Any]:
@@ -146,15 +137,3 @@ def _run_archiver(files: dict[str, Path], model_name: str, version: str, work: P
         )
     shutil.rmtree(tmp, ignore_errors=True)
     return built
-
-
-def read_manifest(archive: Path) -> tuple[str, str]:
-    """(model name, version) from an archive's MAR-INF/MANIFEST.json."""
-    try:
-        with zipfile.ZipFile(archive) as mar:
-            model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
-        return str(model["modelName"]), str(model["modelVersion"])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise FailedPrecondition(
-            f"{archive} is not a readable TorchServe archive ({exc}); package it again"
-        ) from None

@@ -25,6 +25,8 @@ SCALE_CPU_PERCENT = 70  # scaleMetric cpu: works with KServe's Serverless and Ra
 INFERENCE_PORT = 8085  # keep in step with service.packaging.export (config.properties)
 METRICS_PORT = 8082
 MOUNT = "/mnt/models"
+WORKING_DIR = "/tmp"  # an emptyDir: TorchServe writes key_file.json and logs/ there
+PROBE_TIMEOUT_S = 5
 RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}}
 
 
@@ -77,6 +79,24 @@ def inference_service(archive: Archive, request: ExportRequest) -> dict[str, Any
     }
 
 
+def readiness_probe() -> dict[str, Any]:
+    """An exec probe of service.packaging.ts_ready against this runtime's config and key file."""
+    return {
+        "exec": {
+            "command": [
+                "python", "-m", "service.packaging.ts_ready",
+                f"--ts-config={MOUNT}/config/config.properties",
+                f"--key-file={WORKING_DIR}/key_file.json",
+            ]
+        },
+        # the probe starts a Python and asks one URL per version: under a second on an idle node,
+        # more on a busy one; its own HTTP timeout (ts_ready.TIMEOUT_S) stays below this
+        "timeoutSeconds": PROBE_TIMEOUT_S,
+        "periodSeconds": 5,
+        "failureThreshold": 3,
+    }  # fmt: skip
+
+
 def cluster_serving_runtime(request: ExportRequest) -> dict[str, Any]:
     prometheus = {"prometheus.kserve.io/port": str(METRICS_PORT), "prometheus.kserve.io/path": "/metrics"}
     return {
@@ -98,19 +118,20 @@ def cluster_serving_runtime(request: ExportRequest) -> dict[str, Any]:
                         f"--model-store={MOUNT}/model-store",
                         f"--ts-config={MOUNT}/config/config.properties",
                     ],
-                    "workingDir": "/tmp",  # TorchServe writes key_file.json and logs/ here
+                    "workingDir": WORKING_DIR,  # TorchServe writes key_file.json and logs/ here
                     "env": [
                         {"name": "HOME", "value": "/tmp"},
                         {"name": "LOG_LOCATION", "value": "/tmp/logs"},
                         {"name": "METRICS_LOCATION", "value": "/tmp/logs"},
                     ],
                     "ports": [{"name": "http1", "containerPort": INFERENCE_PORT, "protocol": "TCP"}],
-                    # not an httpGet of /ping: with token authorization TorchServe answers it 400
-                    # without the key. Neither is exact: TorchServe 0.12 opens its port and says
-                    # Healthy on /ping before the snapshot's worker has loaded the model (12.6 s
-                    # before the first answer, measured here); requests sent meanwhile wait in its
-                    # queue and are answered once the worker is up (notes/serving.md)
-                    "readinessProbe": {"tcpSocket": {"port": INFERENCE_PORT}},
+                    # not a tcpSocket probe (the port opens 12.6 s before the snapshot's worker has
+                    # loaded the model; 58 s on a busy 2-core machine, test_export_readiness measures
+                    # it) nor an httpGet of /ping
+                    # (400 without the key under token authorization): an exec of ts_ready, which asks
+                    # the loopback management API, with the key file's management key, whether every
+                    # snapshot version has a READY worker. Our image has it (the service package).
+                    "readinessProbe": readiness_probe(),
                     "resources": RESOURCES,
                     "securityContext": {
                         "runAsNonRoot": True,

@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from service.packaging.archiver import build_archive, read_manifest, sha256_of
+from service.packaging.archiver import build_archive
+from service.packaging.mar_files import read_manifest, sha256_of
 from service.serving_types import Archive
 from service.settings import Settings
 

@@ -13,20 +13,18 @@ A replica started with a sync interval asks again at that interval and serves wh
 (service.packaging.serving_only.ServingReplica.sync); one without, when it restarts.
 
 Only the standard library and the registry's records: the replica's process never imports torch
-(service.packaging.archiver does, at module level, so its manifest reader is not used here).
+(service.packaging.archiver does; the archive readers come from the torch-free mar_files).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.errors import FailedPrecondition
+from service.packaging.mar_files import read_manifest, sha256_of
 from service.packaging.served_registry import ServedEntry, ServedRegistry, ServedVersion, version_key
 from service.spec import ServingSpec
 
@@ -95,9 +93,9 @@ def _from_archives(model_store: Path) -> list[ServedEntry]:
     by_name: dict[str, dict[str, ServedVersion]] = {}
     for path in sorted(model_store.glob("*.mar")):
         try:
-            name, version = manifest_of(path)
+            name, version = read_manifest(path)
             version_key(version)  # TorchServe's and our version rule: dotted numbers
-        except (OSError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as exc:
+        except (FailedPrecondition, ValueError) as exc:
             log.warning("%s is skipped: not a readable TorchServe archive (%s)", path.name, exc)
             continue
         if version in by_name.get(name, {}):
@@ -110,21 +108,6 @@ def _from_archives(model_store: Path) -> list[ServedEntry]:
             workers=defaults.workers, top_k=defaults.top_k, served_at=path.stat().st_mtime,
         )  # fmt: skip
     return [ServedEntry(n, max(v, key=version_key), v) for n, v in sorted(by_name.items())]
-
-
-def manifest_of(archive: Path) -> tuple[str, str]:
-    """(model name, version) from an archive's MAR-INF/MANIFEST.json (as archiver.read_manifest)."""
-    with zipfile.ZipFile(archive) as mar:
-        model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
-    return str(model["modelName"]), str(model["modelVersion"])
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unchanged(path: Path, sha256: str) -> bool:

@@ -26,7 +26,8 @@ from handlers.inference import ImageClassifier
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.app import Service
-from service.packaging.archiver import build_archive, sha256_of
+from service.packaging.archiver import build_archive
+from service.packaging.mar_files import sha256_of
 from service.packaging.ts_config import inference_url
 from service.spec import DataSpec, ServingSpec
 from service.training.scan import load_splits

@@ -38,7 +38,7 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.api.server import INFERENCE
 from service.jobs.store import JobStore
-from service.packaging.archiver import sha256_of
+from service.packaging.mar_files import sha256_of
 from service.records import EventKind, Job, JobState
 from service.training.checkpoints import load_checkpoint
 

@@ -26,8 +26,9 @@ from ports import free_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound
-from service.packaging.archiver import build_archive, sha256_of
+from service.packaging.archiver import build_archive
 from service.packaging.gate import GateFailed
+from service.packaging.mar_files import sha256_of
 from service.packaging.torchserve_backend import TorchServeBackend
 from service.packaging.ts_config import grpc_inference_target, inference_url, management_url, metrics_url
 from service.serving_types import Archive, ServedModel

@@ -34,7 +34,7 @@ from ports import free_ports
 
 from handlers.inference import ImageClassifier
 from service.packaging.archiver import build_archive
-from service.packaging.replica_models import sha256_of
+from service.packaging.mar_files import sha256_of
 from service.packaging.served_registry import ServedRegistry, ServedVersion
 
 pytestmark = [

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 from k8s_crds import assert_valid, crd_folder, errors
 
+from service.packaging import ts_ready
 from service.packaging.kserve_manifests import cluster_serving_runtime, inference_service, resource_name
 from service.serving_types import Archive, ExportRequest
 
@@ -51,3 +53,24 @@ def test_model_names_become_kubernetes_names():
     assert resource_name("My_Pets") == "my-pets"
     assert resource_name("7up") == "m-7up"
     assert inference_service(ARCHIVE, REQUEST)["metadata"]["name"] == "my-pets"
+
+
+def test_the_readiness_probe_runs_ts_ready_on_the_runtimes_own_files():
+    container = cluster_serving_runtime(REQUEST)["spec"]["containers"][0]
+    probe = container["readinessProbe"]
+    assert set(probe) == {"exec", "timeoutSeconds", "periodSeconds", "failureThreshold"}  # no tcpSocket
+    command = probe["exec"]["command"]
+    assert command[:3] == ["python", "-m", "service.packaging.ts_ready"]
+    # the config TorchServe is started with, and the key file in the working directory it writes to
+    config = next(a for a in container["args"] if a.startswith("--ts-config="))
+    assert config in command
+    assert f"--key-file={container['workingDir']}/key_file.json" in command
+    # the module the probe names is importable, and its HTTP timeout stays below the probe's
+    assert importlib.util.find_spec("service.packaging.ts_ready") is not None
+    assert probe["timeoutSeconds"] > ts_ready.TIMEOUT_S
+
+
+def test_a_probe_with_a_misspelt_field_is_refused():
+    runtime = copy.deepcopy(cluster_serving_runtime(REQUEST))
+    runtime["spec"]["containers"][0]["readinessProbe"]["exec"]["cmd"] = ["true"]
+    assert any("cmd" in e for e in errors(runtime))

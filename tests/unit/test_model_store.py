@@ -10,8 +10,8 @@ import pytest
 
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from service.packaging import model_store
-from service.packaging.archiver import read_manifest, sha256_of
 from service.packaging.choose_backend import packager
+from service.packaging.mar_files import read_manifest, sha256_of
 from service.packaging.model_store import PACKAGE_ATTEMPTS, ModelStore
 from service.settings import Settings
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import FailedPrecondition
-from service.packaging.replica_models import choose_models, sha256_of, write_registry
+from service.packaging.mar_files import sha256_of
+from service.packaging.replica_models import choose_models, write_registry
 from service.packaging.served_registry import ServedRegistry, ServedVersion
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,9 @@ def test_without_a_control_plane_registry_every_archive_is_served_and_the_highes
     fake_mar(store / "digits.mar", "digits", "3")  # an exported folder names it <name>.mar
     (store / "notes.txt").write_text("not an archive")
     (store / "broken.mar").write_bytes(b"not a zip")
+    with zipfile.ZipFile(store / "bare.mar", "w") as bare:  # a zip, but no MAR-INF/MANIFEST.json
+        bare.writestr("model.pt", b"")
+    fake_mar(store / "odd.mar", "pets", "v1")  # not dotted numbers: TorchServe would refuse it
     models = choose_models(store)
     assert {e.name: (e.ordered_versions(), e.default) for e in models.entries} == {
         "digits": (["3"], "3"),

@@ -14,8 +14,9 @@ import torch
 
 from handlers.inference import ImageClassifier
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from service.packaging.archiver import build_archive, sha256_of
+from service.packaging.archiver import build_archive
 from service.packaging.gate import Decision, compare
+from service.packaging.mar_files import sha256_of
 from service.packaging.served_registry import ServedRegistry, ServedVersion
 from service.packaging.torchserve_process import TorchServeKeys, TorchServeProcess, parse_key_expiry
 from service.packaging.ts_config import render_config
