@@ -96,8 +96,10 @@ def start_service(
             reporting.stop()
             store.close()
             raise
+    # pods dial the reporting Service; local workers the address it is bound to
+    report_address = settings.report_advertise_address or reporting.address
     try:
-        launcher = launcher or default_launcher(settings, store)
+        launcher = launcher or default_launcher(settings, store, report_address)
     except BaseException:  # no kubernetes client or configuration: leave nothing running
         reporting.stop()
         if backend is not None:
@@ -109,8 +111,7 @@ def start_service(
         store,
         launcher,
         intake,
-        # pods dial the reporting Service; local workers the address it is bound to
-        settings.report_advertise_address or reporting.address,
+        report_address,
         deployer=serving.deploy_job if serving is not None else None,
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
@@ -138,13 +139,16 @@ def start_service(
 JOBS_NAMES = (OVERALL, FINE_TUNING)
 
 
-def default_launcher(settings: Settings, store: JobStore) -> Launcher:
-    """TUNESERVE_LAUNCHER: TrainJobs on Kubernetes, or local processes (torchrun for a DDP job)."""
+def default_launcher(settings: Settings, store: JobStore, report_address: str | None = None) -> Launcher:
+    """TUNESERVE_LAUNCHER: TrainJobs on Kubernetes, or local processes (torchrun for a DDP job).
+    `report_address`: the reporting API's, for the local launcher's spare worker to connect ahead."""
     if settings.launcher == "kubernetes":
         from service.jobs.k8s_launcher import KubernetesLauncher  # needs the k8s extra
 
         return KubernetesLauncher(settings, lambda job_id: store.get_job(job_id).state == JobState.FAILED)
-    return ByWorldSize(LocalProcessLauncher(settings), TorchrunLauncher(settings))
+    return ByWorldSize(
+        LocalProcessLauncher(settings, report_address=report_address), TorchrunLauncher(settings)
+    )
 
 
 def jobs_probe(store: JobStore, scheduler: Scheduler) -> Callable[[], dict[str, bool]]:

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 
-from service.api.report_client import GrpcReporter
+from service.api.report_client import GrpcReporter, ReadyChannel
 from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
 from service.jobs.spare_worker import Assignment
 from service.jobs.worker import run_job
@@ -51,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] %(message)s",
     )
     timings = {"process_started_at": _process_started_at()}
+    ready: ReadyChannel | None = None  # a spare's channel to the reporting API, connected before its job
     if args.spare:
-        assignment = wait_for_assignment(timings, args.spare_delay)
-        if assignment is None:
+        waited = wait_for_assignment(timings, args.spare_delay)
+        if waited is None:
             return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
+        assignment, ready = waited
         args.job_id = assignment.job_id
         timings["sent_at"] = assignment.sent_at
     # its own process group, so a stop reaches its data-loader children too (already so when the
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s and %s must be set (a launcher sets them)", REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV)
         return EXIT_USAGE
     settings = Settings()  # type: ignore[call-arg]  # every field has a default; values come from env
+    channel = None if ready is None else ready.take_for(address, settings.report_tls_ca)
+    timings["preconnected"] = float(channel is not None)
     reporter = GrpcReporter(
         address,
         token,
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_s=settings.report_heartbeat_s,
         lost_after_s=settings.report_lost_s,
         tls_ca=settings.report_tls_ca,
+        channel=channel,
     ).start()
     signal.signal(signal.SIGTERM, reporter.signal_stop)
     signal.signal(signal.SIGINT, reporter.signal_stop)
@@ -93,10 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         reporter.close()
 
 
-def wait_for_assignment(timings: dict[str, float], delay_s: float = 0.0) -> Assignment | None:
-    """A spare's life before its job: preload, check CUDA is untouched, read the assignment from stdin,
-    then become that job's worker (its environment, its worker.log). None: no job will come (the
-    launcher closed the pipe, the service is gone), or this spare touched CUDA and must not take one."""
+def wait_for_assignment(
+    timings: dict[str, float], delay_s: float = 0.0
+) -> tuple[Assignment, ReadyChannel | None] | None:
+    """A spare's life before its job: preload, check CUDA is untouched, connect to the reporting API when
+    its address is known, read the assignment from stdin, then become that job's worker (its environment,
+    its worker.log). None: no job will come (the launcher closed the pipe, the service is gone), or this
+    spare touched CUDA and must not take one."""
     _set_parent_death_signal(signal.SIGKILL)  # idle, it dies with the service
     if delay_s > 0:  # leave the CPUs to the job just started, unless the next job is here already
         select.select([sys.stdin], [], [], delay_s)
@@ -109,6 +117,7 @@ def wait_for_assignment(timings: dict[str, float], delay_s: float = 0.0) -> Assi
         log.error("spare worker: CUDA was initialised before an assignment; exiting (the job starts cold)")
         return None
     timings["cuda_untouched"] = 1.0
+    ready = connect_ahead()
     log.info("spare worker ready in %.1f s", timings["imports_done_at"] - timings["process_started_at"])
     line = sys.stdin.buffer.readline()
     if not line.strip():
@@ -118,7 +127,26 @@ def wait_for_assignment(timings: dict[str, float], delay_s: float = 0.0) -> Assi
     timings["assigned_at"] = time.time()
     _set_parent_death_signal(0)  # a worker outlives its service like a cold one (stop_leftover finds it)
     _become_worker(assignment)
-    return assignment
+    return assignment, ready
+
+
+def connect_ahead() -> ReadyChannel | None:
+    """The spare's channel to the reporting API, connected now, off its job's critical path: the address
+    (REPORT_ADDRESS_ENV, no secret; the token comes with the job) and the CA are the job's settings. None
+    when the launcher gave no address or the settings cannot be read (the job then opens its own)."""
+    address = os.environ.get(REPORT_ADDRESS_ENV, "")
+    if not address:
+        return None
+    try:
+        tls_ca = Settings().report_tls_ca  # type: ignore[call-arg]  # values come from env
+        ready = ReadyChannel(address, tls_ca)
+    except ValueError as exc:  # a bad setting or an unreadable CA: the job meets it again and reports it
+        log.warning("spare worker: no early connection to the reporting API: %s", exc)
+        return None
+    log.info(
+        "spare worker: connected to the reporting API at %s ahead of its job: %s", address, ready.connected
+    )
+    return ready
 
 
 def preload() -> None:

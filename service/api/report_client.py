@@ -11,6 +11,10 @@ control plane has been unreachable for `lost_after_s` (the service died: stop at
 next service requeues the job) or no longer knows this worker's token (a restarted service).
 Calls are retried on UNAVAILABLE until the link has been down for `lost_after_s`.
 With `tls_ca` (settings.report_tls_ca) the channel is TLS and trusts that CA alone.
+
+A spare worker connects its channel before its job exists (ReadyChannel): the address and the CA are
+no secret and known when it starts, and a connection made then is off the job's critical path. The job's
+token travels per call (metadata), never with the channel, so a channel made before the token is safe.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 500  # events per AppendEvents call, at most
 CALL_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = 5.0  # a spare waits this long for its early connection before it says it is ready
+_INT_MAX = 2**31 - 1
 _UNREACHED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 Reply = TypeVar("Reply")
@@ -55,11 +61,14 @@ class GrpcReporter:
         heartbeat_s: float = 2.0,
         lost_after_s: float = 10.0,
         tls_ca: Path | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
+        """`channel`: one already open to `address` with `tls_ca` (ReadyChannel.take_for); the reporter
+        owns it from then on and closes it. Without it the reporter opens its own."""
         self.job_id = job_id
         self._heartbeat_s = heartbeat_s
         self._lost_after_s = lost_after_s
-        self._channel = open_channel(address, tls_ca)
+        self._channel = channel if channel is not None else open_channel(address, tls_ca)
         self._stub = pb_grpc.ReportingStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._queue: deque[pb.Event] = deque()
@@ -213,14 +222,56 @@ class GrpcReporter:
         return since is not None and time.monotonic() - since >= self._lost_after_s
 
 
-def open_channel(address: str, tls_ca: Path | None) -> grpc.Channel:
+class ReadyChannel:
+    """A channel to the reporting API opened and connected ahead of the job that will use it (a spare's).
+
+    `take_for` hands it to the job when the job reports to the same address with the same CA; otherwise
+    it is closed and the job opens its own (the fallback costs only what a spare saved)."""
+
+    def __init__(
+        self, address: str, tls_ca: Path | None, connect_timeout_s: float = CONNECT_TIMEOUT_S
+    ) -> None:
+        self.address = address
+        self.tls_ca = tls_ca
+        # an idle spare may wait for hours: without this gRPC drops the connection after 30 idle minutes
+        self.channel = open_channel(address, tls_ca, options=[("grpc.client_idle_timeout_ms", _INT_MAX)])
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=connect_timeout_s)
+            self.connected = True
+        except grpc.FutureTimeoutError:
+            # not fatal: the channel keeps trying and the job's first call waits for it as a fresh one would
+            self.connected = False
+            log.warning(
+                "the reporting API at %s not reached in %.0f s; the job will retry",
+                address,
+                connect_timeout_s,
+            )
+
+    def take_for(self, address: str, tls_ca: Path | None) -> grpc.Channel | None:
+        """The channel, for a job reporting to `address` with `tls_ca`; None (closed) when they differ."""
+        if (address, tls_ca) == (self.address, self.tls_ca):
+            return self.channel
+        log.info(
+            "the job reports to %s (CA %s), not %s (CA %s) as connected ahead: opening a new channel",
+            address,
+            tls_ca,
+            self.address,
+            self.tls_ca,
+        )
+        self.channel.close()
+        return None
+
+
+def open_channel(
+    address: str, tls_ca: Path | None, options: list[tuple[str, Any]] | None = None
+) -> grpc.Channel:
     """A channel to the reporting API: TLS trusting `tls_ca` only (not the system's roots), else plaintext."""
     if tls_ca is None:
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=options)
     try:
         ca = tls_ca.read_bytes()
     except OSError as exc:
         raise ValueError(
             f"TUNESERVE_REPORT_TLS_CA {tls_ca}: cannot be read ({exc.strerror}); mount the CA there"
         ) from None
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca), options=options)

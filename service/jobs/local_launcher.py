@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from service.devices import VISIBLE_DEVICES, visible_devices
-from service.jobs.launcher import LaunchError, WorkerExit, WorkerHandle, worker_env
+from service.jobs.launcher import REPORT_ADDRESS_ENV, LaunchError, WorkerExit, WorkerHandle, worker_env
 from service.jobs.spare_worker import Assignment, SpareWorker, spare_argv
 from service.records import Job
 from service.settings import Settings
@@ -56,7 +56,10 @@ class _Process:
 class LocalProcessLauncher:
     """Workers as child processes of this service (`command` makes the argv; tests wrap or replace it)."""
 
-    def __init__(self, settings: Settings, command: WorkerCommand = worker_command) -> None:
+    def __init__(
+        self, settings: Settings, command: WorkerCommand = worker_command, report_address: str | None = None
+    ) -> None:
+        """`report_address`: the reporting API's, which the first spare connects to before its job."""
         self.settings = settings
         self._command = command
         self._processes: dict[str, _Process] = {}
@@ -65,7 +68,9 @@ class LocalProcessLauncher:
         self._early_deaths = 0
         self._closed = False
         if self.warm:
-            self._make_spare(worker_env(settings))  # at service start: the first job starts warm too
+            # at service start: the first job starts warm too
+            address = {REPORT_ADDRESS_ENV: report_address} if report_address else {}
+            self._make_spare({**worker_env(settings), **address})
 
     @property
     def warm(self) -> bool:

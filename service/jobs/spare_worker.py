@@ -17,6 +17,10 @@ spare imports torch but never calls into torch.cuda before its assignment; it ch
 exits rather than wait when something did (the launcher then starts that job cold). It starts with
 CUDA_VISIBLE_DEVICES empty, so even a stray initialisation would see no GPU rather than another job's.
 
+The reporting API's address (not a secret; the token is, and comes with the job) is in the spare's
+environment when the launcher knows it: the spare connects its channel while it waits
+(service.api.report_client.ReadyChannel), so the job's first reports do not wait for a connection.
+
 The spare made right after a job was handed over waits a few seconds (or until a job comes) before it
 imports: on a small machine its imports would otherwise take CPU from that job's first steps.
 
@@ -84,7 +88,7 @@ class SpareWorker:
         try:
             self.popen = subprocess.Popen(
                 [*argv, SPARE_FLAG, DELAY_FLAG, str(delay_s)],
-                env={**self.env, VISIBLE_DEVICES: ""},
+                env={**self.env, **_address_of(env), VISIBLE_DEVICES: ""},
                 stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
@@ -129,6 +133,13 @@ class SpareWorker:
                 self.popen.stdin.close()
         self.popen.wait()
         self._log.close()
+
+
+def _address_of(env: Mapping[str, str]) -> dict[str, str]:
+    """The reporting API's address, if `env` has it: the spare connects to it before its job (no secret,
+    unlike the token, which it never gets before its assignment)."""
+    address = env.get(REPORT_ADDRESS_ENV)
+    return {} if not address else {REPORT_ADDRESS_ENV: address}
 
 
 def spare_argv(worker_argv: list[str]) -> list[str]:

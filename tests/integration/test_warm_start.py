@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from service.api import convert
@@ -49,6 +50,15 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def connections_to(pid: int, port: int) -> set[int]:
+    """The process's established TCP connections to `port` (by local port)."""
+    return {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    }
 
 
 def local_launcher(service: Service) -> LocalProcessLauncher:
@@ -88,6 +98,8 @@ def test_a_job_runs_on_the_spare_started_before_it_and_the_next_job_on_a_fresh_o
     service: Service, settings: Settings
 ) -> None:
     first_spare = spare_of(service)
+    # connected to the reporting API before its job exists (ReadyChannel), and it keeps that connection
+    early = wait_for(lambda: connections_to(first_spare, service.reporting.port), 120, "the early connection")
     with channel_to(service) as channel:
         client = stub(channel)
         submitted = time.time()
@@ -96,6 +108,8 @@ def test_a_job_runs_on_the_spare_started_before_it_and_the_next_job_on_a_fresh_o
         pid, timings = worker_timings(settings, first.id)
         assert pid == first_spare
         assert timings["warm"] is True
+        assert timings["preconnected"] == 1.0  # its reporter took the channel connected ahead
+        assert len(early) == 1
         # the same process, not a reused pid: it started before the job existed and took it after
         assert timings["process_started_at"] < submitted < timings["assigned_at"]
 

@@ -3,22 +3,27 @@ stop reasons in heartbeats, ordered and batched events, and a worker cut off fro
 
 from __future__ import annotations
 
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+import psutil
 import pytest
 
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2 as pb
 from service.api.gen.tuneserve.internal.v1 import reporting_pb2_grpc as pb_grpc
-from service.api.report_client import GrpcReporter
+from service.api.report_client import GrpcReporter, ReadyChannel
 from service.api.reporting_server import ReportingServer, start_reporting_server
 from service.jobs.intake import Intake
 from service.jobs.store import JobStore
 from service.records import EventKind, JobState
 from service.settings import Settings
 from service.spec import JobSpec
+
+T = TypeVar("T")
 
 
 class Plane:
@@ -221,3 +226,72 @@ def test_a_worker_that_a_restarted_service_does_not_know_stops_draining(plane: P
         time.sleep(0.02)
     assert reporter.stop_requested() == "draining"
     reporter.close()
+
+
+def connections_to(port: int) -> set[int]:
+    """This process's established TCP connections to `port` on loopback, by their local port."""
+    return {
+        c.laddr.port
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    }
+
+
+def test_a_ready_channel_connects_before_the_job_and_its_reporter_reports_over_it(plane: Plane) -> None:
+    """A spare's channel (report_client.ReadyChannel): connected before the job exists; the job's reporter
+    uses that very connection (no new one to the server), with the job's token per call."""
+    ready = ReadyChannel(plane.server.address, None)
+    assert ready.connected
+    early = wait_for_value(lambda: connections_to(plane.server.port))
+    assert len(early) == 1  # the connection exists before any job or token does
+
+    job_id = plane.running_job()
+    channel = ready.take_for(plane.server.address, None)
+    assert channel is ready.channel
+    reporter = GrpcReporter(plane.server.address, plane.intake.issue(job_id), job_id, channel=channel).start()
+    try:
+        assert reporter.assignment().id == job_id
+        reporter.event(EventKind.INFO, "over the early connection")
+        assert reporter.flush(timeout=10)
+        assert connections_to(plane.server.port) == early  # the same connection, no second one
+    finally:
+        reporter.close()
+    assert plane.store.events_after(job_id)[-1].message == "over the early connection"
+
+
+def test_a_job_reporting_elsewhere_gets_a_new_channel_and_the_early_one_is_closed(plane: Plane) -> None:
+    """The assignment's address differs from the one connected ahead: fall back to a channel of its own."""
+    ready = ReadyChannel(plane.server.address, None)
+    early = wait_for_value(lambda: connections_to(plane.server.port))
+    other = f"localhost:{plane.server.port}"  # another address (same server, so the job can still report)
+    assert ready.take_for(other, None) is None
+    assert ready.take_for(plane.server.address, Path("/elsewhere/ca.crt")) is None  # another CA: likewise
+    wait_for_value(lambda: not (connections_to(plane.server.port) & early) or None)  # the early one closed
+
+    job_id = plane.running_job()
+    reporter = GrpcReporter(other, plane.intake.issue(job_id), job_id).start()
+    try:
+        assert reporter.assignment().id == job_id
+        assert connections_to(plane.server.port) - early  # a connection of its own
+    finally:
+        reporter.close()
+
+
+def test_a_ready_channel_to_nobody_says_so_and_does_not_block_for_long(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # a port nobody listens on: bound, never listening
+        taken.bind(("127.0.0.1", 0))
+        started = time.monotonic()
+        ready = ReadyChannel(f"127.0.0.1:{taken.getsockname()[1]}", None, connect_timeout_s=0.5)
+        assert not ready.connected
+        assert time.monotonic() - started < 5
+        ready.channel.close()
+
+
+def wait_for_value(probe: Callable[[], T | None], timeout: float = 10.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

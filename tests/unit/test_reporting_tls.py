@@ -14,7 +14,7 @@ import pytest
 from pydantic import ValidationError
 from tls_pki import make_pki
 
-from service.api.report_client import GrpcReporter
+from service.api.report_client import GrpcReporter, ReadyChannel
 from service.api.reporting_server import ReportingServer, start_reporting_server
 from service.errors import Unauthenticated, Unavailable
 from service.jobs.intake import Intake
@@ -83,6 +83,26 @@ def test_a_worker_that_trusts_the_ca_reports_over_tls(plane: TlsPlane, pki: dict
         reporter.close()
     assert "over TLS" in [e.message for e in plane.store.events_after(plane.job_id)]
     assert plane.store.get_job(plane.job_id).state == JobState.PACKAGING
+
+
+def test_a_spare_connects_ahead_over_tls_trusting_the_ca_alone(plane: TlsPlane, pki: dict[str, Path]) -> None:
+    """A spare's early channel (ReadyChannel) honours settings.report_tls_ca: the handshake is done before
+    the job, and the job's reporter reports over that channel; another CA never connects."""
+    ready = ReadyChannel(plane.server.address, pki["ca"])
+    assert ready.connected
+    channel = ready.take_for(plane.server.address, pki["ca"])
+    assert channel is ready.channel
+    reporter = GrpcReporter(
+        plane.server.address, plane.token, plane.job_id, tls_ca=pki["ca"], channel=channel
+    ).start()
+    try:
+        assert reporter.assignment().id == plane.job_id
+    finally:
+        reporter.close()
+
+    untrusted = ReadyChannel(plane.server.address, pki["other_ca"], connect_timeout_s=1.0)
+    assert not untrusted.connected
+    untrusted.channel.close()
 
 
 def test_a_plaintext_worker_fails_the_handshake(plane: TlsPlane) -> None:
