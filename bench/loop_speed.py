@@ -101,14 +101,16 @@ def _ours(size: Size, plan: Any, freeze: Any, *, compile_model: bool = False) ->
     from service.training import freezing
     from service.training.loop import EpochPlan, train_one_epoch
     from service.training.optim import make_optimizer
-    from service.training.prepare import _make_forward
+    from service.training.distributed import Group, Ranks
+    from service.training.prepare import _make_forward, _trainable_rest
     from service.training.reporting import CollectingReporter
     from service.training.steps import Objective, Optimisation, Trainer
 
     model = _prepared(_model(size), plan)
     frozen = freezing.apply_freeze(model, freeze, ("fc",), architecture=size.architecture)
     optimizer = make_optimizer(TrainingSpec(optimizer="sgd", lr=0.01), freezing.trainable_parameters(model))
-    forward = _make_forward(model, freezing.split_frozen_prefix(model, frozen), compile_model)
+    split, group = freezing.split_frozen_prefix(model, frozen), Group(Ranks())  # one process, as a job
+    forward = _make_forward(model, split, _trainable_rest(split, group), group, compile_model)
     scaler = torch.amp.GradScaler(plan.device.type, enabled=plan.autocast_dtype == torch.float16)
     objective = Objective(task_for("multiclass"), nn.CrossEntropyLoss(), num_classes=10)
     trainer = Trainer(forward, objective, Optimisation(optimizer, scaler), plan)
