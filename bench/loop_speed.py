@@ -99,9 +99,9 @@ def _ours(size: Size, plan: Any, freeze: Any, *, compile_model: bool = False) ->
     from service.spec import TrainingSpec
     from service.tasks import task_for
     from service.training import freezing
+    from service.training.distributed import Group, Ranks
     from service.training.loop import EpochPlan, train_one_epoch
     from service.training.optim import make_optimizer
-    from service.training.distributed import Group, Ranks
     from service.training.prepare import _make_forward, _trainable_rest
     from service.training.reporting import CollectingReporter
     from service.training.steps import Objective, Optimisation, Trainer
