@@ -162,6 +162,12 @@ class KubernetesLauncher:
             )
             self._delete(namespace, leftover)
 
+    def gpus_here(self, job: Job) -> int:
+        return 0  # a TrainJob's pods ask the cluster for their GPUs: none of this machine's is held
+
+    def placement(self, devices: tuple[int, ...]) -> str:
+        return f"Kubernetes (namespace {self.settings.k8s_namespace})"
+
     # ------------------------------------------------------------------ helpers
 
     def _exit_of(self, handle: WorkerHandle, found: Mapping[str, Any]) -> WorkerExit | None:

@@ -81,6 +81,13 @@ class Launcher(Protocol):
         """On start-up: stop the worker `ref` of `job_id` a dead predecessor left running, if it still runs
         (checkpoint within `grace_s`, then killed). Anything else that `ref` names now is left alone."""
 
+    def gpus_here(self, job: Job) -> int:
+        """How many of this service's GPUs (settings.training_gpus) the worker of `job` holds: what the
+        scheduler allocates and passes to start(). 0 where its GPUs are somewhere else (a cluster's)."""
+
+    def placement(self, devices: tuple[int, ...]) -> str:
+        """Where a worker given `devices` runs, for people ("GPU 0,1", "the CPU", a namespace)."""
+
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker: ours, with every setting spelled out as TUNESERVE_* (paths absolute)."""

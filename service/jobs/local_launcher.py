@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from service.devices import VISIBLE_DEVICES, visible_devices
+from service.devices import VISIBLE_DEVICES, requested_gpus, visible_devices
 from service.jobs.launcher import REPORT_ADDRESS_ENV, LaunchError, WorkerExit, WorkerHandle, worker_env
 from service.jobs.spare_worker import Assignment, SpareWorker, spare_argv
 from service.records import Job
@@ -80,6 +80,12 @@ class LocalProcessLauncher:
             and self._command is worker_command
             and type(self).argv is LocalProcessLauncher.argv
         )
+
+    def gpus_here(self, job: Job) -> int:
+        return requested_gpus(job.spec, self.settings)  # a local worker's GPUs are all this machine's
+
+    def placement(self, devices: tuple[int, ...]) -> str:
+        return f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
 
     def start(self, job: Job, devices: tuple[int, ...], env: Mapping[str, str]) -> WorkerHandle:
         log_file: IO[bytes] | None = None

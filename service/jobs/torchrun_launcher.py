@@ -70,6 +70,12 @@ class ByWorldSize:
         with self._lock:
             self._chosen.pop(handle.ref, None)
 
+    def gpus_here(self, job: Job) -> int:
+        return self.launcher_for(job).gpus_here(job)
+
+    def placement(self, devices: tuple[int, ...]) -> str:
+        return self.single.placement(devices)  # both run here, on the same devices
+
     def stop_leftover(self, job_id: str, ref: str, grace_s: float) -> None:
         # both are local process groups named by pid: either launcher stops what the other left
         self.single.stop_leftover(job_id, ref, grace_s)

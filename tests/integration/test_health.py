@@ -145,7 +145,7 @@ def test_a_dead_scheduler_thread_is_not_serving_then_restarted_and_schedules_aga
         watcher = threading.Thread(target=lambda: statuses.extend(r.status for r in watch), daemon=True)
         watcher.start()
         wait_status(channel, SERVING)
-        dead = service.scheduler._thread
+        dead = service.scheduler._loop.thread
         assert dead is not None
         kill_thread(dead)
         during = wait_status(channel, NOT_SERVING)
@@ -157,6 +157,6 @@ def test_a_dead_scheduler_thread_is_not_serving_then_restarted_and_schedules_aga
         client.CancelJob(pb.CancelJobRequest(job_id=job.id))
         watch.cancel()
     assert set(during.values()) == {NOT_SERVING} and set(after.values()) == {SERVING}
-    assert service.scheduler._thread is not dead
+    assert service.scheduler._loop.thread is not dead
     assert ran.state != pb.QUEUED
     assert statuses.index(NOT_SERVING) < len(statuses) - 1 - statuses[::-1].index(SERVING)
