@@ -2,7 +2,8 @@
 
 Pure checks live here (types, ranges, cross-field rules). Checks that need the machine (does the
 dataset exist under the data root, are the weights in the local cache, is the freeze depth below the
-model's block count) live in service.jobs.admission, which runs right after parsing.
+model's block count) live in service.jobs.admission, which runs right after parsing. The resources
+section and its rules (where the job runs): service.spec_resources.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from service.errors import InvalidArgument
+from service.spec_resources import ResourcesSpec, SpecSection, placement_problem
 from service.tasks import TaskName, task_for, tasks_where
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -27,12 +29,7 @@ Monitor = Literal["val_loss", "val_accuracy", "val_top5_accuracy", "train_loss"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
-class _Frozen(BaseModel):
-    # allow_inf_nan=False: an infinite or NaN number is never a setting, and JSON cannot carry it back out
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True, allow_inf_nan=False)
-
-
-class ModelSpec(_Frozen):
+class ModelSpec(SpecSection):
     """Which network to start from and where its pretrained weights come from."""
 
     architecture: str = Field(
@@ -60,7 +57,7 @@ class ModelSpec(_Frozen):
         return self
 
 
-class DataSpec(_Frozen):
+class DataSpec(SpecSection):
     """An ImageFolder dataset under the service's data root."""
 
     path: str = Field(min_length=1, description="folder under the data root, one sub-folder per class")
@@ -72,7 +69,7 @@ class DataSpec(_Frozen):
     num_workers: int | None = Field(None, ge=0, le=64, description="data loader processes; default: auto")
 
 
-class FreezeSpec(_Frozen):
+class FreezeSpec(SpecSection):
     """Freeze the first `depth` blocks of the layer table, or every block up to and including a name."""
 
     depth: int | None = Field(None, ge=0)
@@ -91,7 +88,7 @@ class FreezeSpec(_Frozen):
         return self
 
 
-class TrainingSpec(_Frozen):
+class TrainingSpec(SpecSection):
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=8192)
     image_size: int | None = Field(None, ge=16, le=1024, description="default: the weights' own crop size")
@@ -114,7 +111,7 @@ class TrainingSpec(_Frozen):
     )
 
 
-class EarlyStoppingSpec(_Frozen):
+class EarlyStoppingSpec(SpecSection):
     enabled: bool = True
     monitor: Monitor = "val_loss"
     mode: Literal["auto", "min", "max"] = "auto"
@@ -128,23 +125,23 @@ class EarlyStoppingSpec(_Frozen):
         return "min" if self.monitor.endswith("loss") else "max"
 
 
-class CheckpointSpec(_Frozen):
+class CheckpointSpec(SpecSection):
     keep_top_k: int = Field(1, ge=1, le=50)
 
 
-class WandbSpec(_Frozen):
+class WandbSpec(SpecSection):
     mode: WandbMode = Field("auto", description="auto: online when WANDB_API_KEY is set, offline otherwise")
     project: str = Field("tuneserve", min_length=1, max_length=128)
     entity: str | None = None
     tags: tuple[str, ...] = ()
 
 
-class LoggingSpec(_Frozen):
+class LoggingSpec(SpecSection):
     tensorboard: bool = True
     wandb: WandbSpec = WandbSpec()
 
 
-class ServingSpec(_Frozen):
+class ServingSpec(SpecSection):
     enabled: bool = True
     model_name: str | None = Field(None, pattern=NAME_PATTERN, description="default: the job name")
     batch_size: int = Field(8, ge=1, le=1024)
@@ -153,65 +150,7 @@ class ServingSpec(_Frozen):
     top_k: int = Field(5, ge=1, le=1000)
 
 
-class ResourcesSpec(_Frozen):
-    """What the job gets from the machine(s): nodes x processes per node, one process per GPU.
-
-    `gpus_per_node` is the scale-out name; `gpus` is the same number under its older name (one node:
-    the job's GPUs). Either may be given, both are recorded, and they must agree.
-    """
-
-    gpus: int | None = Field(
-        None,
-        ge=0,
-        le=64,
-        description="GPUs for the job on each node, distinct from other running jobs'; 0: train on the CPU. "
-        "Default: 1 where the service has GPUs, 0 on a CPU-only machine (resolved when the job is created)",
-    )
-    gpus_per_node: int | None = Field(None, ge=0, le=64, description="the same number as `gpus` (its alias)")
-    nodes: int = Field(1, ge=1, le=1024, description="machines the job trains on (more than 1: Kubernetes)")
-    processes_per_node: int | None = Field(
-        None, ge=1, le=64, description="CPU jobs only: training processes per node (default 1)"
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _gpus_alias(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        gpus, per_node = data.get("gpus"), data.get("gpus_per_node")
-        if gpus is not None and per_node is not None and gpus != per_node:
-            raise ValueError(
-                f"resources.gpus {gpus} and resources.gpus_per_node {per_node} name the same number "
-                "(gpus is the older name): give one of them"
-            )
-        if gpus is None and per_node is None:
-            return data
-        number = per_node if gpus is None else gpus
-        return {**data, "gpus": number, "gpus_per_node": number}
-
-    @model_validator(mode="after")
-    def _one_process_per_gpu(self) -> ResourcesSpec:
-        if self.gpus and self.processes_per_node is not None and self.processes_per_node != self.gpus:
-            raise ValueError(
-                f"resources.processes_per_node {self.processes_per_node} with resources.gpus_per_node "
-                f"{self.gpus}: a GPU job runs one process per GPU; leave processes_per_node out"
-            )
-        return self
-
-    @property
-    def processes(self) -> int:
-        """Training processes on each node: one per GPU, or processes_per_node (default 1) on the CPU."""
-        if self.gpus:
-            return self.gpus
-        return self.processes_per_node or 1
-
-    @property
-    def world_size(self) -> int:
-        """Training processes in all (torch.distributed's WORLD_SIZE)."""
-        return self.nodes * self.processes
-
-
-class JobSpec(_Frozen):
+class JobSpec(SpecSection):
     """A fine-tune job, whole. Saved with every checkpoint of the job."""
 
     name: str = Field(pattern=NAME_PATTERN, description="letters, digits, `_` and `-`; up to 64")
@@ -249,25 +188,8 @@ class JobSpec(_Frozen):
             raise ValueError(
                 f"early_stopping.monitor='val_top5_accuracy' applies to {tasks_where('top_k_metric')} only"
             )
-        gpus = self.resources.gpus
-        if gpus and self.training.device == "cpu":
-            raise ValueError(
-                f"resources.gpus {gpus} with training.device 'cpu' reserves GPUs the job would not use; "
-                "set resources.gpus to 0, or training.device to 'auto'"
-            )
-        if gpus == 0 and self.training.device == "cuda":
-            raise ValueError(
-                "training.device 'cuda' with resources.gpus 0: the worker would see no GPU; "
-                "ask for resources.gpus >= 1, or use training.device 'auto' or 'cpu'"
-            )
-        world = self.resources.world_size
-        if self.training.batch_size % world:
-            raise ValueError(
-                f"training.batch_size {self.training.batch_size} is the global batch and must divide by "
-                f"the world size {world} ({self.resources.nodes} node(s) x {self.resources.processes} "
-                f"process(es)): each process takes batch_size / {world}; use a multiple of {world}, "
-                f"e.g. {max(world, self.training.batch_size // world * world)}"
-            )
+        if problem := placement_problem(self.resources, self.training.device, self.training.batch_size):
+            raise ValueError(problem)
         if (problem := sync_batchnorm_problem(self)) is not None:
             raise ValueError(problem)
         if self.training.scheduler == "onecycle" and self.training.optimizer == "rmsprop":
