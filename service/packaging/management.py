@@ -7,6 +7,7 @@ a version that exists -> AlreadyExists. A refused key is renewed once before giv
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.error
 import urllib.parse
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import AlreadyExists, InvalidArgument, NotFound, TuneserveError, Unavailable
-from service.packaging.torchserve_process import TorchServeKeys
+from service.packaging.ts_keys import TorchServeKeys
+
+log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 300.0
 
@@ -119,6 +122,18 @@ class ManagementClient:
 
     def unregister(self, model_name: str, version: str) -> None:
         self.rest.call("DELETE", f"/models/{_quote(model_name)}/{_quote(version)}", timeout_s=120)
+
+    def unregister_quietly(self, model_name: str, version: str) -> bool:
+        """Unregister, logging instead of raising: True when the version is gone (or never was there),
+        False when TorchServe could not remove it (the error is logged; the caller may try again)."""
+        try:
+            self.unregister(model_name, version)
+        except NotFound:
+            return True
+        except Exception:
+            log.exception("could not unregister %s version %s", model_name, version)
+            return False
+        return True
 
     def wait_ready(self, model_name: str, version: str, timeout_s: float) -> VersionInfo:
         """Poll until a worker of the version is READY; Unavailable after timeout_s."""

@@ -1,4 +1,4 @@
-"""TorchServe as a child process of the service: its folders, its keys, start, stop and death.
+"""TorchServe as a child process of the service: its folders, start, stop and death (its keys: ts_keys).
 
 Everything TorchServe writes lives under `settings.torchserve_dir`, so two services on one machine
 never share a file:
@@ -27,19 +27,18 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from service.devices import VISIBLE_DEVICES, visible_devices
 from service.errors import FailedPrecondition, Unavailable
-from service.packaging.ts_config import inference_url, management_url, render_config
+from service.packaging.ts_config import inference_url, render_config
+from service.packaging.ts_keys import KeyRing, TorchServeKeys
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 JAVA_MAIN = "org.pytorch.serve.ModelServer"
 STOP_GRACE_S = 15.0
-KEY_RENEW_MARGIN = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -71,20 +70,6 @@ class TorchServePaths:
         return self.logs / "stdout.log"
 
 
-@dataclass(frozen=True)
-class TorchServeKeys:
-    """Bearer keys from key_file.json; all empty when token authorization is off."""
-
-    management: str = ""
-    inference: str = ""
-    api: str = ""
-    expires_at: datetime | None = None
-
-    def header(self, kind: str) -> dict[str, str]:
-        key = self.management if kind == "management" else self.inference
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 class TorchServeProcess:
     """Start, watch and stop one TorchServe whose files all live under settings.torchserve_dir."""
 
@@ -94,9 +79,8 @@ class TorchServeProcess:
         self.worker_threads = worker_threads
         self.paths = TorchServePaths(settings.torchserve_dir.resolve())
         self._popen: subprocess.Popen[bytes] | None = None
-        self._keys = TorchServeKeys()
         self._lock = threading.RLock()  # start / stop / restart
-        self._keys_lock = threading.RLock()  # apart, so requests never wait behind a slow start
+        self.keyring = KeyRing(settings, self.paths.key_file)
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -155,9 +139,7 @@ class TorchServeProcess:
                 log.warning("TorchServe did not stop within %.0f s; killing it", STOP_GRACE_S)
             _kill_group(popen.pid)
             popen.wait()
-            with self._keys_lock:
-                self._keys = TorchServeKeys()
-            self.paths.key_file.unlink(missing_ok=True)  # dead keys, but keys all the same
+            self.keyring.forget()
             log.info("TorchServe stopped")
 
     def restart(self) -> None:
@@ -182,33 +164,12 @@ class TorchServeProcess:
     # ------------------------------------------------------------------------------------------ keys
 
     def keys(self) -> TorchServeKeys:
-        """The current keys; renewed through the API key shortly before TorchServe expires them."""
-        with self._keys_lock:
-            if not self.settings.torchserve_token_auth:
-                return TorchServeKeys()
-            expires = self._keys.expires_at
-            if expires is not None and datetime.now(UTC) + KEY_RENEW_MARGIN >= expires:
-                self.renew_keys()
-            return self._keys
+        """The current keys, renewed shortly before TorchServe expires them (service.packaging.ts_keys)."""
+        return self.keyring.current()
 
     def renew_keys(self) -> TorchServeKeys:
-        """Ask TorchServe for fresh management and inference keys, then re-read key_file.json."""
-        with self._keys_lock:
-            if not self.settings.torchserve_token_auth:
-                return self._keys
-            if self._keys.api:
-                for kind in ("management", "inference"):
-                    url = f"{management_url(self.settings)}/token?type={kind}"
-                    request = urllib.request.Request(
-                        url, headers={"Authorization": f"Bearer {self._keys.api}"}
-                    )
-                    try:
-                        with urllib.request.urlopen(request, timeout=10):
-                            pass
-                    except (urllib.error.URLError, OSError) as exc:
-                        raise Unavailable(f"TorchServe did not renew its {kind} key: {exc}") from None
-            self._keys = self._read_keys()
-            return self._keys
+        """Fresh management and inference keys (after TorchServe refused the current ones)."""
+        return self.keyring.renew()
 
     # ------------------------------------------------------------------------------------- internals
 
@@ -249,10 +210,9 @@ class TorchServeProcess:
         while time.monotonic() < deadline:
             if not self.is_running():
                 raise Unavailable(f"TorchServe exited while starting: {self.log_tail()}")
-            if self.settings.torchserve_token_auth and not self._keys.inference:
+            if self.settings.torchserve_token_auth and not self.keyring.loaded.inference:
                 try:
-                    with self._keys_lock:
-                        self._keys = self._read_keys()
+                    self.keyring.load()
                 except FailedPrecondition:  # not written yet (or half written)
                     time.sleep(0.2)
                     continue
@@ -268,7 +228,7 @@ class TorchServeProcess:
     def ping(self) -> bool:
         """True when TorchServe's /ping answers Healthy."""
         request = urllib.request.Request(
-            f"{inference_url(self.settings)}/ping", headers=self._keys.header("inference")
+            f"{inference_url(self.settings)}/ping", headers=self.keyring.loaded.header("inference")
         )
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
@@ -276,35 +236,12 @@ class TorchServeProcess:
         except (urllib.error.URLError, OSError, ValueError):
             return False
 
-    def _read_keys(self) -> TorchServeKeys:
-        try:
-            data = json.loads(self.paths.key_file.read_text())
-            expiries = [
-                parse_key_expiry(data[kind]["expiration time"]) for kind in ("management", "inference")
-            ]
-            return TorchServeKeys(
-                management=data["management"]["key"],
-                inference=data["inference"]["key"],
-                api=data["API"]["key"],
-                expires_at=min(expiries),
-            )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FailedPrecondition(
-                f"cannot read TorchServe's keys from {self.paths.key_file}: {exc}"
-            ) from None
-
     def log_tail(self, lines: int = 15) -> str:
         try:
             text = self.paths.stdout_log.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "(no TorchServe output)"
         return " | ".join(text[-lines:]) or "(no TorchServe output)"
-
-
-def parse_key_expiry(text: str) -> datetime:
-    # "2026-11-28T13:15:48.872250124Z": Java prints nanoseconds, Python parses microseconds
-    head, _, fraction = text.rstrip("Z").partition(".")
-    return datetime.fromisoformat(f"{head}.{(fraction or '0')[:6]:0<6}").replace(tzinfo=UTC)
 
 
 def _kill_group(pgid: int) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from service.errors import FailedPrecondition, NotFound, TuneserveError, Unavailable
-from service.packaging.torchserve_process import TorchServeKeys
+from service.packaging.ts_keys import TorchServeKeys
 
 PREDICT_TIMEOUT_S = 60.0
 

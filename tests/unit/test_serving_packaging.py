@@ -18,8 +18,9 @@ from service.packaging.archiver import build_archive
 from service.packaging.gate import Decision, compare
 from service.packaging.mar_files import sha256_of
 from service.packaging.served_registry import ServedRegistry, ServedVersion
-from service.packaging.torchserve_process import TorchServeKeys, TorchServeProcess, parse_key_expiry
+from service.packaging.torchserve_process import TorchServeProcess
 from service.packaging.ts_config import render_config
+from service.packaging.ts_keys import TorchServeKeys, parse_key_expiry
 from service.packaging.ts_protos import build_descriptor_set, frontend_jar, generate_stubs
 from service.settings import Settings
 
