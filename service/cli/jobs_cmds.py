@@ -14,7 +14,7 @@ import yaml
 from google.protobuf import json_format
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
-from service.cli import exits, render, specfile
+from service.cli import exits, render, render_jobs, specfile
 from service.cli.client import Client, CliError
 from service.cli.options import connect, err, load_settings, out
 from service.cli.watch import exit_code_for, watch_job
@@ -129,7 +129,7 @@ def jobs(
     if not found:
         console.print("no jobs" + (f" in state {', '.join(state or [])}" if state else ""))
         return
-    console.print(render.jobs_table(found))
+    console.print(render_jobs.jobs_table(found))
     if page_token:
         console.print(f"more: tuneserve jobs --limit {limit} --page-token {page_token}", style="dim")
 
@@ -156,7 +156,7 @@ def show(
         render.print_json(job)
         return
     console = out()
-    console.print(render.job_table(job, served))
+    console.print(render_jobs.job_table(job, served))
     if spec:
         data = json_format.MessageToDict(job.spec, preserving_proto_field_name=True)
         console.print(yaml.safe_dump(data, sort_keys=False).rstrip())

@@ -29,7 +29,7 @@ from rich.progress import (
 from rich.text import Text
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
-from service.cli import exits, render
+from service.cli import exits, render, render_jobs
 from service.cli.client import Client, CliError
 
 FINAL_STATES = frozenset({pb.SUCCEEDED, pb.FAILED, pb.CANCELLED})
@@ -218,7 +218,9 @@ def watch_job(client: Client, job_id: str, console: Console, *, after_seq: int =
 
 
 def summary_table(job: pb.Job, served: pb.ServedModel | None) -> Group:
-    return render.job_table(job, served, spec=False, heading=f"job {job.id}: {render.state_name(job.state)}")
+    return render_jobs.job_table(
+        job, served, spec=False, heading=f"job {job.id}: {render.state_name(job.state)}"
+    )
 
 
 def exit_code_for(job: pb.Job) -> int:
