@@ -9,11 +9,8 @@ TorchServe stops, the store closes.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from service.api.health import HealthReporter
 from service.api.reporting_server import ReportingServer, start_reporting_server
@@ -29,6 +26,7 @@ from service.jobs.torchrun_launcher import ByWorldSize, TorchrunLauncher
 from service.packaging.backend import ServingBackend
 from service.records import JobState
 from service.settings import Settings
+from service.stop_signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -167,15 +165,7 @@ def run_service(settings: Settings | None = None) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings or Settings()  # type: ignore[call-arg]  # defaults + TUNESERVE_* env
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.info("received %s; draining", signal.Signals(signum).name)
-        stop.set()
-
-    # Before start-up: a SIGTERM while TorchServe starts must still stop it, not orphan its JVM.
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals("draining")  # before start-up: TorchServe's start is stopped too
     service = start_service(settings)
     log.info("tuneserve is serving on %s:%d", settings.host, service.port)
     stop.wait()

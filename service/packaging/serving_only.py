@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import threading
-from typing import Any
 
 from service.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from service.packaging.management import ManagementClient, RestClient
@@ -36,6 +34,7 @@ from service.packaging.supervisor import TorchServeSupervisor
 from service.packaging.torchserve_process import TorchServeProcess
 from service.packaging.ts_config import inference_bind_host, management_url
 from service.settings import Settings
+from service.stop_signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +141,8 @@ class ServingReplica:
         self.management.wait_ready(name, served.version, READY_TIMEOUT_S)
 
     def _remove(self, name: str, version: str) -> None:
-        try:
-            self.management.unregister(name, version)
-        except NotFound:
-            pass
-        except Exception:
-            log.exception("could not stop serving %s version %s; the next sync tries again", name, version)
+        if not self.management.unregister_quietly(name, version):
+            log.warning("%s: version %s is still served; the next sync tries again", name, version)
             return
         self.registry.remove(name, version)
         log.info("%s: version %s is no longer served", name, version)
@@ -229,15 +224,7 @@ def run_serving_only(
     settings: Settings, *, ready_port: int | None = None, sync_interval_s: float = 0.0
 ) -> None:
     """Run a serving replica until SIGTERM or SIGINT, then stop TorchServe."""
-    stop = threading.Event()
-
-    def request_stop(signum: int, _frame: Any) -> None:
-        log.info("received %s; stopping TorchServe", signal.Signals(signum).name)
-        stop.set()
-
-    # before start-up: a SIGTERM while TorchServe starts must still stop it, not orphan its JVM
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = stop_on_signals("stopping TorchServe")  # before start-up: TorchServe's start is stopped too
     if not settings.torchserve_enabled:
         raise FailedPrecondition(
             "serve --serving-only runs TorchServe alone, and TUNESERVE_TORCHSERVE_ENABLED is false; "

@@ -84,7 +84,7 @@ class VersionManager:
             try:
                 self._gate(job_id, name, version, checkpoint, images)
             except BaseException:
-                self._unregister_quietly(name, version)
+                self.management.unregister_quietly(name, version)
                 raise
             self.management.set_default(name, version)
             served = ServedVersion(
@@ -123,7 +123,7 @@ class VersionManager:
                 if version == entry.default and remaining:
                     self._set_default_quietly(name, max(remaining, key=version_key))
             for v in doomed:
-                self._unregister_quietly(name, v)
+                self.management.unregister_quietly(name, v)
                 self.registry.remove(name, v)
 
     def list_served(self) -> list[ServedModel]:
@@ -191,7 +191,7 @@ class VersionManager:
         try:
             self.management.register(archive, name, **options)
         except AlreadyExists:  # left over from an interrupted deploy: start clean
-            self._unregister_quietly(name, version)
+            self.management.unregister_quietly(name, version)
             self.management.register(archive, name, **options)
         self.management.wait_ready(name, version, READY_TIMEOUT_S)
 
@@ -220,14 +220,6 @@ class VersionManager:
         )
         self.jobs.event(job_id, EventKind.WARNING, f"promotion gate: {message}", data)
         raise GateFailed(message, result)
-
-    def _unregister_quietly(self, name: str, version: str) -> None:
-        try:
-            self.management.unregister(name, version)
-        except NotFound:
-            pass
-        except Exception:
-            log.exception("could not unregister %s version %s", name, version)
 
     def _set_default_quietly(self, name: str, version: str) -> None:
         try:
