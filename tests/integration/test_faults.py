@@ -32,6 +32,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import make_image_folder, spec, wait_for
 from ports import free_ports
+from procs import running
 from reliability import record
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -173,15 +174,6 @@ def new_torchserve_service(services: list[ServiceProcess], root: Path) -> Servic
     )
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie nobody reaps, as an orphan here may become, counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def is_worker(pid: int) -> bool:
     try:
         return WORKER in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -199,7 +191,7 @@ def torchserve_pid(state_dir: Path) -> int | None:
         pid = int((state_dir / "torchserve" / "tmp" / ".model_server.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    return pid if alive(pid) else None
+    return pid if running(pid) else None
 
 
 # ------------------------------------------------------------------------------------ job helpers
@@ -300,7 +292,7 @@ def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
     # The orphaned worker's next heartbeat fails and it stops at its next batch, mid-epoch 2: nothing of
     # epoch 2 is recorded and last.pt still holds epoch 1. Its last words reach only its log: the
     # service that would record them is gone.
-    wait_for(lambda: not alive(worker), 60, "the orphaned worker to stop")
+    wait_for(lambda: not running(worker), 60, "the orphaned worker to stop")
     worker_log = (service.state_dir / "jobs" / running.id / "worker.log").read_text()
     assert "training stopped (draining); the last checkpoint is kept" in worker_log
     assert [e.data["epoch"] for e in events(store, running.id, EventKind.EPOCH)] == [1]
@@ -474,7 +466,7 @@ def test_a_worker_killed_by_the_oom_killer_is_retried_then_fails_and_the_service
             # each attempt's worker goes into the cgroup as soon as it exists, long before it
             # imports torch, so all it allocates counts against the limit
             pid = store.worker_pid(job.id)
-            if pid is not None and pid not in moved and alive(pid):
+            if pid is not None and pid not in moved and running(pid):
                 with contextlib.suppress(OSError):  # it may not have been ours to move yet
                     (group / "cgroup.procs").write_text(str(pid))
                     moved.append(pid)
@@ -521,7 +513,7 @@ def test_sigterm_drains_the_running_job_and_it_resumes_like_an_uninterrupted_run
     assert service.process.wait(timeout=90) == 0
     drained_in = time.monotonic() - started
     assert drained_in < 60 + 5  # drain_grace_s + the API's grace
-    assert not alive(worker)
+    assert not running(worker)
     assert store.get_job(job.id).state == JobState.QUEUED
     assert "received SIGTERM; draining" in service.log_path(1).read_text()
 
@@ -622,7 +614,7 @@ def test_sigterm_while_torchserve_starts_stops_torchserve_too(
     assert "tuneserve is serving on" not in log.read_text()  # still starting up
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(timeout=120) == 0, log.read_text()[-3000:]
-    wait_for(lambda: not alive(java), 30, "TorchServe's JVM to stop")
+    wait_for(lambda: not running(java), 30, "TorchServe's JVM to stop")
     assert "received SIGTERM; draining" in log.read_text()
     record(
         "fault", "SIGTERM to the service while TorchServe is still starting", 1,

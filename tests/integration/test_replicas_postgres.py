@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from harness import make_image_folder, spec, wait_for
+from procs import running
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
@@ -102,18 +103,10 @@ def replicas(tmp_path: Path, postgres_database: str) -> Iterator[tuple[Replica, 
         jobs, _ = store.list_jobs(page_size=100)
         for job in jobs:  # leave no worker behind on a shared machine
             pid = store.worker_pid(job.id)
-            if pid is not None and alive(pid):
+            if pid is not None and running(pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
         store.close()
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def claims(store: JobStore, job_id: str) -> list[str]:
@@ -168,7 +161,7 @@ def test_a_killed_replicas_job_is_resumed_by_the_other_from_its_checkpoint(
     assert worker is not None
     owner.kill()
     # the dead replica's worker stops at its first failed heartbeat, long before the lease runs out
-    wait_for(lambda: not alive(worker), 60, "the orphaned worker to stop")
+    wait_for(lambda: not running(worker), 60, "the orphaned worker to stop")
     assert store.get_job(job_id).state == JobState.RUNNING  # still leased to the dead replica
 
     done = wait_final(store, job_id)

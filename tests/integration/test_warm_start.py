@@ -18,6 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from procs import running
 
 from service.api import convert
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -41,15 +42,6 @@ from tests.integration.harness import (
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TIMINGS = re.compile(r"\[worker (\d+)\] worker timings (\{.*\})")
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def connections_to(pid: int, port: int) -> set[int]:
@@ -118,7 +110,7 @@ def test_a_job_runs_on_the_spare_started_before_it_and_the_next_job_on_a_fresh_o
         second = client.CreateJob(pb.CreateJobRequest(spec=spec("second")))
         assert wait_state(client, second.id, FINAL, timeout=240).state == pb.SUCCEEDED
         assert worker_timings(settings, second.id)[0] == second_spare
-    assert not alive(first_spare) and not alive(second_spare)  # released: their groups are gone
+    assert not running(first_spare) and not running(second_spare)  # released: their groups are gone
 
 
 @pytest.mark.slow
@@ -133,17 +125,17 @@ def test_a_cancelled_job_on_the_spare_stops_at_a_safe_point(service: Service, se
         done = wait_state(client, job.id, FINAL, timeout=120)
     assert done.state == pb.CANCELLED
     assert worker_timings(settings, job.id)[0] == spare
-    wait_for(lambda: not alive(spare) or None, 30, "the cancelled worker to be gone")
+    wait_for(lambda: not running(spare) or None, 30, "the cancelled worker to be gone")
 
 
 def test_stopping_the_service_ends_its_idle_spare(settings: Settings) -> None:
     service = start_service(settings)
     try:
         spare = spare_of(service)
-        assert alive(spare)
+        assert running(spare)
     finally:
         service.stop(drain=False)
-    assert not alive(spare)
+    assert not running(spare)
     assert local_launcher(service).spare_pid() is None
 
 
@@ -212,7 +204,7 @@ def test_the_spare_dies_with_the_service_process(settings: Settings, how: signal
         [spare] = wait_for(lambda: spare_children(process.pid) or None, 60, "the service's spare")
         process.send_signal(how)
         process.wait(timeout=60)
-        wait_for(lambda: not alive(spare) or None, 30, "the spare to end")
+        wait_for(lambda: not running(spare) or None, 30, "the spare to end")
     finally:
         if process.poll() is None:
             process.kill()
@@ -262,7 +254,7 @@ def test_a_spare_started_with_another_environment_is_not_used(tmp_path: Path) ->
         other = {"OMP_NUM_THREADS": "7", "PATH": os.environ.get("PATH", "")}
         log_path = tmp_path / "worker.log"
         assert launcher._from_spare(Assignment("job-x", str(log_path), other)) is None  # cold
-        assert not alive(spare) or wait_for(lambda: not alive(spare) or None, 10, "the unfit spare")
+        assert not running(spare) or wait_for(lambda: not running(spare) or None, 10, "the unfit spare")
         assert launcher.spare_pid() not in (None, spare)  # the next spare, with the job's environment
     finally:
         launcher.close()
@@ -274,7 +266,7 @@ def test_a_spare_that_died_before_its_job_means_a_cold_start_and_a_new_spare(tmp
     try:
         spare = wait_for(launcher.spare_pid, 10, "a spare")
         os.killpg(spare, signal.SIGKILL)
-        wait_for(lambda: not alive(spare) or None, 10, "the spare to die")
+        wait_for(lambda: not running(spare) or None, 10, "the spare to die")
         env = worker_env(settings)
         assert launcher._from_spare(Assignment("job-x", str(tmp_path / "worker.log"), env)) is None  # cold
         assert launcher.spare_pid() not in (None, spare)
@@ -305,16 +297,16 @@ def test_a_restarted_service_stops_the_warm_started_worker_its_predecessor_left(
         first.kill()  # SIGKILL: the worker, its job in hand, outlives the service
         first.wait(timeout=30)
         time.sleep(1.0)
-        assert alive(worker)
+        assert running(worker)
 
         log = settings.state_dir.parent / "second.log"
         second = service_process(settings, log, **patient)
-        wait_for(lambda: not alive(worker) or None, 120, "the orphaned worker to be stopped")
+        wait_for(lambda: not running(worker) or None, 120, "the orphaned worker to be stopped")
         assert f"stopping worker {worker} of job {job.id} left by the previous service" in log.read_text()
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
-        if worker and alive(worker):
+        if worker and running(worker):
             os.killpg(worker, signal.SIGKILL)

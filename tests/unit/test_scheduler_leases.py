@@ -11,21 +11,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from procs import running
 from test_scheduler import Harness, make_spec
 
 from service.records import EventKind, JobState
 
 pytestmark = pytest.mark.timeout(120)
 MakeHarness = Callable[..., Harness]
-
-
-def running(pid: int) -> bool:
-    """Alive (a zombie not yet reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def take_over(h: Harness, job_id: str, workers: set[int]) -> bool:
