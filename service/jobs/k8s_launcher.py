@@ -27,6 +27,7 @@ from service.jobs.launcher import (
     EXIT_OK,
     EXIT_STOPPED,
     REPORT_TOKEN_ENV,
+    FirstCall,
     LaunchError,
     WorkerExit,
     WorkerHandle,
@@ -167,6 +168,14 @@ class KubernetesLauncher:
 
     def placement(self, devices: tuple[int, ...]) -> str:
         return f"Kubernetes (namespace {self.settings.k8s_namespace})"
+
+    def first_call(self) -> FirstCall | None:
+        # a TrainJob's pods may wait for GPUs long before its workers run and call
+        return FirstCall(
+            self.settings.k8s_start_timeout_s,
+            "its TrainJob's workers did not start within {silent:.0f} s "
+            "(TUNESERVE_K8S_START_TIMEOUT_S; are GPUs free, does the image pull?) and it was deleted",
+        )
 
     # ------------------------------------------------------------------ helpers
 

@@ -56,6 +56,16 @@ class WorkerExit:
     description: str
 
 
+@dataclass(frozen=True)
+class FirstCall:
+    """How long a launcher's workers may take to make their first call, for launchers whose workers may
+    wait long before they run (a TrainJob's pods wait for the cluster's GPUs and their image), and the
+    reason a job records when they never call (`{silent}`: the seconds waited)."""
+
+    timeout_s: float
+    missed: str
+
+
 class LaunchError(Exception):
     """The worker could not be started (the job is failed with this message)."""
 
@@ -87,6 +97,10 @@ class Launcher(Protocol):
 
     def placement(self, devices: tuple[int, ...]) -> str:
         """Where a worker given `devices` runs, for people ("GPU 0,1", "the CPU", a namespace)."""
+
+    def first_call(self) -> FirstCall | None:
+        """A longer wait for a worker's first call than for any later silence; None: no longer
+        (settings.worker_silence_s from the start)."""
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

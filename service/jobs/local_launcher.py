@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import IO
 
 from service.devices import VISIBLE_DEVICES, requested_gpus, visible_devices
-from service.jobs.launcher import REPORT_ADDRESS_ENV, LaunchError, WorkerExit, WorkerHandle, worker_env
+from service.jobs.launcher import (
+    REPORT_ADDRESS_ENV,
+    FirstCall,
+    LaunchError,
+    WorkerExit,
+    WorkerHandle,
+    worker_env,
+)
 from service.jobs.spare_worker import Assignment, SpareWorker, spare_argv
 from service.records import Job
 from service.settings import Settings
@@ -86,6 +93,9 @@ class LocalProcessLauncher:
 
     def placement(self, devices: tuple[int, ...]) -> str:
         return f"GPU {','.join(map(str, devices))}" if devices else "the CPU"
+
+    def first_call(self) -> FirstCall | None:
+        return None  # a local process runs at once
 
     def start(self, job: Job, devices: tuple[int, ...], env: Mapping[str, str]) -> WorkerHandle:
         log_file: IO[bytes] | None = None

@@ -3,8 +3,9 @@
 It decides when a worker starts and stops: a cancelled job's worker is asked to checkpoint and killed
 after `cancel_grace_s`; drain() stops starting jobs, asks the running ones to checkpoint and stop, and
 re-queues them to resume after a restart. What an exit means for the job (served, retried, failed) is
-service.jobs.exit_outcomes'; how a worker is started, stopped and watched is the launcher's (a local
-process, torchrun or a Kubernetes TrainJob), and so is how many of this machine's GPUs it holds.
+decided in service.jobs.exit_outcomes. How a worker is started, stopped and watched is the launcher's
+business (a local process, torchrun or a Kubernetes TrainJob), and so are how many of this machine's GPUs
+it holds and how long its first heartbeat may take.
 
 Each worker gets a job-scoped reporting token from the intake and the reporting API's address in its
 environment; a worker whose heartbeats stop for `worker_silence_s` is killed and counts as a crash.
@@ -268,17 +269,14 @@ class Scheduler:
     def _enforce_heartbeats(self, worker: _Worker) -> None:
         """A worker that stopped reporting (hung, frozen, cut off) is killed; its exit counts as a crash."""
         silent = self.intake.silent_for(worker.job_id)
-        # a TrainJob's pods may wait for GPUs long before its workers run and call
-        pending = self.settings.launcher == "kubernetes" and not self.intake.has_called(worker.job_id)
-        limit = self.settings.k8s_start_timeout_s if pending else self.settings.worker_silence_s
+        first = self.launcher.first_call()
+        limit = self.settings.worker_silence_s
+        reason = f"worker sent no heartbeat for {silent:.0f} s and was killed"
+        if first is not None and not self.intake.has_called(worker.job_id):  # still waiting to start
+            limit, reason = first.timeout_s, first.missed.format(silent=silent)
         if not worker.killed and silent > limit:
             log.warning("job %s: no heartbeat for %.0f s; killing its worker", worker.job_id, silent)
-            worker.killed_for = (
-                f"its TrainJob's workers did not start within {silent:.0f} s "
-                "(TUNESERVE_K8S_START_TIMEOUT_S; are GPUs free, does the image pull?) and it was deleted"
-                if pending
-                else f"worker sent no heartbeat for {silent:.0f} s and was killed"
-            )
+            worker.killed_for = reason
             self._kill(worker)
 
     def _on_exit(self, worker: _Worker, ended: WorkerExit, *, draining: bool) -> None:

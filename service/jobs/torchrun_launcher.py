@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Mapping
 
-from service.jobs.launcher import Launcher, WorkerExit, WorkerHandle
+from service.jobs.launcher import FirstCall, Launcher, WorkerExit, WorkerHandle
 from service.jobs.local_launcher import WORKER_MODULE, LocalProcessLauncher
 from service.records import Job
 
@@ -75,6 +75,9 @@ class ByWorldSize:
 
     def placement(self, devices: tuple[int, ...]) -> str:
         return self.single.placement(devices)  # both run here, on the same devices
+
+    def first_call(self) -> FirstCall | None:
+        return self.single.first_call()  # both start local processes
 
     def stop_leftover(self, job_id: str, ref: str, grace_s: float) -> None:
         # both are local process groups named by pid: either launcher stops what the other left
