@@ -26,6 +26,9 @@ from export_proof import (
 from bench.plain_torchserve import plain_server, plain_virtualenv, running
 
 OCTET_STREAM = "application/octet-stream"
+# each probe is a Python process: every 0.2 s they compete for a small machine's cores with the start they
+# watch; the loading window they must catch is over 10 s long on a 2-core machine
+PROBE_INTERVAL_S = 1.0
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +112,7 @@ def plain_torchserve(
             samples.append(probe_once(server, started))
             if samples[-1].probe_rc == 0 or time.monotonic() - started > READY_TIMEOUT_S:
                 break
-            time.sleep(0.2)
+            time.sleep(PROBE_INTERVAL_S)
         status = 0
         if samples[-1].probe_rc == 0:  # ready must mean it answers now, not after a wait for a worker
             request = urllib.request.Request(

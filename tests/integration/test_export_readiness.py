@@ -1,7 +1,7 @@
 """The KServe runtime's readiness probe (service.packaging.ts_ready) against a real TorchServe serving an
 exported folder: the session's plain TorchServe (tests/integration/conftest.py, KServe's command in a
 virtualenv without tuneserve, ports moved by TS_* variables as the exported config allows), whose start
-the fixture samples with the probe every 0.2 s. test_export_serving.py checks the same server's answers.
+the fixture samples with the probe every second. test_export_serving.py checks the same server's answers.
 
 The probe runs as a plain file with that virtualenv's Python, the way the kubelet's exec would run it
 in the container (same environment): so it needs neither tuneserve's imports nor torch. It must say
