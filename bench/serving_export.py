@@ -2,7 +2,7 @@
 
 Plain: exactly KServe's command, `torchserve --start --model-store <dir>/model-store --ts-config
 <dir>/config/config.properties`, in a virtualenv where tuneserve does not import (the third-party
-packages come through a .pth line, as in tests/integration/test_export_serving.py). Service: a serving
+packages come through a .pth line: bench/plain_torchserve.py, which the tests use too). Service: a serving
 replica, `python -m service.cli.main serve --serving-only --model-store <store>`, which runs the
 service's TorchServe (TorchServeBackend) over the same archive. Both: batch 8, 50 ms, one worker with
 one torch thread, no token, a 256 MB serial-GC heap.
@@ -15,13 +15,11 @@ service/plain ratios (about 1 expected: it is the same server).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
 import threading
 import time
 import urllib.error
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import free_ports, percentile
+from bench.plain_torchserve import plain_server, plain_virtualenv, running
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "bench"
@@ -82,40 +81,11 @@ def compare(
 def plain_torchserve(exported: Path, run: Path) -> Iterator[dict[str, Any]]:
     """KServe's torchserve command on the exported folder, in a virtualenv without tuneserve."""
     venv = plain_virtualenv(run / "venv")
-    (run / "tmp").mkdir()
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(
-        PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", TEMP=str(run / "tmp"), TMPDIR=str(run / "tmp"),
-        OMP_NUM_THREADS="1",
-        # enable_envvars_config=true in the exported config: TS_* move it off KServe's fixed ports
-        TS_INFERENCE_ADDRESS=f"http://127.0.0.1:{inference}",
-        TS_MANAGEMENT_ADDRESS=f"http://127.0.0.1:{management}",
-        TS_METRICS_ADDRESS=f"http://127.0.0.1:{metrics}",
-        TS_GRPC_INFERENCE_PORT=str(grpc_inference), TS_GRPC_MANAGEMENT_PORT=str(grpc_management),
-        TS_VMARGS="-Xmx256m -XX:+UseSerialGC",
-    )  # fmt: skip
-    command = [
-        "torchserve", "--start",
-        "--model-store", str(exported / "model-store"),
-        "--ts-config", str(exported / "config" / "config.properties"),
-    ]  # fmt: skip
-    url = f"http://127.0.0.1:{inference}"
+    server = plain_server(exported, run, venv, heap="256m", OMP_NUM_THREADS="1")
     started = time.perf_counter()
-    with open(run / "start.log", "wb") as log:  # not a pipe: the JVM it leaves running would hold it
-        subprocess.run(
-            command, cwd=run, env=env, check=True, timeout=120, stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        cold = first_answer(url, started, lambda: True)
-        yield {"url": url, "cold_start_s": round(cold, 2)}
-    finally:
-        subprocess.run(
-            ["torchserve", "--stop"], cwd=run, env=env, timeout=120, check=False,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        with contextlib.suppress(OSError, ValueError):  # --stop failed: the JVM this started, by its pid
-            os.kill(int((run / "tmp" / ".model_server.pid").read_text().split()[0]), signal.SIGKILL)
+    with running(server):
+        cold = first_answer(server.url, started, lambda: True)
+        yield {"url": server.url, "cold_start_s": round(cold, 2)}
 
 
 @contextmanager
@@ -208,18 +178,3 @@ def first_answer(url: str, started: float, alive: Callable[[], bool]) -> float:
         except (urllib.error.URLError, OSError):  # refused while starting; 404/503 until the model is in
             time.sleep(0.05)
     raise RuntimeError(f"no answer from {url} within {START_TIMEOUT_S:.0f} s")
-
-
-def plain_virtualenv(venv: Path) -> Path:
-    """A virtualenv that imports torch, timm and TorchServe but not tuneserve, with a `torchserve` command."""
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # type: ignore[attr-defined]
-    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
-    site = Path(subprocess.check_output([venv / "bin" / "python", "-c", where], text=True).strip())
-    # a .pth line only adds the path: the dev venv's own .pth files (tuneserve's editable finder) do not run
-    (site / "third_party.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    torchserve = venv / "bin" / "torchserve"  # what installing TorchServe there would write
-    torchserve.write_text(
-        f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom ts.model_server import start\nsys.exit(start())\n"
-    )
-    torchserve.chmod(0o755)
-    return venv

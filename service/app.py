@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from service.api.health import HealthReporter
 from service.api.reporting_server import ReportingServer, start_reporting_server
 from service.api.server import FINE_TUNING, INFERENCE, OVERALL, TuneserveServer, build_server
+from service.errors import FailedPrecondition
 from service.jobs.intake import Intake
 from service.jobs.launcher import Launcher
 from service.jobs.local_launcher import LocalProcessLauncher
@@ -81,9 +83,11 @@ def start_service(
     log.info(
         "GPUs %s: jobs train on %s, TorchServe on %s", settings.gpus, settings.training_gpus, serving_gpus
     )
+    target = store_target(settings)
+    refuse_replicas_on_sqlite(settings, target)  # before anything is created or started
     for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    store = JobStore(store_target(settings))
+    store = JobStore(target)
     intake = Intake(store)
     reporting = start_reporting_server(settings, intake)  # first: a taken port leaves nothing running
     backend = None
@@ -135,6 +139,18 @@ def start_service(
 
 
 JOBS_NAMES = (OVERALL, FINE_TUNING)
+
+
+def refuse_replicas_on_sqlite(settings: Settings, target: Path | str) -> None:
+    """A named replica (TUNESERVE_REPLICA_ID) on the SQLite file is refused: SQLite takes no leases, so each
+    replica would re-queue the others' running jobs at its start and run them a second time, and SQLite's
+    locks do not hold on the network filesystems a shared volume uses."""
+    if settings.replica_id is not None and isinstance(target, Path):
+        raise FailedPrecondition(
+            f"TUNESERVE_REPLICA_ID={settings.replica_id!r} names a replica, but the job store is the SQLite "
+            f"file {target}, which only one replica may use: set TUNESERVE_DATABASE_URL to the PostgreSQL "
+            "all replicas share, or unset TUNESERVE_REPLICA_ID to run a single replica"
+        )
 
 
 def default_launcher(settings: Settings, store: JobStore, report_address: str | None = None) -> Launcher:

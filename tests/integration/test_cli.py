@@ -324,6 +324,22 @@ def test_serve_with_a_bad_setting_names_the_variable_and_exits_2(tmp_path: Path)
     assert output.strip().splitlines()[-1].startswith("error: INVALID_ARGUMENT: TUNESERVE_PORT")
 
 
+def test_serve_refuses_a_named_replica_on_the_sqlite_file_before_creating_anything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {
+        "TUNESERVE_REPLICA_ID": "tuneserve-7d9f-abcde",
+        "TUNESERVE_DATABASE_URL": "",
+        "TUNESERVE_STATE_DIR": str(state),
+    }
+    process = tuneserve("serve", env=env)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 4, output  # FAILED_PRECONDITION
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: FAILED_PRECONDITION: TUNESERVE_REPLICA_ID='tuneserve-7d9f-abcde'"), output
+    assert str(state / "jobs.sqlite3") in last and "TUNESERVE_DATABASE_URL" in last
+    assert not state.exists()  # no database file, no TorchServe, no port
+
+
 @pytest.mark.slow
 def test_serve_runs_in_the_foreground_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_ports(1)[0]
