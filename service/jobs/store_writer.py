@@ -94,6 +94,10 @@ class Writer(Generic[C]):
         self._queue_up(write)
         return write.future.result()  # type: ignore[no-any-return]
 
+    def backlog(self) -> int:
+        """Writes queued and not yet taken by the writer (tests wait on it to fill one batch)."""
+        return self._queue.qsize()
+
     def close(self) -> None:
         """Finish what is queued, then stop the thread and close its connection (a later run restarts it)."""
         with self._lock:
