@@ -105,6 +105,9 @@ class Writer(Generic[C]):
             if thread is None or self._pid != os.getpid():
                 return
             self._queue.put(None)
+            # a write arriving now starts a new thread on a queue of its own, which cannot take the stop
+            # meant for this one
+            self._queue = queue.SimpleQueue()
         thread.join()
 
     def _queue_up(self, write: _Write[C]) -> None:
