@@ -10,7 +10,8 @@ gaps, whichever process or replica writes them (WatchJob resumes by that number)
 Idempotency: CreateJob with a key already used returns that job when the spec is the same, and raises
 AlreadyExists (naming the existing job) when the spec differs: a key names one request, never two.
 
-Leases (several replicas on one PostgreSQL): see service.jobs.store_leases, whose methods JobStore has.
+Who holds a running job (a replica's lease on a shared PostgreSQL, a launcher's worker): see
+service.jobs.store_leases, whose methods JobStore has.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from service.jobs.store_codec import (
     result_from_json,
 )
 from service.jobs.store_db import Conn, Database
-from service.jobs.store_leases import Leases
+from service.jobs.store_leases import Holders
 from service.jobs.store_open import open_database
 from service.jobs.store_rows import fetch_row, insert_event, placeholders, update_row
 from service.jobs.store_states import ALLOWED_TRANSITIONS
@@ -50,7 +51,7 @@ __all__ = ["ALLOWED_TRANSITIONS", "JobStore"]
 T = TypeVar("T")
 
 
-class JobStore(Leases):
+class JobStore(Holders):
     """Jobs and events in the database `target` names: a SQLite file's path, a database URL
     (postgresql://..., sqlite:///...), or an open Database. One instance per process; thread-safe."""
 
@@ -203,27 +204,6 @@ class JobStore(Leases):
             self.append_event(job.id, EventKind.INFO, f"{reason}; the job resumes from its last checkpoint")
             requeued.append(self.get_job(job.id))
         return requeued
-
-    def set_worker_ref(self, job_id: str, ref: str | None) -> None:
-        """What names the job's worker to its launcher (a local launcher's process group id)."""
-
-        def set_ref(db: Conn) -> None:
-            fetch_row(db, job_id, lock=True)
-            # the column is still called worker_pid: SQLite keeps a pid as an integer and any other
-            # launcher's name as text; PostgreSQL keeps text
-            update_row(db, job_id, {"worker_pid": ref})
-
-        self.db.run_write(set_ref)
-
-    def worker_ref(self, job_id: str) -> str | None:
-        with self.db.read() as db:
-            row = fetch_row(db, job_id)
-        return None if row["worker_pid"] is None else str(row["worker_pid"])
-
-    def worker_pid(self, job_id: str) -> int | None:
-        """The worker's process id when a local launcher started it (tests and benchmarks look it up)."""
-        ref = self.worker_ref(job_id)
-        return int(ref) if ref is not None and ref.isdigit() else None
 
     # ------------------------------------------------------------------ results and events
 

@@ -3,8 +3,8 @@ leases a replica holds (its heartbeat), re-queue the jobs whose lease ran out (a
 
 A replica claims the oldest queued job with `claim_next`, renews its leases with `renew` while it runs
 them, and any replica re-queues the jobs of a replica whose leases ran out with `requeue_expired`. The
-job store (service.jobs.store.JobStore) has these as methods (`Leases`); each write goes through the
-process's one writer (Database.run_write).
+job store (service.jobs.store.JobStore) has these as methods (`Holders`, with the worker's reference);
+each write goes through the process's one writer (Database.run_write).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from service.jobs.store_rows import ACTIVE_STATES, fetch_row, insert_event, plac
 from service.records import EventKind, Job, JobState
 
 
-class Leases:
-    """The job store's methods for several replicas on one database (JobStore has them)."""
+class Holders:
+    """The job store's methods about who holds a job: a replica's lease (several replicas on one
+    database), a launcher's worker. JobStore has them."""
 
     db: Database
     bell: EventBell
@@ -63,6 +64,27 @@ class Leases:
         with self.db.read() as db:
             row = fetch_row(db, job_id)
         return None if row["lease_owner"] is None else str(row["lease_owner"])
+
+    def set_worker_ref(self, job_id: str, ref: str | None) -> None:
+        """What names the job's worker to its launcher (a local launcher's process group id)."""
+
+        def set_ref(db: Conn) -> None:
+            fetch_row(db, job_id, lock=True)
+            # the column is still called worker_pid: SQLite keeps a pid as an integer and any other
+            # launcher's name as text; PostgreSQL keeps text
+            update_row(db, job_id, {"worker_pid": ref})
+
+        self.db.run_write(set_ref)
+
+    def worker_ref(self, job_id: str) -> str | None:
+        with self.db.read() as db:
+            row = fetch_row(db, job_id)
+        return None if row["worker_pid"] is None else str(row["worker_pid"])
+
+    def worker_pid(self, job_id: str) -> int | None:
+        """The worker's process id when a local launcher started it (tests and benchmarks look it up)."""
+        ref = self.worker_ref(job_id)
+        return int(ref) if ref is not None and ref.isdigit() else None
 
 
 def claim_next(database: Database, replica: str, lease_s: float, exclude: Sequence[str] = ()) -> Job | None:
