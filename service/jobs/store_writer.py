@@ -157,6 +157,7 @@ class Writer(Generic[C]):
                 except Exception as exc:
                     if len(batch) > 1 and self._backend.conflict(exc):
                         session.rollback_to_savepoint()
+                        log.info("a write lost to another transaction's locks (%s); it runs again alone", exc)
                         again.append(write)
                         continue
                     if self._backend.storage_failure(exc) is not None:

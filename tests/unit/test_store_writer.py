@@ -4,18 +4,20 @@ SQLite through SQLAlchemy, a real PostgreSQL: tests/store_backends.py)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psycopg
 import pytest
 
 from service.errors import FailedPrecondition, NotFound
 from service.jobs.store import JobStore
 from service.jobs.store_db import Conn
-from service.jobs.store_rows import insert_event
+from service.jobs.store_rows import fetch_row, insert_event
 from service.records import EventKind, JobState
 from tests.store_backends import make_spec
 
@@ -119,3 +121,53 @@ def test_the_writer_restarts_after_close(store: JobStore) -> None:
     with pytest.raises(FailedPrecondition):
         store.transition(job.id, JobState.SUCCEEDED)
     assert store.request_cancel(job.id).state == JobState.CANCELLED
+
+
+def test_on_postgres_a_write_that_deadlocks_with_another_replicas_batch_runs_again_alone(
+    postgres_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two stores on one PostgreSQL, as two replicas: each batch takes a lock the other's next write wants
+    (a job's row; the creation lock). PostgreSQL aborts one of the two waits (a deadlock), and that write
+    is rolled back alone and run again after its batch commits: every caller succeeds."""
+    a, b = JobStore(postgres_database), JobStore(postgres_database)
+    job = a.create_job(make_spec("x"))
+    a_locked, b_locked = threading.Event(), threading.Event()
+
+    def lock_row(db: Conn) -> None:
+        fetch_row(db, job.id, lock=True)
+        a_locked.set()
+        assert b_locked.wait(10)
+
+    def lock_creations(db: Conn) -> None:
+        db.exclusive("tuneserve.create_job")
+        b_locked.set()
+        assert a_locked.wait(10)
+
+    caplog.set_level(logging.INFO, logger="service.jobs.store_writer")
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            release = threading.Event()
+            blockers = [pool.submit(s.db.run_write, lambda db: release.wait(30)) for s in (a, b)]
+            futures = []
+            for store, first, second in (
+                (a, lambda: a.db.run_write(lock_row), lambda: a.create_job(make_spec("from-a"))),
+                (
+                    b,
+                    lambda: b.db.run_write(lock_creations),
+                    lambda: b.append_event(job.id, EventKind.INFO, "b"),
+                ),
+            ):
+                for k, write in enumerate((first, second)):
+                    futures.append(pool.submit(write))
+                    wait_for_backlog(store, k + 1)
+            release.set()
+            for f in blockers + futures:
+                f.result(60)
+        assert "runs again alone" in caplog.text
+        assert [e.message for e in a.events_after(job.id)] == ["job queued", "b"]
+        assert {j.spec.name for j in a.list_jobs()[0]} == {"x", "from-a"}
+    finally:
+        a.close()
+        b.close()
+        with psycopg.connect(postgres_database, autocommit=True) as conn:
+            conn.execute("TRUNCATE events, jobs, write_probe RESTART IDENTITY")
