@@ -2,16 +2,16 @@
 
 The logic is written once here over a `Database` (service.jobs.store_db): raw sqlite3 on one file (WAL)
 when no URL is set, PostgreSQL through SQLAlchemy when TUNESERVE_DATABASE_URL names one. Every write
-is one transaction that locks what it changes, so a state change and the STATE event that records it
-land together or not at all, and each job's events are numbered 1, 2, 3... without gaps, whichever
-process or replica writes them (WatchJob resumes by that number).
+goes through the process's one writer (service.jobs.store_writer: batched commits, each write in a
+SAVEPOINT of its own) and is one unit that locks what it changes, so a state change and the STATE event
+that records it land together or not at all, and each job's events are numbered 1, 2, 3... without
+gaps, whichever process or replica writes them (WatchJob resumes by that number).
 
 Idempotency: CreateJob with a key already used returns that job when the spec is the same, and raises
 AlreadyExists (naming the existing job) when the spec differs: a key names one request, never two.
 
-Leases (several replicas on one PostgreSQL): a replica claims the oldest queued job with
-`claim_next`, renews its leases with `renew` while it runs them, and any replica re-queues the jobs of
-a replica whose leases ran out with `requeue_expired`.
+Who holds a running job (a replica's lease on a shared PostgreSQL, a launcher's worker): see
+service.jobs.store_leases, whose methods JobStore has.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
-from service.jobs import store_leases
+from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from service.jobs import store_states
 from service.jobs.event_bell import EventBell
 from service.jobs.store_codec import (
     RESULT_FIELDS,
@@ -37,26 +36,22 @@ from service.jobs.store_codec import (
     result_from_json,
 )
 from service.jobs.store_db import Conn, Database
+from service.jobs.store_leases import Holders
 from service.jobs.store_open import open_database
-from service.jobs.store_rows import ACTIVE_STATES, fetch_row, insert_event, placeholders, update_row
+from service.jobs.store_rows import fetch_row, insert_event, placeholders, update_row
+from service.jobs.store_states import ALLOWED_TRANSITIONS
 from service.records import EventKind, Job, JobEvent, JobResult, JobState
 from service.spec import JobSpec
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_IDEMPOTENCY_KEY = 128
+__all__ = ["ALLOWED_TRANSITIONS", "JobStore"]
 
-ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.PACKAGING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
-    JobState.PACKAGING: frozenset({JobState.SUCCEEDED, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
-    JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-}
+T = TypeVar("T")
 
 
-class JobStore:
+class JobStore(Holders):
     """Jobs and events in the database `target` names: a SQLite file's path, a database URL
     (postgresql://..., sqlite:///...), or an open Database. One instance per process; thread-safe."""
 
@@ -86,7 +81,8 @@ class JobStore:
         key = _check_key(idempotency_key)
         spec_json = json.dumps(spec.to_dict(), sort_keys=True)
         now = time.time()
-        with self.db.write() as db:
+
+        def create(db: Conn) -> Job:
             # creations one at a time everywhere, so a key or the queue limit holds across replicas
             db.exclusive("tuneserve.create_job")
             if key is not None:
@@ -118,6 +114,8 @@ class JobStore:
             for kind, message, data in notes:
                 insert_event(db, job_id, kind, message, data, now)
             return job_from_row(fetch_row(db, job_id))
+
+        return self.db.run_write(create)
 
     def get_job(self, job_id: str) -> Job:
         with self.db.read() as db:
@@ -183,55 +181,13 @@ class JobStore:
         an attempt; `refund_attempt` on a requeue gives it back (a drain or restart is not the job's fault).
         A FAILED job's `reason` becomes its error. Leaving RUNNING/PACKAGING ends the job's lease.
         """
-        now = time.time()
-        with self._write_events(job_id) as db:
-            row = fetch_row(db, job_id, lock=True)
-            current = JobState(row["state"])
-            came_from_expected = expect is None or current in frozenset(expect)
-            if to_state not in ALLOWED_TRANSITIONS[current] or not came_from_expected:
-                raise FailedPrecondition(_transition_refusal(job_id, current, to_state))
-            sets: dict[str, Any] = {"state": to_state.value, "updated_at": now}
-            if to_state == JobState.RUNNING:
-                sets["attempts"] = row["attempts"] + 1
-                sets["started_at"] = row["started_at"] or now
-            if to_state == JobState.QUEUED:
-                sets["worker_pid"] = None
-                if refund_attempt:
-                    sets["attempts"] = max(0, row["attempts"] - 1)
-            if to_state.is_final:
-                sets["finished_at"] = now
-                sets["worker_pid"] = None
-            if to_state == JobState.FAILED:
-                sets["error"] = reason or "failed"
-            if to_state not in ACTIVE_STATES:
-                sets |= {"lease_owner": None, "lease_expires": None}
-            update_row(db, job_id, sets)
-            data = {"state": to_state, "previous": current, "reason": reason}
-            message = f"{current} -> {to_state}" + (f": {reason}" if reason else "")
-            insert_event(db, job_id, EventKind.STATE, message, data, now)
-            return job_from_row(fetch_row(db, job_id))
+        return self._write_events(
+            job_id, lambda db: store_states.transition(db, job_id, to_state, reason, expect, refund_attempt)
+        )
 
     def request_cancel(self, job_id: str) -> Job:
         """Mark a job for cancellation; a QUEUED job is CANCELLED at once, a running one by the scheduler."""
-        now = time.time()
-        with self._write_events(job_id) as db:
-            row = fetch_row(db, job_id, lock=True)
-            state = JobState(row["state"])
-            if state.is_final:
-                raise FailedPrecondition(
-                    f"job {job_id} is already {state} and cannot be cancelled; only QUEUED, RUNNING or "
-                    "PACKAGING jobs can be"
-                )
-            update_row(db, job_id, {"cancel_requested": 1, "updated_at": now})
-            if state == JobState.QUEUED:
-                update_row(db, job_id, {"state": JobState.CANCELLED.value, "finished_at": now})
-                data = {"state": JobState.CANCELLED, "previous": state, "reason": "cancelled by request"}
-                insert_event(
-                    db, job_id, EventKind.STATE, "QUEUED -> CANCELLED: cancelled by request", data, now
-                )
-            elif not row["cancel_requested"]:
-                insert_event(db, job_id, EventKind.INFO, "cancel requested; stopping the worker", {}, now)
-            return job_from_row(fetch_row(db, job_id))
+        return self._write_events(job_id, lambda db: store_states.request_cancel(db, job_id))
 
     def requeue_interrupted(
         self, reason: str = "the service restarted", *, replica: str | None = None
@@ -249,67 +205,6 @@ class JobStore:
             requeued.append(self.get_job(job.id))
         return requeued
 
-    def interrupted(self, replica: str | None = None) -> list[Job]:
-        """RUNNING/PACKAGING jobs, oldest first; with `replica`, only those leased to it or to no one."""
-        if replica is None:
-            return self.jobs_in(ACTIVE_STATES)
-        names, values = placeholders("s", [s.value for s in ACTIVE_STATES])
-        with self.db.read() as db:
-            rows = db.all(
-                f"SELECT * FROM jobs WHERE state IN ({names})"
-                " AND (lease_owner IS NULL OR lease_owner = :r) ORDER BY num",
-                values | {"r": replica},
-            )
-        return [job_from_row(r) for r in rows]
-
-    def lease_owner(self, job_id: str) -> str | None:
-        """The replica holding the job's lease; None when no one does."""
-        with self.db.read() as db:
-            row = fetch_row(db, job_id)
-        return None if row["lease_owner"] is None else str(row["lease_owner"])
-
-    def set_worker_ref(self, job_id: str, ref: str | None) -> None:
-        """What names the job's worker to its launcher (a local launcher's process group id)."""
-        with self.db.write() as db:
-            fetch_row(db, job_id, lock=True)
-            # the column is still called worker_pid: SQLite keeps a pid as an integer and any other
-            # launcher's name as text; PostgreSQL keeps text
-            update_row(db, job_id, {"worker_pid": ref})
-
-    def worker_ref(self, job_id: str) -> str | None:
-        with self.db.read() as db:
-            row = fetch_row(db, job_id)
-        return None if row["worker_pid"] is None else str(row["worker_pid"])
-
-    def worker_pid(self, job_id: str) -> int | None:
-        """The worker's process id when a local launcher started it (tests and benchmarks look it up)."""
-        ref = self.worker_ref(job_id)
-        return int(ref) if ref is not None and ref.isdigit() else None
-
-    # ------------------------------------------------------------------ leases (several replicas)
-
-    def claim_next(self, replica: str, lease_s: float, exclude: Sequence[str] = ()) -> Job | None:
-        """Take the oldest QUEUED job not in `exclude` for `replica`: it becomes RUNNING (an attempt),
-        leased to `replica` for `lease_s` seconds. None when there is nothing to take. Replicas claiming
-        at once each get a different job (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: one writer)."""
-        job = store_leases.claim_next(self.db, replica, lease_s, exclude)
-        if job is not None:
-            self.bell.ring(job.id)
-        return job
-
-    def renew(self, replica: str, lease_s: float) -> list[str]:
-        """Extend every lease `replica` holds by `lease_s` from now (its heartbeat); the ids of its jobs.
-        A job missing from the answer is no longer this replica's (re-queued after its lease ran out)."""
-        return store_leases.renew(self.db, replica, lease_s)
-
-    def requeue_expired(self, reason: str = "its replica's lease expired") -> list[Job]:
-        """Jobs whose lease ran out go back to QUEUED with their attempt refunded (CANCELLED if that was
-        asked), to resume from their last checkpoint elsewhere."""
-        jobs = store_leases.requeue_expired(self.db, reason)
-        for job in jobs:
-            self.bell.ring(job.id)
-        return jobs
-
     # ------------------------------------------------------------------ results and events
 
     def update_result(self, job_id: str, **fields: Any) -> JobResult:
@@ -317,29 +212,39 @@ class JobStore:
         unknown = sorted(set(fields) - RESULT_FIELDS)
         if unknown:
             raise ValueError(f"unknown JobResult field(s) {unknown}; known: {sorted(RESULT_FIELDS)}")
-        with self.db.write() as db:
+
+        def merge(db: Conn) -> JobResult:
             row = fetch_row(db, job_id, lock=True)
             merged = {**json.loads(row["result"]), **jsonable(fields)}
             update_row(db, job_id, {"result": json.dumps(merged), "updated_at": time.time()})
             return result_from_json(merged)
 
+        return self.db.run_write(merge)
+
     def append_event(
         self, job_id: str, kind: EventKind, message: str, data: dict[str, Any] | None = None
     ) -> JobEvent:
         """Add an event with the job's next sequence number."""
-        with self._write_events(job_id) as db:
+
+        def append(db: Conn) -> JobEvent:
             fetch_row(db, job_id, lock=True)
             return insert_event(db, job_id, EventKind(kind), message, data or {}, time.time())
+
+        return self._write_events(job_id, append)
 
     def append_events(self, job_id: str, events: Iterable[tuple[EventKind, str, dict[str, Any]]]) -> int:
         """Add events in order, in one transaction; the sequence number of the last one."""
         now = time.time()
-        with self._write_events(job_id) as db:
+        events = list(events)  # iterated inside the writer's thread: not a generator of the caller's state
+
+        def append(db: Conn) -> int:
             fetch_row(db, job_id, lock=True)
             seq = 0
             for kind, message, data in events:
                 seq = insert_event(db, job_id, EventKind(kind), message, data or {}, now).seq
             return seq
+
+        return self._write_events(job_id, append)
 
     def events_after(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[JobEvent]:
         """The job's events with seq > after_seq, in order (NotFound for an unknown job)."""
@@ -363,24 +268,24 @@ class JobStore:
 
     def check_writable(self) -> None:
         """Raise unless a write really reaches the database now (health)."""
-        with self.db.write() as db:
-            db.run(
+        self.db.run_write(
+            lambda db: db.run(
                 "INSERT INTO write_probe (id, at) VALUES (1, :at)"
                 " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
                 {"at": time.time()},
             )
+        )
 
     def close(self) -> None:
         """Close every connection this instance opened (any thread's)."""
         self.db.close()
 
-    @contextmanager
-    def _write_events(self, job_id: str) -> Iterator[Conn]:
-        """A write transaction that adds events to `job_id`: its watchers are told once it has committed
-        (not on failure: nothing new to see)."""
-        with self.db.write() as db:
-            yield db
+    def _write_events(self, job_id: str, work: Callable[[Conn], T]) -> T:
+        """A write that adds events to `job_id`: its watchers are told once it has committed (not on
+        failure: nothing new to see)."""
+        result = self.db.run_write(work)
         self.bell.ring(job_id)
+        return result
 
 
 def new_job_id() -> str:
@@ -396,10 +301,3 @@ def _check_key(key: str | None) -> str | None:
             "characters (a UUID works well)"
         )
     return key
-
-
-def _transition_refusal(job_id: str, current: JobState, to_state: JobState) -> str:
-    if current.is_final:
-        return f"job {job_id} is already {current} (a final state) and cannot become {to_state}"
-    allowed = ", ".join(sorted(ALLOWED_TRANSITIONS[current])) or "none"
-    return f"job {job_id} is {current} and cannot become {to_state}; from {current} it can become {allowed}"

@@ -5,8 +5,9 @@ The store's logic (service.jobs.store) is written once, in SQL both SQLite and P
 here and in service.jobs.store_sqlalchemy: how a write transaction excludes other writers, how a row is
 locked, which errors mean "the storage, retry later".
 
-`SqliteDatabase` keeps today's raw sqlite3 path: each thread of each process has its own connection and
-every write is one `BEGIN IMMEDIATE` transaction, which serializes writers across processes.
+`SqliteDatabase` is raw sqlite3 on one file in WAL: the store's writes go through the process's one
+writer (service.jobs.store_writer: its own thread and connection, batched `BEGIN IMMEDIATE` commits),
+and reads use a connection per thread, which WAL lets read while the writer writes.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from service.errors import Unavailable
+from service.jobs.store_writer import Backend, Writer
 
 BUSY_TIMEOUT_MS = 30_000
 SCHEMA_HEAD = "0002"  # the newest migration in service/jobs/migrations/versions
 
 Row = Mapping[str, Any]
+T = TypeVar("T")
 
 
 class Conn(Protocol):
@@ -57,9 +60,15 @@ class Database(Protocol):
 
     def read(self) -> AbstractContextManager[Conn]: ...
 
+    def run_write(self, work: Callable[[Conn], T]) -> T:
+        """`work(conn)` in a write transaction on the process's one writer (batched with other threads'
+        writes, each rolled back alone when it raises), committed before this returns. A storage
+        failure (disk, lock, connection) becomes Unavailable: nothing was changed, the caller may retry."""
+        ...
+
     def write(self) -> AbstractContextManager[Conn]:
-        """A transaction: committed when the block ends, rolled back when it raises. A storage failure
-        (disk, lock, connection) becomes Unavailable: nothing was changed and the caller may retry."""
+        """A transaction of its own on the calling thread, outside the writer (tools and tests): committed
+        when the block ends, rolled back when it raises; a storage failure becomes Unavailable."""
         ...
 
     def close(self) -> None: ...
@@ -94,6 +103,40 @@ class SqliteConn:
         pass  # BEGIN IMMEDIATE already excludes every other writer of the file
 
 
+class SqliteSession:
+    """The writer's connection to the file: IMMEDIATE takes the write lock up front, so a writer never
+    deadlocks with another process's upgrading a read lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.db = connect_sqlite(path)
+        self.conn = SqliteConn(self.db)
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def savepoint(self) -> None:
+        self.db.execute("SAVEPOINT write")
+
+    def rollback_to_savepoint(self) -> None:
+        self.db.execute("ROLLBACK TO write")
+        self.db.execute("RELEASE write")
+
+    def release_savepoint(self) -> None:
+        self.db.execute("RELEASE write")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        # a failed COMMIT (read-only or full disk, busy) may leave the transaction open; and SQLite opens
+        # a file it may not write read-only, for good: the next batch gets a new connection
+        try:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+        finally:
+            self.db.close()
+
+
 class SqliteDatabase:
     """Raw sqlite3 on one file (WAL), safe across threads and processes."""
 
@@ -105,12 +148,16 @@ class SqliteDatabase:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        self._writer: Writer[Conn] = Writer(Backend(lambda: SqliteSession(self.path), storage_failure))
 
     def read(self) -> AbstractContextManager[Conn]:
         reader: SqliteConn | None = getattr(self._local, "reader", None)
         if reader is None or reader.db is not self._connection():
             reader = self._local.reader = SqliteConn(self._connection())
         return reader
+
+    def run_write(self, work: Callable[[Conn], T]) -> T:
+        return self._writer.run(work)
 
     @contextmanager
     def write(self) -> Iterator[Conn]:
@@ -126,17 +173,15 @@ class SqliteDatabase:
             if db.in_transaction:
                 with suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and is_storage_error(exc):
+            failure = storage_failure(exc)
+            if failure is not None:
                 self._forget(db)
-                # the disk, not the caller: a read-only or failing volume, or a lock held too long. The
-                # transaction was rolled back, so a client may retry (UNAVAILABLE), not give up (INTERNAL)
-                raise Unavailable(
-                    f"the job store cannot be written right now ({exc}); nothing was changed, retry later"
-                ) from exc
+                raise failure from exc
             raise
 
     def close(self) -> None:
-        """Close every connection this instance opened (any thread's)."""
+        """Close every connection this instance opened (any thread's), the writer's too."""
+        self._writer.close()
         with self._lock:
             for conn in self._connections:
                 conn.close()
@@ -147,12 +192,7 @@ class SqliteDatabase:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
             return conn
-        # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) by write()
-        conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        conn.row_factory = sqlite3.Row
-        configure_sqlite(conn)
+        conn = connect_sqlite(self.path)
         self._local.conn, self._local.pid = conn, os.getpid()
         with self._lock:
             self._connections.append(conn)
@@ -168,6 +208,17 @@ class SqliteDatabase:
             conn.close()
         if getattr(self._local, "conn", None) is conn:
             del self._local.conn
+
+
+def connect_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection to the store's file with its pragmas, rows as mappings."""
+    # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) by the writer and write()
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    conn.row_factory = sqlite3.Row
+    configure_sqlite(conn)
+    return conn
 
 
 def configure_sqlite(conn: Any) -> None:
@@ -195,6 +246,17 @@ _STORAGE_ERRORS = frozenset(
 
 def is_storage_error(exc: sqlite3.OperationalError) -> bool:
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _STORAGE_ERRORS
+
+
+def storage_failure(exc: BaseException) -> Unavailable | None:
+    """The Unavailable a caller gets when the disk or the lock, not our SQL, failed its write; else None."""
+    if isinstance(exc, sqlite3.OperationalError) and is_storage_error(exc):
+        # a read-only or failing volume, or a lock held too long. The transaction was rolled back, so a
+        # client may retry (UNAVAILABLE), not give up (INTERNAL)
+        return Unavailable(
+            f"the job store cannot be written right now ({exc}); nothing was changed, retry later"
+        )
+    return None
 
 
 def sqlite_revision(path: Path) -> str | None:

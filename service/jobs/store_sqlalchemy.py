@@ -5,6 +5,9 @@ several service replicas share it: a write locks the rows it changes (`FOR UPDAT
 another replica holds (`FOR UPDATE SKIP LOCKED`), and creations serialize on an advisory lock so an
 idempotency key or the queue limit holds across replicas. `sqlite:///path` runs the same SQL on SQLite
 through SQLAlchemy (BEGIN IMMEDIATE), which is how its cost against raw sqlite3 is measured.
+
+Writes go through the process's one writer (service.jobs.store_writer) on a connection of its own, in
+batched transactions with a SAVEPOINT per write; reads take a connection from the pool.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -23,6 +26,7 @@ from sqlalchemy import exc as sa_exc
 from service.errors import InvalidArgument, Unavailable
 from service.jobs.store_db import Conn, Row, configure_sqlite, is_storage_error
 from service.jobs.store_migrate import upgrade
+from service.jobs.store_writer import Backend, Writer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,10 @@ URL_HELP = (
 )
 POOL_SIZE = 8  # connections kept open per process; as many more may open under a burst
 CONNECT_TIMEOUT_S = 10
+
+# PostgreSQL's deadlock_detected and serialization_failure: lost to another replica's locks, not broken
+CONFLICT_SQLSTATES = frozenset({"40P01", "40001"})
+T = TypeVar("T")
 
 _text = functools.lru_cache(maxsize=256)(sa.text)  # the compiled form of each statement is cached by it
 
@@ -59,6 +67,37 @@ class SqlAlchemyConn:
             self.conn.execute(_text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": name})
 
 
+class SqlAlchemySession:
+    """The writer's connection: one transaction per batch, a SAVEPOINT (nested transaction) per write."""
+
+    def __init__(self, engine: sa.Engine, postgres: bool) -> None:
+        self._sa = engine.connect()
+        self.conn = SqlAlchemyConn(self._sa, postgres)
+        self._tx: sa.RootTransaction | None = None
+        self._nested: sa.NestedTransaction | None = None
+
+    def begin(self) -> None:
+        self._tx = self._sa.begin()
+
+    def savepoint(self) -> None:
+        self._nested = self._sa.begin_nested()
+
+    def rollback_to_savepoint(self) -> None:
+        assert self._nested is not None
+        self._nested.rollback()
+
+    def release_savepoint(self) -> None:
+        assert self._nested is not None
+        self._nested.commit()
+
+    def commit(self) -> None:
+        assert self._tx is not None
+        self._tx.commit()
+
+    def close(self) -> None:
+        self._sa.close()  # rolls back what is open; a broken connection is discarded by the pool
+
+
 class SqlAlchemyDatabase:
     """A pool of connections to one database URL. Thread-safe; one instance per process."""
 
@@ -70,6 +109,10 @@ class SqlAlchemyDatabase:
         self.dialect = self.engine.dialect.name
         self.display_url = mask(url)  # as the user wrote it, not with the driver SQLAlchemy was given
         self._postgres = self.dialect == "postgresql"
+        backend: Backend[Conn] = Backend(
+            lambda: SqlAlchemySession(self.engine, self._postgres), self._storage_failure, _is_conflict
+        )
+        self._writer: Writer[Conn] = Writer(backend)
 
     def migrate(self) -> None:
         """Bring the schema to the newest revision; a database that cannot be reached is Unavailable."""
@@ -81,12 +124,16 @@ class SqlAlchemyDatabase:
         with self._translated(), self._reader.connect() as conn:
             yield SqlAlchemyConn(conn, self._postgres)
 
+    def run_write(self, work: Callable[[Conn], T]) -> T:
+        return self._writer.run(work)
+
     @contextmanager
     def write(self) -> Iterator[Conn]:
         with self._translated(), self.engine.begin() as conn:
             yield SqlAlchemyConn(conn, self._postgres)
 
     def close(self) -> None:
+        self._writer.close()
         self.engine.dispose()
         self._reader.dispose()
 
@@ -99,6 +146,11 @@ class SqlAlchemyDatabase:
                 # the server or the disk, not our SQL; the transaction was rolled back, so retrying is safe
                 raise Unavailable(unreachable_message(self.display_url, exc)) from exc
             raise
+
+    def _storage_failure(self, exc: BaseException) -> Unavailable | None:
+        if isinstance(exc, sa_exc.DBAPIError) and _is_unavailable(exc):
+            return Unavailable(unreachable_message(self.display_url, exc))
+        return None
 
 
 def create_engine(url: str, *, autocommit: bool = False) -> sa.Engine:
@@ -192,3 +244,7 @@ def _is_unavailable(exc: sa_exc.DBAPIError) -> bool:
         # SQLite: only the disk or the lock; a bad statement stays a bug (INTERNAL)
         return not isinstance(orig, sqlite3.OperationalError) or is_storage_error(orig)
     return False
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return isinstance(exc, sa_exc.DBAPIError) and getattr(exc.orig, "sqlstate", None) in CONFLICT_SQLSTATES
