@@ -15,9 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.access.tokens_file import TokensFileError
 from service.api.health import HealthReporter
 from service.api.reporting_server import ReportingServer, start_reporting_server
-from service.api.server import FINE_TUNING, INFERENCE, OVERALL, TuneserveServer, build_server
+from service.api.server import (
+    FINE_TUNING,
+    INFERENCE,
+    OVERALL,
+    TuneserveServer,
+    build_server,
+    client_directory,
+)
 from service.jobs.intake import Intake
 from service.jobs.launcher import Launcher
 from service.jobs.local_launcher import LocalProcessLauncher
@@ -80,6 +88,7 @@ def start_service(
     `launcher` starts the workers (default: default_launcher(), as settings.launcher says)."""
     # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
     serving_gpus = settings.serving_gpu_indices
+    clients = client_directory(settings)  # so does a bad tokens file
     log.info(
         "GPUs %s: jobs train on %s, TorchServe on %s", settings.gpus, settings.training_gpus, serving_gpus
     )
@@ -116,7 +125,7 @@ def start_service(
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
     try:
-        server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving)
+        server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving, clients)
     except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
         scheduler.stop(drain=False)
         reporting.stop()
@@ -176,7 +185,10 @@ def run_service(settings: Settings | None = None) -> None:
     # Before start-up: a SIGTERM while TorchServe starts must still stop it, not orphan its JVM.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    service = start_service(settings)
+    try:
+        service = start_service(settings)
+    except TokensFileError as exc:
+        raise SystemExit(f"tuneserve cannot start: {exc}") from None  # one line, exit status 1
     log.info("tuneserve is serving on %s:%d", settings.host, service.port)
     stop.wait()
     service.stop(drain=True)

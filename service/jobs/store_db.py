@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from service.errors import Unavailable
 
 BUSY_TIMEOUT_MS = 30_000
-SCHEMA_HEAD = "0002"  # the newest migration in service/jobs/migrations/versions
+SCHEMA_HEAD = "0003"  # the newest migration in service/jobs/migrations/versions
 
 Row = Mapping[str, Any]
 
