@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.access.tokens_file import TokensFileError
 from service.api.health import HealthReporter
 from service.api.reporting_server import ReportingServer, start_reporting_server
 from service.api.server import (
@@ -185,10 +184,7 @@ def run_service(settings: Settings | None = None) -> None:
     # Before start-up: a SIGTERM while TorchServe starts must still stop it, not orphan its JVM.
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    try:
-        service = start_service(settings)
-    except TokensFileError as exc:
-        raise SystemExit(f"tuneserve cannot start: {exc}") from None  # one line, exit status 1
+    service = start_service(settings)  # a bad tokens file raises here (TokensFileError), before anything runs
     log.info("tuneserve is serving on %s:%d", settings.host, service.port)
     stop.wait()
     service.stop(drain=True)

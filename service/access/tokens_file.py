@@ -28,14 +28,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from service.access.clients import SHARED_TOKEN_CLIENT, Client, Role
+from service.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"
 
 
-class TokensFileError(ValueError):
-    """The tokens file cannot be used; the message names the file, the problem and the fix."""
+class TokensFileError(FailedPrecondition):
+    """The tokens file cannot be used; the message names the file, the problem and the fix. At start it
+    stops the service (`tuneserve serve` prints it as one `error:` line and exits non-zero)."""
 
 
 class _ClientEntry(BaseModel):
