@@ -4,8 +4,10 @@ JSON, one object:
 
     {"clients": [
       {"name": "alice", "token_sha256": "<64 hex digits>", "roles": ["submit"], "max_queued": 3},
-      {"name": "ci", "token_sha256": "...", "roles": ["admin"]}
+      {"name": "ci", "token_sha256": ["<new token's digest>", "<old token's digest>"], "roles": ["admin"]}
     ]}
+
+A list of digests lets a client hold two tokens while it rotates: same name, so the same jobs.
 
 Only SHA-256 digests are stored, never a token. A bearer token is hashed and compared with every
 client's digest in constant time. The file is checked on each call by (inode, mtime, size): a Kubernetes
@@ -21,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -40,11 +43,14 @@ class TokensFileError(FailedPrecondition):
     stops the service (`tuneserve serve` prints it as one `error:` line and exits non-zero)."""
 
 
+DIGEST = re.compile(r"[0-9a-fA-F]{64}")
+
+
 class _ClientEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-    token_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F]{64}$")]
+    token_sha256: str | list[str]  # checked by parse_tokens, which names a bad digest plainly
     roles: list[Role] = Field(min_length=1)
     max_queued: int | None = Field(None, ge=0)
     max_running: int | None = Field(None, ge=0)
@@ -71,30 +77,43 @@ def parse_tokens(text: str, source: str) -> list[tuple[bytes, Client]]:
         ) from None
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        # a union's member ("str", "list[str]") is not a place in the file: leave it out of the path
+        where = ".".join(str(p) for p in first["loc"] if p not in ("str", "list[str]"))
+        # what was there, except where it may be a secret pasted in the wrong place
+        got = "" if "token_sha256" in where else f" (got {first.get('input')!r})"
         raise TokensFileError(
-            f"tokens file {source}: {where}: {first['msg']} (got {first.get('input')!r}); each client needs "
-            f"name, token_sha256 (64 hex digits), roles from {[r.value for r in Role]}, and optional "
-            "max_queued / max_running (0 or more)"
+            f"tokens file {source}: {where}: {first['msg']}{got}; each client needs "
+            "name, token_sha256 (64 hex digits, or a list of them), roles from "
+            f"{[r.value for r in Role]}, and optional max_queued / max_running (0 or more)"
         ) from None
     seen_names: set[str] = set()
     seen_digests: set[str] = set()
     entries = []
     for entry in parsed.clients:
-        digest = entry.token_sha256.lower()
+        digests = [entry.token_sha256] if isinstance(entry.token_sha256, str) else entry.token_sha256
+        if not digests:
+            raise TokensFileError(f"tokens file {source}: client {entry.name!r} has no token_sha256")
+        for digest in digests:
+            if not DIGEST.fullmatch(digest):
+                raise TokensFileError(
+                    f"tokens file {source}: client {entry.name!r}: a token_sha256 is not a SHA-256 digest "
+                    "(64 hex digits; not shown, it may be a token); store `printf %s TOKEN | sha256sum`, "
+                    "never the token"
+                )
         if entry.name in seen_names:
             raise TokensFileError(
                 f"tokens file {source}: client name {entry.name!r} appears twice; names are unique"
             )
-        if digest in seen_digests:
-            raise TokensFileError(
-                f"tokens file {source}: client {entry.name!r} has the same token_sha256 as another client; "
-                "give each client its own token"
-            )
         seen_names.add(entry.name)
-        seen_digests.add(digest)
         client = Client(entry.name, frozenset(entry.roles), entry.max_queued, entry.max_running)
-        entries.append((bytes.fromhex(digest), client))
+        for digest in (d.lower() for d in digests):
+            if digest in seen_digests:
+                raise TokensFileError(
+                    f"tokens file {source}: client {entry.name!r} has a token_sha256 listed already (for it "
+                    "or another client); give each client its own tokens"
+                )
+            seen_digests.add(digest)
+            entries.append((bytes.fromhex(digest), client))
     return entries
 
 

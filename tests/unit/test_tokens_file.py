@@ -41,6 +41,13 @@ def test_the_file_holds_digests_never_tokens(tmp_path: Path) -> None:
     assert "secret-token-a" not in path.read_text()
 
 
+def test_a_client_with_two_digests_is_the_same_client_by_either_token(tmp_path: Path) -> None:
+    """Rotation: the new token works before the old one is removed, and both are the same owner."""
+    rotating = {**entry("alice", "old", "submit"), "token_sha256": [token_sha256("new"), token_sha256("old")]}
+    directory = ClientDirectory(None, write(tmp_path / "t.json", rotating))
+    assert directory.authenticate("old") == directory.authenticate("new") is not None
+
+
 def test_the_shared_token_is_one_admin_client_next_to_the_file(tmp_path: Path) -> None:
     path = write(tmp_path / "t.json", entry("alice", "tok-a", "read"))
     directory = ClientDirectory("shared-token", path)
@@ -73,7 +80,15 @@ BAD_FILES = {
     "a name twice": (json.dumps({"clients": [entry("a", "t1"), entry("a", "t2")]}), "'a' appears twice"),
     "one token for two clients": (
         json.dumps({"clients": [entry("a", "t"), entry("b", "t")]}),
-        "same token_sha256",
+        "listed already",
+    ),
+    "a digest twice in one client": (
+        json.dumps({"clients": [{**entry("a", "t"), "token_sha256": [token_sha256("t")] * 2}]}),
+        "listed already",
+    ),
+    "an empty list of digests": (
+        json.dumps({"clients": [{**entry("a", "t"), "token_sha256": []}]}),
+        "has no token_sha256",
     ),
 }
 
@@ -85,6 +100,7 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_problem(case: str) -> Non
         parse_tokens(text, "/secrets/tokens.json")
     assert "/secrets/tokens.json" in caught.value.message and fragment in caught.value.message
     assert caught.value.code == "FAILED_PRECONDITION" and "\n" not in caught.value.message
+    assert "plain-token" not in caught.value.message  # a token pasted as a digest is never echoed
 
 
 def test_a_missing_file_at_start_is_refused(tmp_path: Path) -> None:
