@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "RELIABILITY.md"
-AREAS = ("fault", "distributed", "dataset", "request", "security", "load")
+AREAS = ("fault", "distributed", "dataset", "request", "security", "auth", "load")
 
 
 def main(argv: list[str]) -> int:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 from service.api.health import HealthReporter
 from service.api.reporting_server import ReportingServer, start_reporting_server
-from service.api.server import FINE_TUNING, INFERENCE, OVERALL, TuneserveServer, build_server
+from service.api.server import (
+    FINE_TUNING,
+    INFERENCE,
+    OVERALL,
+    TuneserveServer,
+    build_server,
+    client_directory,
+)
 from service.errors import FailedPrecondition
 from service.jobs.intake import Intake
 from service.jobs.launcher import Launcher
@@ -80,6 +87,7 @@ def start_service(
     `launcher` starts the workers (default: default_launcher(), as settings.launcher says)."""
     # a bad TUNESERVE_SERVING_GPUS fails here, before anything starts
     serving_gpus = settings.serving_gpu_indices
+    clients = client_directory(settings)  # so does a bad tokens file
     log.info(
         "GPUs %s: jobs train on %s, TorchServe on %s", settings.gpus, settings.training_gpus, serving_gpus
     )
@@ -118,7 +126,7 @@ def start_service(
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
     try:
-        server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving)
+        server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving, clients)
     except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
         scheduler.stop(drain=False)
         reporting.stop()
@@ -182,7 +190,7 @@ def run_service(settings: Settings | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = settings or Settings()  # type: ignore[call-arg]  # defaults + TUNESERVE_* env
     stop = stop_on_signals("draining")  # before start-up: TorchServe's start is stopped too
-    service = start_service(settings)
+    service = start_service(settings)  # a bad tokens file raises here (TokensFileError), before anything runs
     log.info("tuneserve is serving on %s:%d", settings.host, service.port)
     stop.wait()
     service.stop(drain=True)

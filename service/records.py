@@ -87,3 +87,4 @@ class Job:
     idempotency_key: str | None = None
     cancel_requested: bool = False
     result: JobResult = JobResult()
+    owner: str | None = None  # the client that created it (None: no authentication)

@@ -49,7 +49,12 @@ class Settings(BaseSettings):
     # gRPC API
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    auth_token: SecretStr | None = Field(None, description="bearer token required on every RPC but health")
+    auth_token: SecretStr | None = Field(
+        None, description="bearer token required on every RPC but health; its client is an admin named admin"
+    )
+    auth_tokens_file: Path | None = Field(
+        None, description="JSON file of clients (name, token_sha256, roles, limits), reloaded when it changes"
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="set to require client certificates (mTLS)")

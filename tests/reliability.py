@@ -15,7 +15,7 @@ LOG_ENV = "TUNESERVE_RELIABILITY_LOG"
 
 
 def record(area: str, case: str, cases: int, outcome: str) -> None:
-    """Append one row: `area` (fault, distributed, dataset, request, security, load), what was tried,
+    """Append one row: `area` (fault, distributed, dataset, request, security, auth, load), what was tried,
     how many times, and what the service did. Call it after the test's assertions, so only what held is
     reported."""
     path = os.environ.get(LOG_ENV)

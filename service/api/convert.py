@@ -122,6 +122,7 @@ def job_to_proto(job: Job) -> pb.Job:
         idempotency_key=job.idempotency_key or "",
         cancel_requested=job.cancel_requested,
         result=result_to_proto(job.result),
+        owner=job.owner or "",
     )
 
 

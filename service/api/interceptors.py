@@ -1,4 +1,4 @@
-"""Server interceptors: domain errors -> gRPC statuses (the one place), and bearer-token auth.
+"""Server interceptors: domain errors -> gRPC statuses (the one place). Auth is service.api.auth.
 
 A TuneserveError aborts the call with its own status and message. Anything else is a bug: it is logged
 with its traceback under a short id, and the client gets INTERNAL with that id only, never a trace.
@@ -8,7 +8,6 @@ INTERNAL grpc gives a failed deserialization by itself.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 from collections.abc import Callable, Iterator
@@ -21,9 +20,6 @@ from service.errors import InvalidArgument, TuneserveError
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_CHARS = 4000  # status details travel in trailers; keep them well under their size limit
-# Probes (Docker HEALTHCHECK, Kubernetes) must work without the secret. Reflection is not open: a stranger
-# learns nothing, and grpcurl sends the token with -H 'authorization: Bearer ...'.
-OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
@@ -40,49 +36,12 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        return _rebuild(
+        return rebuild(
             handler,
             lambda b: _guard_unary(b, method),
             lambda b: _guard_stream(b, method),
             _lenient(handler.request_deserializer),
         )
-
-
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Every RPC but health (reflection included) needs `authorization: Bearer <token>`."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_METHOD_PREFIXES):
-            return handler
-        problem = self._check(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
-        if problem is None:
-            return handler
-
-        def reject(_request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-
-        return _rebuild(handler, lambda _b: reject, lambda _b: reject)
-
-    def _check(self, header: Any) -> str | None:
-        if not header:
-            return (
-                "missing `authorization: Bearer <token>` metadata; this server requires the token set in "
-                "its TUNESERVE_AUTH_TOKEN"
-            )
-        scheme, _, token = str(header).partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return "the authorization metadata must be `Bearer <token>`"
-        if not hmac.compare_digest(token.strip().encode(), self._token):
-            return "the bearer token is not valid for this server"
-        return None
 
 
 class _Undecodable:
@@ -155,7 +114,7 @@ def _abort_internal(context: grpc.ServicerContext, method: str) -> None:
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (id {error_id}); the server log has the details")
 
 
-def _rebuild(
+def rebuild(
     handler: grpc.RpcMethodHandler,
     wrap_unary_response: Callable[[Behavior], Behavior],
     wrap_stream_response: Callable[[Behavior], Behavior],

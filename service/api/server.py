@@ -14,9 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.access.tokens_file import ClientDirectory
+from service.api.auth import AuthInterceptor
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-from service.api.interceptors import AuthInterceptor, ErrorInterceptor
+from service.api.interceptors import ErrorInterceptor
 from service.api.servicer import FineTuningServicer, InferenceServicer
 from service.jobs.manager import JobManager
 from service.packaging.backend import ServingBackend
@@ -84,13 +86,16 @@ class TuneserveServer:
 
 
 def build_server(
-    settings: Settings, jobs: JobManager, serving: ServingBackend | None = None
+    settings: Settings,
+    jobs: JobManager,
+    serving: ServingBackend | None = None,
+    clients: ClientDirectory | None = None,
 ) -> TuneserveServer:
-    """Create, bind and start the server on settings.host:settings.port."""
-    interceptors: list[grpc.ServerInterceptor] = []
-    if settings.auth_token is not None:
-        interceptors.append(AuthInterceptor(settings.auth_token.get_secret_value()))
-    interceptors.append(ErrorInterceptor())  # inside auth: a rejected call never reaches a servicer
+    """Create, bind and start the server on settings.host:settings.port. `clients`: who may call (default:
+    from settings; None there means no authentication)."""
+    clients = clients or client_directory(settings)
+    # auth first: a rejected call never reaches a servicer; errors inside it map to their statuses
+    interceptors: list[grpc.ServerInterceptor] = [AuthInterceptor(clients), ErrorInterceptor()]
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -126,6 +131,15 @@ def build_server(
         "TLS" if settings.tls_cert else "plaintext",
     )
     return running
+
+
+def client_directory(settings: Settings) -> ClientDirectory | None:
+    """The clients settings name (the shared token, the tokens file), or None when neither is set.
+    A tokens file that cannot be used raises TokensFileError naming it."""
+    token = settings.auth_token.get_secret_value() if settings.auth_token is not None else None
+    if not token and settings.auth_tokens_file is None:
+        return None
+    return ClientDirectory(token or None, settings.auth_tokens_file)
 
 
 def _credentials(settings: Settings) -> grpc.ServerCredentials:

@@ -1,56 +1,54 @@
 """The gRPC servicers: each RPC translates its request, calls the domain, translates the answer.
 
-Errors are raised as domain errors and mapped to statuses by service.api.interceptors.
+Errors are raised as domain errors and mapped to statuses by service.api.interceptors. The caller is the
+client service.api.auth put on the context; the domain decides what that client may see.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 
 from service.api import convert
+from service.api.auth import caller
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-from service.errors import FailedPrecondition
 from service.jobs.manager import JobManager
+from service.jobs.serving_access import ClientServing, require_serving
 from service.packaging.backend import ServingBackend
 from service.settings import Settings
 
 # A layer table is built for real where the meta device cannot be used: bound the head it allocates.
 MAX_DESCRIBED_CLASSES = 100_000
-SERVING_DISABLED = (
-    "serving is disabled (TUNESERVE_TORCHSERVE_ENABLED=false); enable it and restart the service"
-)
 
 
 class FineTuningServicer(pb_grpc.FineTuningServicer):
     def __init__(self, settings: Settings, jobs: JobManager, serving: ServingBackend | None = None) -> None:
         self.settings = settings
         self.jobs = jobs
-        self.serving = serving
+        self.serving = ClientServing(serving, jobs)
 
     def CreateJob(self, request: pb.CreateJobRequest, context: grpc.ServicerContext) -> pb.Job:
         spec = convert.spec_from_proto(request.spec)
-        return convert.job_to_proto(self.jobs.create(spec, request.idempotency_key or None))
+        return convert.job_to_proto(self.jobs.create(spec, caller(context), request.idempotency_key or None))
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return convert.job_to_proto(self.jobs.get(request.job_id))
+        return convert.job_to_proto(self.jobs.get(request.job_id, caller(context)))
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
         states = convert.states_from_proto(request.states)
-        jobs, token = self.jobs.list(states, request.page_size, request.page_token)
+        jobs, token = self.jobs.list(states, request.page_size, request.page_token, caller(context))
         return convert.list_jobs_to_proto(jobs, token)
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return convert.job_to_proto(self.jobs.cancel(request.job_id))
+        return convert.job_to_proto(self.jobs.cancel(request.job_id, caller(context)))
 
     def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[pb.JobEvent]:
         gone = threading.Event()
         context.add_callback(gone.set)  # the client went away (or the call ended): stop waiting
-        for event, state in self.jobs.watch(request.job_id, request.after_seq, gone):
+        for event, state in self.jobs.watch(request.job_id, request.after_seq, gone, caller(context)):
             yield convert.event_to_proto(event, state)
 
     def ListModels(
@@ -76,31 +74,30 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
         return convert.description_to_proto(description)
 
     def ServeJob(self, request: pb.ServeJobRequest, context: grpc.ServicerContext) -> pb.ServedModel:
-        return convert.served_model_to_proto(self._serving().serve_job(request.job_id))
+        return convert.served_model_to_proto(self.serving.serve_job(request.job_id, caller(context)))
 
     def UnserveModel(
         self, request: pb.UnserveModelRequest, context: grpc.ServicerContext
     ) -> pb.UnserveModelResponse:
-        self._serving().unserve(request.name, request.version or None)
+        self.serving.backend().unserve(request.name, request.version or None)
         return pb.UnserveModelResponse()
 
     def SetDefaultVersion(
         self, request: pb.SetDefaultVersionRequest, context: grpc.ServicerContext
     ) -> pb.ServedModel:
-        return convert.served_model_to_proto(self._serving().set_default(request.name, request.version))
+        served = self.serving.backend().set_default(request.name, request.version)
+        return convert.served_model_to_proto(served)
 
     def ListServedModels(
         self, request: pb.ListServedModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListServedModelsResponse:
-        return convert.served_models_to_proto(self._serving().list_served())
+        return convert.served_models_to_proto(self.serving.list_served(caller(context)))
 
     def ExportModel(
         self, request: pb.ExportModelRequest, context: grpc.ServicerContext
     ) -> pb.ExportModelResponse:
-        return convert.exported_to_proto(self._serving().export(convert.export_from_proto(request)))
-
-    def _serving(self) -> ServingBackend:
-        return require_serving(self.serving)
+        exported = self.serving.export(convert.export_from_proto(request), caller(context))
+        return convert.exported_to_proto(exported)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -112,9 +109,3 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             request.model, request.version or None, list(request.images), request.top_k or None
         )
         return convert.predict_to_proto(result)
-
-
-def require_serving(serving: Any) -> ServingBackend:
-    if serving is None:
-        raise FailedPrecondition(SERVING_DISABLED)
-    return serving  # type: ignore[no-any-return]

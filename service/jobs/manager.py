@@ -1,6 +1,8 @@
 """The jobs side of the API, in domain terms: create (admit, then queue), read, list, cancel, watch.
 
-The gRPC servicer translates to and from these calls and holds no logic of its own.
+The gRPC servicer translates to and from these calls and holds no logic of its own. Every call names its
+caller (service.access.clients.Client): a job belongs to the client that created it, and a client that is
+not its owner nor an admin is told it does not exist, in the same words as a job that does not.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from service.access.clients import Client
 from service.devices import with_resolved_gpus
-from service.errors import ResourceExhausted
+from service.errors import AlreadyExists, ResourceExhausted
 from service.jobs.store import JobStore
+from service.jobs.store_owners import OwnerLimits
+from service.jobs.store_rows import job_not_found
 from service.jobs.watch import FALLBACK_S, follow_events
 from service.records import EventKind, Job, JobEvent, JobState
 from service.settings import Settings
@@ -50,34 +55,55 @@ class JobManager:
         self._open_watches: set[threading.Event] = set()
         self._lock = threading.Lock()
 
-    def create(self, spec: JobSpec, idempotency_key: str | None = None) -> Job:
-        """Admit and queue a job; a repeated idempotency key returns its job without re-checking."""
+    def create(self, spec: JobSpec, caller: Client, idempotency_key: str | None = None) -> Job:
+        """Admit and queue a job for `caller`; a repeated idempotency key returns its job without
+        re-checking (another client's key is refused without naming its job)."""
         # first: the stored spec records the resolved GPU count, and a repeated request must match it
         spec = with_resolved_gpus(spec, self.settings)
-        if idempotency_key and self.store.job_for_key(idempotency_key) is not None:
-            return self.store.create_job(spec, idempotency_key)  # the same job, or AlreadyExists
+        if idempotency_key:
+            existing = self.store.job_for_key(idempotency_key)
+            if existing is not None:
+                if not caller.sees(existing.owner):
+                    raise AlreadyExists(
+                        f"idempotency_key {idempotency_key[:40]!r} is already taken; use a new key (a UUID "
+                        "works well)"
+                    )
+                return self.store.create_job(spec, idempotency_key)  # the same job, or AlreadyExists
         admitted = self._admit(spec, self.settings)
         job = self.store.create_job(
-            spec, idempotency_key, max_queued=self.settings.max_queued_jobs, notes=_admission_notes(admitted)
+            spec,
+            idempotency_key,
+            max_queued=self.settings.max_queued_jobs,
+            notes=_admission_notes(admitted),
+            owner=_owner(caller),
         )
         self._wake()
         return job
 
-    def get(self, job_id: str) -> Job:
-        return self.store.get_job(job_id)
+    def get(self, job_id: str, caller: Client) -> Job:
+        job = self.store.get_job(job_id)
+        if not caller.sees(job.owner):
+            raise job_not_found(job_id)
+        return job
 
-    def list(self, states: Iterable[JobState], page_size: int, page_token: str) -> tuple[list[Job], str]:
-        return self.store.list_jobs(states, page_size, page_token)
+    def list(
+        self, states: Iterable[JobState], page_size: int, page_token: str, caller: Client
+    ) -> tuple[list[Job], str]:
+        """The caller's jobs (an admin's: everyone's), newest first."""
+        owner = None if caller.is_admin else caller.name
+        return self.store.list_jobs(states, page_size, page_token, owner=owner)
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, caller: Client) -> Job:
+        self.get(job_id, caller)
         job = self.store.request_cancel(job_id)
         self._wake()
         return job
 
     def watch(
-        self, job_id: str, after_seq: int, stop: threading.Event
+        self, job_id: str, after_seq: int, stop: threading.Event, caller: Client
     ) -> Iterator[tuple[JobEvent, JobState]]:
         """Events after `after_seq` until the job ends, the watcher leaves (`stop` is set) or close()."""
+        self.get(job_id, caller)
         with self._watch_slot(stop):
             yield from follow_events(
                 self.store, job_id, after_seq, stop=stop, fallback_s=self._watch_fallback_s
@@ -110,6 +136,13 @@ class JobManager:
             with self._lock:
                 self._open_watches.discard(stop)
             self._watchers.release()
+
+
+def _owner(caller: Client) -> OwnerLimits | None:
+    """What a new job records as its owner, with that client's limits (None: no authentication)."""
+    if not caller.name:
+        return None
+    return OwnerLimits(caller.name, caller.max_queued, caller.max_running)
 
 
 def _admission_notes(admitted: Any) -> list[tuple[EventKind, str, dict[str, Any]]]:

@@ -38,6 +38,7 @@ from service.jobs.store_codec import (
 from service.jobs.store_db import Conn, Database
 from service.jobs.store_leases import Holders
 from service.jobs.store_open import open_database
+from service.jobs.store_owners import OwnerLimits, check_owner_limits
 from service.jobs.store_rows import fetch_row, insert_event, placeholders, update_row
 from service.jobs.store_states import ALLOWED_TRANSITIONS
 from service.records import EventKind, Job, JobEvent, JobResult, JobState
@@ -75,9 +76,10 @@ class JobStore(Holders):
         *,
         max_queued: int | None = None,
         notes: Iterable[tuple[EventKind, str, dict[str, Any]]] = (),
+        owner: OwnerLimits | None = None,
     ) -> Job:
         """Queue a job with its first STATE event and `notes` (more events); the same key and spec return
-        the existing job, untouched."""
+        the existing job, untouched. `owner`: the creating client, whose own limits hold too."""
         key = _check_key(idempotency_key)
         spec_json = json.dumps(spec.to_dict(), sort_keys=True)
         now = time.time()
@@ -103,12 +105,14 @@ class JobStore(Holders):
                         f"{max_queued} jobs are already queued (TUNESERVE_MAX_QUEUED_JOBS); wait for some to "
                         "start or cancel queued ones, then retry"
                     )
+            if owner is not None:
+                check_owner_limits(db, owner)
             job_id = new_job_id()
             db.run(
-                "INSERT INTO jobs (id, name, state, spec, created_at, updated_at, idempotency_key)"
-                " VALUES (:id, :name, :state, :spec, :now, :now, :key)",
+                "INSERT INTO jobs (id, name, state, spec, created_at, updated_at, idempotency_key, owner)"
+                " VALUES (:id, :name, :state, :spec, :now, :now, :key, :owner)",
                 {"id": job_id, "name": spec.name, "state": JobState.QUEUED.value, "spec": spec_json}
-                | {"now": now, "key": key},
+                | {"now": now, "key": key, "owner": owner.owner if owner is not None else None},
             )
             insert_event(db, job_id, EventKind.STATE, "job queued", {"state": JobState.QUEUED}, now)
             for kind, message, data in notes:
@@ -128,9 +132,15 @@ class JobStore(Holders):
         return None if row is None else job_from_row(row)
 
     def list_jobs(
-        self, states: Iterable[JobState] = (), page_size: int = 0, page_token: str = ""
+        self,
+        states: Iterable[JobState] = (),
+        page_size: int = 0,
+        page_token: str = "",
+        *,
+        owner: str | None = None,
     ) -> tuple[list[Job], str]:
-        """A page of jobs, newest first, and the token of the next page ("" at the end)."""
+        """A page of jobs, newest first, and the token of the next page ("" at the end); with `owner`,
+        only that client's."""
         if page_size < 0:
             raise InvalidArgument(f"page_size {page_size} is negative; use 1..{MAX_PAGE_SIZE}, or 0 for 50")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -141,6 +151,9 @@ class JobStore(Holders):
             names, values = placeholders("s", wanted)
             where += f" AND state IN ({names})"
             params |= values
+        if owner is not None:
+            where += " AND owner = :owner"
+            params["owner"] = owner
         with self.db.read() as db:
             page = db.all(
                 f"SELECT * FROM jobs WHERE {where} ORDER BY num DESC LIMIT :n", params | {"n": size + 1}

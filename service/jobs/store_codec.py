@@ -32,6 +32,7 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         idempotency_key=row["idempotency_key"],
         cancel_requested=bool(row["cancel_requested"]),
         result=result_from_json(json.loads(row["result"])),
+        owner=row["owner"],
     )
 
 

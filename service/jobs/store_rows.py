@@ -20,8 +20,14 @@ def fetch_row(db: Conn, job_id: str, *, lock: bool = False) -> Row:
     is what keeps a job's event numbers gapless and unique across replicas)."""
     row = db.one(f"SELECT * FROM jobs WHERE id = :id{db.lock_rows if lock else ''}", {"id": job_id})
     if row is None:
-        raise NotFound(f"job {job_id!r} does not exist; ListJobs shows the jobs there are")
+        raise job_not_found(job_id)
     return row
+
+
+def job_not_found(job_id: str) -> NotFound:
+    """The one answer for a job that does not exist, and (service.jobs.manager) for another client's job:
+    the same words, so the answer tells nothing about someone else's jobs."""
+    return NotFound(f"job {job_id!r} does not exist; ListJobs shows the jobs there are")
 
 
 def update_row(db: Conn, job_id: str, sets: dict[str, Any]) -> None:
