@@ -26,8 +26,11 @@ format: setup
 	$(VENV)/bin/ruff check --fix service handlers tests bench scripts
 
 # The default suite: everything CI runs, slow end-to-end tests included.
+# Two pytest workers: most tests wait on real processes (TorchServe's JVM, torchrun ranks, PostgreSQL),
+# so two share a 2-core machine well; a file stays on one worker (its module fixtures start once).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Quick inner loop while developing: no slow tests.
 test-fast: setup

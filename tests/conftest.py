@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,17 @@ def _pil_bomb_limit_restored() -> Any:
     limit = Image.MAX_IMAGE_PIXELS
     yield
     Image.MAX_IMAGE_PIXELS = limit
+
+
+@pytest.fixture(autouse=True)
+def _sys_path_restored() -> Any:
+    """The handler's initialize() puts its archive's folder first on sys.path (right in TorchServe's
+    worker); tests that run it in-process must not leave it there: a spawned child inherits sys.path and
+    would import the archive's partial `service` package (a test after them then fails, depending on
+    which tests shared its process)."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 # ------------------------------------------------------------------------------------------ serving
