@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # Re-runs the install only when the dependencies or the contract change (idempotent).
 $(STAMP): pyproject.toml scripts/install.sh scripts/gen_protos.py $(shell find proto -name "*.proto")
-	scripts/install.sh $(VENV) test,lint
+	scripts/install.sh $(VENV) test,lint,bench
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -3,6 +3,7 @@
   python -m bench.run_all [--quick] [--only NAME ...] [--no-torchserve]
 
 --quick: small sizes (seconds each; what CI-like runs use). --only: run just these (repeatable).
+`lightning_compare` needs the `bench` extra (Lightning); without it, it reports itself skipped.
 --no-torchserve: skip what needs TorchServe (and Java): `serving`, and the serving half of
 `job_latency` / `peak_memory`. `job_latency` and `peak_memory` read the same service run when both
 are selected. A benchmark that fails prints {"benchmark": NAME, "error": ...} and the others go on;
@@ -33,6 +34,7 @@ NAMES = (
     "peak_memory",
     "ddp",
     "ddp_cache",
+    "lightning_compare",
 )
 
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory": lambda: memory.run(torchserve=torchserve, quick=args.quick, shared=service_run()),
         "ddp": lambda: ddp.run(ddp.QUICK if args.quick else ddp.FULL),
         "ddp_cache": lambda: ddp_cache.run(ddp_cache.QUICK if args.quick else ddp_cache.FULL),
+        "lightning_compare": lambda: _lightning_compare(args.quick),
     }
     failed = False
     for name in NAMES:
@@ -91,6 +94,19 @@ def _serving(quick: bool, torchserve: bool) -> dict[str, Any]:
     from bench import serving
 
     return serving.run(quick=quick)
+
+
+def _lightning_compare(quick: bool) -> dict[str, Any]:
+    import importlib.util
+
+    if importlib.util.find_spec("lightning") is None:  # a bench-only dependency
+        return {
+            "benchmark": "lightning_compare",
+            "skipped": "lightning is not installed (pip install -e .[bench])",
+        }
+    from bench import lightning_compare
+
+    return lightning_compare.run(lightning_compare.QUICK if quick else lightning_compare.FULL)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from imagefolders import one_thread
 
-from bench import cache_speed, control_plane, ddp, loop_speed, reporting, run_all
+from bench import cache_speed, control_plane, ddp, lightning_compare, loop_speed, reporting, run_all
 from bench.common import emit
 
 
@@ -95,3 +98,79 @@ def test_run_all_refuses_an_unknown_benchmark_name(capsys: pytest.CaptureFixture
         run_all.main(["--only", "warp_speed"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'warp_speed'" in capsys.readouterr().err
+
+
+def _needs_lightning() -> None:
+    """Lightning is a bench-only dependency: a missing one skips here, and fails under CI (make setup
+    installs the `bench` extra)."""
+    if importlib.util.find_spec("lightning") is None:
+        if os.environ.get("CI"):
+            pytest.fail("lightning is not installed: `make setup` installs the bench extra")
+        pytest.skip("lightning is not installed (pip install -e .[bench])")
+
+
+def test_the_lightning_comparison_splits_the_digits_the_same_way_each_time(tmp_path: Path) -> None:
+    size = lightning_compare.Size(digits=50, image_size=16, batch_size=4, epochs=1, head_epochs=1)
+    counts = lightning_compare.write_digit_split(tmp_path / "a", size)
+    again = lightning_compare.write_digit_split(tmp_path / "b", size)
+    assert counts == again and sum(counts) == 50 and counts[1] >= 10  # 1 in 5 of each class held out
+
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*.png")}
+
+    assert files(tmp_path / "a") == files(tmp_path / "b")
+    classes = {p.name for p in (tmp_path / "a" / "val").iterdir()}
+    assert classes == {p.name for p in (tmp_path / "a" / "train").iterdir()}  # every class on both sides
+
+
+@pytest.mark.slow  # importing Lightning alone takes seconds
+def test_the_lightning_side_keeps_frozen_batchnorm_in_eval_mode_as_tuneserve_does() -> None:
+    _needs_lightning()
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bench.lightning_finetune import Classifier, FreezePrefix
+
+    modes: list[bool] = []
+
+    class Recording(Classifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            modes.append(self.model[1].training)  # the frozen BatchNorm
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    statistics, frozen, head = model[1].running_mean.clone(), model[0].weight.clone(), model[3].weight.clone()
+    data = TensorDataset(torch.randn(16, 3, 8, 8) + 3.0, torch.randint(0, 2, (16,)))
+    trainer = L.Trainer(
+        max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, enable_checkpointing=False, callbacks=[FreezePrefix("1")],
+    )  # fmt: skip
+    trainer.fit(
+        Recording(model, "adamw", 1e-2), DataLoader(data, batch_size=4), DataLoader(data, batch_size=4)
+    )
+    assert modes and not any(modes)  # eval in every step, the second epoch (after validation) too
+    assert torch.equal(model[1].running_mean, statistics) and torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[3].weight, head)
+
+
+@pytest.mark.slow
+def test_the_lightning_comparison_reports_both_sides_of_both_cases(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _needs_lightning()
+    lightning_compare.main(["--quick"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "lightning_compare" and result["model"] == lightning_compare.ARCHITECTURE
+    for case, cached in (("full", False), ("head_only", True)):
+        figures = result[case]
+        for key in ("tuneserve_s", "lightning_s", "ratio", "ratio_without_imports"):
+            assert _positive(figures[key]), (case, key, figures)
+        assert figures["goal"] == lightning_compare.GOALS[case]
+        for side in ("tuneserve", "lightning"):
+            assert 0.0 <= figures[f"{side}_val_accuracy"] <= 1.0, figures
+        assert set(figures["tuneserve_parts_s"]) == {"to_first_step", "training"}
+        assert set(figures["lightning_parts_s"]) == {"start_and_imports", "build", "fit"}
+        assert figures["feature_cache"] is cached, (case, figures)  # the head-only job used the cache
