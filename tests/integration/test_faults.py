@@ -282,32 +282,32 @@ def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
     service = new_service(services, tmp_path, TUNESERVE_REPORT_HEARTBEAT_S="0.1", TUNESERVE_REPORT_LOST_S="0")
     service.start()
     with service.client() as client:
-        running = client.CreateJob(pb.CreateJobRequest(spec=fault_spec("running")))
+        busy = client.CreateJob(pb.CreateJobRequest(spec=fault_spec("running")))
         queued = client.CreateJob(pb.CreateJobRequest(spec=fault_spec("queued")))
     store = service.store()
-    wait_checkpoint(store, running.id, 1)
-    worker = store.worker_pid(running.id)
+    wait_checkpoint(store, busy.id, 1)
+    worker = store.worker_pid(busy.id)
     assert worker is not None
     service.kill()
     # The orphaned worker's next heartbeat fails and it stops at its next batch, mid-epoch 2: nothing of
     # epoch 2 is recorded and last.pt still holds epoch 1. Its last words reach only its log: the
     # service that would record them is gone.
     wait_for(lambda: not running(worker), 60, "the orphaned worker to stop")
-    worker_log = (service.state_dir / "jobs" / running.id / "worker.log").read_text()
+    worker_log = (service.state_dir / "jobs" / busy.id / "worker.log").read_text()
     assert "training stopped (draining); the last checkpoint is kept" in worker_log
-    assert [e.data["epoch"] for e in events(store, running.id, EventKind.EPOCH)] == [1]
-    assert load_checkpoint(checkpoints_of(service, running.id) / "last.pt")["epoch"] == 1
+    assert [e.data["epoch"] for e in events(store, busy.id, EventKind.EPOCH)] == [1]
+    assert load_checkpoint(checkpoints_of(service, busy.id) / "last.pt")["epoch"] == 1
     assert store.get_job(queued.id).state == JobState.QUEUED
 
     service.start()
-    finished = [wait_final(store, job.id) for job in (running, queued)]
+    finished = [wait_final(store, job.id) for job in (busy, queued)]
     with service.client() as client:
         listed = [j.id for j in client.ListJobs(pb.ListJobsRequest()).jobs]
-    assert sorted(listed) == sorted([running.id, queued.id])  # none lost, none duplicated
+    assert sorted(listed) == sorted([busy.id, queued.id])  # none lost, none duplicated
     for job in finished:
         assert_like_reference(service, job, reference)
-    assert [e.data["epoch"] for e in events(store, running.id, EventKind.EPOCH)] == [1, 2, 3]
-    assert any(e.message.startswith("resumed from") for e in events(store, running.id, EventKind.INFO))
+    assert [e.data["epoch"] for e in events(store, busy.id, EventKind.EPOCH)] == [1, 2, 3]
+    assert any(e.message.startswith("resumed from") for e in events(store, busy.id, EventKind.INFO))
     store.close()
     record(
         "fault", "kill -9 of the service mid-epoch (2 jobs: running, queued)", 1,
