@@ -37,6 +37,8 @@ def job_table(
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str | Text]] = [("name", job.spec.name), ("state", state_text(job.state))]
+    if job.owner:  # "" without authentication; an admin sees whose job it is
+        rows.append(("owner", job.owner))
     if job.error:
         rows.append(("error", Text(job.error, style="red")))
     if job.cancel_requested and job.state not in (pb.CANCELLED, pb.FAILED, pb.SUCCEEDED):

@@ -320,6 +320,10 @@ def test_the_cli_with_a_clients_token_lists_only_its_jobs(service: Service, chan
     assert mine in result.output and theirs not in result.output
     shown = cli_for(service, TOKENS["alice"])("show", theirs)
     assert shown.exit_code == 3 and "does not exist" in shown.stderr  # NOT_FOUND's exit code
+    own = cli_for(service, TOKENS["alice"])("show", mine)
+    assert own.exit_code == 0 and "owner" in own.output and "alice" in own.output
+    by_admin = cli_for(service, TOKENS["root"])("show", theirs)
+    assert by_admin.exit_code == 0 and "owner" in by_admin.output and "bob" in by_admin.output
     record(
         "auth",
         "`tuneserve jobs` / `show` with a client's token",
