@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 from service.errors import FailedPrecondition, InvalidArgument
 from service.packaging.kserve_manifests import write_manifests
 from service.packaging.model_store import ModelStore
+from service.packaging.ts_config import JOB_QUEUE_SIZE, NETTY_THREADS
 from service.records import Job, JobState
 from service.serving_types import Archive, Exported, ExportRequest
 
@@ -189,6 +190,9 @@ def render_config(archive: Archive, request: ExportRequest, batching: Batching) 
         "disable_token_authorization": str(not request.token_auth).lower(),
         "enable_model_api": "false",  # nothing registers models at run time: the snapshot does
         "install_py_dep_per_model": "false",
+        "job_queue_size": JOB_QUEUE_SIZE,  # the service's TorchServe settings: the same server serves alike
+        "number_of_netty_threads": NETTY_THREADS,
+        "netty_client_threads": NETTY_THREADS,
         "default_response_timeout": RESPONSE_TIMEOUT_S,
         "max_request_size": MAX_MESSAGE_BYTES,
         "max_response_size": MAX_MESSAGE_BYTES,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from service.settings import Settings
 
 JOB_QUEUE_SIZE = 100
+# Netty's request threads: TorchServe's default is one per visible core (2 here), which 32 concurrent
+# clients queue behind; the service and an exported folder use the same number, so they serve alike.
+NETTY_THREADS = 4
 DEFAULT_RESPONSE_TIMEOUT_S = 120
 
 
@@ -72,8 +75,8 @@ def render_config(settings: Settings) -> str:
         "max_request_size": settings.max_message_bytes,
         "max_response_size": settings.max_message_bytes,
         "install_py_dep_per_model": "false",
-        "number_of_netty_threads": 4,
-        "netty_client_threads": 4,
+        "number_of_netty_threads": NETTY_THREADS,
+        "netty_client_threads": NETTY_THREADS,
     }
     body = "\n".join(f"{key}={str(value).replace(chr(92), chr(92) * 2)}" for key, value in lines.items())
     return (

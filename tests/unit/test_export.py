@@ -66,6 +66,9 @@ def test_the_folder_is_kserves_torchserve_layout_with_a_snapshot_that_loads_the_
     assert (config["metrics_address"], config["metrics_mode"]) == ("http://0.0.0.0:8082", "prometheus")
     assert config["disable_token_authorization"] == "false"
     assert config["model_store"] == "/mnt/models/model-store"
+    # the service's own TorchServe settings, so the exported folder serves as fast (bench/serving.py)
+    assert (config["number_of_netty_threads"], config["netty_client_threads"]) == ("4", "4")
+    assert config["job_queue_size"] == "100"
     snapshot = json.loads(config["model_snapshot"])
     assert snapshot["modelCount"] == 1
     assert snapshot["models"] == {
