@@ -36,7 +36,7 @@ from PIL import Image
 
 from bench.common import emit, free_ports, ratio
 from bench.gpu_data import digits
-from bench.service_run import _wait_healthy
+from bench.service_run import wait_healthy, wait_spares
 from service.jobs.local_launcher import SPARE_LOG
 
 NAME = "lightning_compare"
@@ -89,7 +89,7 @@ def run(
                 epochs = size.head_epochs if until_layer else size.epochs
                 ours = tuneserve_job(jobs, pb, size, until_layer, epochs, timeout_s)
                 # the job's hand-over started the next spare: its imports must not run while Lightning's do
-                _wait_spares(root / "state" / SPARE_LOG, wanted=done + 1, timeout_s=timeout_s)
+                wait_spares(root / "state" / SPARE_LOG, wanted=done + 1, timeout_s=timeout_s)
                 theirs = lightning_script(root, size, until_layer, epochs, case, timeout_s)
                 out[case] = {"epochs": epochs, **compare(ours, theirs, GOALS[case])}
     return out
@@ -156,8 +156,8 @@ def running_service(root: Path, timeout_s: float) -> Iterator[tuple[Any, Any]]:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
-            _wait_healthy(channel, timeout_s)
-            _wait_spares(root / "state" / SPARE_LOG, wanted=1, timeout_s=timeout_s)
+            wait_healthy(channel, timeout_s)
+            wait_spares(root / "state" / SPARE_LOG, wanted=1, timeout_s=timeout_s)
             yield pb_grpc.FineTuningStub(channel), pb
     except BaseException:
         log.flush()
@@ -216,17 +216,6 @@ def tuneserve_job(
             to_first_step=marks["first_step"] - submitted, training=marks["checkpoint"] - marks["first_step"]
         ),
     }
-
-
-def _wait_spares(spare_log: Path, wanted: int, timeout_s: float) -> None:
-    """Until `wanted` spare workers in all have said they are ready (the log keeps every spare's line)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = spare_log.read_text(errors="replace") if spare_log.is_file() else ""
-        if text.count("spare worker ready") >= wanted:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"fewer than {wanted} spare workers were ready after {timeout_s} s (see {spare_log})")
 
 
 # ---------------------------------------------------------------- Lightning: the plain script

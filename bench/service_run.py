@@ -83,11 +83,11 @@ def run_job(
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 grpc.channel_ready_future(channel).result(timeout=timeout_s)
-                _wait_healthy(channel, timeout_s)
+                wait_healthy(channel, timeout_s)
                 ready = time.time()
                 if env.get("TUNESERVE_WARM_WORKERS", "1") != "0":
                     # steady state: a service up for a while has its spare ready before a job comes
-                    _wait_spare_ready(root / "state" / SPARE_LOG, timeout_s)
+                    wait_spares(root / "state" / SPARE_LOG, wanted=1, timeout_s=timeout_s)
                 spare_ready = time.time()
                 latency = _one_job(pb, pb_grpc.FineTuningStub(channel), pb_grpc.InferenceStub(channel),
                                    torchserve, epochs, timeout_s)  # fmt: skip
@@ -110,16 +110,18 @@ def run_job(
         return ServiceRun(latency, sampler.peaks_mib(), sampler.counts())
 
 
-def _wait_spare_ready(spare_log: Path, timeout_s: float) -> None:
+def wait_spares(spare_log: Path, wanted: int, timeout_s: float) -> None:
+    """Until `wanted` spare workers in all have said they are ready (the log keeps every spare's line)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if spare_log.is_file() and "spare worker ready" in spare_log.read_text(errors="replace"):
+        text = spare_log.read_text(errors="replace") if spare_log.is_file() else ""
+        if text.count("spare worker ready") >= wanted:
             return
         time.sleep(0.1)
-    raise TimeoutError(f"no spare worker was ready after {timeout_s} s (see {spare_log})")
+    raise TimeoutError(f"fewer than {wanted} spare workers were ready after {timeout_s} s (see {spare_log})")
 
 
-def _wait_healthy(channel: Any, timeout_s: float) -> None:
+def wait_healthy(channel: Any, timeout_s: float) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     health = health_pb2_grpc.HealthStub(channel)
