@@ -24,7 +24,7 @@ from service.api.server import (
     client_directory,
 )
 from service.errors import FailedPrecondition
-from service.jobs.intake import Intake
+from service.jobs.intake import intake_for
 from service.jobs.launcher import Launcher
 from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.manager import JobManager
@@ -96,7 +96,7 @@ def start_service(
     for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
     store = JobStore(target)
-    intake = Intake(store)
+    intake = intake_for(store, settings)
     reporting = start_reporting_server(settings, intake)  # first: a taken port leaves nothing running
     backend = None
     if serving is None and settings.torchserve_enabled:
