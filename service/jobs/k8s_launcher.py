@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 EXIT_CRASHED = 3  # the TrainJob failed (or vanished) and the worker reported nothing: retried
 NOT_FOUND = 404
+CONFLICT = 409
+TAKEOVER_DELETE_S = 60.0  # beyond cancel_grace_s: a leftover TrainJob's pods terminating
 LEFTOVER_POLL_S = 1.0
 MESSAGE_LIMIT = 1000  # an API server message that echoes a whole object is cut (after the redaction)
 
@@ -80,16 +82,7 @@ class KubernetesLauncher:
         token = env.get(REPORT_TOKEN_ENV, "")
         body = trainjob(job, self.settings, env)
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        created = self._call(
-            f"create TrainJob {namespace}/{name}",
-            token,
-            self._objects.create_namespaced_custom_object,
-            TRAINER_GROUP,
-            TRAINER_VERSION,
-            namespace,
-            TRAINJOB_PLURAL,
-            body,
-        )
+        created = self._create_trainjob(namespace, name, token, body)
         # the Secret after the TrainJob: its owner reference needs the TrainJob's uid (a pod that starts
         # before its Secret exists waits for it: the kubelet retries)
         try:
@@ -106,6 +99,33 @@ class KubernetesLauncher:
             raise
         log.info("job %s: created TrainJob %s/%s", job.id, namespace, name)
         return WorkerHandle(job.id, f"{namespace}/{name}")
+
+    def _create_trainjob(self, namespace: str, name: str, token: str, body: Mapping[str, Any]) -> Any:
+        """Create the attempt's TrainJob. One of that name already there was left by a replica that lost
+        the job (its lease ran out, and the attempt it counted was refunded at the re-queue) or by this
+        service before a restart: no one runs it any more, so it is deleted and the create retried."""
+        create = self._objects.create_namespaced_custom_object
+        deadline = time.monotonic() + self.settings.cancel_grace_s + TAKEOVER_DELETE_S
+        told = False
+        while True:
+            try:
+                return create(TRAINER_GROUP, TRAINER_VERSION, namespace, TRAINJOB_PLURAL, body)
+            except Exception as exc:
+                if _status(exc) != CONFLICT or time.monotonic() > deadline:
+                    what = f"create TrainJob {namespace}/{name}"
+                    raise LaunchError(
+                        f"the Kubernetes API would not {what}: {describe(exc, token)}"
+                    ) from None
+            if not told:
+                log.warning(
+                    "TrainJob %s/%s exists already (left by a replica that lost the job, or before a "
+                    "restart); deleting it to start this attempt anew",
+                    namespace,
+                    name,
+                )
+                self._delete(namespace, name)
+                told = True
+            time.sleep(LEFTOVER_POLL_S)  # foreground deletion: its pods go first
 
     def poll(self, handle: WorkerHandle) -> WorkerExit | None:
         namespace, name = split_ref(handle.ref)
