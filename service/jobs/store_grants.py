@@ -65,6 +65,7 @@ class SharedGrants:
         self._issued: dict[str, str] = {}  # job id -> the token hash this replica issued for it
         self._seen: dict[str, _Seen] = {}  # token hash -> this replica's last call of that worker
         self._failed_at: float | None = None  # time.monotonic() of the last read or write that failed
+        self._looked_at: float | None = None  # ... of the scheduler's last silence reading
         self._lock = threading.Lock()
 
     def forget_predecessor(self) -> int:
@@ -120,10 +121,16 @@ class SharedGrants:
         if row is None:
             return 0.0
         silent = max(0.0, time.time() - float(row["last_seen"]))
+        now = time.monotonic()
         with self._lock:
+            # the scheduler asks every tick: a gap means this replica could not read (the database was
+            # away, or it stalled), and heartbeats may not have been written meanwhile either
+            if self._looked_at is not None and now - self._looked_at > self.touch_s:
+                self._failed_at = now
+            self._looked_at = now
             failed_at = self._failed_at
-        # heartbeats could not be written while the database was away: silence counts from its return
-        return silent if failed_at is None else min(silent, time.monotonic() - failed_at)
+        # silence that the database could not have recorded counts from its return, not before
+        return silent if failed_at is None else min(silent, now - failed_at)
 
     def has_called(self, job_id: str) -> bool:
         row = self._own_row(job_id)
@@ -239,7 +246,11 @@ class SharedGrants:
         digest = self._digest(job_id)
         if digest is None:
             return None
-        with self.store.db.read() as db:
-            return db.one(
-                "SELECT last_seen, called FROM report_grants WHERE token_sha256 = :h", {"h": digest}
-            )
+        try:
+            with self.store.db.read() as db:
+                return db.one(
+                    "SELECT last_seen, called FROM report_grants WHERE token_sha256 = :h", {"h": digest}
+                )
+        except Unavailable:
+            self._db_failed()
+            raise

@@ -1,0 +1,78 @@
+"""Grants in the store while PostgreSQL is down (a server of this test's own, tests/pg.py, stopped and
+started again): a worker checked lately keeps its heartbeat answered, anyone else is told to retry, and
+the outage does not count as the worker's silence afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from service.errors import Unavailable
+from service.jobs.intake import Intake
+from service.jobs.store import JobStore
+from service.jobs.store_grants import SharedGrants
+from tests.pg import PostgresServer, start_postgres
+from tests.store_backends import make_spec
+
+pytestmark = pytest.mark.timeout(120)
+T = TypeVar("T")
+
+
+def after_reconnect(read: Callable[[], T]) -> T:
+    """`read()` once the pool has replaced its connections the restart cut (the first use of each fails,
+    as the scheduler's next tick would find)."""
+    for _ in range(20):
+        with contextlib.suppress(Unavailable):
+            return read()
+        time.sleep(0.1)
+    return read()
+
+
+@pytest.fixture
+def server() -> Iterator[PostgresServer]:
+    made = start_postgres()
+    yield made
+    with contextlib.suppress(RuntimeError):
+        made.stop()
+    shutil.rmtree(made.root, ignore_errors=True)
+
+
+def test_a_worker_checked_lately_keeps_its_heartbeat_while_the_database_is_down(
+    server: PostgresServer,
+) -> None:
+    url = server.create_database("jobs")
+    stores = [JobStore(url), JobStore(url)]
+    try:
+        launcher = Intake(stores[0], SharedGrants(stores[0], "a", touch_s=1.0))
+        other = Intake(stores[1], SharedGrants(stores[1], "b", touch_s=1.0))
+        job_id = stores[0].create_job(make_spec("outage")).id
+        assert stores[0].claim_next("a", 600.0) is not None
+        token = launcher.issue(job_id)
+        assert other.heartbeat(token, job_id) is None  # checked against the database, remembered
+        stranger = launcher.issue(stores[0].create_job(make_spec("never-called")).id)
+        with stores[0].db.write() as db:  # the last heartbeat long ago: only the outage would explain it
+            db.run("UPDATE report_grants SET last_seen = last_seen - 1000")
+        assert launcher.silent_for(job_id) >= 1000.0  # the scheduler's tick, before the outage
+
+        server.stop()
+        assert other.heartbeat(token, job_id) is None  # from memory: it trains on
+        with pytest.raises(Unavailable, match="cannot be checked; retry"):
+            other.heartbeat(stranger, "whichever")  # never checked here: no answer to give
+        with pytest.raises(Unavailable):
+            launcher.silent_for(job_id)  # the scheduler's tick fails, and tries again
+        server.start()
+
+        # the database could not take heartbeats meanwhile (nor the scheduler read them: no tick got this
+        # far): silence counts from its return
+        assert after_reconnect(lambda: launcher.silent_for(job_id)) < 60.0
+        assert other.heartbeat(token, job_id) is None
+        after_reconnect(lambda: other.heartbeat(token, job_id))  # written again (lost in the outage)
+        assert launcher.silent_for(job_id) < 5.0
+    finally:
+        for store in stores:
+            store.close()
