@@ -7,7 +7,9 @@ validated. Unset fields are dropped (empty strings included), so the spec's docu
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,55 @@ def _drop_empty(value: Any) -> Any:
 
 
 def job_to_proto(job: Job) -> pb.Job:
+    return pb.Job.FromString(_JOB_MESSAGES.of(job).job)
+
+
+def list_jobs_to_proto(jobs: Sequence[Job], next_page_token: str) -> pb.ListJobsResponse:
+    # Serialized messages concatenate into their merge, and a merge appends repeated fields: the page is
+    # its jobs' cached one-job responses plus the token, parsed once in C (4x quicker than 50 adds).
+    parts = [_JOB_MESSAGES.of(job).listed for job in jobs]
+    parts.append(pb.ListJobsResponse(next_page_token=next_page_token).SerializeToString())
+    return pb.ListJobsResponse.FromString(b"".join(parts))
+
+
+@dataclass(frozen=True)
+class _Serialized:
+    job: bytes  # a pb.Job
+    listed: bytes  # a pb.ListJobsResponse holding that job alone
+
+
+class _JobMessages:
+    """Each Job's message, serialized once per Job object.
+
+    The store hands out one immutable Job per version of a job's row (service.jobs.store_codec.JobVersions),
+    so a job read again unchanged is the same object and its bytes are reused, while any write yields a new
+    object, which misses. An entry keeps its Job alive, so its id() cannot be another object's while cached.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._messages: dict[int, tuple[Job, _Serialized]] = {}
+        self._lock = threading.Lock()  # lookups run without it: a dict read is atomic in CPython
+
+    def of(self, job: Job) -> _Serialized:
+        entry = self._messages.get(id(job))
+        if entry is not None and entry[0] is job:
+            return entry[1]
+        message = _build_job(job)
+        data = _Serialized(
+            message.SerializeToString(), pb.ListJobsResponse(jobs=[message]).SerializeToString()
+        )
+        with self._lock:
+            self._messages[id(job)] = (job, data)
+            while len(self._messages) > self._size:
+                del self._messages[next(iter(self._messages))]  # insertion order: the oldest
+        return data
+
+
+_JOB_MESSAGES = _JobMessages(size=4096)
+
+
+def _build_job(job: Job) -> pb.Job:
     return pb.Job(
         id=job.id,
         spec=spec_to_proto(job.spec),
@@ -161,10 +212,6 @@ def event_to_proto(event: JobEvent, state: JobState) -> pb.JobEvent:
         data=data,
         state=pb.JobState.Value(state),
     )
-
-
-def list_jobs_to_proto(jobs: Sequence[Job], next_page_token: str) -> pb.ListJobsResponse:
-    return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=next_page_token)
 
 
 def models_to_proto(models: Iterable[Any]) -> pb.ListModelsResponse:
