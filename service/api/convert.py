@@ -7,9 +7,7 @@ validated. Unset fields are dropped (empty strings included), so the spec's docu
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from pydantic import ValidationError
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.api.job_messages import JobMessages
 from service.errors import InvalidArgument
 from service.records import Job, JobEvent, JobResult, JobState
 from service.serving_types import Exported, ExportRequest
@@ -122,44 +121,8 @@ def list_jobs_to_proto(jobs: Sequence[Job], next_page_token: str) -> pb.ListJobs
     return pb.ListJobsResponse.FromString(b"".join(parts))
 
 
-@dataclass(frozen=True)
-class _Serialized:
-    job: bytes  # a pb.Job
-    listed: bytes  # a pb.ListJobsResponse holding that job alone
-
-
-class _JobMessages:
-    """Each Job's message, serialized once per Job object.
-
-    The store hands out one immutable Job per version of a job's row (service.jobs.store_codec.JobVersions),
-    so a job read again unchanged is the same object and its bytes are reused, while any write yields a new
-    object, which misses. An entry keeps its Job alive, so its id() cannot be another object's while cached.
-    """
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._messages: dict[int, tuple[Job, _Serialized]] = {}
-        self._lock = threading.Lock()  # lookups run without it: a dict read is atomic in CPython
-
-    def of(self, job: Job) -> _Serialized:
-        entry = self._messages.get(id(job))
-        if entry is not None and entry[0] is job:
-            return entry[1]
-        message = _build_job(job)
-        data = _Serialized(
-            message.SerializeToString(), pb.ListJobsResponse(jobs=[message]).SerializeToString()
-        )
-        with self._lock:
-            self._messages[id(job)] = (job, data)
-            while len(self._messages) > self._size:
-                del self._messages[next(iter(self._messages))]  # insertion order: the oldest
-        return data
-
-
-_JOB_MESSAGES = _JobMessages(size=4096)
-
-
-def _build_job(job: Job) -> pb.Job:
+def build_job(job: Job) -> pb.Job:
+    """A job's message, built field by field (job_to_proto reuses it once built)."""
     return pb.Job(
         id=job.id,
         spec=spec_to_proto(job.spec),
@@ -175,6 +138,9 @@ def _build_job(job: Job) -> pb.Job:
         result=result_to_proto(job.result),
         owner=job.owner or "",
     )
+
+
+_JOB_MESSAGES = JobMessages(build_job)
 
 
 def spec_to_proto(spec: JobSpec) -> pb.JobSpec:

@@ -26,7 +26,7 @@ class JobVersions:
 
     Decoding a row (result JSON, the Job itself) was most of a ListJobs page in-process (0.5 of 0.7 ms for
     50). A write changes at least one column, so a changed job is a new key and never an old answer; and
-    the object's identity stands for its version, which service.api.convert caches its message by.
+    the object's identity stands for its version, which service.api.job_messages caches messages by.
     """
 
     def __init__(self, size: int = JOB_CACHE) -> None:
