@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     warm_workers: int = Field(
         1, ge=0, le=1, description="1: keep a spare worker with torch imported ready for the next job; 0: off"
     )
+    worker_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="workers run this much nicer than the service: on CPUs they share, the API's calls "
+        "come first and training takes what they leave; 0: the same priority",
+    )
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
     # Several replicas on one PostgreSQL: each claims jobs with a lease it renews every lease_s / 3; a job

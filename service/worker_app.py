@@ -26,15 +26,14 @@ import time
 from service.api.report_client import GrpcReporter, ReadyChannel
 from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
 from service.jobs.spare_worker import Assignment
-from service.jobs.worker import run_job
 from service.settings import Settings
-from service.training.distributed import Ranks
 
 log = logging.getLogger("service.worker_app")
 
 EXIT_USAGE = 2
 EXIT_SPARE_UNFIT = 3  # a spare that touched CUDA before its assignment: it takes no job
 PR_SET_PDEATHSIG = 1
+NICE_ENV = "TUNESERVE_WORKER_NICE"  # settings.worker_nice, as worker_env spells it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         "--spare-delay", type=float, default=0.0, help="a spare: seconds to wait before importing"
     )
     args = parser.parse_args(argv)
+    lower_priority()  # first: a spare's imports are CPU taken from the service's API too
     logging.basicConfig(
         level=os.environ.get("TUNESERVE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s [worker %(process)d] %(message)s",
@@ -59,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         assignment, ready = waited
         args.job_id = assignment.job_id
         timings["sent_at"] = assignment.sent_at
+    # torch comes with these: imported here, not at the top, so that a spare waiting out its delay has not
+    # imported it yet (the CPU is the job just started's, see wait_for_assignment)
+    from service.jobs.worker import run_job
+    from service.training.distributed import Ranks
+
     # its own process group, so a stop reaches its data-loader children too (already so when the
     # launcher started it with start_new_session: setsid then fails, harmlessly)
     with contextlib.suppress(OSError):
@@ -96,6 +101,20 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(settings, reporter, ranks)
     finally:
         reporter.close()
+
+
+def lower_priority() -> None:
+    """Run settings.worker_nice nicer than the service that started this worker: where they share CPUs,
+    an API call is answered first and training takes the CPU left (unchanged on an idle machine). Read
+    from the environment before Settings: a spare imports torch long before its job's settings come."""
+    raw = os.environ.get(NICE_ENV, "")
+    try:
+        increment = int(raw) if raw else int(Settings.model_fields["worker_nice"].default)
+    except ValueError:
+        log.warning("%s=%r is not a whole number; the worker keeps the service's priority", NICE_ENV, raw)
+        return
+    if increment > 0:
+        os.nice(increment)
 
 
 def wait_for_assignment(

@@ -71,7 +71,8 @@ def admit(spec: JobSpec, settings: Settings) -> AdmittedJob:
 
 def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetInfo | None]:
     from service.training.data_root import resolve_under_root
-    from service.training.scan import scan_dataset, scan_manifest, split_stratified
+    from service.training.scan import scan_manifest, split_stratified
+    from service.training.scan_cache import SCANS
 
     data, root, pixels, task = spec.data, settings.data_root, settings.max_image_pixels, task_for(spec.task)
     if task.reads_manifest:
@@ -80,7 +81,7 @@ def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetI
             info = scan_manifest(data.manifest, root, max_image_pixels=pixels)
     else:
         with _field("data.path"):
-            info = scan_dataset(Path(data.path), root, task=spec.task, max_image_pixels=pixels)
+            info = SCANS.scan_dataset(Path(data.path), root, task=spec.task, max_image_pixels=pixels)
     if not data.val_path:
         with _field("data.val_fraction"):
             split_stratified(info.samples, data.val_fraction, spec.training.seed)
@@ -90,7 +91,7 @@ def _scan_data(spec: JobSpec, settings: Settings) -> tuple[DatasetInfo, DatasetI
         if task.reads_manifest:
             val_info = scan_manifest(data.val_path, root, max_image_pixels=pixels)
         else:
-            val_info = scan_dataset(Path(data.val_path), root, task=spec.task, max_image_pixels=pixels)
+            val_info = SCANS.scan_dataset(Path(data.val_path), root, task=spec.task, max_image_pixels=pixels)
         task.check_val_classes(info.class_names, val_info.class_names)
     return info, val_info
 
