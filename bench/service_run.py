@@ -93,7 +93,11 @@ def run_job(
                                    torchserve, epochs, timeout_s)  # fmt: skip
                 latency["service_start_to_ready_s"] = round(ready - started, 3)
                 latency["ready_to_spare_ready_s"] = round(spare_ready - ready, 3)
-                latency |= parts(latency.pop("_marks"), worker_timings(root / "state" / "jobs"))
+                marks = latency.pop("_marks")
+                latency |= parts(marks, worker_timings(root / "state" / "jobs"))
+                if "packaged" in marks and "gated" in marks:
+                    logs = root / "state" / "torchserve" / "logs"
+                    latency["register_parts_s"] = register_parts(logs, marks["packaged"], "bench")
         except BaseException:
             log.flush()
             sys.stderr.write((root / "service.log").read_text(errors="replace")[-3000:])
@@ -229,6 +233,58 @@ def parts(marks: dict[str, float], worker: dict[str, Any]) -> dict[str, Any]:
             first_answer=marks["answer"] - marks["served"],
         )
     return out
+
+
+TS_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d),(\d{3}) ")
+REGISTER_CALL = re.compile(r'"POST /models\?url=[^"]*model_name=(?P<model>[^&"]+)[^"]*" 200 (?P<ms>\d+)')
+
+
+def register_parts(logs: Path, packaged: float, model: str) -> dict[str, float]:
+    """The register part, split by TorchServe's own logs (ts_log.log, model_log.log, access_log.log):
+    request (PACKAGED -> the register call reaches TorchServe: the worker's exit, the gate images),
+    unpack (-> the version is added: the .mar unzipped), worker_process (-> the Python worker says it
+    started: interpreter, TorchServe's modules, torch), handler (the LOAD command -> our handler's
+    `loaded` line: its imports, the network built, the weights), reply (-> the registration answered).
+    Empty when a log line is missing (a TorchServe that logs otherwise)."""
+    try:
+        ts_log = (logs / "ts_log.log").read_text(errors="replace").splitlines()
+        access = (logs / "access_log.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    call = next((m for line in access if (m := REGISTER_CALL.search(line)) and m["model"] == model), None)
+    if call is None:
+        return {}
+    at = {
+        "answered": _ts_time(next((line for line in access if call.group(0) in line), "")),
+        "added": _first(ts_log, f"updateModel: {model},"),
+        "started": _first(ts_log, "Torch worker started."),
+        "load": _first(ts_log, "Flushing req.cmd LOAD"),
+        "loaded": _first(ts_log, "MODEL_LOG - loaded "),
+    }
+    known = {name: value for name, value in at.items() if value is not None}
+    if len(known) < len(at):
+        return {}
+    arrived = known["answered"] - int(call["ms"]) / 1000
+    return _rounded(
+        request=arrived - packaged,
+        unpack=known["added"] - arrived,
+        worker_process=known["started"] - known["added"],
+        connect=known["load"] - known["started"],
+        handler=known["loaded"] - known["load"],
+        reply=known["answered"] - known["loaded"],
+    )
+
+
+def _first(lines: list[str], text: str) -> float | None:
+    return next((_ts_time(line) for line in lines if text in line), None)
+
+
+def _ts_time(line: str) -> float | None:
+    """A TorchServe log line's time (log4j's local time, millisecond) as a Unix time."""
+    match = TS_TIME.match(line)
+    if match is None:
+        return None
+    return time.mktime(time.strptime(match[1], "%Y-%m-%dT%H:%M:%S")) + int(match[2]) / 1000
 
 
 def _rounded(**seconds: float) -> dict[str, float]:
