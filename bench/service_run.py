@@ -27,7 +27,15 @@ from typing import Any
 from bench.common import free_ports, make_image_folder, png_bytes
 from service.jobs.local_launcher import SPARE_LOG
 
-ROLES = ("service", "worker", "torchserve_frontend", "torchserve_worker")
+ROLES = (
+    "service",
+    "worker",
+    "torchserve_frontend",
+    "torchserve_worker",
+    "torchserve_zygote",
+    "torchserve_launcher",
+)
+ZYGOTE = "service.packaging.ts_zygote"  # warm TorchServe workers are forked from it (its command line)
 WORKER_TIMINGS = re.compile(r"worker timings (\{.*\})")
 
 
@@ -346,7 +354,12 @@ class MemorySampler(threading.Thread):
             if pid == self.service_pid:
                 found[pid] = "service"
             elif "model_service_worker" in command and self._descends_from_java(pid, parents, commands):
-                found[pid] = "torchserve_worker"
+                # a cold worker, or the launcher of a warm one (a few MiB, waiting on the forked worker)
+                found[pid] = "torchserve_launcher" if "/worker-python " in command else "torchserve_worker"
+            elif ZYGOTE in command and self.marker in command:
+                # the zygote's forked children carry its command line: they are TorchServe's workers
+                forked = ZYGOTE in commands.get(parents.get(pid, 0), "")
+                found[pid] = "torchserve_worker" if forked else "torchserve_zygote"
             elif command.startswith("java") and self.marker in command:
                 found[pid] = "torchserve_frontend"
             elif parents.get(pid) == self.service_pid and "python" in command:

@@ -22,8 +22,8 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torchvision

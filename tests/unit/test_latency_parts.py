@@ -45,15 +45,16 @@ def test_the_time_to_the_first_answer_is_package_register_gate_promote_and_answe
     assert math.isclose(sum(served.values()), MARKS["answer"] - MARKS["training_end"])
 
 
+# TorchServe's lines, shortened (the thread and class columns) to what register_parts reads
 TS_LOG = """\
-2026-12-02T21:33:35,345 [DEBUG] epollEventLoopGroup-3-3 org.pytorch.serve.wlm.ModelManager - updateModel: bench, count: 1
+2026-12-02T21:33:35,345 [DEBUG] epollEventLoopGroup-3-3 ModelManager - updateModel: bench, count: 1
 2026-12-02T21:33:37,368 [INFO ] W-9000-bench_1-stdout MODEL_LOG - Torch worker started.
-2026-12-02T21:33:37,386 [DEBUG] W-9000-bench_1 org.pytorch.serve.wlm.WorkerThread - Flushing req.cmd LOAD repeats 1 to backend at: 1796247217386
-2026-12-02T21:33:41,191 [INFO ] W-9000-bench_1-stdout MODEL_LOG - loaded mobilenet_v3_small (multiclass, 2 classes) on cpu in 3.8 s
+2026-12-02T21:33:37,386 [DEBUG] W-9000-bench_1 WorkerThread - Flushing req.cmd LOAD repeats 1 to backend
+2026-12-02T21:33:41,191 [INFO ] W-9000-bench_1-stdout MODEL_LOG - loaded mobilenet_v3_small on cpu in 3.8 s
 """
 ACCESS_LOG = """\
 2026-12-02T21:33:34,339 - /127.0.0.1:48662 "GET /ping HTTP/1.1" 200 5
-2026-12-02T21:33:41,194 - /127.0.0.1:47636 "POST /models?url=bench-v1.mar&model_name=bench&batch_size=1&synchronous=true HTTP/1.1" 200 6169
+2026-12-02T21:33:41,194 - /127.0.0.1:47636 "POST /models?url=bench-v1.mar&model_name=bench HTTP/1.1" 200 6169
 """
 
 
