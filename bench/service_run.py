@@ -244,7 +244,7 @@ def parts(marks: dict[str, float], worker: dict[str, Any]) -> dict[str, Any]:
 
 
 TS_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d),(\d{3}) ")
-REGISTER_CALL = re.compile(r'"POST /models\?url=[^"]*model_name=(?P<model>[^&"]+)[^"]*" 200 (?P<ms>\d+)')
+REGISTER_CALL = re.compile(r'"POST /models\?url=[^"]*model_name=(?P<model>[^&" ]+)[^"]*" 200 (?P<ms>\d+)')
 
 
 def register_parts(logs: Path, packaged: float, model: str) -> dict[str, float]:
