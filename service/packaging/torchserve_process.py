@@ -6,7 +6,10 @@ never share a file:
   key_file.json       written by TorchServe into its working directory (this folder), mode 0600
   tmp/                TEMP/TMPDIR: TorchServe's pid file `.model_server.pid`, unpacked archives
                       (`models/<uuid>`), worker sockets `.ts.sock.<port>`
-  logs/               LOG_LOCATION/METRICS_LOCATION: ts_log.log, model_log.log, metrics; stdout.log
+  logs/               LOG_LOCATION/METRICS_LOCATION: ts_log.log, model_log.log, metrics; stdout.log;
+                      zygote.log
+  worker-python       the warm-worker launcher TorchServe runs as its workers' Python, with
+                      tmp/zygote.sock (service.packaging.ts_warm; TUNESERVE_TORCHSERVE_WARM_WORKERS)
 
 TorchServe runs in the foreground in its own process group (`torchserve --foreground` waits on the
 JVM), so the launcher's exit is the JVM's death, and stopping the group ends the Python workers too.
@@ -34,6 +37,7 @@ from service.errors import FailedPrecondition, Unavailable
 from service.packaging.ts_config import inference_url, render_config
 from service.packaging.ts_keys import KeyRing, TorchServeKeys
 from service.packaging.ts_warm import WarmWorkers
+from service.packaging.ts_warm import possible as warm_possible
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +99,7 @@ class TorchServeProcess:
             self.paths.config.write_text(render_config(self.settings))
             env = self.environment()
             launch = [sys.executable, "-m", "ts.model_server"]
-            if self.settings.torchserve_warm_workers:
+            if self.settings.torchserve_warm_workers and warm_possible():
                 # the zygote imports while the JVM starts; workers started before it is ready go cold
                 self.warm.start(env)
                 launch = [sys.executable, "-m", "service.packaging.ts_start", str(self.warm.write_launcher())]
@@ -161,7 +165,7 @@ class TorchServeProcess:
     def keep_warm(self) -> None:
         """Start the warm-worker zygote again if it died (the watchdog calls this while TorchServe runs)."""
         with self._lock:
-            if self.settings.torchserve_warm_workers and self.is_running():
+            if self.settings.torchserve_warm_workers and warm_possible() and self.is_running():
                 self.warm.keep_alive()
 
     def java_pid(self, popen: subprocess.Popen[bytes] | None = None) -> int | None:

@@ -23,6 +23,12 @@ from service.packaging.ts_launcher import script
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
+SHEBANG_LIMIT = 250  # Linux reads at most 256 bytes of a script's "#!" line (BINPRM_BUF_SIZE)
+
+
+def possible() -> bool:
+    """Whether a launcher script can name this interpreter (a very long venv path cannot)."""
+    return len(f"#!{sys.executable} -IS") < SHEBANG_LIMIT
 
 
 class WarmWorkers:
