@@ -96,6 +96,11 @@ def run_job(
                 if env.get("TUNESERVE_WARM_WORKERS", "1") != "0":
                     # steady state: a service up for a while has its spare ready before a job comes
                     wait_spares(root / "state" / SPARE_LOG, wanted=1, timeout_s=timeout_s)
+                if torchserve and env.get("TUNESERVE_TORCHSERVE_WARM_WORKERS", "true") != "false":
+                    # likewise its TorchServe's warm-worker zygote (still importing, it would compete
+                    # for the CPU with the job, and the job's version would start cold)
+                    zygote_log = root / "state" / "torchserve" / "logs" / "zygote.log"
+                    wait_line(zygote_log, "zygote ready", timeout_s)
                 spare_ready = time.time()
                 latency = _one_job(pb, pb_grpc.FineTuningStub(channel), pb_grpc.InferenceStub(channel),
                                    torchserve, epochs, timeout_s)  # fmt: skip
@@ -131,6 +136,16 @@ def wait_spares(spare_log: Path, wanted: int, timeout_s: float) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"fewer than {wanted} spare workers were ready after {timeout_s} s (see {spare_log})")
+
+
+def wait_line(log: Path, text: str, timeout_s: float) -> None:
+    """Until `log` holds `text`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{log} did not say {text!r} within {timeout_s} s")
 
 
 def wait_healthy(channel: Any, timeout_s: float) -> None:
