@@ -6,7 +6,10 @@ line and this client's clock, with their parts (bench.service_run.parts): queue,
 first batch; package, register, gate, promote, first answer. The baselines in the same run: the
 training itself (training_s), so the figures read as the overhead around the work, and with --compare
 the same job with warm workers off (TUNESERVE_WARM_WORKERS=0: a worker spawned per job, as before the
-spare worker), as `cold` with the ratio warm / cold. With --no-torchserve only the first half is measured.
+spare worker), as `cold` with the ratio warm / cold; with --compare-torchserve the same job with
+TorchServe's workers started cold (TUNESERVE_TORCHSERVE_WARM_WORKERS=false: no zygote), as
+`torchserve_cold` with the ratio. `register_parts_s` splits the register part by TorchServe's logs.
+With --no-torchserve only the first half is measured.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ NAME = "job_latency"
 
 
 def run(
-    *, torchserve: bool, quick: bool, shared: ServiceRun | None = None, compare: bool = False
+    *,
+    torchserve: bool,
+    quick: bool,
+    shared: ServiceRun | None = None,
+    compare: bool = False,
+    compare_torchserve: bool = False,
 ) -> dict[str, Any]:
     size = {"epochs": 1 if quick else 3, "per_class": 8 if quick else 40}
     result = shared or run_job(torchserve=torchserve, **size)
@@ -36,6 +44,14 @@ def run(
             out["first_answer_warm_vs_cold"] = round(
                 ratio(out["training_end_to_first_answer_s"], cold["training_end_to_first_answer_s"]), 3
             )
+    if compare_torchserve and torchserve:
+        # the same job with TorchServe's workers started cold (a fresh Python each), in the same run
+        off = {"TUNESERVE_TORCHSERVE_WARM_WORKERS": "false"}
+        cold_ts = run_job(torchserve=True, extra_env=off, **size).latency
+        out["torchserve_cold"] = summary(cold_ts, torchserve)
+        out["first_answer_warm_vs_cold_torchserve"] = round(
+            ratio(out["training_end_to_first_answer_s"], cold_ts["training_end_to_first_answer_s"]), 3
+        )
     return out
 
 
@@ -54,8 +70,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compare", action="store_true", help="also run the job with warm workers off (the baseline)"
     )
+    parser.add_argument(
+        "--compare-torchserve",
+        action="store_true",
+        help="also run the job with TorchServe's warm workers off (TUNESERVE_TORCHSERVE_WARM_WORKERS=false)",
+    )
     args = parser.parse_args(argv)
-    emit(run(torchserve=not args.no_torchserve, quick=args.quick, compare=args.compare))
+    emit(
+        run(
+            torchserve=not args.no_torchserve,
+            quick=args.quick,
+            compare=args.compare,
+            compare_torchserve=args.compare_torchserve,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,15 @@ from typing import Any
 from bench.common import free_ports, make_image_folder, png_bytes
 from service.jobs.local_launcher import SPARE_LOG
 
-ROLES = ("service", "worker", "torchserve_frontend", "torchserve_worker")
+ROLES = (
+    "service",
+    "worker",
+    "torchserve_frontend",
+    "torchserve_worker",
+    "torchserve_zygote",
+    "torchserve_launcher",
+)
+ZYGOTE = "service.packaging.ts_zygote"  # warm TorchServe workers are forked from it (its command line)
 WORKER_TIMINGS = re.compile(r"worker timings (\{.*\})")
 
 
@@ -88,12 +96,21 @@ def run_job(
                 if env.get("TUNESERVE_WARM_WORKERS", "1") != "0":
                     # steady state: a service up for a while has its spare ready before a job comes
                     wait_spares(root / "state" / SPARE_LOG, wanted=1, timeout_s=timeout_s)
+                if torchserve and env.get("TUNESERVE_TORCHSERVE_WARM_WORKERS", "true") != "false":
+                    # likewise its TorchServe's warm-worker zygote (still importing, it would compete
+                    # for the CPU with the job, and the job's version would start cold)
+                    zygote_log = root / "state" / "torchserve" / "logs" / "zygote.log"
+                    wait_line(zygote_log, "zygote ready", timeout_s)
                 spare_ready = time.time()
                 latency = _one_job(pb, pb_grpc.FineTuningStub(channel), pb_grpc.InferenceStub(channel),
                                    torchserve, epochs, timeout_s)  # fmt: skip
                 latency["service_start_to_ready_s"] = round(ready - started, 3)
                 latency["ready_to_spare_ready_s"] = round(spare_ready - ready, 3)
-                latency |= parts(latency.pop("_marks"), worker_timings(root / "state" / "jobs"))
+                marks = latency.pop("_marks")
+                latency |= parts(marks, worker_timings(root / "state" / "jobs"))
+                if "packaged" in marks and "gated" in marks:
+                    logs = root / "state" / "torchserve" / "logs"
+                    latency["register_parts_s"] = register_parts(logs, marks["packaged"], "bench")
         except BaseException:
             log.flush()
             sys.stderr.write((root / "service.log").read_text(errors="replace")[-3000:])
@@ -119,6 +136,16 @@ def wait_spares(spare_log: Path, wanted: int, timeout_s: float) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"fewer than {wanted} spare workers were ready after {timeout_s} s (see {spare_log})")
+
+
+def wait_line(log: Path, text: str, timeout_s: float) -> None:
+    """Until `log` holds `text`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{log} did not say {text!r} within {timeout_s} s")
 
 
 def wait_healthy(channel: Any, timeout_s: float) -> None:
@@ -231,6 +258,58 @@ def parts(marks: dict[str, float], worker: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+TS_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d),(\d{3}) ")
+REGISTER_CALL = re.compile(r'"POST /models\?url=[^"]*model_name=(?P<model>[^&" ]+)[^"]*" 200 (?P<ms>\d+)')
+
+
+def register_parts(logs: Path, packaged: float, model: str) -> dict[str, float]:
+    """The register part, split by TorchServe's own logs (ts_log.log, model_log.log, access_log.log):
+    request (PACKAGED -> the register call reaches TorchServe: the worker's exit, the gate images),
+    unpack (-> the version is added: the .mar unzipped), worker_process (-> the Python worker says it
+    started: interpreter, TorchServe's modules, torch), handler (the LOAD command -> our handler's
+    `loaded` line: its imports, the network built, the weights), reply (-> the registration answered).
+    Empty when a log line is missing (a TorchServe that logs otherwise)."""
+    try:
+        ts_log = (logs / "ts_log.log").read_text(errors="replace").splitlines()
+        access = (logs / "access_log.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    call = next((m for line in access if (m := REGISTER_CALL.search(line)) and m["model"] == model), None)
+    if call is None:
+        return {}
+    at = {
+        "answered": _ts_time(next((line for line in access if call.group(0) in line), "")),
+        "added": _first(ts_log, f"updateModel: {model},"),
+        "started": _first(ts_log, "Torch worker started."),
+        "load": _first(ts_log, "Flushing req.cmd LOAD"),
+        "loaded": _first(ts_log, "MODEL_LOG - loaded "),
+    }
+    known = {name: value for name, value in at.items() if value is not None}
+    if len(known) < len(at):
+        return {}
+    arrived = known["answered"] - int(call["ms"]) / 1000
+    return _rounded(
+        request=arrived - packaged,
+        unpack=known["added"] - arrived,
+        worker_process=known["started"] - known["added"],
+        connect=known["load"] - known["started"],
+        handler=known["loaded"] - known["load"],
+        reply=known["answered"] - known["loaded"],
+    )
+
+
+def _first(lines: list[str], text: str) -> float | None:
+    return next((_ts_time(line) for line in lines if text in line), None)
+
+
+def _ts_time(line: str) -> float | None:
+    """A TorchServe log line's time (log4j's local time, millisecond) as a Unix time."""
+    match = TS_TIME.match(line)
+    if match is None:
+        return None
+    return time.mktime(time.strptime(match[1], "%Y-%m-%dT%H:%M:%S")) + int(match[2]) / 1000
+
+
 def _rounded(**seconds: float) -> dict[str, float]:
     return {name: round(value, 3) for name, value in seconds.items()}
 
@@ -290,7 +369,12 @@ class MemorySampler(threading.Thread):
             if pid == self.service_pid:
                 found[pid] = "service"
             elif "model_service_worker" in command and self._descends_from_java(pid, parents, commands):
-                found[pid] = "torchserve_worker"
+                # a cold worker, or the launcher of a warm one (a few MiB, waiting on the forked worker)
+                found[pid] = "torchserve_launcher" if "/worker-python " in command else "torchserve_worker"
+            elif ZYGOTE in command and self.marker in command:
+                # the zygote's forked children carry its command line: they are TorchServe's workers
+                forked = ZYGOTE in commands.get(parents.get(pid, 0), "")
+                found[pid] = "torchserve_worker" if forked else "torchserve_zygote"
             elif command.startswith("java") and self.marker in command:
                 found[pid] = "torchserve_frontend"
             elif parents.get(pid) == self.service_pid and "python" in command:

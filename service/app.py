@@ -9,6 +9,7 @@ TorchServe stops, the store closes.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,7 @@ def start_service(
         deployer=serving.deploy_job if serving is not None else None,
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
+    threading.Thread(target=_preload_admission, name="preload-admission", daemon=True).start()
     try:
         server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving, clients)
     except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
@@ -182,6 +184,18 @@ def jobs_probe(store: JobStore, scheduler: Scheduler) -> Callable[[], dict[str, 
         return dict.fromkeys(JOBS_NAMES, scheduling)
 
     return probe
+
+
+def _preload_admission() -> None:
+    """Import what admitting a job imports (timm among it: ~1 s on a 2-core CPU) now, not in the first
+    CreateJob. The serving backend used to import it by the way; since TorchServe's workers stopped
+    importing timm (service.training.registry imports it lazily) nothing did before the first job."""
+    try:
+        import service.training.layers
+        import service.training.registry
+        import service.training.weights  # noqa: F401
+    except Exception:  # the first CreateJob imports them again and reports what fails
+        log.exception("preloading the admission's modules failed")
 
 
 def run_service(settings: Settings | None = None) -> None:

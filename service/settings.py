@@ -169,6 +169,8 @@ class Settings(BaseSettings):
     torchserve_java_heap: str = Field("1g", pattern=r"^\d+[kmgKMG]$")
     torchserve_start_timeout_s: float = Field(180.0, gt=0)
     torchserve_token_auth: bool = True
+    # TorchServe's Python workers forked from a process with torch imported (service.packaging.ts_zygote)
+    torchserve_warm_workers: bool = True
 
     # Health: the job store's writability and the scheduler thread are probed this often
     health_interval_s: float = Field(2.0, gt=0)

@@ -212,5 +212,20 @@ def _set_parent_death_signal(sig: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
 
 
+def exit_now(code: int) -> None:
+    """Exit without tearing the interpreter down: with torch, torchvision and the training stack loaded,
+    Python's finalisation takes ~2 s on a 2-core CPU (1.85 s measured, 0.06 s this way), and the
+    service deploys a packaged job only once its worker has exited (service.jobs.exit_outcomes). What
+    an exit must do still runs: the atexit handlers (multiprocessing joins its children, logging
+    flushes), then stdio is flushed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # an exception still ends the process the usual way, with its traceback

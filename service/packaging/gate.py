@@ -78,22 +78,41 @@ class GateFailed(FailedPrecondition):
         self.result = result
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The checkpoint's own answers on the gate images: computed in-process, with no TorchServe, so a
+    deploy computes them while TorchServe is still loading the version (service.packaging.versions)."""
+
+    answers: tuple[Answer, ...]
+    names: tuple[str, ...]
+    top_k: int
+    decision: Decision
+
+
+def reference_answers(checkpoint: Path, images: Sequence[GateImage]) -> Reference:
+    """Build the checkpoint's classifier and answer every image, whole distributions (no top-k cut)."""
+    reference = ImageClassifier.from_checkpoint(load_checkpoint(checkpoint))
+    top_k = len(reference.config.class_names)
+    answers = tuple(reference.handle([{"data": image.data, "top_k": top_k}])[0] for image in images)
+    return Reference(answers, tuple(image.name for image in images), top_k, Decision.of(reference.config))
+
+
 def check_version(
     rest: RestClient,
     model_name: str,
     version: str,
-    checkpoint: Path,
+    checkpoint: Path | Reference,
     images: Sequence[GateImage],
     tolerance: float = CPU_TOLERANCE,
 ) -> GateResult:
-    """Compare TorchServe's answers for `version` with the checkpoint's own, on `images`."""
-    reference = ImageClassifier.from_checkpoint(load_checkpoint(checkpoint))
-    top_k = len(reference.config.class_names)  # compare whole distributions, not a top-k cut
-    expected = [reference.handle([{"data": image.data, "top_k": top_k}])[0] for image in images]
+    """Compare TorchServe's answers for `version` with the checkpoint's own (`checkpoint`: its file, or
+    its answers already computed by reference_answers on the same `images`), on `images`."""
+    reference = checkpoint if isinstance(checkpoint, Reference) else reference_answers(checkpoint, images)
+    if len(reference.answers) != len(images):
+        raise ValueError(f"the reference answers {len(reference.answers)} images, the gate has {len(images)}")
     path = f"/predictions/{urllib.parse.quote(model_name, safe='')}/{urllib.parse.quote(version, safe='')}"
-    got = [_predict_rest(rest, path, image.data, top_k) for image in images]
-    names = [image.name for image in images]
-    result = compare(expected, got, tolerance, names=names, decision=Decision.of(reference.config))
+    got = [_predict_rest(rest, path, image.data, reference.top_k) for image in images]
+    result = compare(reference.answers, got, tolerance, names=reference.names, decision=reference.decision)
     log.info("gate for %s version %s: %s", model_name, version, result)
     return result
 

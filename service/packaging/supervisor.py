@@ -78,6 +78,7 @@ class TorchServeSupervisor:
         while not self._stopping.wait(WATCH_INTERVAL_S * (1 + min(failures, 15))):
             if self.process.is_running():
                 failures = 0
+                self.process.keep_warm()
                 continue
             self._set_available(False)  # before the lock: predictions fail fast while we restart
             with self.lock:

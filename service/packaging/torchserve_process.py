@@ -6,7 +6,10 @@ never share a file:
   key_file.json       written by TorchServe into its working directory (this folder), mode 0600
   tmp/                TEMP/TMPDIR: TorchServe's pid file `.model_server.pid`, unpacked archives
                       (`models/<uuid>`), worker sockets `.ts.sock.<port>`
-  logs/               LOG_LOCATION/METRICS_LOCATION: ts_log.log, model_log.log, metrics; stdout.log
+  logs/               LOG_LOCATION/METRICS_LOCATION: ts_log.log, model_log.log, metrics; stdout.log;
+                      zygote.log
+  worker-python       the warm-worker launcher TorchServe runs as its workers' Python, with
+                      tmp/zygote.sock (service.packaging.ts_warm; TUNESERVE_TORCHSERVE_WARM_WORKERS)
 
 TorchServe runs in the foreground in its own process group (`torchserve --foreground` waits on the
 JVM), so the launcher's exit is the JVM's death, and stopping the group ends the Python workers too.
@@ -33,6 +36,8 @@ from service.devices import VISIBLE_DEVICES, visible_devices
 from service.errors import FailedPrecondition, Unavailable
 from service.packaging.ts_config import inference_url, render_config
 from service.packaging.ts_keys import KeyRing, TorchServeKeys
+from service.packaging.ts_warm import WarmWorkers
+from service.packaging.ts_warm import possible as warm_possible
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -81,6 +86,7 @@ class TorchServeProcess:
         self._popen: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()  # start / stop / restart
         self.keyring = KeyRing(settings, self.paths.key_file)
+        self.warm = WarmWorkers(self.paths.root, self.paths.tmp, self.paths.logs)
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -91,15 +97,20 @@ class TorchServeProcess:
                 return
             self._prepare_folders()
             self.paths.config.write_text(render_config(self.settings))
+            env = self.environment()
+            launch = [sys.executable, "-m", "ts.model_server"]
+            if self.settings.torchserve_warm_workers and warm_possible():
+                # the zygote imports while the JVM starts; workers started before it is ready go cold
+                self.warm.start(env)
+                launch = [sys.executable, "-m", "service.packaging.ts_start", str(self.warm.write_launcher())]
             command = [
-                sys.executable, "-m", "ts.model_server", "--start", "--foreground", "--ncs",
+                *launch, "--start", "--foreground", "--ncs",
                 "--ts-config", str(self.paths.config),
                 "--model-store", str(self.settings.model_store.resolve()),
                 "--enable-model-api",
             ]  # fmt: skip
             if not self.settings.torchserve_token_auth:
                 command.append("--disable-token-auth")
-            env = self.environment()
             with open(self.paths.stdout_log, "ab") as out:
                 self._popen = subprocess.Popen(
                     command, cwd=self.paths.root, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -139,6 +150,7 @@ class TorchServeProcess:
                 log.warning("TorchServe did not stop within %.0f s; killing it", STOP_GRACE_S)
             _kill_group(popen.pid)
             popen.wait()
+            self.warm.stop()
             self.keyring.forget()
             log.info("TorchServe stopped")
 
@@ -149,6 +161,12 @@ class TorchServeProcess:
 
     def is_running(self) -> bool:
         return self._popen is not None and self._popen.poll() is None
+
+    def keep_warm(self) -> None:
+        """Start the warm-worker zygote again if it died (the watchdog calls this while TorchServe runs)."""
+        with self._lock:
+            if self.settings.torchserve_warm_workers and warm_possible() and self.is_running():
+                self.warm.keep_alive()
 
     def java_pid(self, popen: subprocess.Popen[bytes] | None = None) -> int | None:
         """The JVM's pid from TorchServe's pid file, if it belongs to our process group."""

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import timm
 import torchvision
 from torch import nn
 from torchvision.transforms import InterpolationMode
@@ -108,6 +107,8 @@ def build_architecture(architecture: str, build_kwargs: Mapping[str, Any] | None
         return torchvision.models.get_model(
             architecture, weights=None, **families.fixed_build_kwargs(architecture), **kwargs
         )
+    import timm  # deferred: ~1 s of imports a TorchServe worker serving a torchvision model never needs
+
     return timm.create_model(architecture.removeprefix(registry.TIMM_PREFIX), pretrained=False, **kwargs)
 
 

@@ -23,9 +23,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-import timm
 import torchvision
 
 from service.errors import InvalidArgument
@@ -166,19 +166,30 @@ def _torchvision_weights(architecture: str) -> tuple[tuple[torchvision.models.We
     return tuple((member, member is enum.DEFAULT) for member in enum)  # type: ignore[attr-defined]
 
 
+def _timm() -> Any:
+    """timm, imported on first use: ~1 s that a process building only torchvision models (a TorchServe
+    worker, a job) never pays."""
+    import timm
+
+    return timm
+
+
 @functools.lru_cache(maxsize=1)
 def _timm_pretrained_names() -> tuple[str, ...]:
+    timm = _timm()
     # timm lists one entry per pretrained tag (resnet18.a1_in1k, resnet18.tv_in1k ...): one per architecture
     return tuple(sorted(dict.fromkeys(n.split(".")[0] for n in timm.list_models(pretrained=True))))
 
 
 @functools.lru_cache(maxsize=1)
 def _timm_all_names() -> frozenset[str]:
+    timm = _timm()
     return frozenset(timm.list_models())
 
 
 @functools.lru_cache(maxsize=1)
 def _timm_tagged_names() -> frozenset[str]:
+    timm = _timm()
     return frozenset(timm.list_models(pretrained=True))
 
 

@@ -29,7 +29,7 @@ from handlers.inference import ImageClassifier
 images = [base64.b64decode(i) for i in json.loads(sys.stdin.read())]
 answers = ImageClassifier.from_model_dir(__import__("pathlib").Path(model_dir)).handle(images)
 ours = {n: m.__file__ for n, m in sys.modules.items() if m and n.split(".")[0] in ("service", "handlers")}
-print(json.dumps({"answers": answers, "ours": ours}))
+print(json.dumps({"answers": answers, "ours": ours, "timm": "timm" in sys.modules}))
 """
 
 
@@ -62,3 +62,5 @@ def test_an_unpacked_archive_answers_with_its_own_code_and_no_service_dependency
     assert all(Path(f).is_relative_to(model_dir) for f in result["ours"].values()), result["ours"]
     checkpoint = ImageClassifier.from_checkpoint(torch.load(serving_checkpoint, weights_only=True))
     assert result["answers"] == checkpoint.handle(serving_images)  # bit-identical, through JSON
+    # a torchvision network never imports timm: about a second of a TorchServe worker's start
+    assert result["timm"] is False

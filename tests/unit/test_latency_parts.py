@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
 
-from bench.service_run import parts
+from bench.service_run import parts, register_parts
 
 MARKS = {
     "submitted": 100.0, "running": 100.2, "prepared": 101.5, "first_step": 101.9,
@@ -42,3 +43,40 @@ def test_the_time_to_the_first_answer_is_package_register_gate_promote_and_answe
     served = parts(MARKS, {})["served_parts_s"]
     assert served == {"package": 0.6, "register": 1.0, "gate": 0.4, "promote": 0.1, "first_answer": 0.2}
     assert math.isclose(sum(served.values()), MARKS["answer"] - MARKS["training_end"])
+
+
+# TorchServe's lines, shortened (the thread and class columns) to what register_parts reads
+TS_LOG = """\
+2026-12-02T21:33:35,345 [DEBUG] epollEventLoopGroup-3-3 ModelManager - updateModel: bench, count: 1
+2026-12-02T21:33:37,368 [INFO ] W-9000-bench_1-stdout MODEL_LOG - Torch worker started.
+2026-12-02T21:33:37,386 [DEBUG] W-9000-bench_1 WorkerThread - Flushing req.cmd LOAD repeats 1 to backend
+2026-12-02T21:33:41,191 [INFO ] W-9000-bench_1-stdout MODEL_LOG - loaded mobilenet_v3_small on cpu in 3.8 s
+"""
+ACCESS_LOG = """\
+2026-12-02T21:33:34,339 - /127.0.0.1:48662 "GET /ping HTTP/1.1" 200 5
+2026-12-02T21:33:41,194 - /127.0.0.1:47636 "POST /models?url=bench-v1.mar&model_name=bench HTTP/1.1" 200 6169
+"""
+
+
+def test_register_splits_by_torchserves_logs_into_parts_that_add_up(tmp_path) -> None:
+    (tmp_path / "ts_log.log").write_text(TS_LOG)
+    (tmp_path / "access_log.log").write_text(ACCESS_LOG)
+    answered = _local("2026-12-02T21:33:41") + 0.194
+    packaged = answered - 7.9
+    split = register_parts(tmp_path, packaged, "bench")
+    assert split == {
+        "request": 1.731, "unpack": 0.32, "worker_process": 2.023, "connect": 0.018, "handler": 3.805,
+        "reply": 0.003,
+    }  # fmt: skip
+    assert math.isclose(sum(split.values()), 7.9, abs_tol=0.002)
+    assert register_parts(tmp_path, packaged, "other") == {}  # no register call for that model
+
+
+def test_register_parts_are_empty_when_torchserve_logged_no_worker_start(tmp_path) -> None:
+    (tmp_path / "ts_log.log").write_text(TS_LOG.replace("Torch worker started.", "something else"))
+    (tmp_path / "access_log.log").write_text(ACCESS_LOG)
+    assert register_parts(tmp_path, 0.0, "bench") == {}
+
+
+def _local(text: str) -> float:
+    return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))

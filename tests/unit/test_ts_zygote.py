@@ -1,0 +1,118 @@
+"""The warm-worker launcher and zygote as real processes, without TorchServe: what a forked worker
+gets (command line, environment, folder, stdio, exit code, signals) is what a fresh Python would get.
+With TorchServe: tests/integration/test_warm_workers.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.packaging.ts_warm import WarmWorkers
+
+# Named like TorchServe's worker script: the launcher only sends that one to the zygote.
+WORKER = """
+import json, os, signal, sys, time
+if sys.argv[1] == "wait":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+    print("waiting", flush=True)
+    time.sleep(60)
+ours = sorted(n for n in sys.modules if n.split(".")[0] in ("service", "handlers"))
+print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "foo": os.environ.get("FOO"),
+                  "path": sys.path[:2], "torch": "torch" in sys.modules, "ours": ours, "pid": os.getpid()}))
+sys.exit(int(sys.argv[2]))
+"""
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmWorkers]:
+    root = tmp_path_factory.mktemp("torchserve")
+    (root / "tmp").mkdir()
+    (root / "logs").mkdir()
+    workers = WarmWorkers(root, root / "tmp", root / "logs")
+    workers.write_launcher()
+    workers.start(dict(os.environ))
+    deadline = time.monotonic() + 180
+    while not workers.is_warm() and time.monotonic() < deadline:
+        assert workers.is_running(), (root / "logs" / "zygote.log").read_text()
+        time.sleep(0.1)
+    yield workers
+    workers.stop()
+    assert not workers.socket.exists()
+
+
+@pytest.fixture()
+def worker_script(tmp_path: Path) -> Path:
+    path = tmp_path / "ts" / "model_service_worker.py"
+    path.parent.mkdir()
+    path.write_text(WORKER)
+    return path
+
+
+def test_a_forked_worker_gets_the_launchers_command_environment_folder_and_exit_code(
+    warm: WarmWorkers, worker_script: Path, tmp_path: Path
+):
+    extra = tmp_path / "extra"
+    env = {**os.environ, "FOO": "bar", "PYTHONPATH": str(extra)}
+    done = subprocess.run(
+        [str(warm.launcher), str(worker_script), "run", "3"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["argv"] == ["run", "3"]
+    assert (seen["cwd"], seen["foo"]) == (str(tmp_path), "bar")
+    assert seen["path"] == [str(worker_script.parent), str(extra)]  # as `python <script>` would have
+    assert seen["torch"] is True  # forked warm: torch was imported before the worker started
+    assert seen["ours"] == []  # an archive's handler imports its own copy of our modules
+
+
+def test_a_signal_to_the_launcher_reaches_the_worker(warm: WarmWorkers, worker_script: Path):
+    launcher = subprocess.Popen(
+        [str(warm.launcher), str(worker_script), "wait", "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert launcher.stdout is not None and launcher.stdout.readline().strip() == "waiting"
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 7  # the worker's own SIGTERM handler decided the exit
+
+
+def test_a_killed_launcher_takes_its_forked_worker_with_it(warm: WarmWorkers, worker_script: Path):
+    launcher = subprocess.Popen(
+        [str(warm.launcher), str(worker_script), "wait", "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert launcher.stdout is not None and launcher.stdout.readline().strip() == "waiting"
+    (worker,) = _zygote_children(warm)
+    launcher.kill()
+    launcher.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while worker in _zygote_children(warm) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker not in _zygote_children(warm)
+
+
+def test_without_a_zygote_the_launcher_runs_the_real_python(tmp_path: Path, worker_script: Path):
+    cold = WarmWorkers(tmp_path, tmp_path, tmp_path)  # never started: no socket to reach
+    launcher = cold.write_launcher()
+    done = subprocess.run(
+        [str(launcher), str(worker_script), "run", "5"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 5, done.stderr
+    assert json.loads(done.stdout)["torch"] is False  # a fresh interpreter
+    other = subprocess.run([str(launcher), "-c", "import sys; print(sys.executable)"], capture_output=True,
+                           text=True, timeout=60, check=True)  # fmt: skip
+    assert other.stdout.strip() == sys.executable  # anything but a worker is not the zygote's business
+
+
+def _zygote_children(warm: WarmWorkers) -> list[int]:
+    assert warm._popen is not None
+    out = subprocess.run(
+        ["ps", "-o", "pid=,stat=", "--ppid", str(warm._popen.pid)], capture_output=True, text=True
+    )
+    return [int(line.split()[0]) for line in out.stdout.splitlines() if "Z" not in line.split()[1]]
