@@ -72,8 +72,10 @@ class Settings(BaseSettings):
     warm_workers: int = Field(
         1, ge=0, le=1, description="1: keep a spare worker with torch imported ready for the next job; 0: off"
     )
+    # 0 by default: on a shared 2-core CPU its effect on the API's tail latency was within the noise, and
+    # a nicer training job loses CPU to anything else at normal priority
     worker_nice: int = Field(
-        10,
+        0,
         ge=0,
         le=19,
         description="workers run this much nicer than the service: on CPUs they share, the API's calls "
