@@ -73,8 +73,10 @@ class ScanCache:
         return info
 
     def clear(self) -> None:
+        """Forget every scan and the counts (a test starts from an empty cache in a shared process)."""
         with self._lock:
             self._entries.clear()
+            self.hits = self.misses = 0
 
 
 def _stamp(folder: Path) -> _Stamp | None:
