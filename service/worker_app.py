@@ -25,7 +25,7 @@ import time
 
 from service.api.report_client import GrpcReporter, ReadyChannel
 from service.jobs.launcher import REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV
-from service.jobs.spare_worker import Assignment
+from service.jobs.spare_worker import READY_BYTE, Assignment
 from service.settings import Settings
 
 log = logging.getLogger("service.worker_app")
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--spare-delay", type=float, default=0.0, help="a spare: seconds to wait before importing"
     )
+    parser.add_argument(
+        "--ready-fd", type=int, default=-1, help="a spare: a pipe to write one byte on once it is ready"
+    )
     args = parser.parse_args(argv)
     lower_priority()  # first: a spare's imports are CPU taken from the service's API too
     logging.basicConfig(
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {"process_started_at": _process_started_at()}
     ready: ReadyChannel | None = None  # a spare's channel to the reporting API, connected before its job
     if args.spare:
-        waited = wait_for_assignment(timings, args.spare_delay)
+        waited = wait_for_assignment(timings, args.spare_delay, args.ready_fd)
         if waited is None:
             return 0 if "cuda_untouched" in timings else EXIT_SPARE_UNFIT
         assignment, ready = waited
@@ -118,14 +121,15 @@ def lower_priority() -> None:
 
 
 def wait_for_assignment(
-    timings: dict[str, float], delay_s: float = 0.0
+    timings: dict[str, float], delay_s: float = 0.0, ready_fd: int = -1
 ) -> tuple[Assignment, ReadyChannel | None] | None:
     """A spare's life before its job: preload, check CUDA is untouched, connect to the reporting API when
-    its address is known, read the assignment from stdin, then become that job's worker (its environment,
-    its worker.log). None: no job will come (the launcher closed the pipe, the service is gone), or this
-    spare touched CUDA and must not take one."""
+    its address is known, say so on `ready_fd`, read the assignment from stdin, then become that job's
+    worker (its environment, its worker.log). None: no job will come (the launcher closed the pipe, the
+    service is gone), or this spare touched CUDA and must not take one."""
     _set_parent_death_signal(signal.SIGKILL)  # idle, it dies with the service
-    if delay_s > 0:  # leave the CPUs to the job just started, unless the next job is here already
+    if delay_s > 0:  # leave the CPUs to the job just started, unless a job waits already (any line: a
+        # nudge or the assignment itself, see service.jobs.spare_worker)
         select.select([sys.stdin], [], [], delay_s)
     preload()
     timings["imports_done_at"] = time.time()
@@ -138,8 +142,11 @@ def wait_for_assignment(
     timings["cuda_untouched"] = 1.0
     ready = connect_ahead()
     log.info("spare worker ready in %.1f s", timings["imports_done_at"] - timings["process_started_at"])
+    _say_ready(ready_fd)
     line = sys.stdin.buffer.readline()
-    if not line.strip():
+    while line and not line.strip():  # nudges: the job they announced comes next (or a cancel ate it)
+        line = sys.stdin.buffer.readline()
+    if not line:
         log.info("spare worker: no assignment came; exiting")
         return None
     assignment = Assignment.decode(line)
@@ -147,6 +154,17 @@ def wait_for_assignment(
     _set_parent_death_signal(0)  # a worker outlives its service like a cold one (stop_leftover finds it)
     _become_worker(assignment)
     return assignment, ready
+
+
+def _say_ready(fd: int) -> None:
+    """One byte on the launcher's pipe: a job handed over now starts at once. Closed after, so that the
+    job's children (data loaders) do not hold it."""
+    if fd < 0:
+        return
+    with contextlib.suppress(OSError):  # the launcher is gone or stopped listening: it changes nothing here
+        os.write(fd, READY_BYTE)
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def connect_ahead() -> ReadyChannel | None:

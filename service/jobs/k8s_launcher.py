@@ -189,6 +189,9 @@ class KubernetesLauncher:
     def placement(self, devices: tuple[int, ...]) -> str:
         return f"Kubernetes (namespace {self.settings.k8s_namespace})"
 
+    def worth_waiting(self, job: Job, env: Mapping[str, str]) -> bool:
+        return False  # no warm pod is kept: the TrainJob is created at once
+
     def first_call(self) -> FirstCall | None:
         # a TrainJob's pods may wait for GPUs long before its workers run and call
         return FirstCall(

@@ -98,6 +98,11 @@ class Launcher(Protocol):
     def placement(self, devices: tuple[int, ...]) -> str:
         """Where a worker given `devices` runs, for people ("GPU 0,1", "the CPU", a namespace)."""
 
+    def worth_waiting(self, job: Job, env: Mapping[str, str]) -> bool:
+        """True: `job`'s worker would start sooner if the scheduler left the job QUEUED for now (a warm
+        worker for it is on its way); the scheduler asks again soon. The launcher bounds how long it
+        answers True. False wherever waiting gains nothing: nothing warm is coming (cold starts, pods)."""
+
     def first_call(self) -> FirstCall | None:
         """A longer wait for a worker's first call than for any later silence; None: no longer
         (settings.worker_silence_s from the start)."""

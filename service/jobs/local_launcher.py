@@ -8,7 +8,9 @@ With settings.warm_workers (default 1) the launcher keeps a spare worker ready (
 `start` hands the job to it instead of spawning, and starts the next spare. The handed-over process is the
 job's worker in every respect above (its pid names its own group, it appends to worker.log). A job starts
 cold when there is no fitting spare: warm workers off, a custom worker command or argv (tests, torchrun),
-a spare that died, or an environment other than the one the spare was started with.
+a spare that died, or an environment other than the one the spare was started with. While the spare
+is still importing, `worth_waiting` asks the scheduler to leave the job queued (and tells the spare to
+skip its delay) rather than hand it over: a cancel meanwhile then costs no launch, and the spare stays.
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ SPARE_LOG = "spare-worker.log"  # in the state folder: what spares print before 
 # the next spare waits this long before importing: the CPUs are the new job's for its first steps
 SPARE_DELAY_S = 3.0
 SPARE_EARLY_DEATHS = 3  # spares that die before their job, in a row, before the launcher stops making them
+# how long a job may wait for a spare to be ready: a cold worker's imports take ~3 s on an idle 2-core CPU
+# and ~10 s on a loaded one, so a spare not ready after this is stuck, not slow; handed over anyway
+# (it then starts the job whenever it is ready, as before the wait existed)
+SPARE_READY_WAIT_S = 20.0
 
 
 def worker_command(job_id: str) -> list[str]:
@@ -96,6 +102,27 @@ class LocalProcessLauncher:
 
     def first_call(self) -> FirstCall | None:
         return None  # a local process runs at once
+
+    def worth_waiting(self, job: Job, env: Mapping[str, str]) -> bool:
+        """The spare fits `env` and is importing (told to hurry now), not ready yet, for at most
+        SPARE_READY_WAIT_S: starting the job now would hand it over all the same (and start the next
+        spare), only earlier, so a cancel meanwhile would cost two processes."""
+        if not self.warm:
+            return False
+        with self._lock:
+            spare = self._spare
+        if spare is None or spare.ready or not spare.alive or not spare.fits(env):
+            return False  # nothing better is coming: start() hands over, or starts cold and makes a spare
+        waited = spare.nudge()
+        if waited >= SPARE_READY_WAIT_S:
+            log.warning(
+                "spare worker %d not ready after %.0f s; job %s is handed to it anyway",
+                spare.pid,
+                waited,
+                job.id,
+            )
+            return False
+        return True
 
     def start(self, job: Job, devices: tuple[int, ...], env: Mapping[str, str]) -> WorkerHandle:
         log_file: IO[bytes] | None = None

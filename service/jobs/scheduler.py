@@ -12,7 +12,7 @@ environment; a worker whose heartbeats stop for `worker_silence_s` is killed and
 
 Each worker gets its own GPUs (service.devices): distinct indices from the allocator, given back when
 the worker exits, however it exits. The oldest queued job waits while its GPUs are busy, and the
-younger ones wait behind it.
+younger ones wait behind it. So does a job whose warm worker is still on its way (Launcher.worth_waiting).
 
 Several replicas on one PostgreSQL claim jobs with leases, one replica on SQLite reads the queue alone:
 service.jobs.job_claims, which the scheduler asks the same questions either way.
@@ -49,6 +49,8 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_S = 0.25
+# while a queued job waits for a warm worker: its readiness rings no wake(), so look again this often
+HELD_POLL_S = 0.05
 
 
 @dataclass
@@ -176,6 +178,10 @@ class Scheduler:
             peeked = self.store.next_queued(exclude=running)
             # the oldest job waits for its GPUs, and the younger ones behind it (no claim given back at once)
             if peeked is None or not self._gpus_free(peeked):
+                break
+            if self.launcher.worth_waiting(peeked, self._env):
+                # a warm worker is on its way: unclaimed, a cancel meanwhile is a state change, not a launch
+                self._loop.soon(HELD_POLL_S)
                 break
             job = self._claims.take(peeked, running)
             if job is None or not self._launch(job):

@@ -22,7 +22,12 @@ environment when the launcher knows it: the spare connects its channel while it 
 (service.api.report_client.ReadyChannel), so the job's first reports do not wait for a connection.
 
 The spare made right after a job was handed over waits a few seconds (or until a job comes) before it
-imports: on a small machine its imports would otherwise take CPU from that job's first steps.
+imports: on a small machine its imports would otherwise take CPU from that job's first steps. A blank
+line on its stdin (`nudge`) ends that wait at once: a job is waiting for it, nothing is gained by it.
+
+Ready: once imported (and connected), the spare writes one byte on a pipe of its own (READY_FLAG names
+its fd). The scheduler leaves a queued job QUEUED while the spare is on its way
+(LocalProcessLauncher.worth_waiting): a cancel meanwhile is a state change, not a launch and a kill.
 
 An idle spare dies with the service: it is killed with its parent (PR_SET_PDEATHSIG) and it exits at
 the end of its stdin. Once assigned it is a worker like any other and outlives the service the same way.
@@ -49,6 +54,9 @@ log = logging.getLogger(__name__)
 
 SPARE_FLAG = "--spare"
 DELAY_FLAG = "--spare-delay"
+READY_FLAG = "--ready-fd"  # the spare writes READY_BYTE there once its imports are done
+READY_BYTE = b"r"
+NUDGE = b"\n"  # a blank line on the spare's stdin: start importing now (an assignment is never blank)
 # set for each launch, so a spare made before the job exists cannot have them: not compared
 PER_LAUNCH_ENV = frozenset({REPORT_ADDRESS_ENV, REPORT_TOKEN_ENV, VISIBLE_DEVICES})
 
@@ -83,25 +91,57 @@ class SpareWorker:
     def __init__(self, argv: list[str], env: Mapping[str, str], log_path: Path, delay_s: float = 0.0) -> None:
         """`delay_s`: the spare waits this long (or until a job comes) before it imports anything."""
         self.env = comparable_env(env)
+        self._ready = False
+        self._nudged_at: float | None = None  # monotonic: when a waiting job first asked for it
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 (closed in take() or close())
+        self._ready_fd, ready_w = os.pipe()
         try:
             self.popen = subprocess.Popen(
-                [*argv, SPARE_FLAG, DELAY_FLAG, str(delay_s)],
+                [*argv, SPARE_FLAG, DELAY_FLAG, str(delay_s), READY_FLAG, str(ready_w)],
                 env={**self.env, **_address_of(env), VISIBLE_DEVICES: ""},
                 stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group, as a cold worker's
+                pass_fds=(ready_w,),
             )
         except OSError:
             self._log.close()
+            os.close(self._ready_fd)
             raise
+        finally:
+            os.close(ready_w)  # the spare's end: its exit then reads as EOF here
+        os.set_blocking(self._ready_fd, False)  # read from the scheduler's tick: never wait on it
         log.debug("spare worker %d starting", self.popen.pid)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    @property
+    def ready(self) -> bool:
+        """The spare has imported everything and waits for its job (it said so on its ready pipe)."""
+        if not self._ready and self._ready_fd >= 0:
+            with contextlib.suppress(BlockingIOError):  # nothing yet; b"": it exited without being ready
+                self._ready = os.read(self._ready_fd, 1) == READY_BYTE
+        return self._ready
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def nudge(self) -> float:
+        """Tell the spare a job waits for it (it ends its delay and imports now); the seconds since it was
+        first told so (0.0 the first time)."""
+        now = time.monotonic()
+        if self._nudged_at is None:
+            self._nudged_at = now
+            with contextlib.suppress(OSError, ValueError):  # gone: take() finds out and starts the job cold
+                if self.popen.stdin is not None:
+                    self.popen.stdin.write(NUDGE)
+                    self.popen.stdin.flush()
+        return now - self._nudged_at
 
     def fits(self, env: Mapping[str, str]) -> bool:
         """The spare was started with the environment `env` gives a worker (less the per-launch part)."""
@@ -110,6 +150,7 @@ class SpareWorker:
     def take(self, assignment: Assignment) -> subprocess.Popen[bytes] | None:
         """Hand the job to the spare: its process, now the job's worker; None when the spare is gone."""
         self._log.close()  # the spare's own log: from now on it writes to the job's worker.log
+        self._close_ready()
         stdin = self.popen.stdin
         if self.popen.poll() is not None or stdin is None:
             log.warning("the spare worker %d had exited (code %s)", self.pid, self.popen.returncode)
@@ -133,6 +174,12 @@ class SpareWorker:
                 self.popen.stdin.close()
         self.popen.wait()
         self._log.close()
+        self._close_ready()
+
+    def _close_ready(self) -> None:
+        if self._ready_fd >= 0:
+            os.close(self._ready_fd)
+            self._ready_fd = -1
 
 
 def _address_of(env: Mapping[str, str]) -> dict[str, str]:

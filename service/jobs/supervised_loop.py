@@ -20,6 +20,7 @@ class SupervisedLoop:
         self._tick = tick
         self._poll_s = poll_s
         self._wake = threading.Event()
+        self._soon_s: float | None = None  # the next wait only, when shorter than poll_s
         self._stopping = threading.Event()
         self._supervise = threading.Lock()
         self._last_tick_ok = False  # the thread's last tick ran through (reset when it is restarted)
@@ -37,6 +38,10 @@ class SupervisedLoop:
     def wake(self) -> None:
         """Tick now rather than at the next poll."""
         self._wake.set()
+
+    def soon(self, delay_s: float) -> None:
+        """From the tick: tick again within `delay_s` (for something that rings no wake())."""
+        self._soon_s = delay_s if self._soon_s is None else min(self._soon_s, delay_s)
 
     def healthy(self) -> bool:
         """The thread is alive and its last tick ran through. A dead thread is restarted here; it counts
@@ -67,7 +72,9 @@ class SupervisedLoop:
                 except Exception:  # a busy database, a full disk: log, keep going
                     self._last_tick_ok = False
                     log.exception("%s tick failed", self.name)
-                self._wake.wait(self._poll_s)
+                wait_s = self._poll_s if self._soon_s is None else min(self._poll_s, self._soon_s)
+                self._soon_s = None
+                self._wake.wait(wait_s)
                 self._wake.clear()
         except BaseException:  # the thread dies: say so now (healthy() restarts it)
             self._last_tick_ok = False

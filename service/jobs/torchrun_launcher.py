@@ -76,6 +76,9 @@ class ByWorldSize:
     def placement(self, devices: tuple[int, ...]) -> str:
         return self.single.placement(devices)  # both run here, on the same devices
 
+    def worth_waiting(self, job: Job, env: Mapping[str, str]) -> bool:
+        return self.launcher_for(job).worth_waiting(job, env)  # torchrun's: never (it has no spare)
+
     def first_call(self) -> FirstCall | None:
         return self.single.first_call()  # both start local processes
 
