@@ -25,6 +25,7 @@ from service.api.server import (
     client_directory,
 )
 from service.errors import FailedPrecondition
+from service.heap import freeze_imports
 from service.jobs.intake import intake_for
 from service.jobs.launcher import Launcher
 from service.jobs.local_launcher import LocalProcessLauncher
@@ -196,6 +197,7 @@ def _preload_admission() -> None:
         import service.training.weights  # noqa: F401
     except Exception:  # the first CreateJob imports them again and reports what fails
         log.exception("preloading the admission's modules failed")
+    freeze_imports()  # after the last big import: see service.heap
 
 
 def run_service(settings: Settings | None = None) -> None:

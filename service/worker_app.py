@@ -193,6 +193,9 @@ def preload() -> None:
 
     import service.packaging.choose_backend
     import service.training.runner  # noqa: F401
+    from service.heap import freeze_imports
+
+    freeze_imports()  # the training loop's full collections skip torch's objects: see service.heap
 
 
 def _become_worker(assignment: Assignment) -> None:

@@ -19,14 +19,15 @@ from service.packaging.ts_warm import WarmWorkers
 
 # Named like TorchServe's worker script: the launcher only sends that one to the zygote.
 WORKER = """
-import json, os, signal, sys, time
+import gc, json, os, signal, sys, time
 if sys.argv[1] == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
     print("waiting", flush=True)
     time.sleep(60)
 ours = sorted(n for n in sys.modules if n.split(".")[0] in ("service", "handlers"))
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "foo": os.environ.get("FOO"),
-                  "path": sys.path[:2], "torch": "torch" in sys.modules, "ours": ours, "pid": os.getpid()}))
+                  "path": sys.path[:2], "torch": "torch" in sys.modules, "ours": ours, "pid": os.getpid(),
+                  "frozen": gc.get_freeze_count()}))
 sys.exit(int(sys.argv[2]))
 """
 
@@ -72,6 +73,8 @@ def test_a_forked_worker_gets_the_launchers_command_environment_folder_and_exit_
     assert seen["path"] == [str(worker_script.parent), str(extra)]  # as `python <script>` would have
     assert seen["torch"] is True  # forked warm: torch was imported before the worker started
     assert seen["ours"] == []  # an archive's handler imports its own copy of our modules
+    # the zygote froze its imports before forking: the worker's full collections skip them (service.heap)
+    assert seen["frozen"] > 100_000
 
 
 def test_a_signal_to_the_launcher_reaches_the_worker(warm: WarmWorkers, worker_script: Path):
