@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from bench import cache_speed, control_plane, ddp, ddp_cache, latency, loop_speed, memory, reporting
+from bench import cache_speed, control_plane, ddp, ddp_cache, gc_pause, latency, loop_speed, memory, reporting
 from bench.common import emit
 
 NAMES = (
@@ -35,6 +35,7 @@ NAMES = (
     "ddp",
     "ddp_cache",
     "lightning_compare",
+    "gc_pause",
 )
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         "ddp": lambda: ddp.run(ddp.QUICK if args.quick else ddp.FULL),
         "ddp_cache": lambda: ddp_cache.run(ddp_cache.QUICK if args.quick else ddp_cache.FULL),
         "lightning_compare": lambda: _lightning_compare(args.quick),
+        "gc_pause": lambda: gc_pause.run(5 if args.quick else 20),
     }
     failed = False
     for name in NAMES:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from imagefolders import one_thread
 
-from bench import cache_speed, control_plane, ddp, lightning_compare, loop_speed, reporting, run_all
+from bench import cache_speed, control_plane, ddp, gc_pause, lightning_compare, loop_speed, reporting, run_all
 from bench.common import emit
 
 
@@ -77,6 +77,14 @@ def test_reporting_measures_events_through_the_real_server_and_the_old_per_event
         "grpc_vs_store_per_event",
     ):
         assert _positive(result[name]), result
+
+
+def test_gc_pause_times_full_collections_before_and_after_the_freeze_in_one_process() -> None:
+    result = gc_pause.run(2)
+    assert result["objects_frozen"] > 100_000  # torch's modules
+    assert result["full_collection_ms_unfrozen"] > 0
+    # a full collection with torch's objects frozen walks almost nothing: far below the unfrozen one
+    assert result["frozen_vs_unfrozen"] < 0.1
 
 
 def test_a_result_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
