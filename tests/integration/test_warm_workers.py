@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 from ports import free_ports
+from reliability import record
 
 from handlers.inference import ImageClassifier
 from service.packaging.torchserve_backend import TorchServeBackend
@@ -26,6 +27,7 @@ from service.spec import ServingSpec
 pytestmark = [
     pytest.mark.torchserve,
     pytest.mark.slow,
+    pytest.mark.reliability,
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java"),
 ]
 
@@ -84,6 +86,13 @@ def test_a_killed_worker_is_forked_again_and_serves(
     _wait(lambda: _forked_workers(backend) not in ([], [worker]), "a new forked worker")
     _wait(lambda: backend.versions.ready("pets", pets.version), "the version to be ready again")
     _assert_answers_like_the_checkpoint(backend, serving_checkpoint, serving_images)
+    record(
+        "fault",
+        "SIGKILL of a TorchServe Python worker forked from the zygote (warm workers) while served",
+        1,
+        "TorchServe started its next worker, forked warm from the zygote again; the version was ready again "
+        "and answered the gate's images like the checkpoint in-process",
+    )
 
 
 def test_a_killed_launcher_takes_its_worker_with_it(
@@ -96,6 +105,13 @@ def test_a_killed_launcher_takes_its_worker_with_it(
     _wait(lambda: not psutil.pid_exists(worker) or _zombie(worker), "the orphaned worker to be killed")
     _wait(lambda: backend.versions.ready("pets", pets.version), "the version to be ready again")
     _assert_answers_like_the_checkpoint(backend, serving_checkpoint, serving_images)
+    record(
+        "fault",
+        "SIGKILL of the launcher TorchServe runs as a warm worker's Python",
+        1,
+        "the forked worker it stood for was killed with it (no orphan); TorchServe started another and the "
+        "version answered like the checkpoint",
+    )
 
 
 def test_without_the_zygote_workers_start_cold_and_it_comes_back(
@@ -111,6 +127,13 @@ def test_without_the_zygote_workers_start_cold_and_it_comes_back(
     _assert_answers_like_the_checkpoint(backend, serving_checkpoint, serving_images)
     # the watchdog starts the zygote again; the next worker is warm again
     _wait(lambda: warm.is_warm() and warm._popen is not None and warm._popen.pid != zygote, "a new zygote")
+    record(
+        "fault",
+        "SIGKILL of the warm-worker zygote while a model is served",
+        1,
+        "its forked worker died with it; TorchServe's next worker started cold (the real Python) and "
+        "answered like the checkpoint; the service started a new zygote, and workers fork warm again",
+    )
 
 
 def test_unregistering_leaves_no_worker_behind(backend: TorchServeBackend, pets: ServedModel):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import pytest
+from reliability import record
 
 from service.errors import Unavailable
 from service.jobs.intake import Intake
@@ -19,7 +20,7 @@ from service.jobs.store_grants import SharedGrants
 from tests.pg import PostgresServer, start_postgres
 from tests.store_backends import make_spec
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.reliability]
 T = TypeVar("T")
 
 
@@ -73,6 +74,14 @@ def test_a_worker_checked_lately_keeps_its_heartbeat_while_the_database_is_down(
         assert other.heartbeat(token, job_id) is None
         after_reconnect(lambda: other.heartbeat(token, job_id))  # written again (lost in the outage)
         assert launcher.silent_for(job_id) < 5.0
+        record(
+            "fault",
+            "PostgreSQL stopped and started again while workers report to two replicas (grants in the store)",
+            1,
+            "a worker checked lately kept its heartbeat answered from memory; a worker never checked got "
+            "UNAVAILABLE 'cannot be checked; retry'; the scheduler's silence check failed and retried; after "
+            "the restart the outage did not count as the worker's silence",
+        )
     finally:
         for store in stores:
             store.close()
