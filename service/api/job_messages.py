@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.records import Job
 
-CACHED_JOBS = 4096  # a message is a few KB (its spec); the oldest entries go first
+CACHED_JOBS = 1024  # ~0.6 KB a message; the oldest go first (sized as service.jobs.store_codec's)
 
 
 @dataclass(frozen=True)
