@@ -21,7 +21,18 @@ from typing import Any
 
 import torch
 
-from bench import cache_speed, control_plane, ddp, ddp_cache, gc_pause, latency, loop_speed, memory, reporting
+from bench import (
+    cache_speed,
+    control_plane,
+    create_cpu,
+    ddp,
+    ddp_cache,
+    gc_pause,
+    latency,
+    loop_speed,
+    memory,
+    reporting,
+)
 from bench.common import emit
 
 NAMES = (
@@ -36,6 +47,7 @@ NAMES = (
     "ddp_cache",
     "lightning_compare",
     "gc_pause",
+    "create_cpu",
 )
 
 
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "ddp_cache": lambda: ddp_cache.run(ddp_cache.QUICK if args.quick else ddp_cache.FULL),
         "lightning_compare": lambda: _lightning_compare(args.quick),
         "gc_pause": lambda: gc_pause.run(5 if args.quick else 20),
+        "create_cpu": lambda: create_cpu.run(200, 3) if args.quick else create_cpu.run(2000, 5),
     }
     failed = False
     for name in NAMES:

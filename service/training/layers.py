@@ -182,9 +182,9 @@ def describe_model(
     IMAGENET1K_SWAG_E2E_V1 is a 384 px model). `num_classes` None keeps the pretrained head's size.
     """
     arch = registry.check_architecture(architecture)
-    shape = builder.weights_defaults(arch, weights, torch_home)
-    size = image_size or shape.preprocessing.crop_size
-    rows, table, total = _describe_unfrozen(arch, shape.build_kwargs_key, size, num_classes)
+    crop_size, build_kwargs = _weights_shape(arch, weights, torch_home)
+    size = image_size or crop_size
+    rows, table, total = _describe_unfrozen(arch, build_kwargs, size, num_classes)
     depth = table.freeze_depth(freeze, arch)
     frozen = sum(row.params for row in rows[:depth]) + (rows[0].params_root if depth else 0)
     layers = tuple(
@@ -192,6 +192,16 @@ def describe_model(
     )
     log.debug("described %s at %d px from %s", arch, size, torch_home)
     return ModelDescription(arch, size, layers, total, total - frozen, frozen, table.freezable_blocks)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_shape(
+    architecture: str, weights: str, torch_home: Path
+) -> tuple[int, tuple[tuple[str, Any], ...]]:
+    # A weights choice's crop size and builder arguments are torchvision's or timm's metadata, never a
+    # file's. Asking torchvision's enums each time was a third of a CreateJob's admission (bench.create_cpu).
+    shape = builder.weights_defaults(architecture, weights, torch_home)
+    return shape.preprocessing.crop_size, shape.build_kwargs_key
 
 
 @dataclass(frozen=True)

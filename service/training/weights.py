@@ -12,6 +12,7 @@ used to probe or read the server's other files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -248,7 +249,7 @@ def convert_lite0_state_dict(
 
 
 def _torchvision_member(architecture: str, name: str) -> torchvision.models.WeightsEnum:
-    enum = torchvision.models.get_model_weights(architecture)
+    enum = _weights_enum(architecture)
     try:
         return enum[name]  # type: ignore[no-any-return,index]
     except KeyError:
@@ -256,6 +257,12 @@ def _torchvision_member(architecture: str, name: str) -> torchvision.models.Weig
         raise InvalidArgument(
             f"model.weights {name!r} is unknown for {architecture}; allowed: {', '.join(valid)}"
         ) from None
+
+
+@functools.cache
+def _weights_enum(architecture: str) -> Any:
+    # torchvision finds the enum through the builder's signature (inspect.signature, ~0.1 ms a call)
+    return torchvision.models.get_model_weights(architecture)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -13,7 +13,17 @@ from typing import Any
 import pytest
 from imagefolders import one_thread
 
-from bench import cache_speed, control_plane, ddp, gc_pause, lightning_compare, loop_speed, reporting, run_all
+from bench import (
+    cache_speed,
+    control_plane,
+    create_cpu,
+    ddp,
+    gc_pause,
+    lightning_compare,
+    loop_speed,
+    reporting,
+    run_all,
+)
 from bench.common import emit
 
 
@@ -85,6 +95,14 @@ def test_gc_pause_times_full_collections_before_and_after_the_freeze_in_one_proc
     assert result["full_collection_ms_unfrozen"] > 0
     # a full collection with torch's objects frozen walks almost nothing: far below the unfrozen one
     assert result["frozen_vs_unfrozen"] < 0.1
+
+
+def test_create_cpu_times_both_ways_of_the_create_path_in_one_process() -> None:
+    result = create_cpu.run(60, 2)
+    assert all(_positive(v) for v in result["cpu_ms_per_call"].values()), result
+    # protobuf's json_format walks every field in Python, with checks a validated spec does not need
+    assert result["spec_message_vs_json_format"] < 0.6, result
+    assert _positive(result["admission_vs_uncached"]), result
 
 
 def test_a_result_is_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:

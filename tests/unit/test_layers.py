@@ -92,6 +92,14 @@ def test_default_image_size_is_the_weights_crop_size() -> None:
     assert _describe("vit_b_16", image_size=None, weights="IMAGENET1K_SWAG_E2E_V1").image_size == 384
 
 
+def test_each_weights_choice_keeps_its_own_size_once_cached() -> None:
+    # what a weights choice implies is cached per choice: alternating two for one network must not mix them
+    for _ in range(2):
+        assert _describe("vit_b_16", image_size=None, weights="IMAGENET1K_SWAG_E2E_V1").image_size == 384
+        assert _describe("vit_b_16", image_size=None, weights="IMAGENET1K_V1").image_size == 224
+        assert _describe("vit_b_16", image_size=None, weights="IMAGENET1K_SWAG_LINEAR_V1").image_size == 224
+
+
 def test_an_image_size_the_model_cannot_take_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="inception_v3 cannot run on 32 px images"):
         _describe("inception_v3", image_size=32)
