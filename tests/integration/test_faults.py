@@ -285,10 +285,21 @@ def test_service_killed_mid_epoch_finishes_every_job_like_an_uninterrupted_run(
         busy = client.CreateJob(pb.CreateJobRequest(spec=fault_spec("running")))
         queued = client.CreateJob(pb.CreateJobRequest(spec=fault_spec("queued")))
     store = service.store()
-    wait_checkpoint(store, busy.id, 1)
+    # The worker is held still from the moment its first checkpoint is recorded until the service is dead,
+    # so the kill lands in epoch 2 however loaded the machine is: looking every 0.1 s and killing while it
+    # ran once let a loaded reliability run see epoch 2 checkpointed first.
+    deadline = time.monotonic() + 240
+    while not any(e.data["epoch"] == 1 for e in events(store, busy.id, EventKind.CHECKPOINT)):
+        assert time.monotonic() < deadline, f"the checkpoint of epoch 1 of {busy.id} within 240 s"
+        time.sleep(0.005)
     worker = store.worker_pid(busy.id)
     assert worker is not None
-    service.kill()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        assert [e.data["epoch"] for e in events(store, busy.id, EventKind.EPOCH)] == [1]
+        service.kill()
+    finally:
+        os.kill(worker, signal.SIGCONT)
     # The orphaned worker's next heartbeat fails and it stops at its next batch, mid-epoch 2: nothing of
     # epoch 2 is recorded and last.pt still holds epoch 1. Its last words reach only its log: the
     # service that would record them is gone.
