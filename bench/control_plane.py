@@ -7,16 +7,25 @@ thread with its own channel (its own HTTP/2 connection). The writes are measured
 each client loops CreateJob then CancelJob. Baselines in the same run: one client alone (the tail-latency
 ratio the control plane's goals are set in) and, for the reads, the store call the RPC wraps, made
 in-process (the API's overhead).
+
+`--postgres-url URL` (an empty database: the service migrates it) runs the control plane on PostgreSQL
+instead, as `--replicas N` real `run_service()` processes on that database (the clients spread over them,
+client k on replica k mod N): how the control plane scales out on a machine with the cores for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
+import os
+import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,34 +50,34 @@ QUICK = Size(jobs=12, seconds=1.5)
 FULL = Size(jobs=60, seconds=5.0)
 
 
-def run(size: Size) -> dict[str, Any]:
+def run(size: Size, postgres_url: str | None = None, replicas: int = 1) -> dict[str, Any]:
     import grpc
 
     from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
     from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
-    from service.app import start_service
     from service.records import JobState
-    from service.settings import Settings
 
+    if replicas > 1 and postgres_url is None:
+        raise ValueError(
+            "several replicas need a shared database: give --postgres-url (SQLite is one process's)"
+        )
     with tempfile.TemporaryDirectory(prefix="bench-control-") as tmp:
         root = Path(tmp)
         make_image_folder(root / "data" / "ds", classes=2, per_class=4, size=32)
-        settings = Settings(
-            state_dir=root / "state", data_root=root / "data", torch_home=root / "torch", host="127.0.0.1",
-            port=0, torchserve_enabled=False, max_concurrent_jobs=1,
-            max_queued_jobs=size.jobs + 2 * max(size.clients),
-        )  # fmt: skip
-        service = start_service(settings)
-        try:
-            target = f"127.0.0.1:{service.port}"
-            with grpc.insecure_channel(target) as channel:
+        max_queued = size.jobs + 2 * max(size.clients)
+        places = (
+            _replicas(root, postgres_url, replicas, max_queued)
+            if postgres_url is not None
+            else _in_process(root, max_queued)
+        )
+        with places as (targets, store, grpc_workers):
+            with grpc.insecure_channel(targets[0]) as channel:
                 client = pb_grpc.FineTuningStub(channel)
                 ids = [client.CreateJob(pb.CreateJobRequest(spec=_spec(pb, i))).id for i in range(size.jobs)]
                 for job_id in ids:
                     client.CancelJob(pb.CancelJobRequest(job_id=job_id))
                 _wait_all_final(client, pb, ids)
 
-            store = service.store
             in_process = {
                 "GetJob": _local_rate(lambda i: store.get_job(ids[i % len(ids)]), size.seconds / 2),
                 "ListJobs": _local_rate(lambda i: store.list_jobs((), 50, ""), size.seconds / 2),
@@ -82,24 +91,99 @@ def run(size: Size) -> dict[str, Any]:
                     (("ListJobs",), "list"),
                     (("CreateJob", "CancelJob"), "write"),
                 ):
-                    alone = pool.submit(_load, target, kind, ids, 1, size.seconds).result()
+                    alone = pool.submit(_load, targets[:1], kind, ids, 1, size.seconds).result()
                     crowds = {
-                        n: pool.submit(_load, target, kind, ids, n, size.seconds).result()
+                        n: pool.submit(_load, targets, kind, ids, n, size.seconds).result()
                         for n in size.clients
                     }
                     for name in names:
                         results[name] = _figures(name, alone, crowds, in_process.get(name))
-            assert all(service.store.get_job(i).state == JobState.CANCELLED for i in ids)
-        finally:
-            service.stop(drain=False)
+            assert all(store.get_job(i).state == JobState.CANCELLED for i in ids)
     return {
         "benchmark": NAME,
+        "store": "sqlite" if postgres_url is None else "postgresql",
+        "replicas": replicas,
         "clients": list(size.clients),
         "jobs_in_store": size.jobs,
         "seconds_per_measurement": size.seconds,
-        "grpc_workers": settings.grpc_workers,
+        "grpc_workers": grpc_workers,
         **results,
     }
+
+
+Places = Iterator[tuple[list[str], Any, int]]  # the replicas' addresses, a store on their database, threads
+
+
+@contextlib.contextmanager
+def _in_process(root: Path, max_queued: int) -> Places:
+    """One service in this process on SQLite (the baseline every earlier figure was taken with)."""
+    from service.app import start_service
+    from service.settings import Settings
+
+    settings = Settings(
+        state_dir=root / "state", data_root=root / "data", torch_home=root / "torch", host="127.0.0.1",
+        port=0, torchserve_enabled=False, max_concurrent_jobs=1, max_queued_jobs=max_queued,
+    )  # fmt: skip
+    service = start_service(settings)
+    try:
+        yield [f"127.0.0.1:{service.port}"], service.store, settings.grpc_workers
+    finally:
+        service.stop(drain=False)
+
+
+SERVING_ON = re.compile(r"tuneserve is serving on [\d.]+:(\d+)")
+
+
+@contextlib.contextmanager
+def _replicas(root: Path, url: str, count: int, max_queued: int) -> Places:
+    """`count` replicas, each `run_service()` in its own process, on the PostgreSQL database `url` and one
+    shared state folder, as a Deployment runs them."""
+    from service.jobs.store import JobStore
+    from service.settings import Settings
+
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        targets = []
+        for k in range(count):
+            env = {name: value for name, value in os.environ.items() if not name.startswith("TUNESERVE_")}
+            env |= {
+                "TUNESERVE_STATE_DIR": str(root / "state"), "TUNESERVE_DATA_ROOT": str(root / "data"),
+                "TUNESERVE_TORCH_HOME": str(root / "torch"), "TUNESERVE_DATABASE_URL": url,
+                "TUNESERVE_REPLICA_ID": f"bench-{k}", "TUNESERVE_PORT": "0", "TUNESERVE_HOST": "127.0.0.1",
+                "TUNESERVE_TORCHSERVE_ENABLED": "false", "TUNESERVE_MAX_CONCURRENT_JOBS": "1",
+                "TUNESERVE_MAX_QUEUED_JOBS": str(max_queued),
+            }  # fmt: skip
+            log = root / f"replica-{k}.log"
+            with open(log, "wb") as out:
+                command = [sys.executable, "-c", "from service.app import run_service; run_service()"]
+                processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
+            targets.append(f"127.0.0.1:{_port_of(processes[-1], log)}")
+        store = JobStore(url)
+        try:
+            yield targets, store, Settings.model_fields["grpc_workers"].default
+        finally:
+            store.close()
+    finally:
+        for process in processes:
+            process.terminate()  # the service's own stop: its spare worker goes with it
+        for process in processes:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _port_of(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 180.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = SERVING_ON.search(log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        if process.poll() is not None:
+            raise RuntimeError(f"a replica exited at start ({process.returncode}): {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"a replica did not start within {timeout_s} s: {log.read_text()[-2000:]}")
 
 
 def _figures(
@@ -176,9 +260,11 @@ def _calls(kind: str, ids: list[str]) -> Callable[[Any, int, Recorder], None]:
     return {"get": get, "list": list_jobs, "write": create_cancel}[kind]
 
 
-def _load(target: str, kind: str, ids: list[str], clients: int, seconds: float) -> dict[str, dict[str, Any]]:
-    """`clients` threads looping one kind of call as fast as they can for `seconds`; per RPC the rate
-    and latency percentiles. Runs in the clients' process."""
+def _load(
+    targets: list[str], kind: str, ids: list[str], clients: int, seconds: float
+) -> dict[str, dict[str, Any]]:
+    """`clients` threads looping one kind of call as fast as they can for `seconds`, client k on
+    targets[k mod len]; per RPC the rate and latency percentiles. Runs in the clients' process."""
     import grpc
 
     from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
@@ -209,7 +295,7 @@ def _load(target: str, kind: str, ids: list[str], clients: int, seconds: float) 
             finally:
                 latencies[k].setdefault(name, []).append(time.perf_counter() - t0)
 
-        with grpc.insecure_channel(target) as channel:
+        with grpc.insecure_channel(targets[k % len(targets)]) as channel:
             stub = pb_grpc.FineTuningStub(channel)
             grpc.channel_ready_future(channel).result(timeout=30)  # connect before the clock starts
             start.wait()
@@ -251,8 +337,12 @@ def _local_rate(call: Callable[[int], Any], seconds: float) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--postgres-url", help="run on this (empty) PostgreSQL database instead of SQLite")
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="with --postgres-url: replicas to spread over"
+    )
     args = parser.parse_args(argv)
-    emit(run(QUICK if args.quick else FULL))
+    emit(run(QUICK if args.quick else FULL, args.postgres_url, args.replicas))
 
 
 if __name__ == "__main__":

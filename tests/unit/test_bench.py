@@ -77,6 +77,26 @@ def test_control_plane_measures_reads_and_writes_under_many_clients() -> None:
         assert result["CreateJob"][key] == result["CancelJob"][key]
 
 
+@pytest.mark.slow
+def test_control_plane_spreads_its_clients_over_replicas_on_postgresql(postgres_database: str) -> None:
+    size = control_plane.Size(jobs=4, seconds=0.5, clients=(4,))
+    result = control_plane.run(size, postgres_database, replicas=2)
+    assert result["store"] == "postgresql" and result["replicas"] == 2
+    for rpc in ("GetJob", "ListJobs", "CreateJob", "CancelJob"):
+        assert result[rpc]["errors"] == 0 and _positive(result[rpc]["calls_per_s_4_clients"]), result[rpc]
+    # the crowd's jobs are in the one database, beside the jobs made before the measurements
+    from service.jobs.store import JobStore
+
+    store = JobStore(postgres_database)
+    try:
+        jobs, _ = store.list_jobs((), 500, "")
+        assert len(jobs) > size.jobs
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="--postgres-url"):
+        control_plane.run(size, None, replicas=2)
+
+
 def test_reporting_measures_events_through_the_real_server_and_the_old_per_event_path(tmp_path: Any) -> None:
     result = reporting.events_per_second(tmp_path, 300)
     assert result["events"] == 300
