@@ -71,12 +71,21 @@ def run(size: Size, postgres_url: str | None = None, replicas: int = 1) -> dict[
             else _in_process(root, max_queued)
         )
         with places as (targets, store, grpc_workers):
-            with grpc.insecure_channel(targets[0]) as channel:
-                client = pb_grpc.FineTuningStub(channel)
-                ids = [client.CreateJob(pb.CreateJobRequest(spec=_spec(pb, i))).id for i in range(size.jobs)]
-                for job_id in ids:
-                    client.CancelJob(pb.CancelJobRequest(job_id=job_id))
-                _wait_all_final(client, pb, ids)
+            # through every replica in turn: each has made creates and cancels (its first admission of
+            # the model, its first job) before anything is timed, as the one in-process service has
+            channels = [grpc.insecure_channel(target) for target in targets]
+            try:
+                stubs = [pb_grpc.FineTuningStub(channel) for channel in channels]
+                ids = []
+                for i in range(size.jobs):
+                    stub = stubs[i % len(stubs)]
+                    ids.append(stub.CreateJob(pb.CreateJobRequest(spec=_spec(pb, i))).id)
+                for i, job_id in enumerate(ids):
+                    stubs[i % len(stubs)].CancelJob(pb.CancelJobRequest(job_id=job_id))
+                _wait_all_final(stubs[0], pb, ids)
+            finally:
+                for channel in channels:
+                    channel.close()
 
             in_process = {
                 "GetJob": _local_rate(lambda i: store.get_job(ids[i % len(ids)]), size.seconds / 2),
