@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from service.errors import InvalidArgument
+from service.one_at_a_time import OneAtATime
 from service.spec import FreezeSpec
 from service.training import builder, heads, registry
 from service.training.architecture import build_architecture
@@ -185,7 +185,8 @@ def describe_model(
     arch = registry.check_architecture(architecture)
     crop_size, build_kwargs = _weights_shape(arch, weights, torch_home)
     size = image_size or crop_size
-    rows, table, total = _ONE_BUILD.run(_describe_unfrozen, (arch, build_kwargs, size, num_classes))
+    key = (arch, build_kwargs, size, num_classes)
+    rows, table, total = _ONE_BUILD.run(key, lambda: _describe_unfrozen(*key))
     depth = table.freeze_depth(freeze, arch)
     frozen = sum(row.params for row in rows[:depth]) + (rows[0].params_root if depth else 0)
     layers = tuple(
@@ -210,35 +211,7 @@ class _Row(LayerRow):
     params_root: int = 0  # root-level parameters, counted with block 0 when it freezes
 
 
-class _OneBuildAtATime:
-    """Callers that miss the cache for the same key at once wait for the first one's build, then read
-    the cache, instead of each building the model: 16 CreateJobs for a new architecture arriving
-    together (a fresh replica's first burst) built resnet50 16 times, 4.9 s for the last against 0.09 s."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._building: dict[Any, threading.Lock] = {}
-
-    def run(self, cached: Any, key: tuple[Any, ...]) -> Any:
-        with self._lock:
-            building = self._building.get(key)
-            first = building is None
-            if building is None:
-                building = self._building[key] = threading.Lock()
-                building.acquire()
-        if not first:
-            with building:  # released when the first caller's build is done (or failed: then build again)
-                pass
-            return cached(*key)
-        try:
-            return cached(*key)
-        finally:
-            with self._lock:
-                del self._building[key]
-            building.release()
-
-
-_ONE_BUILD = _OneBuildAtATime()
+_ONE_BUILD = OneAtATime()  # a burst of CreateJobs for a new architecture builds its table once
 
 
 @functools.lru_cache(maxsize=32)

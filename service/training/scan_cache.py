@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from service.one_at_a_time import OneAtATime
 from service.spec import Task
 from service.training.data_root import resolve_under_root
 from service.training.scan import DatasetInfo, scan_dataset
@@ -44,6 +45,7 @@ class ScanCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self._one_at_a_time = OneAtATime()
 
     def scan_dataset(
         self, path: Path, data_root: Path, *, task: Task = "multiclass", max_image_pixels: int | None = None
@@ -51,6 +53,13 @@ class ScanCache:
         """What service.training.scan.scan_dataset returns (and raises), from the cache while unchanged."""
         folder = resolve_under_root(path, data_root)  # every call: a symlink may have moved out of the root
         key = (str(folder), str(data_root.resolve()), task, max_image_pixels)
+        # callers scanning one dataset at once: the first walks it, the others then find its stamp kept
+        pixels = max_image_pixels
+        return self._one_at_a_time.run(key, lambda: self._scan(path, data_root, folder, key, task, pixels))
+
+    def _scan(
+        self, path: Path, data_root: Path, folder: Path, key: _Key, task: Task, max_image_pixels: int | None
+    ) -> DatasetInfo:
         taken_at = time.time_ns()
         stamp = _stamp(folder)  # before the scan: a change during the scan makes the next call scan again
         if stamp is not None:
