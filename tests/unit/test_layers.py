@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torchvision
+from at_once import at_once
 from torch import nn
 
 from service.errors import InvalidArgument
@@ -134,39 +134,13 @@ def test_a_lone_container_of_one_block_type_expands() -> None:
 
 def test_callers_that_miss_together_build_the_model_once() -> None:
     # a fresh replica's first burst of CreateJobs for one architecture: one build, the others wait for it
-    callers, results = 8, []
-    start = threading.Barrier(callers)
     misses = layers._describe_unfrozen.cache_info().misses
-
-    def describe() -> None:
-        start.wait()
-        results.append(_describe("resnet34", image_size=88, num_classes=5))
-
-    threads = [threading.Thread(target=describe) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == callers and all(r == results[0] for r in results)
+    results = at_once(8, lambda: _describe("resnet34", image_size=88, num_classes=5))
+    assert all(isinstance(r, ModelDescription) and r == results[0] for r in results), results
     assert results[0].layers[-1].output_shape == (1, 5)
     assert layers._describe_unfrozen.cache_info().misses - misses == 1
 
 
 def test_callers_waiting_on_a_build_that_fails_get_the_error_too() -> None:
-    callers, errors = 4, []
-    start = threading.Barrier(callers)
-
-    def describe() -> None:
-        start.wait()
-        try:
-            _describe("inception_v3", image_size=32)
-        except InvalidArgument as exc:
-            errors.append(exc.message)
-
-    threads = [threading.Thread(target=describe) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads)
-    assert len(errors) == callers and all("cannot run on 32 px images" in e for e in errors)
+    errors = at_once(4, lambda: _describe("inception_v3", image_size=32))
+    assert all(isinstance(e, InvalidArgument) and "cannot run on 32 px images" in e.message for e in errors)

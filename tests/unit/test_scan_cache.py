@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from at_once import at_once
 from imagefolders import make_image_folder, write_image
 
 from service.errors import DatasetError
@@ -53,20 +53,9 @@ def test_a_second_scan_of_an_unchanged_folder_is_a_hit_equal_to_a_fresh_scan(
 
 def test_callers_scanning_one_dataset_at_once_walk_it_once(root: Path, cache: ScanCache) -> None:
     # a burst of CreateJobs for one new dataset: the first walks it, the others take what it kept
-    callers, results = 8, []
-    start = threading.Barrier(callers)
-
-    def scan() -> None:
-        start.wait()
-        results.append(cache.scan_dataset(Path("ds"), root))
-
-    threads = [threading.Thread(target=scan) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len(results) == callers and all(r == results[0] for r in results)
-    assert (cache.misses, cache.hits) == (1, callers - 1)
+    results = at_once(8, lambda: cache.scan_dataset(Path("ds"), root))
+    assert all(not isinstance(r, Exception) and r == results[0] for r in results), results
+    assert (cache.misses, cache.hits) == (1, 7)
 
 
 def test_an_added_class_folder_is_seen_by_the_next_scan(root: Path, cache: ScanCache) -> None:
