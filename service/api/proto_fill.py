@@ -89,9 +89,8 @@ def _fill(message: Message, data: dict[str, Any]) -> None:
                 raise _NotPlain(key)
             continue  # ignore_unknown_fields
         if field.name in done:
-            raise _NotPlain(
-                key
-            )  # both names given: json_format keeps the last, or refuses an `optional` field
+            # both names given: json_format keeps the last, or refuses an `optional` field
+            raise _NotPlain(key)
         done.add(field.name)
         if value is None:
             continue  # null clears a field, and this message is new
@@ -125,9 +124,7 @@ def _scalar(field: FieldDescriptor, value: Any) -> Any:
     if kind in _INTEGERS and cls is int:
         return value  # out of range: the setter raises ValueError, and json_format says why
     if kind == _FD.TYPE_DOUBLE and (cls is int or (cls is float and math.isfinite(value))):
-        return float(
-            value
-        )  # a huge int overflows (OverflowError); NaN and infinities are json_format's refusals
+        return float(value)  # a huge int overflows; json_format refuses NaN and the infinities
     if kind == _FD.TYPE_ENUM:
         if cls is str:
             known = field.enum_type.values_by_name.get(value)
