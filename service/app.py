@@ -95,6 +95,7 @@ def start_service(
     )
     target = store_target(settings)
     refuse_replicas_on_sqlite(settings, target)  # before anything is created or started
+    refuse_a_shared_torchserve_folder(settings)
     for folder in (settings.state_dir, settings.jobs_dir, settings.model_store, settings.weights_dir):
         folder.mkdir(parents=True, exist_ok=True)
     store = JobStore(target)
@@ -161,6 +162,20 @@ def refuse_replicas_on_sqlite(settings: Settings, target: Path | str) -> None:
             f"TUNESERVE_REPLICA_ID={settings.replica_id!r} names a replica, but the job store is the SQLite "
             f"file {target}, which only one replica may use: set TUNESERVE_DATABASE_URL to the PostgreSQL "
             "all replicas share, or unset TUNESERVE_REPLICA_ID to run a single replica"
+        )
+
+
+def refuse_a_shared_torchserve_folder(settings: Settings) -> None:
+    """A named replica's TorchServe keeps its files in a folder of its own: in the shared state folder,
+    every replica's TorchServe would write the same pid file, keys and config (and stop the others' as
+    orphans). The served registry stays shared (settings.served_registry_file)."""
+    named, own_folder = settings.replica_id is not None, settings.torchserve_files_dir is not None
+    if named and settings.torchserve_enabled and not own_folder:
+        raise FailedPrecondition(
+            f"TUNESERVE_REPLICA_ID={settings.replica_id!r} names a replica, and its TorchServe would keep "
+            f"its pid file, keys and config in {settings.torchserve_dir}, on the state volume every replica "
+            "shares: set TUNESERVE_TORCHSERVE_FILES_DIR to a folder of this replica's own (an emptyDir), "
+            "or TUNESERVE_TORCHSERVE_ENABLED=false"
         )
 
 

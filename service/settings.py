@@ -159,6 +159,14 @@ class Settings(BaseSettings):
 
     # TorchServe
     torchserve_enabled: bool = True
+    torchserve_files_dir: Path | None = Field(
+        None,
+        description="where this process's TorchServe keeps its config, keys, tmp and logs; default "
+        "<state_dir>/torchserve. Control-plane replicas on one state volume each need their own (emptyDir)",
+    )
+    served_sync_s: float = Field(
+        5.0, gt=0, description="TorchServe follows the served registry (what other replicas serve) this often"
+    )
     torchserve_host: str = Field("127.0.0.1", description="management listens here; the service dials it")
     torchserve_inference_host: str | None = Field(
         None, description="inference (REST, gRPC) and metrics listen here; default: torchserve_host"
@@ -250,7 +258,15 @@ class Settings(BaseSettings):
 
     @cached_property
     def torchserve_dir(self) -> Path:
-        return self.state_dir / "torchserve"
+        """This process's TorchServe's own files."""
+        own = self.torchserve_files_dir
+        return own if own is not None else self.state_dir / "torchserve"
+
+    @cached_property
+    def served_registry_file(self) -> Path:
+        """What the control plane serves, shared by its replicas and followed by serving replicas
+        (service.packaging.replica_models.control_plane_registry finds it from the model store)."""
+        return self.state_dir / "torchserve" / "served_models.json"
 
     @cached_property
     def resolved_replica_id(self) -> str:

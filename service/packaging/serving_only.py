@@ -30,6 +30,7 @@ from service.packaging.management import ManagementClient, RestClient
 from service.packaging.replica_models import choose_models, control_plane_registry, write_registry
 from service.packaging.replica_ready import ReadinessServer
 from service.packaging.served_registry import ServedRegistry, ServedVersion
+from service.packaging.served_sync import plan_sync
 from service.packaging.supervisor import TorchServeSupervisor
 from service.packaging.torchserve_process import TorchServeProcess
 from service.packaging.ts_config import inference_bind_host, management_url
@@ -102,25 +103,18 @@ class ServingReplica:
         with self.supervisor.lock:  # never while the watchdog restarts TorchServe
             if not self.supervisor.is_running():
                 return  # the watchdog's restart registers the registry; the next sync catches up
-            for name, entry in wanted.items():
-                have = self.registry.get(name)
-                for version in entry.ordered_versions():
-                    if have is None or version not in have.versions:
-                        self._add(name, entry.versions[version])
-                served = self.registry.get(name)
-                if (
-                    served is not None
-                    and entry.default in served.versions
-                    and served.default != entry.default
-                ):
-                    self.management.set_default(name, entry.default)
-                    self.registry.set_default(name, entry.default)
-                    log.info("%s: default version is now %s", name, entry.default)
-            for served in self.registry.entries():
-                keep = wanted[served.name].versions if served.name in wanted else {}
-                # the default last: TorchServe keeps a model's default while it has other versions
-                for version in sorted(set(served.versions) - set(keep), key=lambda v: v == served.default):
-                    self._remove(served.name, version)
+            plan = plan_sync(wanted, {entry.name: entry for entry in self.registry.entries()})
+            for model in plan.models:
+                for served in model.register:
+                    self._add(model.name, served)
+                have = self.registry.get(model.name)
+                version = model.default
+                if have is not None and version in have.versions and have.default != version:
+                    self.management.set_default(model.name, version)
+                    self.registry.set_default(model.name, version)
+                    log.info("%s: default version is now %s", model.name, version)
+            for name, version in plan.unregister:
+                self._remove(name, version)
 
     def _add(self, name: str, served: ServedVersion) -> None:
         try:

@@ -3,11 +3,15 @@
 It composes the model store (packaging and the version rule), the supervisor (TorchServe's process,
 watchdog and availability), the version manager (deploy behind the gate, default, unserve), TorchServe's
 gRPC inference client (predict), and the job store, where a deploy is recorded on its job.
+
+The served registry may be shared with other control-plane replicas (each with its own TorchServe):
+a thread follows it every settings.served_sync_s (VersionManager.sync).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +27,7 @@ from service.packaging.supervisor import TorchServeSupervisor
 from service.packaging.torchserve_process import TorchServeProcess
 from service.packaging.ts_config import grpc_inference_target, inference_url, management_url
 from service.packaging.ts_grpc import TorchServeGrpc
-from service.packaging.versions import VersionManager
+from service.packaging.versions import READY_TIMEOUT_S, VersionManager
 from service.records import EventKind, Job, JobResult, JobState
 from service.serving_types import (
     Archive,
@@ -68,12 +72,14 @@ class TorchServeBackend:
         keys, renew = self.process.keys, self.process.renew_keys
         self.management = ManagementClient(RestClient(management_url(settings), "management", keys, renew))
         gate_client = RestClient(inference_url(settings), "inference", keys, renew, timeout_s=60)
-        registry = ServedRegistry(settings.torchserve_dir / "served_models.json")
+        registry = ServedRegistry(settings.served_registry_file)
         self.versions = VersionManager(
             self.model_store, registry, self.management, gate_client, self.supervisor, self.records,
             inference_url(settings),
         )  # fmt: skip
         self._grpc: TorchServeGrpc | None = None
+        self._stop_following = threading.Event()
+        self._follower: threading.Thread | None = None
 
     @staticmethod
     def packager(settings: Settings) -> ModelStore:
@@ -96,8 +102,15 @@ class TorchServeBackend:
             grpc_inference_target(self.settings), self.process.keys, self.process.renew_keys,
             self.settings.max_message_bytes,
         )  # fmt: skip
+        self._stop_following.clear()
+        self._follower = threading.Thread(target=self._follow, name="served-follow", daemon=True)
+        self._follower.start()
 
     def stop(self) -> None:
+        self._stop_following.set()
+        if self._follower is not None:  # a sync loading a version finishes it first (bounded)
+            self._follower.join(timeout=READY_TIMEOUT_S)
+            self._follower = None
         self.supervisor.stop()  # first: from here on, predict answers Unavailable
         if self._grpc is not None:
             self._grpc.close()
@@ -108,7 +121,8 @@ class TorchServeBackend:
         alive = self.supervisor.alive()
         status = {"torchserve": alive}
         for entry in self.versions.registry.entries():
-            status[f"torchserve/{entry.name}"] = alive and self.versions.ready(entry.name, entry.default)
+            default = self.versions.held_default(entry)
+            status[f"torchserve/{entry.name}"] = alive and self.versions.ready(entry.name, default)
         return status
 
     def on_availability(self, listener: AvailabilityListener) -> None:
@@ -186,10 +200,23 @@ class TorchServeBackend:
         entry = self.versions.entry(model, version or None)
         served = entry.versions[version or entry.default]
         self.supervisor.require_running()
+        if not self.versions.holds(model, version or None):
+            raise Unavailable(
+                f"model {model}{f' version {version}' if version else ''} is served but not loaded in this "
+                "replica's TorchServe yet (another replica promoted it, or it failed to load: see the "
+                f"service's log); retry in {self.settings.served_sync_s:g} s or so"
+            )
         if self._grpc is None:
             raise Unavailable("serving is starting; retry in a few seconds")
         answers = self._grpc.predict(model, version or None, images, top_k or served.top_k)
         return PredictResult(model, version or "", tuple(_prediction(answer) for answer in answers))
+
+    def _follow(self) -> None:
+        while not self._stop_following.wait(self.settings.served_sync_s):
+            try:
+                self.versions.sync(stopping=self._stop_following.is_set)
+            except Exception:  # e.g. the shared volume is briefly unreadable: keep serving what we have
+                log.exception("could not follow the served registry %s", self.versions.registry.path)
 
 
 class JobRecorder:

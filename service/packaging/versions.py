@@ -3,12 +3,19 @@
 The served registry (served_registry.py) is the record of what is served; TorchServe, told through its
 management API, forgets everything when it restarts, so `restore` registers the registry's versions
 again. Every change runs under the supervisor's lock, so none interleaves with a restart.
+
+The registry may be shared: control-plane replicas on one state volume each run their own TorchServe
+(TUNESERVE_TORCHSERVE_FILES_DIR) and one served registry. A replica gates a new version in its own
+TorchServe and records it in the registry only once it passed; `sync` (every served_sync_s, from
+TorchServeBackend) registers in this TorchServe what the other replicas promoted and drops what they
+unserved. What this TorchServe holds is tracked apart from the registry (`held`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +32,7 @@ from service.packaging.gate import (
 from service.packaging.management import ManagementClient, RestClient
 from service.packaging.model_store import ModelStore
 from service.packaging.served_registry import ServedEntry, ServedRegistry, ServedVersion, version_key
+from service.packaging.served_sync import HeldVersions, plan_sync
 from service.packaging.supervisor import TorchServeSupervisor
 from service.records import EventKind
 from service.serving_types import Archive, GateImages, ServedModel
@@ -33,6 +41,7 @@ from service.spec import ServingSpec
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+RETRY_FAILED_S = 60.0  # a version sync could not register is tried again this much later
 
 
 class JobRecords(Protocol):
@@ -63,6 +72,8 @@ class VersionManager:
         self.supervisor = supervisor
         self.jobs = jobs
         self.inference_url = inference_url
+        self.held = HeldVersions()
+        self._failed: dict[tuple[str, str], float] = {}  # (model, version) -> when sync tries it again
 
     def deploy(
         self, archive: Archive, images: GateImages, *, job_id: str, checkpoint: Path, serving: ServingSpec
@@ -96,9 +107,10 @@ class VersionManager:
                 try:
                     self._gate(job_id, name, version, reference, images)
                 except BaseException:
-                    self.management.unregister_quietly(name, version)
+                    self._unregister_quietly(name, version)
                     raise
             self.management.set_default(name, version)
+            self.held.made_default(name, version)
             served = ServedVersion(
                 version=version,
                 job_id=job_id,
@@ -118,9 +130,12 @@ class VersionManager:
     def set_default(self, name: str, version: str) -> ServedModel:
         """Make a served version the default (rollback is setting an older one)."""
         with self.supervisor.lock:
-            self.entry(name, version)
+            entry = self.entry(name, version)
             self.supervisor.require_running()
+            if not self.held.holds(name, version):  # another replica served it since this one's last sync
+                self._register_served(name, entry.versions[version])
             self.management.set_default(name, version)
+            self.held.made_default(name, version)
             return self.describe(self.registry.set_default(name, version), version)
 
     def unserve(self, name: str, version: str | None = None) -> None:
@@ -135,7 +150,7 @@ class VersionManager:
                 if version == entry.default and remaining:
                     self._set_default_quietly(name, max(remaining, key=version_key))
             for v in doomed:
-                self.management.unregister_quietly(name, v)
+                self._unregister_quietly(name, v)
                 self.registry.remove(name, v)
 
     def list_served(self) -> list[ServedModel]:
@@ -144,20 +159,54 @@ class VersionManager:
 
     def restore(self) -> None:
         """Register every version in the registry again (after a start or a restart of TorchServe)."""
+        self.held.clear()
         for entry in self.registry.entries():
             for version in entry.ordered_versions():
-                served = entry.versions[version]
-                spec = ServingSpec(
-                    model_name=entry.name,
-                    batch_size=served.batch_size, max_batch_delay_ms=served.max_batch_delay_ms,
-                    workers=served.workers, top_k=served.top_k,
-                )  # fmt: skip
                 try:
-                    found = self.model_store.verified(self.model_store.folder / served.archive, served.sha256)
-                    self._register(entry.name, found.version, found.path.name, spec)
+                    self._register_served(entry.name, entry.versions[version])
                 except Exception:
                     log.exception("could not serve %s version %s again", entry.name, version)
             self._set_default_quietly(entry.name, entry.default)
+
+    def sync(self, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Serve what the registry says now: the versions other replicas promoted are registered (and
+        ready) before they become the default here, the ones they unserved are unregistered. Between
+        versions, `stopping()` ends it early (the service is stopping; the next start restores all)."""
+        with self.supervisor.lock:  # never during a deploy, or a restart (whose restore registers all)
+            if not self.supervisor.is_running():
+                return
+            now = time.monotonic()
+            self._failed = {key: when for key, when in self._failed.items() if when > now}
+            plan = plan_sync({entry.name: entry for entry in self.registry.entries()}, self.held.snapshot())
+            for model in plan.models:
+                for served in model.register:
+                    if stopping():
+                        return
+                    if (model.name, served.version) not in self._failed:
+                        self._load(model.name, served)
+                if model.default is not None and self.held.holds(model.name, model.default):
+                    self._set_default_quietly(model.name, model.default)
+            for name, version in plan.unregister:
+                if self._unregister_quietly(name, version):
+                    log.info("%s: version %s is no longer served (unserved through another replica)",
+                             name, version)  # fmt: skip
+
+    def _load(self, name: str, served: ServedVersion) -> None:
+        """One version sync registers: ready, or unregistered again and left alone for a while (its
+        archive may be gone from the store: not again at every sync)."""
+        try:
+            self._register_served(name, served)
+            log.info("%s: serving version %s (promoted through another replica)", name, served.version)
+        except Exception:
+            self._failed[name, served.version] = time.monotonic() + RETRY_FAILED_S
+            self._unregister_quietly(name, served.version)  # never the default while not ready
+            log.exception("could not serve %s version %s; tried again in %g s", name, served.version,
+                          RETRY_FAILED_S)  # fmt: skip
+
+    def holds(self, name: str, version: str | None) -> bool:
+        """This TorchServe has the model (that version of it, when given) registered."""
+        held = self.held.get(name)
+        return held is not None and (version is None or version in held.versions)
 
     def entry(self, name: str, version: str | None) -> ServedEntry:
         """The served model `name` (that serves `version`, when given), or NotFound listing what is."""
@@ -184,6 +233,12 @@ class VersionManager:
             inference_url=f"{self.inference_url}/predictions/{entry.name}",
         )
 
+    def held_default(self, entry: ServedEntry) -> str:
+        """The version this TorchServe answers for `entry` by default: the registry's, or the one it
+        had until its next sync (another replica just promoted a version)."""
+        held = self.held.get(entry.name)
+        return held.default if held is not None else entry.default
+
     def ready(self, name: str, version: str) -> bool:
         """TorchServe runs and has a ready worker for this version."""
         if not self.supervisor.is_running():
@@ -205,7 +260,22 @@ class VersionManager:
         except AlreadyExists:  # left over from an interrupted deploy: start clean
             self.management.unregister_quietly(name, version)
             self.management.register(archive, name, **options)
+        self.held.registered(name, version)  # registered from here on, even if it never gets ready
         self.management.wait_ready(name, version, READY_TIMEOUT_S)
+
+    def _register_served(self, name: str, served: ServedVersion) -> None:
+        spec = ServingSpec(
+            model_name=name, batch_size=served.batch_size, max_batch_delay_ms=served.max_batch_delay_ms,
+            workers=served.workers, top_k=served.top_k,
+        )  # fmt: skip
+        found = self.model_store.verified(self.model_store.folder / served.archive, served.sha256)
+        self._register(name, found.version, found.path.name, spec)
+
+    def _unregister_quietly(self, name: str, version: str) -> bool:
+        gone = self.management.unregister_quietly(name, version)
+        if gone:
+            self.held.unregistered(name, version)
+        return gone
 
     def _gate(
         self, job_id: str, name: str, version: str, reference: Future[Reference], images: GateImages
@@ -241,6 +311,7 @@ class VersionManager:
     def _set_default_quietly(self, name: str, version: str) -> None:
         try:
             self.management.set_default(name, version)
+            self.held.made_default(name, version)
         except Exception:
             log.exception("could not make version %s the default of %s", version, name)
 

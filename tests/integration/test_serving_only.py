@@ -197,7 +197,9 @@ def test_the_job_api_port_is_not_listening_and_no_job_store_is_made(replica: dic
 
 def test_the_shared_store_is_only_read(replica: dict[str, Any], control_plane: Path):
     assert sorted(p.name for p in (control_plane / "model_store").iterdir()) == ["pets-v1.mar", "pets-v2.mar"]
-    assert sorted(p.name for p in (control_plane / "torchserve").iterdir()) == ["served_models.json"]
+    # the lock file is the control plane's (the fixture promoted version 1); the replica adds nothing
+    served = sorted(p.name for p in (control_plane / "torchserve").iterdir())
+    assert served == [".served_models.json.lock", "served_models.json"]
 
 
 def answers_of(checkpoint: Path, images: list[bytes]) -> list[Any]:

@@ -85,3 +85,18 @@ def test_the_chosen_backend_and_packager_are_torchserves(tmp_path: Path) -> None
     settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data")
     assert isinstance(choose_backend.serving_backend(settings), TorchServeBackend)
     assert isinstance(choose_backend.packager(settings), ModelStore)
+
+
+def test_a_named_replica_needs_a_torchserve_folder_of_its_own(tmp_path: Path) -> None:
+    from service.app import refuse_a_shared_torchserve_folder
+
+    state = tmp_path / "state"
+    shared = Settings(state_dir=state, replica_id="tuneserve-7d9f-abcde")
+    with pytest.raises(FailedPrecondition, match="TUNESERVE_TORCHSERVE_FILES_DIR") as refused:
+        refuse_a_shared_torchserve_folder(shared)
+    assert str(state / "torchserve") in str(refused.value) and "tuneserve-7d9f-abcde" in str(refused.value)
+    own = Settings(state_dir=state, replica_id="tuneserve-7d9f-abcde", torchserve_files_dir=tmp_path / "ts")
+    refuse_a_shared_torchserve_folder(own)
+    assert own.torchserve_dir == tmp_path / "ts" and own.served_registry_file.parent == state / "torchserve"
+    refuse_a_shared_torchserve_folder(Settings(state_dir=state, replica_id="r", torchserve_enabled=False))
+    refuse_a_shared_torchserve_folder(Settings(state_dir=state))  # one unnamed service: its own state folder

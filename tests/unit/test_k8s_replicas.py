@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.app import refuse_replicas_on_sqlite
+from service.app import refuse_a_shared_torchserve_folder, refuse_replicas_on_sqlite
 from service.errors import FailedPrecondition
 from service.jobs.store_open import store_target
 from service.settings import Settings
@@ -156,7 +156,27 @@ def test_each_replica_reads_the_database_url_from_the_secret_and_its_pod_name_as
     url = store_target(settings)
     assert isinstance(url, str) and url.startswith("postgresql://")  # the shared store, not a SQLite file
     refuse_replicas_on_sqlite(settings, url)  # what start_service checks first: accepted
-    assert settings.torchserve_enabled is False  # no two TorchServes in one /state/torchserve
+
+
+def test_each_replica_runs_its_own_torchserve_over_the_shared_served_registry(
+    rendered: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    pod = control_plane(rendered)["spec"]["template"]["spec"]
+    settings = settings_from(kubelet_env(rendered, POD_NAME))
+    assert settings.torchserve_enabled  # the promotion gate runs in each replica's TorchServe
+    refuse_a_shared_torchserve_folder(settings)  # what start_service checks: accepted
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def volume_of(path: Path) -> dict[str, Any]:
+        mount = max((m for m in mounts if path.is_relative_to(m)), key=len)
+        return volumes[mounts[mount]]
+
+    # TorchServe's pid file, keys and config: the pod's own; the served registry: the shared state volume
+    assert "emptyDir" in volume_of(settings.torchserve_dir)
+    claim = volume_of(settings.served_registry_file)["persistentVolumeClaim"]["claimName"]
+    assert claim == "tuneserve-state"
+    assert settings.served_registry_file.parent != settings.torchserve_dir
 
 
 def test_a_replica_whose_database_secret_is_empty_refuses_to_start(
