@@ -15,3 +15,9 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def torchserve_ports() -> dict[str, int]:
+    """Settings fields for TorchServe's five ports, each free now: one TorchServe per test module."""
+    names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+    return {f"torchserve_{name}_port": port for name, port in zip(names, free_ports(5), strict=True)}

@@ -22,7 +22,7 @@ import grpc
 import pytest
 import torch
 from PIL import Image
-from ports import free_ports
+from ports import torchserve_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound
@@ -47,15 +47,10 @@ MAX_PIXELS = 1_000_000
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeBackend]:
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = Settings.model_validate(
         {
             "state_dir": tmp_path_factory.mktemp("state"),
-            "torchserve_inference_port": inference,
-            "torchserve_management_port": management,
-            "torchserve_metrics_port": metrics,
-            "torchserve_grpc_inference_port": grpc_inference,
-            "torchserve_grpc_management_port": grpc_management,
+            **torchserve_ports(),
             "torchserve_java_heap": "256m",
             "torchserve_start_timeout_s": 120,
             "max_image_pixels": MAX_PIXELS,

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from ports import free_ports
+from ports import torchserve_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import NotFound
@@ -47,17 +47,12 @@ FOLLOW_TIMEOUT_S = 180.0  # a model's first worker in a second TorchServe, on a 
 
 
 def _replica(state: Path, name: str) -> TorchServeBackend:
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = Settings.model_validate(
         {
             "state_dir": state,  # shared: the model store and the served registry
             "torchserve_files_dir": state.parent / f"{name}-torchserve",  # its own (an emptyDir in a pod)
             "served_sync_s": SYNC_S,
-            "torchserve_inference_port": inference,
-            "torchserve_management_port": management,
-            "torchserve_metrics_port": metrics,
-            "torchserve_grpc_inference_port": grpc_inference,
-            "torchserve_grpc_management_port": grpc_management,
+            **torchserve_ports(),
             "torchserve_java_heap": "256m",
             "torchserve_start_timeout_s": 180,
         }

@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ports import free_ports
+from ports import torchserve_ports
 
 from service.packaging.torchserve_process import TorchServeProcess
 from service.settings import Settings
@@ -27,17 +27,12 @@ def test_torchserve_runs_with_the_serving_gpus_visible_and_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")  # the service itself was given three GPUs
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = Settings.model_validate(
         {
             "state_dir": tmp_path,
             "gpu_count": 3,  # no GPU here: the override knob stands in for CUDA's count
             "serving_gpus": "1",
-            "torchserve_inference_port": inference,
-            "torchserve_management_port": management,
-            "torchserve_metrics_port": metrics,
-            "torchserve_grpc_inference_port": grpc_inference,
-            "torchserve_grpc_management_port": grpc_management,
+            **torchserve_ports(),
             "torchserve_java_heap": "256m",
             "torchserve_start_timeout_s": 120,
         }

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from ports import free_ports
+from ports import torchserve_ports
 from reliability import record
 
 from handlers.inference import ImageClassifier
@@ -37,15 +37,10 @@ WARM_TIMEOUT_S = 180.0
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServeBackend]:
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = Settings.model_validate(
         {
             "state_dir": tmp_path_factory.mktemp("state"),
-            "torchserve_inference_port": inference,
-            "torchserve_management_port": management,
-            "torchserve_metrics_port": metrics,
-            "torchserve_grpc_inference_port": grpc_inference,
-            "torchserve_grpc_management_port": grpc_management,
+            **torchserve_ports(),
             "torchserve_java_heap": "256m",
             "torchserve_start_timeout_s": 120,
         }

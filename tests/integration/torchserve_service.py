@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from harness import make_settings, running_service
-from ports import free_ports
+from ports import torchserve_ports
 
 from service.app import Service
 
@@ -18,15 +18,10 @@ from service.app import Service
 @contextmanager
 def running_torchserve_service(root: Path, **overrides: Any) -> Iterator[Service]:
     """start_service with TorchServe enabled (5 free ports, a 256 MB heap), stopped with the service."""
-    inference, management, metrics, grpc_inference, grpc_management = free_ports(5)
     settings = make_settings(
         root,
         torchserve_enabled=True,
-        torchserve_inference_port=inference,
-        torchserve_management_port=management,
-        torchserve_metrics_port=metrics,
-        torchserve_grpc_inference_port=grpc_inference,
-        torchserve_grpc_management_port=grpc_management,
+        **torchserve_ports(),
         torchserve_java_heap="256m",
         torchserve_start_timeout_s=180,
         **overrides,
