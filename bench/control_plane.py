@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, make_image_folder, percentile, ratio
+from bench.common import emit, free_ports, make_image_folder, percentile, ratio
 
 NAME = "control_plane"
 
@@ -140,25 +139,24 @@ def _in_process(root: Path, max_queued: int) -> Places:
         service.stop(drain=False)
 
 
-SERVING_ON = re.compile(r"tuneserve is serving on [\d.]+:(\d+)")
-
-
 @contextlib.contextmanager
 def _replicas(root: Path, url: str, count: int, max_queued: int) -> Places:
     """`count` replicas, each `run_service()` in its own process, on the PostgreSQL database `url` and one
     shared state folder, as a Deployment runs them."""
+    from bench.service_run import wait_line
     from service.jobs.store import JobStore
     from service.settings import Settings
 
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        targets = []
-        for k in range(count):
+        ports = free_ports(count)
+        for k, port in enumerate(ports):
             env = {name: value for name, value in os.environ.items() if not name.startswith("TUNESERVE_")}
             env |= {
                 "TUNESERVE_STATE_DIR": str(root / "state"), "TUNESERVE_DATA_ROOT": str(root / "data"),
                 "TUNESERVE_TORCH_HOME": str(root / "torch"), "TUNESERVE_DATABASE_URL": url,
-                "TUNESERVE_REPLICA_ID": f"bench-{k}", "TUNESERVE_PORT": "0", "TUNESERVE_HOST": "127.0.0.1",
+                "TUNESERVE_REPLICA_ID": f"bench-{k}", "TUNESERVE_HOST": "127.0.0.1",
+                "TUNESERVE_PORT": str(port),
                 "TUNESERVE_TORCHSERVE_ENABLED": "false", "TUNESERVE_MAX_CONCURRENT_JOBS": "1",
                 "TUNESERVE_MAX_QUEUED_JOBS": str(max_queued),
             }  # fmt: skip
@@ -166,7 +164,9 @@ def _replicas(root: Path, url: str, count: int, max_queued: int) -> Places:
             with open(log, "wb") as out:
                 command = [sys.executable, "-c", "from service.app import run_service; run_service()"]
                 processes.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
-            targets.append(f"127.0.0.1:{_port_of(processes[-1], log)}")
+        for k, process in enumerate(processes):  # they start side by side
+            wait_line(root / f"replica-{k}.log", "tuneserve is serving on", 180, process)
+        targets = [f"127.0.0.1:{port}" for port in ports]
         store = JobStore(url)
         try:
             yield targets, store, Settings.model_fields["grpc_workers"].default
@@ -181,18 +181,6 @@ def _replicas(root: Path, url: str, count: int, max_queued: int) -> Places:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _port_of(process: subprocess.Popen[bytes], log: Path, timeout_s: float = 180.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = SERVING_ON.search(log.read_text(errors="replace"))
-        if found:
-            return int(found.group(1))
-        if process.poll() is not None:
-            raise RuntimeError(f"a replica exited at start ({process.returncode}): {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    raise TimeoutError(f"a replica did not start within {timeout_s} s: {log.read_text()[-2000:]}")
 
 
 def _figures(

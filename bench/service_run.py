@@ -138,14 +138,20 @@ def wait_spares(spare_log: Path, wanted: int, timeout_s: float) -> None:
     raise TimeoutError(f"fewer than {wanted} spare workers were ready after {timeout_s} s (see {spare_log})")
 
 
-def wait_line(log: Path, text: str, timeout_s: float) -> None:
-    """Until `log` holds `text`."""
+def wait_line(log: Path, text: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until `log` holds `text`; at once when `process` (the one writing the log) has exited instead."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if log.is_file() and text in log.read_text(errors="replace"):
             return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"exited ({process.returncode}) before saying {text!r}: {_tail(log)}")
         time.sleep(0.1)
-    raise TimeoutError(f"{log} did not say {text!r} within {timeout_s} s")
+    raise TimeoutError(f"{log} did not say {text!r} within {timeout_s} s: {_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:] if log.is_file() else "(no log)"
 
 
 def wait_healthy(channel: Any, timeout_s: float) -> None:

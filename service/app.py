@@ -169,8 +169,12 @@ def refuse_a_shared_torchserve_folder(settings: Settings) -> None:
     """A named replica's TorchServe keeps its files in a folder of its own: in the shared state folder,
     every replica's TorchServe would write the same pid file, keys and config (and stop the others' as
     orphans). The served registry stays shared (settings.served_registry_file)."""
-    named, own_folder = settings.replica_id is not None, settings.torchserve_files_dir is not None
-    if named and settings.torchserve_enabled and not own_folder:
+    shared = settings.served_registry_file.parent.resolve()  # what TorchServe's files would share
+    if (
+        settings.replica_id is not None
+        and settings.torchserve_enabled
+        and settings.torchserve_dir.resolve() == shared
+    ):
         raise FailedPrecondition(
             f"TUNESERVE_REPLICA_ID={settings.replica_id!r} names a replica, and its TorchServe would keep "
             f"its pid file, keys and config in {settings.torchserve_dir}, on the state volume every replica "

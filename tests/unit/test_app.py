@@ -98,5 +98,10 @@ def test_a_named_replica_needs_a_torchserve_folder_of_its_own(tmp_path: Path) ->
     own = Settings(state_dir=state, replica_id="tuneserve-7d9f-abcde", torchserve_files_dir=tmp_path / "ts")
     refuse_a_shared_torchserve_folder(own)
     assert own.torchserve_dir == tmp_path / "ts" and own.served_registry_file.parent == state / "torchserve"
+    spelled_out = Settings(
+        state_dir=state, replica_id="r", torchserve_files_dir=state / "x" / ".." / "torchserve"
+    )
+    with pytest.raises(FailedPrecondition, match="TUNESERVE_TORCHSERVE_FILES_DIR"):
+        refuse_a_shared_torchserve_folder(spelled_out)  # the shared folder, named another way
     refuse_a_shared_torchserve_folder(Settings(state_dir=state, replica_id="r", torchserve_enabled=False))
     refuse_a_shared_torchserve_folder(Settings(state_dir=state))  # one unnamed service: its own state folder

@@ -147,7 +147,19 @@ def test_on_postgres_a_write_that_deadlocks_with_another_replicas_batch_runs_aga
     try:
         with ThreadPoolExecutor(6) as pool:
             release = threading.Event()
-            blockers = [pool.submit(s.db.run_write, lambda db: release.wait(30)) for s in (a, b)]
+            holding = [threading.Event(), threading.Event()]
+
+            def hold(started: threading.Event) -> Callable[[Conn], None]:
+                def work(db: Conn) -> None:
+                    started.set()
+                    release.wait(30)
+
+                return work
+
+            blockers = [pool.submit(s.db.run_write, hold(h)) for s, h in zip((a, b), holding, strict=True)]
+            # each writer busy before the writes are queued: one that found its writer idle would run at
+            # once, never in the batch the test builds (a flake on a loaded CI)
+            assert all(h.wait(30) for h in holding)
             futures = []
             for store, first, second in (
                 (a, lambda: a.db.run_write(lock_row), lambda: a.create_job(make_spec("from-a"))),
