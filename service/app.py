@@ -38,6 +38,7 @@ from service.packaging.backend import ServingBackend
 from service.records import JobState
 from service.settings import Settings
 from service.stop_signals import stop_on_signals
+from service.training_imports import import_training_modules
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,7 @@ def _preload_admission() -> None:
     CreateJob. The serving backend used to import it by the way; since TorchServe's workers stopped
     importing timm (service.training.registry imports it lazily) nothing did before the first job."""
     try:
-        import service.training.layers
-        import service.training.registry
-        import service.training.weights  # noqa: F401
+        import_training_modules()  # a CreateJob meanwhile waits for it (service.training_imports)
     except Exception:  # the first CreateJob imports them again and reports what fails
         log.exception("preloading the admission's modules failed")
     freeze_imports()  # after the last big import: see service.heap

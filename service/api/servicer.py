@@ -19,6 +19,7 @@ from service.jobs.manager import JobManager
 from service.jobs.serving_access import ClientServing, require_serving
 from service.packaging.backend import ServingBackend
 from service.settings import Settings
+from service.training_imports import import_training_modules
 
 # A layer table is built for real where the meta device cannot be used: bound the head it allocates.
 MAX_DESCRIBED_CLASSES = 100_000
@@ -54,6 +55,7 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
+        import_training_modules()  # one thread at a time: see service.training_imports
         from service.training.registry import list_models
 
         models = list_models(request.source or None, self.settings.torch_home, request.available_only)
@@ -62,6 +64,7 @@ class FineTuningServicer(pb_grpc.FineTuningServicer):
     def DescribeModel(
         self, request: pb.DescribeModelRequest, context: grpc.ServicerContext
     ) -> pb.ModelDescription:
+        import_training_modules()
         from service.training.layers import describe_model
 
         description = describe_model(

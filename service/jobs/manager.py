@@ -22,11 +22,13 @@ from service.jobs.watch import FALLBACK_S, follow_events
 from service.records import EventKind, Job, JobEvent, JobState
 from service.settings import Settings
 from service.spec import JobSpec
+from service.training_imports import import_training_modules
 
 Admit = Callable[[JobSpec, Settings], Any]
 
 
 def _admit(spec: JobSpec, settings: Settings) -> Any:
+    import_training_modules()  # never beside the start-up import in another thread: see the module
     from service.jobs.admission import admit
 
     return admit(spec, settings)
