@@ -121,8 +121,8 @@ class TorchServeBackend:
         alive = self.supervisor.alive()
         status = {"torchserve": alive}
         for entry in self.versions.registry.entries():
-            default = self.versions.held_default(entry)
-            status[f"torchserve/{entry.name}"] = alive and self.versions.ready(entry.name, default)
+            # the registry's default: a replica that has not loaded another's promotion yet is not ready
+            status[f"torchserve/{entry.name}"] = alive and self.versions.ready(entry.name, entry.default)
         return status
 
     def on_availability(self, listener: AvailabilityListener) -> None:

@@ -233,12 +233,6 @@ class VersionManager:
             inference_url=f"{self.inference_url}/predictions/{entry.name}",
         )
 
-    def held_default(self, entry: ServedEntry) -> str:
-        """The version this TorchServe answers for `entry` by default: the registry's, or the one it
-        had until its next sync (another replica just promoted a version)."""
-        held = self.held.get(entry.name)
-        return held.default if held is not None else entry.default
-
     def ready(self, name: str, version: str) -> bool:
         """TorchServe runs and has a ready worker for this version."""
         if not self.supervisor.is_running():
