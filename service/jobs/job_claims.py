@@ -3,8 +3,9 @@
 One replica on SQLite (`QueueClaims`): the queue is read, the job moved to RUNNING when its worker
 starts, and at start-up every interrupted job is this replica's. Several replicas on one PostgreSQL
 (`LeasedClaims`): a job is claimed with a lease (RUNNING at once, leased to this replica) and the lease
-kept renewed (service.jobs.scheduler_leases); a claim without a worker goes back to the queue, and a job
-whose lease another replica took over is reported lost so that the scheduler ends its worker here.
+kept renewed (service.jobs.scheduler_leases); a claim without a worker goes back to the queue, a job
+whose lease another replica took over is reported lost so that the scheduler ends its worker here, and a
+dead replica's job whose worker runs on (a TrainJob) is adopted: the scheduler watches that worker here.
 The scheduler asks the same questions either way and never looks at which one it has.
 """
 
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from service.errors import FailedPrecondition
 from service.jobs.scheduler_leases import LeaseKeeper
 from service.jobs.store import JobStore
+from service.jobs.store_leases import Adopted
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 
@@ -42,6 +44,10 @@ class Claims(Protocol):
 
     def lost(self, running: Sequence[str]) -> list[str]:
         """Of `running`, the jobs another replica has taken over: their workers must end here."""
+
+    def adopted(self) -> list[Adopted]:
+        """Jobs of a dead replica whose workers run on, leased to this replica now (each told once): the
+        scheduler watches their workers from here."""
 
     def keep(self) -> None:
         """While draining: keep the running jobs this replica's (never raises)."""
@@ -70,6 +76,9 @@ class QueueClaims:
     def lost(self, running: Sequence[str]) -> list[str]:
         return []
 
+    def adopted(self) -> list[Adopted]:
+        return []  # no other replica: nobody's worker to adopt
+
     def keep(self) -> None:
         pass
 
@@ -77,10 +86,12 @@ class QueueClaims:
 class LeasedClaims:
     """Several replicas on one database: each job claimed with a lease, renewed from the scheduler's tick."""
 
-    def __init__(self, store: JobStore, replica: str, lease_s: float) -> None:
+    def __init__(
+        self, store: JobStore, replica: str, lease_s: float, adoptable: Callable[[str], bool]
+    ) -> None:
         self.store = store
         self.replica: str | None = replica
-        self._leases = LeaseKeeper(store, replica, lease_s)
+        self._leases = LeaseKeeper(store, replica, lease_s, adoptable)
 
     def take(self, peeked: Job, running: Sequence[str]) -> Job | None:
         # another replica may have taken the peeked one: the claim is whatever is oldest now
@@ -102,6 +113,9 @@ class LeasedClaims:
             return []
         return [job_id for job_id in running if job_id not in held and self._leases.lost(job_id)]
 
+    def adopted(self) -> list[Adopted]:
+        return self._leases.adopted()
+
     def keep(self) -> None:
         try:
             self._leases.beat()
@@ -109,8 +123,9 @@ class LeasedClaims:
             log.warning("renewing leases failed", exc_info=True)
 
 
-def claims_for(store: JobStore, settings: Settings) -> Claims:
-    """Leases on a shared PostgreSQL; the queue alone on SQLite (one replica)."""
+def claims_for(store: JobStore, settings: Settings, adoptable: Callable[[str], bool]) -> Claims:
+    """Leases on a shared PostgreSQL, adopting a dead replica's workers that `adoptable` (the launcher)
+    can watch from here; the queue alone on SQLite (one replica)."""
     if store.db.dialect != "postgresql":
         return QueueClaims(store)
     replica = settings.resolved_replica_id
@@ -122,4 +137,4 @@ def claims_for(store: JobStore, settings: Settings) -> Claims:
             settings.lease_s,
             settings.report_lost_s,
         )
-    return LeasedClaims(store, replica, settings.lease_s)
+    return LeasedClaims(store, replica, settings.lease_s, adoptable)

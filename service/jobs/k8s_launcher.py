@@ -5,7 +5,8 @@ trainjob_manifest); a handle's ref is `namespace/name`. poll reads the TrainJob'
 is exit 0; Failed is exit 75 when a stop was asked for, 1 when the worker reported FAILED, else a crash
 the scheduler retries (see service.jobs.launcher). A stop is not a signal here: the scheduler has already
 told the intake, and every rank learns the reason from its next heartbeat reply and stops at a safe
-point. kill and release delete the TrainJob (foreground: its pods go first) and its Secret.
+point. kill and release delete the TrainJob (foreground: its pods go first) and its Secret. A TrainJob
+outlives the replica that created it, so another replica adopts it (can_adopt) when that one dies.
 
 The `kubernetes` client (the k8s extra) is imported here alone, when the launcher is built, so a service
 that launches local processes runs without it.
@@ -182,6 +183,12 @@ class KubernetesLauncher:
                 "job %s: deleting TrainJob %s/%s left by the last service", job_id, namespace, leftover
             )
             self._delete(namespace, leftover)
+
+    def can_adopt(self, ref: str) -> bool:
+        # a TrainJob runs in the cluster whatever became of the replica that created it; one in another
+        # namespace was made by a service configured otherwise (this one's Role may not reach it)
+        namespace, _, name = ref.partition("/")
+        return bool(name) and namespace == self.settings.k8s_namespace
 
     def gpus_here(self, job: Job) -> int:
         return 0  # a TrainJob's pods ask the cluster for their GPUs: none of this machine's is held

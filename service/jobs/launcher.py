@@ -107,6 +107,12 @@ class Launcher(Protocol):
         """A longer wait for a worker's first call than for any later silence; None: no longer
         (settings.worker_silence_s from the start)."""
 
+    def can_adopt(self, ref: str) -> bool:
+        """True: the worker `ref` that another replica launched runs on without it and can be watched,
+        stopped and released from here (a TrainJob in this service's namespace; it holds none of this
+        machine's GPUs), so a replica that takes over the job after that replica died keeps it training
+        instead of restarting it. False for a local process: it lived (and died) with its replica."""
+
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker: ours, with every setting spelled out as TUNESERVE_* (paths absolute)."""

@@ -103,6 +103,9 @@ class LocalProcessLauncher:
     def first_call(self) -> FirstCall | None:
         return None  # a local process runs at once
 
+    def can_adopt(self, ref: str) -> bool:
+        return False  # another replica's process: on its machine, not this one
+
     def worth_waiting(self, job: Job, env: Mapping[str, str]) -> bool:
         """The spare fits `env` and is importing (told to hurry now), not ready yet, for at most
         SPARE_READY_WAIT_S: starting the job now would hand it over all the same (and start the next

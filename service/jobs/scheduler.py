@@ -15,7 +15,8 @@ the worker exits, however it exits. The oldest queued job waits while its GPUs a
 younger ones wait behind it. So does a job whose warm worker is still on its way (Launcher.worth_waiting).
 
 Several replicas on one PostgreSQL claim jobs with leases, one replica on SQLite reads the queue alone:
-service.jobs.job_claims, which the scheduler asks the same questions either way.
+service.jobs.job_claims, which the scheduler asks the same questions either way. A dead replica's job
+whose worker runs on (a TrainJob) is adopted: this scheduler watches it as if it had launched it.
 
 The polling thread is supervised: `healthy()` (called by the service's health probe) restarts it when
 it has died and reports unhealthy until the new thread has completed a tick.
@@ -42,6 +43,7 @@ from service.jobs.launcher import (
     worker_env,
 )
 from service.jobs.store import JobStore
+from service.jobs.store_leases import Adopted
 from service.jobs.supervised_loop import SupervisedLoop
 from service.records import Job, JobState
 from service.settings import Settings
@@ -99,7 +101,7 @@ class Scheduler:
         self._capacity = self.settings.resolved_max_concurrent_jobs()
         self._env = worker_env(self.settings)
         self._devices = DeviceAllocator(self.settings.training_gpus)
-        self._claims = claims_for(self.store, self.settings)
+        self._claims = claims_for(self.store, self.settings, self.launcher.can_adopt)
         replica = self._claims.replica
         # only this replica's own (or never-leased) jobs: the others' workers are alive elsewhere
         for job in self.store.interrupted(replica):
@@ -166,6 +168,8 @@ class Scheduler:
     def _tick(self) -> None:
         for job_id in self._claims.lost(list(self._workers)):
             self._forget(self._workers[job_id])
+        for adopted in self._claims.adopted():
+            self._adopt(adopted)
         for worker in list(self._workers.values()):
             ended = self.launcher.poll(worker.handle)
             if ended is not None:
@@ -193,7 +197,18 @@ class Scheduler:
         return gpus > len(self._devices.devices) or len(self._devices.free()) >= gpus
 
     def _forget(self, worker: _Worker) -> None:
-        """Another replica has the job now (its lease ran out here): kill the worker, leave the job alone."""
+        """Another replica has the job now (its lease ran out here): leave the job alone, and its worker
+        to that replica when it could adopt it; else kill the worker."""
+        if self.launcher.can_adopt(worker.handle.ref):
+            # adopted, or re-queued: then the relaunch replaces it (a TrainJob of the same name)
+            log.warning(
+                "job %s: its lease was lost (taken over by another replica); worker %s is no longer "
+                "watched here",
+                worker.job_id,
+                worker.handle.ref,
+            )
+            self._drop(worker, release=False)
+            return
         log.warning(
             "job %s: its lease was lost (re-queued by another replica); killing worker %s",
             worker.job_id,
@@ -202,11 +217,23 @@ class Scheduler:
         self.launcher.kill(worker.handle)
         self._drop(worker)
 
-    def _drop(self, worker: _Worker) -> None:
-        """The worker is gone (or going): nothing of its job is held here any more."""
+    def _adopt(self, adopted: Adopted) -> None:
+        """A dead replica's job whose worker runs on is this replica's now: watched like its own (its
+        grant moved here with the lease). It may take this replica past max_concurrent_jobs for a while:
+        then no new job starts here until it is below again."""
+        job = adopted.job
+        if job.id in self._workers:
+            return  # its own, whose renewal was late: watched here already
+        self._workers[job.id] = _Worker(WorkerHandle(job.id, adopted.ref))
+        log.info("job %s: watching worker %s, adopted (attempt %d)", job.id, adopted.ref, job.attempts)
+
+    def _drop(self, worker: _Worker, *, release: bool = True) -> None:
+        """The worker is gone (or going; or another replica's now, `release` False): nothing of its job
+        is held here any more."""
         del self._workers[worker.job_id]
-        self.intake.revoke(worker.job_id)
-        self.launcher.release(worker.handle)  # stragglers: data-loader processes, etc.
+        self.intake.revoke(worker.job_id)  # this replica's grant only: an adopter's stays
+        if release:
+            self.launcher.release(worker.handle)  # stragglers: data-loader processes, etc.
         self._devices.release(worker.job_id)  # after the stragglers: nothing of the job is left on them
 
     def _launch(self, job: Job) -> bool:

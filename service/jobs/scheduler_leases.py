@@ -1,10 +1,11 @@
 """The scheduler's side of leases, for several service replicas on one database (PostgreSQL).
 
 A replica claims each job it runs (`claim_next`: the job becomes RUNNING, leased to the replica), and
-every lease_s / 3 renews all its leases in one statement and re-queues the jobs whose lease ran out: a
-replica that died stops renewing, so its jobs go back to the queue one lease later and another replica
-resumes them from their last checkpoint. A job missing from the renewal's answer is no longer this
-replica's (it was re-queued while this replica could not reach the database): its worker is killed.
+every lease_s / 3 renews all its leases in one statement and takes over the jobs whose lease ran out: a
+replica that died stops renewing, so one lease later another replica adopts each of its jobs whose worker
+runs on without it (a TrainJob, `adoptable`), and re-queues the others to resume from their last
+checkpoint. A job missing from the renewal's answer is no longer this replica's (it was taken over while
+this replica could not reach the database): its worker is killed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from service.jobs.store import JobStore
+from service.jobs.store_leases import Adopted
 from service.records import Job
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,16 @@ class LeaseKeeper:
         store: JobStore,
         replica: str,
         lease_s: float,
+        adoptable: Callable[[str], bool] = lambda ref: False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.replica = replica
         self.lease_s = lease_s
+        self._adoptable = adoptable
         self._clock = clock
         self._due = 0.0  # the next renewal: at once
+        self._adopted: list[Adopted] = []  # taken over, not yet handed to the scheduler
 
     def beat(self, *, force: bool = False) -> set[str] | None:
         """When a renewal is due (or `force`): renew this replica's leases, re-queue expired ones, and
@@ -43,9 +48,22 @@ class LeaseKeeper:
             return None
         held = set(self.store.renew(self.replica, self.lease_s))
         self._due = now + self.lease_s / 3
-        for job in self.store.requeue_expired():
+        done = self.store.take_over_expired(self.replica, self.lease_s, self._adoptable)
+        for job in done.requeued:
             log.warning("job %s: its replica's lease expired; re-queued (%s)", job.id, job.state)
+        for adopted in done.adopted:
+            log.warning(
+                "job %s: its replica's lease expired; adopted its worker %s, which runs on",
+                adopted.job.id,
+                adopted.ref,
+            )
+        self._adopted.extend(done.adopted)
         return held
+
+    def adopted(self) -> list[Adopted]:
+        """The jobs adopted since the last call (leased to this replica now, their workers running)."""
+        taken, self._adopted = self._adopted, []
+        return taken
 
     def claim(self, exclude: Sequence[str]) -> Job | None:
         """The oldest queued job, now RUNNING and leased to this replica; None when the queue is empty."""

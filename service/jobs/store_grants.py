@@ -2,15 +2,17 @@
 
 With several replicas on one PostgreSQL, a worker's calls reach whichever replica the reporting Service
 picks, not necessarily the one that launched it. So the grant lives in the database: the SHA-256 of the
-launch token (the token itself is only in the worker's environment), the launching replica, when the
-worker last called, whether it has, the next event number it owes and the stop reason. Any replica
-authorizes a call against it; the launching replica's scheduler reads silence and first call from it;
-its request_stop reaches the worker through whichever replica answers the next heartbeat.
+launch token (the token itself is only in the worker's environment), the replica watching the worker
+(the one that launched it, or adopted it: service.jobs.store_leases), when the worker last called,
+whether it has, the next event number it owes and the stop reason. Any replica authorizes a call
+against it; the watching replica's scheduler reads silence and first call from it; its request_stop
+reaches the worker through whichever replica answers the next heartbeat.
 
 Times are wall clock (time.time()), as the leases' are: replicas' clocks are assumed in step (NTP) to
-well within a lease. A call is accepted only while the launching replica still holds the job's lease:
-once it has died and its lease ran out, its worker is refused (UNAUTHENTICATED) and stops at its next
-safe point, before another replica's relaunch of the job gets far, as it did when its replica was gone.
+well within a lease. A call is accepted only while the job is leased to the grant's replica, or was
+until its lease ran out and no other replica has taken the job over yet: once one re-queues it, the
+worker is refused (UNAUTHENTICATED) and stops at its next safe point, before the job's relaunch gets
+far; once one adopts it (a TrainJob), the grant moves with the lease and the worker trains on.
 
 Writes stay few: a call writes its heartbeat at most every `touch_s` per job and replica (the first
 call at once); an event batch is one write that numbers and stores the events under the grant's lock.
@@ -96,13 +98,18 @@ class SharedGrants:
         return token
 
     def revoke(self, job_id: str) -> None:
+        digest = self._digest(job_id)
         with self._lock:
-            digest = self._issued.pop(job_id, None)
+            self._issued.pop(job_id, None)
             if digest is not None:
                 self._seen.pop(digest, None)
         if digest is not None:  # only the grant issued here: another replica may have relaunched the job
+            # ... or adopted its worker, which then has the same token but is that replica's to revoke
             self.store.db.run_write(
-                lambda db: db.run("DELETE FROM report_grants WHERE token_sha256 = :h", {"h": digest})
+                lambda db: db.run(
+                    "DELETE FROM report_grants WHERE token_sha256 = :h AND replica = :r",
+                    {"h": digest, "r": self.replica},
+                )
             )
 
     def request_stop(self, job_id: str, reason: str) -> None:
@@ -187,11 +194,13 @@ class SharedGrants:
             raise unknown_token()
         if row["job_id"] != job_id:
             raise other_job(job_id)
-        expires = row["lease_expires"]
-        if row["lease_owner"] != row["replica"] or expires is None or float(expires) < time.time():
+        # An expired lease still held by the grant's replica is accepted: between its expiry and another
+        # replica's next look (a third of a lease), the job's worker may be about to be adopted, and a
+        # refusal would stop it. A re-queue clears the owner, and an adoption moves the grant.
+        if row["lease_owner"] != row["replica"] or row["lease_expires"] is None:
             raise Unauthenticated(
-                f"the replica that launched this worker ({row['replica']}) no longer holds job {job_id} "
-                "(its lease ran out: the job runs again elsewhere); this worker must stop"
+                f"the replica that watched this worker ({row['replica']}) no longer holds job {job_id} "
+                "(its lease ran out and the job was re-queued to run again); this worker must stop"
             )
 
     def _touch(self, digest: str, job_id: str, reason: str | None, *, first: bool) -> None:
@@ -240,7 +249,23 @@ class SharedGrants:
 
     def _digest(self, job_id: str) -> str | None:
         with self._lock:
-            return self._issued.get(job_id)
+            digest = self._issued.get(job_id)
+        if digest is not None:
+            return digest
+        # not issued here: adopted from a dead replica (its grant moved here with the lease), or none
+        try:
+            with self.store.db.read() as db:
+                row = db.one(
+                    "SELECT token_sha256 FROM report_grants WHERE job_id = :j AND replica = :r",
+                    {"j": job_id, "r": self.replica},
+                )
+        except Unavailable:
+            self._db_failed()
+            raise
+        if row is None:
+            return None
+        with self._lock:
+            return self._issued.setdefault(job_id, str(row["token_sha256"]))
 
     def _own_row(self, job_id: str) -> Row | None:
         digest = self._digest(job_id)

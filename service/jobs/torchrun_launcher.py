@@ -82,6 +82,9 @@ class ByWorldSize:
     def first_call(self) -> FirstCall | None:
         return self.single.first_call()  # both start local processes
 
+    def can_adopt(self, ref: str) -> bool:
+        return self.single.can_adopt(ref)  # both start local processes
+
     def stop_leftover(self, job_id: str, ref: str, grace_s: float) -> None:
         # both are local process groups named by pid: either launcher stops what the other left
         self.single.stop_leftover(job_id, ref, grace_s)

@@ -130,12 +130,10 @@ class ServedRegistry:
                 yield
 
     def _refresh(self) -> None:
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
+        stamp = _stamp_of(self.path)
+        if stamp is None:
             self._stamp, self._entries = None, {}
             return
-        stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if stamp != self._stamp:
             self._entries, self._stamp = self._load(), stamp
 
@@ -166,7 +164,16 @@ class ServedRegistry:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-            stat = os.stat(self.path)
-            self._stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            self._stamp = _stamp_of(self.path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _stamp_of(path: Path) -> tuple[int, int, int] | None:
+    """The file's inode, size and mtime: any write through _save changes one (a new inode at least);
+    None when there is no file."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)

@@ -87,9 +87,10 @@ class HeldVersions:
         with self._lock:
             return self._models.get(name)
 
-    def holds(self, name: str, version: str) -> bool:
+    def holds(self, name: str, version: str | None = None) -> bool:
+        """This TorchServe has the model (that version of it, when given) registered."""
         held = self.get(name)
-        return held is not None and version in held.versions
+        return held is not None and (version is None or version in held.versions)
 
     def registered(self, name: str, version: str) -> None:
         """A version is registered: a model's first one is its default (TorchServe's rule)."""

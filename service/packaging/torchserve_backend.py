@@ -200,7 +200,7 @@ class TorchServeBackend:
         entry = self.versions.entry(model, version or None)
         served = entry.versions[version or entry.default]
         self.supervisor.require_running()
-        if not self.versions.holds(model, version or None):
+        if not self.versions.held.holds(model, version or None):
             raise Unavailable(
                 f"model {model}{f' version {version}' if version else ''} is served but not loaded in this "
                 "replica's TorchServe yet (another replica promoted it, or it failed to load: see the "

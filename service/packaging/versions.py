@@ -203,11 +203,6 @@ class VersionManager:
             log.exception("could not serve %s version %s; tried again in %g s", name, served.version,
                           RETRY_FAILED_S)  # fmt: skip
 
-    def holds(self, name: str, version: str | None) -> bool:
-        """This TorchServe has the model (that version of it, when given) registered."""
-        held = self.held.get(name)
-        return held is not None and (version is None or version in held.versions)
-
     def entry(self, name: str, version: str | None) -> ServedEntry:
         """The served model `name` (that serves `version`, when given), or NotFound listing what is."""
         entry = self.registry.get(name)

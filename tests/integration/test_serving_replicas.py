@@ -119,7 +119,7 @@ def _held_default(backend: TorchServeBackend, model: str) -> str | None:
 def _serves(backend: TorchServeBackend, model: str, version: str) -> bool:
     """Ready in the replica's TorchServe, and recorded as held there (which Predict asks first): the sync
     records it once TorchServe's register call returns, a moment after TorchServe says ready."""
-    return _registered(backend, model, version) and backend.versions.holds(model, version)
+    return _registered(backend, model, version) and backend.versions.held.holds(model, version)
 
 
 def _registered(backend: TorchServeBackend, model: str, version: str) -> bool:
@@ -156,7 +156,7 @@ def test_a_version_the_gate_refuses_on_one_replica_is_served_by_neither(
     tmp_path: Path,
 ):
     a, b = replicas
-    _eventually(lambda: b.versions.holds("pets", "1"), "replica b serves pets version 1")
+    _eventually(lambda: b.versions.held.holds("pets", "1"), "replica b serves pets version 1")
     archive = build_archive(checkpoints["c"], tmp_path, "pets", "2")
     tampered = b.settings.model_store / archive.path.name
     with zipfile.ZipFile(archive.path) as original, zipfile.ZipFile(tampered, "w") as copy:
@@ -176,7 +176,7 @@ def test_a_version_the_gate_refuses_on_one_replica_is_served_by_neither(
         )  # fmt: skip
     time.sleep(4 * SYNC_S)  # a's syncs come and go
     for backend in (a, b):
-        assert not _registered(backend, "pets", "2") and not backend.versions.holds("pets", "2")
+        assert not _registered(backend, "pets", "2") and not backend.versions.held.holds("pets", "2")
         assert _held_default(backend, "pets") == "1"
     entry = ServedRegistry(a.versions.registry.path).get("pets")
     assert entry is not None and sorted(entry.versions) == ["1"]
@@ -188,7 +188,7 @@ def test_a_new_default_and_an_unserve_made_through_one_replica_reach_the_other(
     serving_images: list[bytes],
 ):
     a, b = replicas
-    _eventually(lambda: b.versions.holds("pets", "1"), "replica b serves pets version 1")
+    _eventually(lambda: b.versions.held.holds("pets", "1"), "replica b serves pets version 1")
     archive = b.package(checkpoints["b"], "pets")
     served = b.deploy(archive, serving_images, job_id="job-b", checkpoint=checkpoints["b"], serving=SERVING)
     assert served.is_default
@@ -202,7 +202,7 @@ def test_a_new_default_and_an_unserve_made_through_one_replica_reach_the_other(
     # unserve through a: b's TorchServe drops the version too
     a.unserve("pets", served.version)
     gone = served.version
-    _eventually(lambda: not _registered(b, "pets", gone) and not b.versions.holds("pets", gone),
+    _eventually(lambda: not _registered(b, "pets", gone) and not b.versions.held.holds("pets", gone),
                 f"replica b unregisters {gone}")  # fmt: skip
     assert _serves(b, "pets", "1")
 

@@ -113,12 +113,16 @@ def test_a_relaunch_elsewhere_refuses_the_old_token_and_the_old_replica_cannot_r
     assert replicas.a.append_events(new, job_id, 0, [(EventKind.INFO, "resumed", {})]) == 1
 
 
-def test_once_the_launching_replicas_lease_ran_out_its_worker_is_refused(replicas: Replicas) -> None:
+def test_once_the_launching_replicas_lease_ran_out_and_the_job_was_requeued_its_worker_is_refused(
+    replicas: Replicas,
+) -> None:
     job_id = replicas.claimed("a")
     token = replicas.a.issue(job_id)
     assert replicas.b.heartbeat(token, job_id) is None
     replicas.expire(job_id)
-    with pytest.raises(Unauthenticated, match=r"launched this worker \(a\) no longer holds"):
+    assert replicas.b.heartbeat(token, job_id) is None  # until another replica takes the job over
+    assert [j.id for j in replicas.store.requeue_expired()] == [job_id]
+    with pytest.raises(Unauthenticated, match=r"watched this worker \(a\) no longer holds"):
         replicas.b.heartbeat(token, job_id)
 
 

@@ -1,0 +1,183 @@
+"""A replica killed with SIGKILL while its job trains as a TrainJob: once its lease runs out, the other
+replica adopts the TrainJob, which trains on (no restart, the same attempt), and supervises it to the end.
+
+Real: two `run_service()` processes on one PostgreSQL (tests/pg.py), the Kubernetes launcher through the
+real `kubernetes` client, the reporting servers and the workers' reporting client. STAND-INS, as in
+tests/unit/test_k8s_launcher.py: the API server (tests/k8s_api_standin.py), the Trainer controller and
+kubelet (tests/k8s_pod_runner.py, one local process per TrainJob) and the worker (fake_worker.py). The
+reporting Service in front of the replicas is played by the advertised address itself: every TrainJob
+reports to replica b's reporting port, as a Service may route a worker's calls to any replica."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from harness import wait_for
+from k8s_api_standin import StandInApiServer, running_standin
+from k8s_crds import crd_folder
+from k8s_pod_runner import PodRunner
+from ports import free_ports
+
+from service.jobs.store import JobStore
+from service.records import JobState
+from service.spec import JobSpec
+
+pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(crd_folder() is None, reason="no k8s-crds folder (see tests/k8s_crds.py)"),
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+FAKE_WORKER = PROJECT_ROOT / "tests" / "unit" / "fake_worker.py"
+NS = "ml-team"
+LEASE_S = 3.0
+SERVING_ON = re.compile(r"tuneserve is serving on [\d.]+:(\d+)")
+
+
+@dataclass
+class Replica:
+    name: str
+    root: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.root / f"replica-{self.name}.log"
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from service.app import run_service; run_service()"],
+                cwd=PROJECT_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def serving() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"replica {self.name} exited at start: {log.read_text()[-3000:]}")
+            return SERVING_ON.search(log.read_text()) is not None
+
+        wait_for(serving, 120, f"replica {self.name} to start")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()  # SIGKILL: no drain, no clean-up; its leases simply stop being renewed
+            self.process.wait()
+
+
+@dataclass
+class Pair:
+    a: Replica
+    b: Replica
+    api: StandInApiServer
+    store: JobStore
+
+
+@pytest.fixture
+def pair(tmp_path: Path, postgres_database: str) -> Iterator[Pair]:
+    report_a, report_b = free_ports(2)
+    with running_standin() as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
+                    "users": [{"name": "tuneserve", "user": {"token": "standin-bearer"}}],
+                    "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tuneserve"}}],
+                    "current-context": "standin",
+                }
+            )
+        )
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("TUNESERVE_", "KUBERNETES_"))}
+        base |= {
+            "KUBECONFIG": str(kubeconfig),
+            "PYTHONPATH": str(PROJECT_ROOT),
+            "TUNESERVE_STATE_DIR": str(tmp_path / "state"),
+            "TUNESERVE_DATABASE_URL": postgres_database,
+            "TUNESERVE_LEASE_S": str(LEASE_S),
+            "TUNESERVE_LAUNCHER": "kubernetes",
+            "TUNESERVE_K8S_NAMESPACE": NS,
+            "TUNESERVE_PORT": "0",
+            "TUNESERVE_TORCHSERVE_ENABLED": "false",
+            "TUNESERVE_REPORT_HOST": "0.0.0.0",
+            "TUNESERVE_REPORT_ALLOW_PLAINTEXT": "true",
+            # the reporting Service: whatever replica launched a TrainJob, its workers reach b
+            "TUNESERVE_REPORT_ADVERTISE_ADDRESS": f"localhost:{report_b}",
+            "TUNESERVE_REPORT_HEARTBEAT_S": "0.2",
+            "TUNESERVE_REPORT_LOST_S": "60",  # until b is up, the worker waits for it
+            "TUNESERVE_CANCEL_GRACE_S": "5",
+        }
+        a = Replica(
+            "a", tmp_path, base | {"TUNESERVE_REPLICA_ID": "a", "TUNESERVE_REPORT_PORT": str(report_a)}
+        )
+        b = Replica(
+            "b", tmp_path, base | {"TUNESERVE_REPLICA_ID": "b", "TUNESERVE_REPORT_PORT": str(report_b)}
+        )
+        store = JobStore(postgres_database)
+        try:
+            with PodRunner(api, NS, [sys.executable, str(FAKE_WORKER)]):
+                yield Pair(a, b, api, store)
+        finally:
+            a.kill()
+            b.kill()
+            store.close()
+
+
+def messages(store: JobStore, job_id: str) -> list[str]:
+    return [e.message for e in store.events_after(job_id)]
+
+
+def test_a_dead_replicas_trainjob_is_adopted_and_trains_on_to_the_end(pair: Pair) -> None:
+    pair.a.start()
+    spec = JobSpec.model_validate(
+        {
+            "name": "slow-adopted",
+            "model": {"architecture": "resnet18"},
+            "data": {"path": "ds"},
+            "resources": {"nodes": 2, "gpus": 1},
+        }
+    )
+    job_id = pair.store.create_job(spec).id  # only a is up: a claims it
+    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
+    pair.b.start()
+    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+    assert pair.store.lease_owner(job_id) == "a"
+
+    pair.a.kill()
+    wait_for(lambda: pair.store.lease_owner(job_id) == "b", 6 * LEASE_S, "b to adopt the job")
+    adopted = [e for e in pair.store.events_after(job_id) if "adopted" in e.message]
+    assert [e.data for e in adopted] == [{"adopted_by": "b", "from": "a"}]
+    job = pair.store.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+    # the same TrainJob trains on: never deleted, never replaced, its worker never refused
+    assert pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
+    time.sleep(LEASE_S)  # b renews it: still its own, still running, nothing relaunched
+    assert pair.store.lease_owner(job_id) == "b" and pair.store.get_job(job_id).state == JobState.RUNNING
+    assert list(pair.api.trainjobs(NS)) == [name]
+
+    # b supervises it now: a cancel reaches the worker through b's stop request in its heartbeat reply,
+    # and b sees the TrainJob end and deletes it
+    pair.store.request_cancel(job_id)
+    job = wait_for(
+        lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the adopted job to stop"
+    )
+    assert job.state == JobState.CANCELLED and job.attempts == 1
+    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
+    assert [e.data["reason"] for e in stopping] == ["cancelled"]  # it stopped itself: no kill
+    assert messages(pair.store, job_id).count("fake worker started") == 1  # one worker, start to end
+    wait_for(
+        lambda: [r.name for r in pair.api.deletes("trainjobs")] == [name], 30, "b to delete the TrainJob"
+    )
+    assert not pair.api.trainjobs(NS)

@@ -1,0 +1,175 @@
+"""A dead replica's job whose worker runs on (a TrainJob) is adopted when its lease runs out: the lease
+and the worker's report grant move to the adopting replica in one transaction, so the worker trains on
+and its reports keep being taken; any other expired job is re-queued as before. On every backend
+(tests/store_backends.py); PostgreSQL is real (tests/pg.py). Two stores and intakes on one database
+stand for two replicas, as in test_store_grants.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.errors import Unauthenticated
+from service.jobs.intake import Intake
+from service.jobs.store import JobStore
+from service.jobs.store_grants import SharedGrants
+from service.records import EventKind, JobState
+from tests.store_backends import make_spec
+
+REF = "ml-team/tj-1"
+
+
+def trainjob(ref: str) -> bool:
+    """What the Kubernetes launcher adopts: a TrainJob's `namespace/name`, never a local pid."""
+    return "/" in ref
+
+
+class Replicas:
+    """Replicas "a" (which launched the worker, then died) and "b", on the same database."""
+
+    def __init__(self, location: Path | str) -> None:
+        self.stores = {name: JobStore(location) for name in ("a", "b")}
+        self.grants = {name: SharedGrants(store, name, touch_s=60.0) for name, store in self.stores.items()}
+        self.a = Intake(self.stores["a"], self.grants["a"])
+        self.b = Intake(self.stores["b"], self.grants["b"])
+        self.store = self.stores["a"]
+
+    def launched_by_a(self, ref: str = REF, name: str = "job") -> tuple[str, str]:
+        """A job claimed by "a", its worker `ref` launched with a grant; then "a" stops renewing."""
+        job_id = self.store.create_job(make_spec(name)).id
+        claimed = self.store.claim_next("a", 60.0)
+        assert claimed is not None and claimed.id == job_id
+        token = self.a.issue(job_id)
+        self.store.set_worker_ref(job_id, ref)
+        return job_id, token
+
+    def expire(self, job_id: str) -> None:
+        with self.store.db.write() as db:
+            db.run("UPDATE jobs SET lease_expires = 1 WHERE id = :id", {"id": job_id})
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            with store.db.write() as db:
+                db.run("DELETE FROM report_grants")  # PostgreSQL: the module's database is shared
+            store.close()
+
+
+@pytest.fixture
+def replicas(store_location: Path | str) -> Iterator[Replicas]:
+    made = Replicas(store_location)
+    yield made
+    made.close()
+
+
+def test_an_expired_trainjob_is_adopted_with_its_grant_and_trains_on(replicas: Replicas) -> None:
+    job_id, token = replicas.launched_by_a()
+    assert replicas.b.heartbeat(token, job_id) is None  # reports reach "b" (the reporting Service)
+    replicas.expire(job_id)
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert done.requeued == [] and [(a.job.id, a.ref) for a in done.adopted] == [(job_id, REF)]
+    job = replicas.store.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.RUNNING, 1)  # the same attempt: nothing restarted
+    assert replicas.store.lease_owner(job_id) == "b" and replicas.store.worker_ref(job_id) == REF
+    assert replicas.store.renew("b", 60.0) == [job_id]
+    last = replicas.store.events_after(job_id)[-1]
+    assert last.kind == EventKind.INFO and "adopted" in last.message
+    assert last.data == {"adopted_by": "b", "from": "a"}
+    # the worker's token works on, through either replica, and "b" now reads its silence and stops it
+    assert replicas.a.heartbeat(token, job_id) is None
+    assert replicas.b.has_called(job_id) and replicas.b.silent_for(job_id) < 5.0
+    replicas.b.request_stop(job_id, "cancelled")
+    assert replicas.a.heartbeat(token, job_id) == "cancelled"
+    assert replicas.a.append_events(token, job_id, 0, [(EventKind.INFO, "still training", {})]) == 1
+
+
+def test_the_dead_replica_learning_late_cannot_revoke_the_adopters_grant(replicas: Replicas) -> None:
+    job_id, token = replicas.launched_by_a()
+    replicas.expire(job_id)
+    replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    replicas.a.revoke(job_id)  # "a" comes back, finds the job is not its own any more, and lets go
+    assert replicas.b.heartbeat(token, job_id) is None
+    replicas.b.revoke(job_id)  # the adopter's own revoke, at the worker's exit, does revoke it
+    with pytest.raises(Unauthenticated, match="unknown or revoked"):
+        replicas.a.heartbeat(token, job_id)
+
+
+def test_between_the_expiry_and_a_take_over_the_worker_is_answered_then_refused_once_requeued(
+    replicas: Replicas,
+) -> None:
+    """The grace that lets an adoption find its worker still training; a re-queue still refuses it."""
+    job_id, token = replicas.launched_by_a(ref="4242")  # a local process: never adopted
+    replicas.expire(job_id)
+    assert replicas.b.heartbeat(token, job_id) is None  # expired, not taken over yet
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert done.adopted == [] and [j.id for j in done.requeued] == [job_id]
+    assert replicas.store.get_job(job_id).attempts == 0  # refunded, as before
+    with pytest.raises(Unauthenticated, match=r"watched this worker \(a\) no longer holds"):
+        replicas.b.heartbeat(token, job_id)
+
+
+def test_a_cancelled_or_grantless_job_is_not_adopted(replicas: Replicas) -> None:
+    cancelled, _ = replicas.launched_by_a(name="cancelled")
+    replicas.store.request_cancel(cancelled)
+    grantless, _ = replicas.launched_by_a(ref="ml-team/tj-2", name="grantless")
+    replicas.a.revoke(grantless)  # its worker could not report to anyone
+    for job_id in (cancelled, grantless):
+        replicas.expire(job_id)
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert done.adopted == []
+    states = {j.id: j.state for j in done.requeued}
+    assert states == {cancelled: JobState.CANCELLED, grantless: JobState.QUEUED}
+
+
+def test_a_lease_renewed_before_the_take_over_is_left_alone(replicas: Replicas) -> None:
+    job_id, _ = replicas.launched_by_a()
+    replicas.expire(job_id)
+    replicas.store.renew("a", 60.0)  # "a" was only slow
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert done.adopted == [] and done.requeued == []
+    assert replicas.store.lease_owner(job_id) == "a"
+
+
+def test_replicas_taking_over_at_once_adopt_each_job_once(store_location: Path | str) -> None:
+    replicas = Replicas(store_location)
+    try:
+        ids = [replicas.launched_by_a(ref=f"ml-team/tj-{i}", name=f"j{i}")[0] for i in range(6)]
+        for job_id in ids:
+            replicas.expire(job_id)
+        takers = {name: JobStore(store_location) for name in ("b", "c", "d")}
+        adopted: dict[str, list[str]] = {}
+        start = threading.Barrier(len(takers))
+
+        def take(name: str) -> None:
+            start.wait()
+            done = takers[name].take_over_expired(name, 60.0, trainjob)
+            adopted[name] = [a.job.id for a in done.adopted]
+
+        threads = [threading.Thread(target=take, args=(name,)) for name in takers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        everyone = [job_id for taken in adopted.values() for job_id in taken]
+        assert sorted(everyone) == sorted(ids)  # each once, none twice
+        for name, taken in adopted.items():
+            assert all(replicas.store.lease_owner(job_id) == name for job_id in taken)
+        for store in takers.values():
+            store.close()
+    finally:
+        replicas.close()
+
+
+def test_an_adopted_lease_runs_out_again_when_the_adopter_dies_too(replicas: Replicas) -> None:
+    job_id, token = replicas.launched_by_a()
+    replicas.expire(job_id)
+    replicas.stores["b"].take_over_expired("b", 0.05, trainjob)
+    time.sleep(0.1)
+    done = replicas.store.take_over_expired("c", 60.0, trainjob)
+    assert [a.job.id for a in done.adopted] == [job_id]
+    assert replicas.store.lease_owner(job_id) == "c"
+    assert replicas.a.heartbeat(token, job_id) is None
+    assert replicas.store.get_job(job_id).attempts == 1
