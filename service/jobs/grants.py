@@ -14,7 +14,7 @@ import hmac
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +28,11 @@ EventIn = tuple[EventKind, str, dict[str, Any]]
 class Grants(Protocol):
     """The scheduler's side (issue, revoke, request_stop, silent_for, has_called) and the worker's (check,
     deliver). Thread-safe."""
+
+    def forget_predecessor(self, keep: Collection[str] = ()) -> int:
+        """At start: drop the grants an earlier process under this replica's name issued, but those of the
+        jobs in `keep` (adopted again: their workers ran on); how many were dropped."""
+        ...
 
     def issue(self, job_id: str) -> str:
         """A fresh secret for the worker about to be launched for `job_id` (replacing any earlier one)."""
@@ -101,6 +106,9 @@ class LocalGrants:
         self.store = store
         self._grants: dict[str, _Grant] = {}
         self._lock = threading.Lock()
+
+    def forget_predecessor(self, keep: Collection[str] = ()) -> int:
+        return 0  # a predecessor's grants were in its memory: gone with it
 
     def issue(self, job_id: str) -> str:
         token = new_token()

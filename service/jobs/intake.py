@@ -14,7 +14,7 @@ several replicas share a PostgreSQL and a worker's call may reach any of them (`
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from service.errors import InvalidArgument, PermissionDenied
@@ -54,6 +54,11 @@ class Intake:
     def revoke(self, job_id: str) -> None:
         """The worker has exited: its secret opens nothing any more."""
         self.grants.revoke(job_id)
+
+    def forget_predecessor(self, keep: Collection[str] = ()) -> int:
+        """At start: an earlier process of this replica's name is gone; its workers' secrets open nothing
+        any more, but those of the jobs in `keep` (adopted again); how many were dropped."""
+        return self.grants.forget_predecessor(keep)
 
     def request_stop(self, job_id: str, reason: str) -> None:
         """Tell the worker (in its next heartbeat reply) to stop at a safe point, and why."""
@@ -110,11 +115,7 @@ def intake_for(store: JobStore, settings: Settings) -> Intake:
     # the silence limit is checked against these writes: a quarter of it keeps the error small
     touch_s = min(MAX_TOUCH_S, settings.worker_silence_s / 4)
     grants = SharedGrants(store, settings.resolved_replica_id, touch_s)
-    forgotten = grants.forget_predecessor()
-    log.info(
-        "reporting grants in the job store: any replica takes any worker's report (%d grant(s) of an "
-        "earlier %s forgotten)",
-        forgotten,
-        grants.replica,
-    )
+    # the grants of an earlier process of this name are forgotten by the scheduler's start, which knows
+    # which of its workers it adopts again
+    log.info("reporting grants in the job store: any replica takes any worker's report")
     return Intake(store, grants)

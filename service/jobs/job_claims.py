@@ -19,11 +19,13 @@ from typing import Protocol
 from service.errors import FailedPrecondition
 from service.jobs.scheduler_leases import LeaseKeeper
 from service.jobs.store import JobStore
-from service.jobs.store_leases import Adopted
+from service.jobs.store_takeover import Adopted
 from service.records import EventKind, Job, JobState
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+HAND_OVER_SLACK_S = 2.0  # beyond the others' renewal period: their look, and its write
 
 
 class Claims(Protocol):
@@ -48,6 +50,15 @@ class Claims(Protocol):
     def adopted(self) -> list[Adopted]:
         """Jobs of a dead replica whose workers run on, leased to this replica now (each told once): the
         scheduler watches their workers from here."""
+
+    def readopt(self) -> list[Adopted]:
+        """At start: this replica's own jobs (an earlier process of its name) whose workers ran on while
+        it was away, leased to it again: watched, not re-queued."""
+
+    def hand_over(self, job_ids: Sequence[str]) -> list[str]:
+        """Stopping: offer the jobs (their workers run on without this replica) to other replicas; the
+        ids one adopted (within a third of a lease and a bit: how often the others look). The rest stay
+        this replica's, to be drained."""
 
     def keep(self) -> None:
         """While draining: keep the running jobs this replica's (never raises)."""
@@ -79,6 +90,12 @@ class QueueClaims:
     def adopted(self) -> list[Adopted]:
         return []  # no other replica: nobody's worker to adopt
 
+    def readopt(self) -> list[Adopted]:
+        return []  # a local worker stops with its service: nothing ran on
+
+    def hand_over(self, job_ids: Sequence[str]) -> list[str]:
+        return []  # no other replica to take them
+
     def keep(self) -> None:
         pass
 
@@ -87,8 +104,14 @@ class LeasedClaims:
     """Several replicas on one database: each job claimed with a lease, renewed from the scheduler's tick."""
 
     def __init__(
-        self, store: JobStore, replica: str, lease_s: float, adoptable: Callable[[str], bool]
+        self,
+        store: JobStore,
+        replica: str,
+        lease_s: float,
+        adoptable: Callable[[str], bool],
+        drain_grace_s: float = 60.0,
     ) -> None:
+        self._drain_grace_s = drain_grace_s
         self.store = store
         self.replica: str | None = replica
         self._leases = LeaseKeeper(store, replica, lease_s, adoptable)
@@ -116,9 +139,20 @@ class LeasedClaims:
     def adopted(self) -> list[Adopted]:
         return self._leases.adopted()
 
+    def readopt(self) -> list[Adopted]:
+        return self._leases.readopt()
+
+    def hand_over(self, job_ids: Sequence[str]) -> list[str]:
+        wait_s = min(self._leases.lease_s / 3 + HAND_OVER_SLACK_S, self._drain_grace_s / 2)
+        try:
+            return self._leases.hand_over(job_ids, wait_s)
+        except Exception:  # the database is away: drain them as before
+            log.warning("handing the running jobs over failed; draining them", exc_info=True)
+            return []
+
     def keep(self) -> None:
         try:
-            self._leases.beat()
+            self._leases.beat(take_over=False)  # stopping: adopt nothing more
         except Exception:  # the database is away: the next call tries again
             log.warning("renewing leases failed", exc_info=True)
 
@@ -137,4 +171,4 @@ def claims_for(store: JobStore, settings: Settings, adoptable: Callable[[str], b
             settings.lease_s,
             settings.report_lost_s,
         )
-    return LeasedClaims(store, replica, settings.lease_s, adoptable)
+    return LeasedClaims(store, replica, settings.lease_s, adoptable, settings.drain_grace_s)

@@ -42,8 +42,9 @@ from service.jobs.launcher import (
     WorkerHandle,
     worker_env,
 )
+from service.jobs.predecessor import settle_predecessor
 from service.jobs.store import JobStore
-from service.jobs.store_leases import Adopted
+from service.jobs.store_takeover import Adopted
 from service.jobs.supervised_loop import SupervisedLoop
 from service.records import Job, JobState
 from service.settings import Settings
@@ -97,19 +98,16 @@ class Scheduler:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Stop workers a dead predecessor left behind, re-queue their jobs, and start scheduling."""
+        """Settle what a dead predecessor of this replica's name left (service.jobs.predecessor: its
+        TrainJobs adopted again, its other workers stopped and their jobs re-queued), and start
+        scheduling."""
         self._capacity = self.settings.resolved_max_concurrent_jobs()
         self._env = worker_env(self.settings)
         self._devices = DeviceAllocator(self.settings.training_gpus)
         self._claims = claims_for(self.store, self.settings, self.launcher.can_adopt)
-        replica = self._claims.replica
-        # only this replica's own (or never-leased) jobs: the others' workers are alive elsewhere
-        for job in self.store.interrupted(replica):
-            ref = self.store.worker_ref(job.id)
-            if ref is not None:
-                self.launcher.stop_leftover(job.id, ref, self.settings.cancel_grace_s)
-        for job in self.store.requeue_interrupted(replica=replica):
-            log.info("re-queued interrupted job %s", job.id)
+        grace_s = self.settings.cancel_grace_s
+        for adopted in settle_predecessor(self.store, self.launcher, self.intake, self._claims, grace_s):
+            self._adopt(adopted)
         self._loop.start()
         log.info(
             "scheduler started: at most %d job(s) at once, training GPUs %s",
@@ -135,12 +133,18 @@ class Scheduler:
         return dict(self._devices.held())
 
     def stop(self, drain: bool = True) -> None:
-        """Stop scheduling. drain: let running workers checkpoint (up to drain_grace_s); else kill them.
+        """Stop scheduling. drain: hand the workers that run on without this replica (TrainJobs) over to
+        another replica, and let the others checkpoint (up to drain_grace_s); else kill them all.
 
-        Either way their jobs go back to QUEUED and resume from their last checkpoint after a restart.
+        Either way the jobs not handed over go back to QUEUED and resume from their last checkpoint.
         """
         self._loop.stop()
         grace = self.settings.drain_grace_s if drain else 0.0
+        if drain:  # a worker that runs on without this replica (a TrainJob) trains on under another's
+            adoptable = [w.job_id for w in self._workers.values() if self.launcher.can_adopt(w.handle.ref)]
+            for job_id in self._claims.hand_over(adoptable) if adoptable else []:
+                log.info("job %s: handed over to another replica; its worker trains on", job_id)
+                self._drop(self._workers[job_id], release=False)
         for worker in self._workers.values():
             if drain:
                 self._stop(worker, "draining")

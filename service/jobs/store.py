@@ -11,7 +11,8 @@ Idempotency: CreateJob with a key already used returns that job when the spec is
 AlreadyExists (naming the existing job) when the spec differs: a key names one request, never two.
 
 Who holds a running job (a replica's lease on a shared PostgreSQL, a launcher's worker): see
-service.jobs.store_leases, whose methods JobStore has.
+service.jobs.store_leases; who takes it over when that lease runs out: service.jobs.store_takeover.
+JobStore has both modules' methods.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from service.jobs.store_open import open_database
 from service.jobs.store_owners import OwnerLimits, check_owner_limits
 from service.jobs.store_rows import fetch_row, insert_event, placeholders, update_row
 from service.jobs.store_states import ALLOWED_TRANSITIONS
+from service.jobs.store_takeover import TakeOvers
 from service.records import EventKind, Job, JobEvent, JobResult, JobState
 from service.spec import JobSpec
 
@@ -52,7 +54,7 @@ __all__ = ["ALLOWED_TRANSITIONS", "JobStore"]
 T = TypeVar("T")
 
 
-class JobStore(Holders):
+class JobStore(Holders, TakeOvers):
     """Jobs and events in the database `target` names: a SQLite file's path, a database URL
     (postgresql://..., sqlite:///...), or an open Database. One instance per process; thread-safe."""
 
@@ -203,13 +205,20 @@ class JobStore(Holders):
         return self._write_events(job_id, lambda db: store_states.request_cancel(db, job_id))
 
     def requeue_interrupted(
-        self, reason: str = "the service restarted", *, replica: str | None = None
+        self,
+        reason: str = "the service restarted",
+        *,
+        replica: str | None = None,
+        exclude: Collection[str] = (),
     ) -> list[Job]:
-        """On start-up: RUNNING/PACKAGING jobs go back to QUEUED (or CANCELLED if that was asked).
-        With `replica` (a shared database), only the jobs leased to it or never leased (started by a
-        service without leases): other replicas' jobs are theirs, or requeue_expired's once they expire."""
+        """On start-up: RUNNING/PACKAGING jobs go back to QUEUED (or CANCELLED if that was asked), but
+        those in `exclude` (adopted again). With `replica` (a shared database), only the jobs leased to
+        it or never leased (started by a service without leases): other replicas' jobs are theirs, or
+        take_over_expired's once they expire."""
         requeued = []
         for job in self.interrupted(replica):
+            if job.id in exclude:
+                continue
             if job.cancel_requested:
                 self.transition(job.id, JobState.CANCELLED, f"cancelled by request ({reason})")
                 continue

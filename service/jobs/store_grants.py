@@ -23,14 +23,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from service.errors import Unauthenticated, Unavailable
 from service.jobs.grants import EventIn, fresh_events, new_token, other_job, unknown_token
 from service.jobs.store import JobStore
 from service.jobs.store_db import Conn, Row
-from service.jobs.store_rows import fetch_row, insert_event
+from service.jobs.store_rows import fetch_row, insert_event, placeholders
 
 _GRANT = (
     "SELECT g.job_id, g.replica, g.called, g.stop_reason, j.lease_owner, j.lease_expires"
@@ -70,12 +70,17 @@ class SharedGrants:
         self._looked_at: float | None = None  # ... of the scheduler's last silence reading
         self._lock = threading.Lock()
 
-    def forget_predecessor(self) -> int:
-        """Delete the grants an earlier process under this replica's name issued (it died or restarted);
-        how many. Their workers are refused from now on and stop at a safe point, as they were when
-        grants lived in memory: this process knows none of their tokens, and its scheduler stops them."""
+    def forget_predecessor(self, keep: Collection[str] = ()) -> int:
+        """Delete the grants an earlier process under this replica's name issued (it died or restarted),
+        but those of the jobs in `keep`; how many. Their workers are refused from now on and stop at a
+        safe point, as they were when grants lived in memory: this process knows none of their tokens,
+        and its scheduler stops them. The kept ones are the TrainJobs it adopts again: they train on."""
+        names, values = placeholders("k", list(keep))
+        spared = f" AND job_id NOT IN ({names})" if keep else ""
         return self.store.db.run_write(
-            lambda db: db.run("DELETE FROM report_grants WHERE replica = :r", {"r": self.replica})
+            lambda db: db.run(
+                f"DELETE FROM report_grants WHERE replica = :r{spared}", {"r": self.replica} | values
+            )
         )
 
     # ------------------------------------------------------------------ the launching replica's side

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from k8s_api_standin import StandInApiServer, running_standin
 from k8s_crds import crd_folder
 from k8s_pod_runner import PodRunner
 from ports import free_ports
+from reliability import record
 
 from service.jobs.store import JobStore
 from service.records import JobState
@@ -34,6 +36,7 @@ from service.spec import JobSpec
 pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.reliability,
     pytest.mark.timeout(300),
     pytest.mark.skipif(crd_folder() is None, reason="no k8s-crds folder (see tests/k8s_crds.py)"),
 ]
@@ -134,21 +137,25 @@ def pair(tmp_path: Path, postgres_database: str) -> Iterator[Pair]:
             store.close()
 
 
+def slow(name: str) -> JobSpec:
+    """A two-node job whose stand-in worker trains until it is asked to stop."""
+    return JobSpec.model_validate(
+        {
+            "name": name,
+            "model": {"architecture": "resnet18"},
+            "data": {"path": "ds"},
+            "resources": {"nodes": 2, "gpus": 1},
+        }
+    )
+
+
 def messages(store: JobStore, job_id: str) -> list[str]:
     return [e.message for e in store.events_after(job_id)]
 
 
 def test_a_dead_replicas_trainjob_is_adopted_and_trains_on_to_the_end(pair: Pair) -> None:
     pair.a.start()
-    spec = JobSpec.model_validate(
-        {
-            "name": "slow-adopted",
-            "model": {"architecture": "resnet18"},
-            "data": {"path": "ds"},
-            "resources": {"nodes": 2, "gpus": 1},
-        }
-    )
-    job_id = pair.store.create_job(spec).id  # only a is up: a claims it
+    job_id = pair.store.create_job(slow("slow-adopted")).id  # only a is up: a claims it
     (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
     uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
     pair.b.start()
@@ -181,3 +188,77 @@ def test_a_dead_replicas_trainjob_is_adopted_and_trains_on_to_the_end(pair: Pair
         lambda: [r.name for r in pair.api.deletes("trainjobs")] == [name], 30, "b to delete the TrainJob"
     )
     assert not pair.api.trainjobs(NS)
+    record(
+        "fault",
+        "SIGKILL of the replica watching a TrainJob, two replicas on PostgreSQL",
+        1,
+        "the other replica adopted it one lease later (lease and grant moved together): the same TrainJob "
+        "and attempt trained on, its worker never refused; a cancel through the adopter stopped it",
+    )
+
+
+def test_a_replica_restarted_under_its_name_adopts_its_trainjob_again(pair: Pair) -> None:
+    """A container restarted in its pod keeps its name (TUNESERVE_REPLICA_ID is the pod's): it finds its
+    TrainJob still training and watches it again instead of deleting and relaunching it. Here the worker
+    reports to a's own port, which a binds again when it restarts."""
+    pair.a.env["TUNESERVE_REPORT_ADVERTISE_ADDRESS"] = f"localhost:{pair.a.env['TUNESERVE_REPORT_PORT']}"
+    pair.a.start()
+    job_id = pair.store.create_job(slow("slow-restarted")).id
+    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
+    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+
+    pair.a.kill()
+    pair.a.start()
+    wait_for(lambda: any("a restarted" in m for m in messages(pair.store, job_id)), 30, "a to adopt it again")
+    job = pair.store.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+    assert pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
+
+    pair.store.request_cancel(job_id)
+    job = wait_for(lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the job to stop")
+    assert job.state == JobState.CANCELLED and job.attempts == 1
+    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
+    assert [e.data["reason"] for e in stopping] == ["cancelled"]
+    assert messages(pair.store, job_id).count("fake worker started") == 1
+    record(
+        "fault",
+        "SIGKILL of a replica watching a TrainJob, then the same replica (same name) started again",
+        1,
+        "it adopted its TrainJob again at start (grant kept): the same TrainJob and attempt trained on to "
+        "a cancel",
+    )
+
+
+def test_a_replica_stopped_for_a_rolling_update_hands_its_trainjob_over(pair: Pair) -> None:
+    """SIGTERM (a rolling update): instead of asking the TrainJob to checkpoint and stop, a offers it to
+    the other replicas; b adopts it at its next look, and it trains on."""
+    pair.a.start()
+    job_id = pair.store.create_job(slow("slow-handed-over")).id
+    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
+    pair.b.start()
+    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+
+    assert pair.a.process is not None
+    pair.a.process.send_signal(signal.SIGTERM)
+    assert pair.a.process.wait(timeout=60) == 0
+    assert pair.store.lease_owner(job_id) == "b"
+    found = messages(pair.store, job_id)
+    assert any("a is stopping" in m for m in found) and any("watched by b" in m for m in found)
+    job = pair.store.get_job(job_id)
+    assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+    assert pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
+    assert "fake worker stopping" not in found  # never asked to stop
+
+    pair.store.request_cancel(job_id)
+    job = wait_for(lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the job to stop")
+    assert job.state == JobState.CANCELLED and job.attempts == 1
+    assert messages(pair.store, job_id).count("fake worker started") == 1
+    record(
+        "fault",
+        "SIGTERM (rolling update) of a replica watching a TrainJob, another replica up",
+        1,
+        "it offered the TrainJob and exited 0 once the other adopted it: never asked to stop, the same "
+        "TrainJob and attempt trained on",
+    )

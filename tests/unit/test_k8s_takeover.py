@@ -19,7 +19,9 @@ from service.jobs.k8s_launcher import KubernetesLauncher
 from service.jobs.launcher import REPORT_TOKEN_ENV, LaunchError
 from service.jobs.scheduler import Scheduler
 from service.jobs.store import JobStore
+from service.jobs.store_grants import SharedGrants
 from service.jobs.trainjob_manifest import TOKEN_KEY, secret_name
+from service.records import EventKind, JobState
 
 pytestmark = pytest.mark.skipif(crd_folder() is None, reason="no k8s-crds folder (see tests/k8s_crds.py)")
 NEW_TOKEN = "tok-new-7c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"
@@ -95,3 +97,79 @@ def test_a_replica_whose_trainjob_another_adopted_stops_watching_it_and_leaves_i
             scheduler.stop(drain=False)
             store.close()
             cluster.store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_restarted_under_its_name_watches_its_trainjob_again_and_requeues_the_rest(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    with running_standin() as api:
+        cluster = Cluster(api, tmp_path, database_url=postgres_database, replica_id="me", lease_s=30.0)
+        store = JobStore(postgres_database)
+        # what the process that died left: two TrainJobs it launched, one of them asked to cancel
+        left: dict[str, str] = {}
+        for name in ("trains-on", "cancelled"):
+            job_id = store.create_job(spec().model_copy(update={"name": name})).id
+            assert store.claim_next("me", 30.0) is not None
+            token = SharedGrants(store, "me").issue(job_id)
+            handle = cluster.launcher.start(
+                store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: token}
+            )
+            store.set_worker_ref(job_id, handle.ref)
+            left[name] = job_id
+        store.request_cancel(left["cancelled"])
+        trains_on = str(store.worker_ref(left["trains-on"])).split("/")[1]
+        scheduler = Scheduler(
+            cluster.settings, store, cluster.launcher, intake_for(store, cluster.settings), ADVERTISED,
+            poll_s=0.05,
+        )  # fmt: skip
+        scheduler.start()
+        try:
+            assert scheduler.running() == [left["trains-on"]]
+            job = store.get_job(left["trains-on"])
+            assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+            assert trains_on in api.trainjobs(NS)
+            assert trains_on not in [r.name for r in api.deletes("trainjobs")]
+            with store.db.read() as db:
+                grants = db.all("SELECT job_id FROM report_grants WHERE replica = 'me'")
+            assert [g["job_id"] for g in grants] == [left["trains-on"]]
+            assert store.get_job(left["cancelled"]).state == JobState.CANCELLED  # its TrainJob deleted
+            wait_for(lambda: len(api.trainjobs(NS)) == 1)
+        finally:
+            scheduler.stop(drain=False)
+            store.close()
+            cluster.store.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_stopping_replica_that_no_one_relieves_drains_its_trainjob_as_before(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    """The hand-over is offered for a third of a lease and a bit; with no other replica there, the job is
+    this replica's again and is drained: asked to stop, then re-queued with its attempt refunded."""
+    with running_standin() as api:
+        cluster = Cluster(
+            api, tmp_path, database_url=postgres_database, replica_id="alone", lease_s=1.0, drain_grace_s=3.0
+        )
+        store = JobStore(postgres_database)
+        scheduler = Scheduler(
+            cluster.settings, store, cluster.launcher, intake_for(store, cluster.settings), ADVERTISED,
+            poll_s=0.05,
+        )  # fmt: skip
+        scheduler.start()
+        try:
+            job = store.create_job(spec().model_copy(update={"name": "drained"}))
+            scheduler.wake()
+            wait_for(lambda: job.id in scheduler.running())
+        finally:
+            scheduler.stop(drain=True)
+        infos = [e.message for e in store.events_after(job.id) if e.kind == EventKind.INFO]
+        assert any("offered to the other replicas" in m for m in infos)
+        assert any("no other replica adopted it" in m for m in infos)
+        drained = store.get_job(job.id)
+        assert (drained.state, drained.attempts) == (JobState.QUEUED, 0)
+        with store.db.read() as db:  # the next start of a replica resumes it; nothing is left running
+            assert db.one("SELECT lease_owner FROM jobs WHERE id = :j", {"j": job.id})["lease_owner"] is None
+        assert not api.trainjobs(NS)
+        store.close()
+        cluster.store.close()

@@ -173,3 +173,48 @@ def test_an_adopted_lease_runs_out_again_when_the_adopter_dies_too(replicas: Rep
     assert replicas.store.lease_owner(job_id) == "c"
     assert replicas.a.heartbeat(token, job_id) is None
     assert replicas.store.get_job(job_id).attempts == 1
+
+
+def test_a_replica_restarted_under_its_name_adopts_its_own_trainjob_again(replicas: Replicas) -> None:
+    """A container restarted in its pod keeps the pod's name (TUNESERVE_REPLICA_ID): its TrainJob trains
+    on, and only its local worker's job is left to the re-queue, its grant forgotten."""
+    job_id, token = replicas.launched_by_a()
+    local_id, local_token = replicas.launched_by_a(ref="4242", name="local")
+    cancelled, _ = replicas.launched_by_a(ref="ml-team/tj-3", name="cancelled")
+    replicas.store.request_cancel(cancelled)
+    again = replicas.stores["b"].adopt_own("a", 60.0, trainjob)
+    assert [(a.job.id, a.ref) for a in again] == [(job_id, REF)]
+    assert again[0].job.attempts == 1
+    last = replicas.store.events_after(job_id)[-1]
+    assert "a restarted" in last.message and last.data == {"adopted_by": "a", "from": "a"}
+    restarted = SharedGrants(replicas.stores["b"], "a")
+    assert restarted.forget_predecessor(keep=[job_id]) == 2  # the local job's and the cancelled one's
+    assert replicas.b.heartbeat(token, job_id) is None
+    with pytest.raises(Unauthenticated, match="unknown or revoked"):
+        replicas.b.heartbeat(local_token, local_id)
+    assert replicas.stores["b"].adopt_own("b", 60.0, trainjob) == []  # never another replica's
+
+
+def test_a_stopping_replica_offers_its_trainjob_and_another_adopts_it(replicas: Replicas) -> None:
+    job_id, token = replicas.launched_by_a()
+    assert replicas.store.offer_lease(job_id, "a")
+    assert replicas.store.take_over_expired("a", 60.0, trainjob).adopted == []  # never one's own
+    assert replicas.b.heartbeat(token, job_id) is None  # offered: the worker is still answered
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert [a.job.id for a in done.adopted] == [job_id]
+    assert not replicas.store.reclaim_lease(job_id, "a", 60.0, "too late")  # adopted meanwhile
+    assert replicas.store.lease_owner(job_id) == "b" and replicas.store.get_job(job_id).attempts == 1
+    offered = [e for e in replicas.store.events_after(job_id) if "offered" in e.message]
+    assert [e.data for e in offered] == [{"offered_by": "a"}]
+
+
+def test_an_offer_nobody_took_is_reclaimed_and_a_cancelled_job_is_never_offered(replicas: Replicas) -> None:
+    job_id, _ = replicas.launched_by_a()
+    cancelled, _ = replicas.launched_by_a(ref="ml-team/tj-2", name="cancelled")
+    replicas.store.request_cancel(cancelled)
+    assert not replicas.store.offer_lease(cancelled, "a")
+    assert not replicas.store.offer_lease(job_id, "b")  # not b's to offer
+    assert replicas.store.offer_lease(job_id, "a")
+    assert replicas.store.reclaim_lease(job_id, "a", 60.0, "nobody adopted it: drained instead")
+    assert replicas.stores["b"].take_over_expired("b", 60.0, trainjob).adopted == []  # a's again
+    assert replicas.store.events_after(job_id)[-1].message == "nobody adopted it: drained instead"
