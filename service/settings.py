@@ -84,8 +84,9 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, gt=0)
     drain_grace_s: float = Field(60.0, gt=0)
     # Several replicas on one PostgreSQL: each claims jobs with a lease it renews every lease_s / 3; a job
-    # whose lease ran out (its replica died) is re-queued by another. Keep lease_s above report_lost_s, so
-    # a dead replica's worker has stopped itself before the job runs elsewhere.
+    # whose lease ran out (its replica died) is taken over by another: adopted when its worker runs on (a
+    # TrainJob), else re-queued. Keep lease_s above report_lost_s, so a dead replica's local worker has
+    # stopped itself before the job runs elsewhere.
     replica_id: str | None = Field(
         None, min_length=1, description="this replica's name in leases; default: hostname-pid-random"
     )

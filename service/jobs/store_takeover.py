@@ -126,7 +126,7 @@ def take_over_expired(
     adoptable: Callable[[str], bool],
     reason: str,
 ) -> TakeOver:
-    """Adopt (for `replica`) or re-queue each job whose lease ran out; see Holders.take_over_expired."""
+    """Adopt (for `replica`) or re-queue each job whose lease ran out; see TakeOvers.take_over_expired."""
     now = time.time()
     names, values = placeholders("s", [s.value for s in ACTIVE_STATES])
     # never one's own: a replica renews its leases (or offered them, stopping)
@@ -154,7 +154,7 @@ def take_over_expired(
 def adopt_own(
     database: Database, replica: str, lease_s: float, adoptable: Callable[[str], bool]
 ) -> list[Adopted]:
-    """See Holders.adopt_own."""
+    """See TakeOvers.adopt_own."""
     now = time.time()
     names, values = placeholders("s", [s.value for s in ACTIVE_STATES])
     with database.read() as db:
