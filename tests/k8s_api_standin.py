@@ -25,10 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import kubernetes_validate
+import yaml
 from k8s_crds import errors as crd_errors
 
 K8S_VERSION = "1.37.0"  # the Makefile's K8S_VERSION
@@ -213,3 +215,17 @@ def running_standin() -> Iterator[StandInApiServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_kubeconfig(path: Path, url: str) -> Path:
+    """A kubeconfig at `path` whose current context is the stand-in at `url` (for KUBECONFIG)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "standin", "cluster": {"server": url}}],
+        "users": [{"name": "tuneserve", "user": {"token": "standin-bearer"}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tuneserve"}}],
+        "current-context": "standin",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

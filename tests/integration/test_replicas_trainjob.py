@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from harness import wait_for
-from k8s_api_standin import StandInApiServer, running_standin
+from k8s_api_standin import StandInApiServer, running_standin, write_kubeconfig
 from k8s_crds import crd_folder
 from k8s_pod_runner import PodRunner
 from ports import free_ports
@@ -89,19 +88,7 @@ class Pair:
 def pair(tmp_path: Path, postgres_database: str) -> Iterator[Pair]:
     report_a, report_b = free_ports(2)
     with running_standin() as api:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
-                    "users": [{"name": "tuneserve", "user": {"token": "standin-bearer"}}],
-                    "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tuneserve"}}],
-                    "current-context": "standin",
-                }
-            )
-        )
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
         base = {k: v for k, v in os.environ.items() if not k.startswith(("TUNESERVE_", "KUBERNETES_"))}
         base |= {
             "KUBECONFIG": str(kubeconfig),

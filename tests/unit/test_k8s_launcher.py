@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_api_standin import K8S_VERSION, StandInApiServer, running_standin
+from k8s_api_standin import K8S_VERSION, StandInApiServer, running_standin, write_kubeconfig
 from k8s_crds import assert_valid, crd_folder, errors
 from k8s_pod_runner import PodRunner
 from ports import free_ports
@@ -503,19 +503,7 @@ def tls_paths(pki: dict[str, Path]) -> dict[str, Path]:
 def on_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ServiceOnCluster]:
     api_port, report_port = free_ports(2)
     with running_standin() as api:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
-                    "users": [{"name": "tuneserve", "user": {"token": "standin-bearer"}}],
-                    "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tuneserve"}}],
-                    "current-context": "standin",
-                }
-            )
-        )
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod: use the kubeconfig
         settings = k8s_settings(

@@ -6,11 +6,14 @@ finds its job adopted by another (it was cut off for longer than a lease) leaves
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
-from k8s_api_standin import running_standin
+from k8s_api_standin import StandInApiServer, running_standin
 from k8s_crds import crd_folder
 from test_k8s_launcher import ADVERTISED, NS, Cluster, launch_env, spec, wait_for
 
@@ -60,6 +63,34 @@ def test_any_other_refusal_to_create_still_fails_the_launch(cluster: Cluster) ->
     assert cluster.api.deletes("trainjobs") == []  # a refusal other than a duplicate deletes nothing
 
 
+@dataclass
+class ReplicaOnPostgres:
+    """One replica's scheduler on the shared PostgreSQL, launching TrainJobs on the stand-in cluster."""
+
+    cluster: Cluster
+    store: JobStore
+    scheduler: Scheduler
+
+
+@contextmanager
+def replica_on_postgres(
+    api: StandInApiServer, tmp_path: Path, database_url: str, **settings: Any
+) -> Iterator[ReplicaOnPostgres]:
+    """A scheduler (not started) with the real intake and claims for its settings; closed at the end."""
+    cluster = Cluster(api, tmp_path, database_url=database_url, **settings)
+    store = JobStore(database_url)
+    intake = intake_for(store, cluster.settings)
+    try:
+        yield ReplicaOnPostgres(
+            cluster,
+            store,
+            Scheduler(cluster.settings, store, cluster.launcher, intake, ADVERTISED, poll_s=0.05),
+        )
+    finally:
+        store.close()
+        cluster.store.close()
+
+
 def adopted_by_other(store: JobStore, job_id: str, launcher: KubernetesLauncher) -> bool:
     """What another replica does once this one has been cut off for longer than a lease; False when this
     replica's own renewal came between the expiry and the take-over (then: try again)."""
@@ -73,20 +104,18 @@ def adopted_by_other(store: JobStore, job_id: str, launcher: KubernetesLauncher)
 def test_a_replica_whose_trainjob_another_adopted_stops_watching_it_and_leaves_it_running(
     tmp_path: Path, postgres_database: str
 ) -> None:
-    with running_standin() as api:
-        cluster = Cluster(api, tmp_path, database_url=postgres_database, replica_id="me", lease_s=1.0)
-        store = JobStore(postgres_database)
-        scheduler = Scheduler(
-            cluster.settings, store, cluster.launcher, intake_for(store, cluster.settings), ADVERTISED,
-            poll_s=0.05,
-        )  # fmt: skip
+    with (
+        running_standin() as api,
+        replica_on_postgres(api, tmp_path, postgres_database, replica_id="me", lease_s=1.0) as me,
+    ):
+        store, scheduler = me.store, me.scheduler
         scheduler.start()
         try:
             job = store.create_job(spec())
             scheduler.wake()
             (name,) = wait_for(lambda: list(api.trainjobs(NS)))
             wait_for(lambda: job.id in scheduler.running())
-            wait_for(lambda: adopted_by_other(store, job.id, cluster.launcher))
+            wait_for(lambda: adopted_by_other(store, job.id, me.cluster.launcher))
             wait_for(lambda: job.id not in scheduler.running())  # its next renewal found it gone
             assert api.deletes("trainjobs") == [] and list(api.trainjobs(NS)) == [name]
             assert api.deletes("secrets") == []
@@ -95,17 +124,17 @@ def test_a_replica_whose_trainjob_another_adopted_stops_watching_it_and_leaves_i
             assert grant is not None and grant["replica"] == "other"
         finally:
             scheduler.stop(drain=False)
-            store.close()
-            cluster.store.close()
 
 
 @pytest.mark.timeout(120)
 def test_a_replica_restarted_under_its_name_watches_its_trainjob_again_and_requeues_the_rest(
     tmp_path: Path, postgres_database: str
 ) -> None:
-    with running_standin() as api:
-        cluster = Cluster(api, tmp_path, database_url=postgres_database, replica_id="me", lease_s=30.0)
-        store = JobStore(postgres_database)
+    with (
+        running_standin() as api,
+        replica_on_postgres(api, tmp_path, postgres_database, replica_id="me", lease_s=30.0) as me,
+    ):
+        store, cluster = me.store, me.cluster
         # what the process that died left: two TrainJobs it launched, one of them asked to cancel
         left: dict[str, str] = {}
         for name in ("trains-on", "cancelled"):
@@ -119,10 +148,7 @@ def test_a_replica_restarted_under_its_name_watches_its_trainjob_again_and_reque
             left[name] = job_id
         store.request_cancel(left["cancelled"])
         trains_on = str(store.worker_ref(left["trains-on"])).split("/")[1]
-        scheduler = Scheduler(
-            cluster.settings, store, cluster.launcher, intake_for(store, cluster.settings), ADVERTISED,
-            poll_s=0.05,
-        )  # fmt: skip
+        scheduler = me.scheduler
         scheduler.start()
         try:
             assert scheduler.running() == [left["trains-on"]]
@@ -137,8 +163,6 @@ def test_a_replica_restarted_under_its_name_watches_its_trainjob_again_and_reque
             wait_for(lambda: len(api.trainjobs(NS)) == 1)
         finally:
             scheduler.stop(drain=False)
-            store.close()
-            cluster.store.close()
 
 
 @pytest.mark.timeout(120)
@@ -147,15 +171,9 @@ def test_a_stopping_replica_that_no_one_relieves_drains_its_trainjob_as_before(
 ) -> None:
     """The hand-over is offered for a third of a lease and a bit; with no other replica there, the job is
     this replica's again and is drained: asked to stop, then re-queued with its attempt refunded."""
-    with running_standin() as api:
-        cluster = Cluster(
-            api, tmp_path, database_url=postgres_database, replica_id="alone", lease_s=1.0, drain_grace_s=3.0
-        )
-        store = JobStore(postgres_database)
-        scheduler = Scheduler(
-            cluster.settings, store, cluster.launcher, intake_for(store, cluster.settings), ADVERTISED,
-            poll_s=0.05,
-        )  # fmt: skip
+    settings = {"replica_id": "alone", "lease_s": 1.0, "drain_grace_s": 3.0}
+    with running_standin() as api, replica_on_postgres(api, tmp_path, postgres_database, **settings) as alone:
+        store, scheduler = alone.store, alone.scheduler
         scheduler.start()
         try:
             job = store.create_job(spec().model_copy(update={"name": "drained"}))
@@ -171,5 +189,3 @@ def test_a_stopping_replica_that_no_one_relieves_drains_its_trainjob_as_before(
         with store.db.read() as db:  # the next start of a replica resumes it; nothing is left running
             assert db.one("SELECT lease_owner FROM jobs WHERE id = :j", {"j": job.id})["lease_owner"] is None
         assert not api.trainjobs(NS)
-        store.close()
-        cluster.store.close()

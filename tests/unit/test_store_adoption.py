@@ -12,13 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_store_grants import Replicas as GrantReplicas
 
 from service.errors import Unauthenticated
-from service.jobs.intake import Intake
 from service.jobs.store import JobStore
 from service.jobs.store_grants import SharedGrants
 from service.records import EventKind, JobState
-from tests.store_backends import make_spec
 
 REF = "ml-team/tj-1"
 
@@ -28,34 +27,16 @@ def trainjob(ref: str) -> bool:
     return "/" in ref
 
 
-class Replicas:
-    """Replicas "a" (which launched the worker, then died) and "b", on the same database."""
-
-    def __init__(self, location: Path | str) -> None:
-        self.stores = {name: JobStore(location) for name in ("a", "b")}
-        self.grants = {name: SharedGrants(store, name, touch_s=60.0) for name, store in self.stores.items()}
-        self.a = Intake(self.stores["a"], self.grants["a"])
-        self.b = Intake(self.stores["b"], self.grants["b"])
-        self.store = self.stores["a"]
+class Replicas(GrantReplicas):
+    """Replicas "a" (which launched the worker, then died) and "b", on the same database (the grants
+    tests' pair, test_store_grants.Replicas)."""
 
     def launched_by_a(self, ref: str = REF, name: str = "job") -> tuple[str, str]:
         """A job claimed by "a", its worker `ref` launched with a grant; then "a" stops renewing."""
-        job_id = self.store.create_job(make_spec(name)).id
-        claimed = self.store.claim_next("a", 60.0)
-        assert claimed is not None and claimed.id == job_id
+        job_id = self.claimed("a", name)
         token = self.a.issue(job_id)
         self.store.set_worker_ref(job_id, ref)
         return job_id, token
-
-    def expire(self, job_id: str) -> None:
-        with self.store.db.write() as db:
-            db.run("UPDATE jobs SET lease_expires = 1 WHERE id = :id", {"id": job_id})
-
-    def close(self) -> None:
-        for store in self.stores.values():
-            with store.db.write() as db:
-                db.run("DELETE FROM report_grants")  # PostgreSQL: the module's database is shared
-            store.close()
 
 
 @pytest.fixture
