@@ -3,7 +3,7 @@
 With several replicas on one PostgreSQL, a worker's calls reach whichever replica the reporting Service
 picks, not necessarily the one that launched it. So the grant lives in the database: the SHA-256 of the
 launch token (the token itself is only in the worker's environment), the replica watching the worker
-(the one that launched it, or adopted it: service.jobs.store_leases), when the worker last called,
+(the one that launched it, or adopted it: service.jobs.store_takeover), when the worker last called,
 whether it has, the next event number it owes and the stop reason. Any replica authorizes a call
 against it; the watching replica's scheduler reads silence and first call from it; its request_stop
 reaches the worker through whichever replica answers the next heartbeat.
