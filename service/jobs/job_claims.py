@@ -109,7 +109,7 @@ class LeasedClaims:
         replica: str,
         lease_s: float,
         adoptable: Callable[[str], bool],
-        drain_grace_s: float = 60.0,
+        drain_grace_s: float,
     ) -> None:
         self._drain_grace_s = drain_grace_s
         self.store = store

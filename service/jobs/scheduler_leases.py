@@ -31,7 +31,7 @@ class LeaseKeeper:
         store: JobStore,
         replica: str,
         lease_s: float,
-        adoptable: Callable[[str], bool] = lambda ref: False,
+        adoptable: Callable[[str], bool],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
