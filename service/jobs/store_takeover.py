@@ -6,7 +6,10 @@ one transaction, so the worker's reports keep being taken and it trains on, in t
 re-queues the others (`requeue_expired`: attempt refunded, CANCELLED if that was asked) to resume from
 their last checkpoint. A replica restarted under its name adopts its own such jobs again at start
 (`adopt_own`); one stopping offers them (`offer_lease`: its lease ends at once) and takes back what no
-one adopted (`reclaim_lease`). A job whose cancel was asked, or whose grant is gone, is never adopted.
+one adopted (`reclaim_lease`). A job whose grant is gone is never adopted (its worker could not report).
+A job whose cancel was asked meanwhile is adopted too: no one else can stop its worker (a re-queue would
+mark it CANCELLED and leave the TrainJob and its pods behind), so the adopter stops it as any cancel
+(the reason in the worker's next heartbeat reply, killed after the cancel grace) and deletes it.
 The job store (service.jobs.store.JobStore) has these as methods (`TakeOvers`); each write goes through
 the process's one writer (Database.run_write).
 """
@@ -59,8 +62,8 @@ class TakeOvers:
         """The jobs whose lease ran out: each one whose worker `adoptable(ref)` says `replica` can watch
         from where it is (a TrainJob) is adopted, leased to `replica` for `lease_s` with its worker's grant
         (so its worker's reports go on being taken, and its attempt stays the same); the others are
-        re-queued as requeue_expired does. A job whose cancel was asked, or whose grant is gone, is never
-        adopted."""
+        re-queued as requeue_expired does. A job whose grant is gone is never adopted; one whose cancel
+        was asked is, for the adopter to stop its worker."""
         done = take_over_expired(self.db, replica, lease_s, adoptable, "its replica's lease expired")
         for job in [a.job for a in done.adopted] + done.requeued:
             self.bell.ring(job.id)
@@ -106,7 +109,8 @@ class TakeOvers:
         """At a replica's start: the jobs still leased to its name (an earlier process of it died or was
         restarted) whose workers ran on meanwhile (`adoptable(ref)`: a TrainJob), each leased to it again
         for `lease_s` with its worker's grant, so that it trains on; the others are left to
-        requeue_interrupted. A job whose cancel was asked, or whose grant is gone, is not adopted."""
+        requeue_interrupted. A job whose grant is gone is not adopted; one whose cancel was asked is, for
+        this replica to stop its worker."""
         adopted = adopt_own(self.db, replica, lease_s, adoptable)
         for a in adopted:
             self.bell.ring(a.job.id)
@@ -133,14 +137,14 @@ def take_over_expired(
     others = "" if replica is None else " AND lease_owner <> :me"
     with database.read() as db:
         rows = db.all(
-            "SELECT id, lease_owner, worker_pid, cancel_requested FROM jobs"
+            "SELECT id, lease_owner, worker_pid FROM jobs"
             f" WHERE state IN ({names}) AND lease_expires < :now{others} ORDER BY num",
             values | {"now": now} | ({} if replica is None else {"me": replica}),
         )
     done = TakeOver()
     for row in rows:
         ref = None if row["worker_pid"] is None else str(row["worker_pid"])
-        if replica is not None and ref is not None and not row["cancel_requested"] and adoptable(ref):
+        if replica is not None and ref is not None and adoptable(ref):
             job = _adopt(database, row["id"], replica, lease_s, ref, now, restarted=False)
             if job is not None:
                 done.adopted.append(Adopted(job, ref))
@@ -159,14 +163,13 @@ def adopt_own(
     names, values = placeholders("s", [s.value for s in ACTIVE_STATES])
     with database.read() as db:
         rows = db.all(
-            "SELECT id, worker_pid, cancel_requested FROM jobs"
-            f" WHERE state IN ({names}) AND lease_owner = :r ORDER BY num",
+            f"SELECT id, worker_pid FROM jobs WHERE state IN ({names}) AND lease_owner = :r ORDER BY num",
             values | {"r": replica},
         )
     adopted = []
     for row in rows:
         ref = None if row["worker_pid"] is None else str(row["worker_pid"])
-        if ref is not None and not row["cancel_requested"] and adoptable(ref):
+        if ref is not None and adoptable(ref):
             job = _adopt(database, row["id"], replica, lease_s, ref, now, restarted=True)
             if job is not None:
                 adopted.append(Adopted(job, ref))
@@ -181,14 +184,13 @@ def _adopt(
 
     def adopt(db: Conn) -> Job | None:
         row = fetch_row(db, job_id, lock=True)
-        # checked again under the lock, as a re-queue does: renewed, finished, cancelled or relaunched since
+        # checked again under the lock, as a re-queue does: renewed, finished or relaunched since
         expires, owner = row["lease_expires"], row["lease_owner"]
         # one's own from an earlier process of the name, or another's whose lease ran out
         taken = owner == replica if restarted else (expires is not None and expires < now)
         if (
             not taken
             or row["state"] not in {s.value for s in ACTIVE_STATES}
-            or row["cancel_requested"]
             or row["worker_pid"] is None
             or str(row["worker_pid"]) != ref
         ):
@@ -206,6 +208,8 @@ def _adopt(
                 f"its replica's lease expired ({owner}); its worker {ref} runs on and is watched by "
                 f"{replica} from now on (adopted: no restart)"
             )
+        if row["cancel_requested"]:
+            note += "; it was asked to cancel, and is stopped from here"
         insert_event(db, job_id, EventKind.INFO, note, {"adopted_by": replica, "from": owner}, now)
         return job_from_row(fetch_row(db, job_id))
 

@@ -249,3 +249,34 @@ def test_a_replica_stopped_for_a_rolling_update_hands_its_trainjob_over(pair: Pa
         "it offered the TrainJob and exited 0 once the other adopted it: never asked to stop, the same "
         "TrainJob and attempt trained on",
     )
+
+
+def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(pair: Pair) -> None:
+    """The cancel lands while no replica watches the worker (a was killed, its lease not yet run out).
+    A re-queue would only mark the job CANCELLED and leave the TrainJob training, unwatched, to its end;
+    b adopts it instead and stops it as any cancel: the worker stops itself, and b deletes the TrainJob."""
+    pair.a.start()
+    job_id = pair.store.create_job(slow("slow-cancelled-unwatched")).id
+    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+    pair.b.start()
+    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+
+    pair.a.kill()
+    pair.store.request_cancel(job_id)  # through any replica: b's CancelJob writes the same
+    job = wait_for(lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the job to stop")
+    assert job.state == JobState.CANCELLED and job.attempts == 1
+    found = messages(pair.store, job_id)
+    assert any("asked to cancel, and is stopped from here" in m for m in found)
+    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
+    assert [e.data["reason"] for e in stopping] == ["cancelled"]  # it stopped itself: no kill
+    wait_for(
+        lambda: [r.name for r in pair.api.deletes("trainjobs")] == [name], 30, "b to delete the TrainJob"
+    )
+    assert not pair.api.trainjobs(NS)
+    record(
+        "fault",
+        "SIGKILL of the replica watching a TrainJob, then a cancel before its lease ran out",
+        1,
+        "the other replica adopted it to carry the cancel out: the worker stopped itself and the TrainJob "
+        "was deleted (before, the job was marked CANCELLED and its TrainJob left training)",
+    )

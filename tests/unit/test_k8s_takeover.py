@@ -1,7 +1,8 @@
 """A job taken over by another replica (its lease ran out) on Kubernetes: the re-queue refunds the attempt,
 so the new launch's TrainJob has the name of the one the dead replica left. The stand-in API server
 (tests/k8s_api_standin.py) answers 409 for a duplicate name, as a real one does. And a replica that
-finds its job adopted by another (it was cut off for longer than a lease) leaves the TrainJob running."""
+finds its job adopted by another (it was cut off for longer than a lease) leaves the TrainJob running;
+one restarted under its name watches its TrainJobs again, and stops the one asked to cancel meanwhile."""
 
 from __future__ import annotations
 
@@ -127,40 +128,53 @@ def test_a_replica_whose_trainjob_another_adopted_stops_watching_it_and_leaves_i
 
 
 @pytest.mark.timeout(120)
-def test_a_replica_restarted_under_its_name_watches_its_trainjob_again_and_requeues_the_rest(
+def test_a_replica_restarted_under_its_name_watches_its_trainjobs_again_and_stops_the_cancelled_one(
     tmp_path: Path, postgres_database: str
 ) -> None:
+    """Both TrainJobs its predecessor left are watched again; the one asked to cancel while no replica
+    watched it is stopped as any cancel: the stop reaches its worker in the heartbeat reply, the worker's
+    exit fails the TrainJob, the job is CANCELLED and the TrainJob deleted (no longer left behind)."""
     with (
         running_standin() as api,
         replica_on_postgres(api, tmp_path, postgres_database, replica_id="me", lease_s=30.0) as me,
     ):
         store, cluster = me.store, me.cluster
-        # what the process that died left: two TrainJobs it launched, one of them asked to cancel
+        # what the process that died left: two TrainJobs it launched, one of them asked to cancel since
         left: dict[str, str] = {}
+        tokens: dict[str, str] = {}
         for name in ("trains-on", "cancelled"):
             job_id = store.create_job(spec().model_copy(update={"name": name})).id
             assert store.claim_next("me", 30.0) is not None
-            token = SharedGrants(store, "me").issue(job_id)
+            tokens[name] = SharedGrants(store, "me").issue(job_id)
             handle = cluster.launcher.start(
-                store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: token}
+                store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: tokens[name]}
             )
             store.set_worker_ref(job_id, handle.ref)
             left[name] = job_id
         store.request_cancel(left["cancelled"])
-        trains_on = str(store.worker_ref(left["trains-on"])).split("/")[1]
+        trains_on, cancelled = (
+            str(store.worker_ref(left[n])).split("/")[1] for n in ("trains-on", "cancelled")
+        )
         scheduler = me.scheduler
         scheduler.start()
         try:
-            assert scheduler.running() == [left["trains-on"]]
+            assert sorted(scheduler.running()) == sorted(left.values())
             job = store.get_job(left["trains-on"])
             assert (job.state, job.attempts) == (JobState.RUNNING, 1)
-            assert trains_on in api.trainjobs(NS)
-            assert trains_on not in [r.name for r in api.deletes("trainjobs")]
             with store.db.read() as db:
                 grants = db.all("SELECT job_id FROM report_grants WHERE replica = 'me'")
-            assert [g["job_id"] for g in grants] == [left["trains-on"]]
-            assert store.get_job(left["cancelled"]).state == JobState.CANCELLED  # its TrainJob deleted
-            wait_for(lambda: len(api.trainjobs(NS)) == 1)
+            assert sorted(g["job_id"] for g in grants) == sorted(left.values())
+            # the cancelled job's worker (a stand-in: this test) hears the stop and exits; the Trainer
+            # controller then marks its TrainJob Failed
+            worker = SharedGrants(store, "me")
+            wait_for(lambda: worker.check(tokens["cancelled"], left["cancelled"]) == "cancelled")
+            assert worker.check(tokens["trains-on"], left["trains-on"]) is None
+            api.set_condition(NS, cancelled, "Failed", "PodFailed", "exit code 75")
+            wait_for(lambda: store.get_job(left["cancelled"]).state == JobState.CANCELLED)
+            wait_for(lambda: cancelled not in api.trainjobs(NS))
+            assert [r.name for r in api.deletes("trainjobs")] == [cancelled]
+            assert scheduler.running() == [left["trains-on"]] and trains_on in api.trainjobs(NS)
+            assert store.get_job(left["cancelled"]).attempts == 1  # stopped, not relaunched
         finally:
             scheduler.stop(drain=False)
 

@@ -92,17 +92,28 @@ def test_between_the_expiry_and_a_take_over_the_worker_is_answered_then_refused_
         replicas.b.heartbeat(token, job_id)
 
 
-def test_a_cancelled_or_grantless_job_is_not_adopted(replicas: Replicas) -> None:
-    cancelled, _ = replicas.launched_by_a(name="cancelled")
+def test_a_grantless_job_is_requeued_and_a_cancelled_one_adopted_for_the_adopter_to_stop(
+    replicas: Replicas,
+) -> None:
+    """A cancel asked while no replica watched the worker: only an adopter can stop it (a re-queue would
+    mark it CANCELLED and leave its TrainJob running), so it is adopted, still asked to cancel."""
+    cancelled, token = replicas.launched_by_a(name="cancelled")
     replicas.store.request_cancel(cancelled)
     grantless, _ = replicas.launched_by_a(ref="ml-team/tj-2", name="grantless")
     replicas.a.revoke(grantless)  # its worker could not report to anyone
     for job_id in (cancelled, grantless):
         replicas.expire(job_id)
     done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
-    assert done.adopted == []
-    states = {j.id: j.state for j in done.requeued}
-    assert states == {cancelled: JobState.CANCELLED, grantless: JobState.QUEUED}
+    assert [(a.job.id, a.ref) for a in done.adopted] == [(cancelled, REF)]
+    assert [(j.id, j.state) for j in done.requeued] == [(grantless, JobState.QUEUED)]
+    job = replicas.store.get_job(cancelled)
+    assert (job.state, job.cancel_requested, job.attempts) == (JobState.RUNNING, True, 1)
+    assert replicas.store.lease_owner(cancelled) == "b"
+    assert replicas.store.events_after(cancelled)[-1].message.endswith(
+        "asked to cancel, and is stopped from here"
+    )
+    replicas.b.request_stop(cancelled, "cancelled")  # what b's scheduler does next: the worker hears it
+    assert replicas.a.heartbeat(token, cancelled) == "cancelled"
 
 
 def test_a_lease_renewed_before_the_take_over_is_left_alone(replicas: Replicas) -> None:
@@ -157,19 +168,21 @@ def test_an_adopted_lease_runs_out_again_when_the_adopter_dies_too(replicas: Rep
 
 
 def test_a_replica_restarted_under_its_name_adopts_its_own_trainjob_again(replicas: Replicas) -> None:
-    """A container restarted in its pod keeps the pod's name (TUNESERVE_REPLICA_ID): its TrainJob trains
-    on, and only its local worker's job is left to the re-queue, its grant forgotten."""
+    """A container restarted in its pod keeps the pod's name (TUNESERVE_REPLICA_ID): its TrainJobs are
+    watched again (one to train on, one to stop for its cancel), and only its local worker's job is left
+    to the re-queue, its grant forgotten."""
     job_id, token = replicas.launched_by_a()
     local_id, local_token = replicas.launched_by_a(ref="4242", name="local")
     cancelled, _ = replicas.launched_by_a(ref="ml-team/tj-3", name="cancelled")
     replicas.store.request_cancel(cancelled)
     again = replicas.stores["b"].adopt_own("a", 60.0, trainjob)
-    assert [(a.job.id, a.ref) for a in again] == [(job_id, REF)]
-    assert again[0].job.attempts == 1
+    # the cancelled one too: its TrainJob is stopped by the restarted replica, as any cancel
+    assert [(a.job.id, a.ref) for a in again] == [(job_id, REF), (cancelled, "ml-team/tj-3")]
+    assert again[0].job.attempts == 1 and again[1].job.cancel_requested
     last = replicas.store.events_after(job_id)[-1]
     assert "a restarted" in last.message and last.data == {"adopted_by": "a", "from": "a"}
     restarted = SharedGrants(replicas.stores["b"], "a")
-    assert restarted.forget_predecessor(keep=[job_id]) == 2  # the local job's and the cancelled one's
+    assert restarted.forget_predecessor(keep=[job_id, cancelled]) == 1  # the local job's
     assert replicas.b.heartbeat(token, job_id) is None
     with pytest.raises(Unauthenticated, match="unknown or revoked"):
         replicas.b.heartbeat(local_token, local_id)
