@@ -8,7 +8,7 @@ their last checkpoint. A replica restarted under its name adopts its own such jo
 (`adopt_own`); one stopping offers them (`offer_lease`: its lease ends at once) and takes back what no
 one adopted (`reclaim_lease`). A job whose grant is gone is never adopted (its worker could not report).
 A job whose cancel was asked meanwhile is adopted too: no one else can stop its worker (a re-queue would
-mark it CANCELLED and leave the TrainJob and its pods behind), so the adopter stops it as any cancel
+mark it CANCELLED and leave the finished TrainJob behind), so the adopter stops it as any cancel
 (the reason in the worker's next heartbeat reply, killed after the cancel grace) and deletes it.
 The job store (service.jobs.store.JobStore) has these as methods (`TakeOvers`); each write goes through
 the process's one writer (Database.run_write).

@@ -253,8 +253,8 @@ def test_a_replica_stopped_for_a_rolling_update_hands_its_trainjob_over(pair: Pa
 
 def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(pair: Pair) -> None:
     """The cancel lands while no replica watches the worker (a was killed, its lease not yet run out).
-    A re-queue would only mark the job CANCELLED and leave the TrainJob training, unwatched, to its end;
-    b adopts it instead and stops it as any cancel: the worker stops itself, and b deletes the TrainJob."""
+    A re-queue would only mark the job CANCELLED (its worker refused, the finished TrainJob never
+    deleted); b adopts it instead and stops it as any cancel: the worker stops itself, and b deletes the TrainJob."""
     pair.a.start()
     job_id = pair.store.create_job(slow("slow-cancelled-unwatched")).id
     (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
@@ -278,5 +278,5 @@ def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(
         "SIGKILL of the replica watching a TrainJob, then a cancel before its lease ran out",
         1,
         "the other replica adopted it to carry the cancel out: the worker stopped itself and the TrainJob "
-        "was deleted (before, the job was marked CANCELLED and its TrainJob left training)",
+        "was deleted (before, the job was marked CANCELLED and the finished TrainJob left behind)",
     )
