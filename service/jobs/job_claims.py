@@ -60,8 +60,10 @@ class Claims(Protocol):
         ids one adopted (within a third of a lease and a bit: how often the others look). The rest stay
         this replica's, to be drained."""
 
-    def keep(self) -> None:
-        """While draining: keep the running jobs this replica's (never raises)."""
+    def keep(self, running: Sequence[str]) -> list[str]:
+        """While draining: keep the running jobs this replica's; of `running`, the jobs another replica
+        has taken over meanwhile (an offer that this replica could not withdraw): no longer watched here.
+        Never raises."""
 
 
 class QueueClaims:
@@ -96,8 +98,8 @@ class QueueClaims:
     def hand_over(self, job_ids: Sequence[str]) -> list[str]:
         return []  # no other replica to take them
 
-    def keep(self) -> None:
-        pass
+    def keep(self, running: Sequence[str]) -> list[str]:
+        return []
 
 
 class LeasedClaims:
@@ -131,10 +133,7 @@ class LeasedClaims:
             )
 
     def lost(self, running: Sequence[str]) -> list[str]:
-        held = self._leases.beat()
-        if held is None:  # not time to renew yet
-            return []
-        return [job_id for job_id in running if job_id not in held and self._leases.lost(job_id)]
+        return self._not_held(running, self._leases.beat())
 
     def adopted(self) -> list[Adopted]:
         return self._leases.adopted()
@@ -150,11 +149,19 @@ class LeasedClaims:
             log.warning("handing the running jobs over failed; draining them", exc_info=True)
             return []
 
-    def keep(self) -> None:
+    def keep(self, running: Sequence[str]) -> list[str]:
         try:
-            self._leases.beat(take_over=False)  # stopping: adopt nothing more
+            return self._not_held(running, self._leases.beat(take_over=False))  # stopping: adopt nothing more
         except Exception:  # the database is away: the next call tries again
             log.warning("renewing leases failed", exc_info=True)
+            return []
+
+    def _not_held(self, running: Sequence[str], held: set[str] | None) -> list[str]:
+        """Of `running`, the jobs missing from the renewal's answer `held` that another replica has now
+        (None: no renewal was due)."""
+        if held is None:
+            return []
+        return [job_id for job_id in running if job_id not in held and self._leases.lost(job_id)]
 
 
 def claims_for(store: JobStore, settings: Settings, adoptable: Callable[[str], bool]) -> Claims:

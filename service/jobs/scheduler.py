@@ -152,7 +152,10 @@ class Scheduler:
                 self._kill(worker)
         deadline = time.monotonic() + grace
         while self._workers:
-            self._claims.keep()  # the drain may outlast a lease: keep the jobs ours meanwhile
+            # the drain may outlast a lease: keep the jobs ours meanwhile. One adopted after all (the
+            # offer could not be withdrawn: the database failed mid-way) is the adopter's to watch now
+            for job_id in self._claims.keep(list(self._workers)):
+                self._forget(self._workers[job_id])
             for worker in list(self._workers.values()):
                 ended = self.launcher.poll(worker.handle)
                 if ended is not None:

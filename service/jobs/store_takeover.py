@@ -199,8 +199,14 @@ def _adopt(
         if grant is None or grant["replica"] != owner:
             return None  # its worker could not report to anyone: nothing to adopt
         update_row(db, job_id, {"lease_owner": replica, "lease_expires": now + lease_s, "updated_at": now})
-        # in the same transaction: no call of the worker finds the lease and its grant on two replicas
-        db.run("UPDATE report_grants SET replica = :r WHERE job_id = :j", {"r": replica, "j": job_id})
+        # in the same transaction: no call of the worker finds the lease and its grant on two replicas. A
+        # drain its last replica asked for (stopping, it could not hand the job over) is that replica's
+        # own: the adopter lets the worker train on. A cancel stays: it is the job's.
+        db.run(
+            "UPDATE report_grants SET replica = :r, stop_reason ="
+            " CASE WHEN stop_reason = 'draining' THEN NULL ELSE stop_reason END WHERE job_id = :j",
+            {"r": replica, "j": job_id},
+        )
         if restarted:
             note = f"{replica} restarted; its worker {ref} ran on and is watched again (adopted: no restart)"
         else:

@@ -254,7 +254,8 @@ def test_a_replica_stopped_for_a_rolling_update_hands_its_trainjob_over(pair: Pa
 def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(pair: Pair) -> None:
     """The cancel lands while no replica watches the worker (a was killed, its lease not yet run out).
     A re-queue would only mark the job CANCELLED (its worker refused, the finished TrainJob never
-    deleted); b adopts it instead and stops it as any cancel: the worker stops itself, and b deletes the TrainJob."""
+    deleted); b adopts it instead and stops it as any cancel: the worker stops itself, and b deletes
+    the TrainJob."""
     pair.a.start()
     job_id = pair.store.create_job(slow("slow-cancelled-unwatched")).id
     (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")

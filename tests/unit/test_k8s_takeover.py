@@ -6,6 +6,8 @@ one restarted under its name watches its TrainJobs again, and stops the one aske
 
 from __future__ import annotations
 
+import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import kubernetes
 import pytest
 from k8s_api_standin import StandInApiServer, running_standin
 from k8s_crds import crd_folder
+from pg import PostgresServer
 from test_k8s_launcher import ADVERTISED, NS, Cluster, launch_env, spec, wait_for
 
 from service.jobs.intake import intake_for
@@ -92,11 +95,14 @@ def replica_on_postgres(
         cluster.store.close()
 
 
-def adopted_by_other(store: JobStore, job_id: str, launcher: KubernetesLauncher) -> bool:
+def adopted_by_other(store: JobStore, job_id: str, launcher: KubernetesLauncher, owner: str = "me") -> bool:
     """What another replica does once this one has been cut off for longer than a lease; False when this
     replica's own renewal came between the expiry and the take-over (then: try again)."""
     with store.db.write() as db:
-        db.run("UPDATE jobs SET lease_expires = 1 WHERE id = :id AND lease_owner = 'me'", {"id": job_id})
+        db.run(
+            "UPDATE jobs SET lease_expires = 1 WHERE id = :id AND lease_owner = :o",
+            {"id": job_id, "o": owner},
+        )
     done = store.take_over_expired("other", 60.0, launcher.can_adopt)
     return [a.job.id for a in done.adopted] == [job_id]
 
@@ -203,3 +209,64 @@ def test_a_stopping_replica_that_no_one_relieves_drains_its_trainjob_as_before(
         with store.db.read() as db:  # the next start of a replica resumes it; nothing is left running
             assert db.one("SELECT lease_owner FROM jobs WHERE id = :j", {"j": job.id})["lease_owner"] is None
         assert not api.trainjobs(NS)
+
+
+@pytest.mark.timeout(120)
+def test_a_draining_replica_whose_trainjob_another_adopts_meanwhile_leaves_it_to_that_replica(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """Taken over while draining (the replica's renewals failed for longer than a lease, or its offer
+    could not be withdrawn): the drain stops watching the TrainJob instead of killing it at the drain's
+    end, and the adopter lets its worker train on (the drain it was asked for was the old replica's)."""
+    settings = {"replica_id": "drainer", "lease_s": 1.0, "drain_grace_s": 30.0}
+    # a database of its own: the module's holds jobs the tests above left, which this replica would claim
+    with (
+        database_of_its_own(postgres_server) as database,
+        running_standin() as api,
+        replica_on_postgres(api, tmp_path, database, **settings) as me,
+    ):
+        store, scheduler = me.store, me.scheduler
+        scheduler.start()
+        job = store.create_job(spec().model_copy(update={"name": "adopted-while-draining"}))
+        scheduler.wake()
+        wait_for(lambda: job.id in scheduler.running())
+        stopping = threading.Thread(target=scheduler.stop, kwargs={"drain": True})
+        stopping.start()
+        try:
+            wait_for(lambda: any("no other replica adopted it" in m for m in infos(store, job.id)))
+            wait_for(lambda: stop_reason(store, job.id) == "draining")  # the worker is asked to drain
+            wait_for(lambda: adopted_by_other(store, job.id, me.cluster.launcher, owner="drainer"))
+            stopping.join(timeout=10.0)  # not the drain's 30 s: it lets the adopted worker go at once
+            assert not stopping.is_alive()
+        finally:
+            stopping.join()
+        assert api.deletes("trainjobs") == [] and len(api.trainjobs(NS)) == 1
+        assert store.lease_owner(job.id) == "other"
+        with store.db.read() as db:
+            grant = db.one("SELECT replica FROM report_grants WHERE job_id = :j", {"j": job.id})
+        assert grant is not None and grant["replica"] == "other"
+        assert stop_reason(store, job.id) is None  # the adopter's worker trains on
+        job = store.get_job(job.id)
+        assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+
+
+def infos(store: JobStore, job_id: str) -> list[str]:
+    return [e.message for e in store.events_after(job_id) if e.kind == EventKind.INFO]
+
+
+def stop_reason(store: JobStore, job_id: str) -> str | None:
+    """What the worker's next heartbeat reply says: the stop its grant holds."""
+    with store.db.read() as db:
+        row = db.one("SELECT stop_reason FROM report_grants WHERE job_id = :j", {"j": job_id})
+    return None if row is None else row["stop_reason"]
+
+
+@contextmanager
+def database_of_its_own(server: PostgresServer) -> Iterator[str]:
+    """A new, empty database on the session's PostgreSQL, dropped at the end."""
+    name = f"takeover_{secrets.token_hex(4)}"
+    url = server.create_database(name)
+    try:
+        yield url
+    finally:
+        server.drop_database(name)

@@ -212,3 +212,19 @@ def test_an_offer_nobody_took_is_reclaimed_and_a_cancelled_job_is_never_offered(
     assert replicas.store.reclaim_lease(job_id, "a", 60.0, "nobody adopted it: drained instead")
     assert replicas.stores["b"].take_over_expired("b", 60.0, trainjob).adopted == []  # a's again
     assert replicas.store.events_after(job_id)[-1].message == "nobody adopted it: drained instead"
+
+
+def test_an_adoption_drops_the_old_replicas_drain_and_keeps_a_cancel(replicas: Replicas) -> None:
+    """A drain is the stopping replica's own business: the adopter's worker trains on. A cancel is the
+    job's: it still reaches the worker."""
+    drained, drained_token = replicas.launched_by_a(name="drained")
+    cancelled, cancelled_token = replicas.launched_by_a(ref="ml-team/tj-2", name="cancelled")
+    replicas.a.request_stop(drained, "draining")
+    replicas.store.request_cancel(cancelled)
+    replicas.a.request_stop(cancelled, "cancelled")
+    for job_id in (drained, cancelled):
+        replicas.expire(job_id)
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert sorted(a.job.id for a in done.adopted) == sorted([drained, cancelled])
+    assert replicas.b.heartbeat(drained_token, drained) is None
+    assert replicas.b.heartbeat(cancelled_token, cancelled) == "cancelled"
