@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 
 from service.devices import DeviceAllocator
-from service.errors import FailedPrecondition
+from service.errors import FailedPrecondition, Unavailable
 from service.jobs.exit_outcomes import Deployer, ExitOutcomes
 from service.jobs.intake import Intake
 from service.jobs.job_claims import Claims, QueueClaims, claims_for
@@ -44,6 +44,7 @@ from service.jobs.launcher import (
 )
 from service.jobs.predecessor import settle_predecessor
 from service.jobs.store import JobStore
+from service.jobs.store_away_stop import stop_without_store
 from service.jobs.store_takeover import Adopted
 from service.jobs.supervised_loop import SupervisedLoop
 from service.records import Job, JobState
@@ -134,12 +135,28 @@ class Scheduler:
 
     def stop(self, drain: bool = True) -> None:
         """Stop scheduling. drain: hand the workers that run on without this replica (TrainJobs) over to
-        another replica, and let the others checkpoint (up to drain_grace_s); else kill them all.
+        another replica, and let the others checkpoint (all within drain_grace_s); else kill them all.
 
-        Either way the jobs not handed over go back to QUEUED and resume from their last checkpoint.
+        Either way the jobs not handed over go back to QUEUED and resume from their last checkpoint. When
+        the job store cannot be reached, nothing is recorded: see service.jobs.store_away_stop.
         """
         self._loop.stop()
-        grace = self.settings.drain_grace_s if drain else 0.0
+        deadline = time.monotonic() + (self.settings.drain_grace_s if drain else 0.0)
+        try:
+            self._end_workers(drain, deadline)
+        except Unavailable as exc:
+            log.warning("stopping without the job store (%s); the jobs stay leased to this replica, for "
+                        "whoever takes them over", exc.message)  # fmt: skip
+            handles = [w.handle for w in self._workers.values()]
+            self._workers.clear()
+            stop_without_store(self.launcher, handles, drain=drain, deadline=deadline)
+        self._outcomes.close()
+        # a launcher may hold processes of no job (a spare worker); the Launcher protocol leaves it optional
+        close = getattr(self.launcher, "close", None)
+        if callable(close):
+            close()
+
+    def _end_workers(self, drain: bool, deadline: float) -> None:
         if drain:  # a worker that runs on without this replica (a TrainJob) trains on under another's
             adoptable = [w.job_id for w in self._workers.values() if self.launcher.can_adopt(w.handle.ref)]
             for job_id in self._claims.hand_over(adoptable) if adoptable else []:
@@ -150,7 +167,6 @@ class Scheduler:
                 self._stop(worker, "draining")
             else:
                 self._kill(worker)
-        deadline = time.monotonic() + grace
         while self._workers:
             # the drain may outlast a lease: keep the jobs ours meanwhile. One adopted after all (the
             # offer could not be withdrawn: the database failed mid-way) is the adopter's to watch now
@@ -161,14 +177,9 @@ class Scheduler:
                 if ended is not None:
                     self._on_exit(worker, ended, draining=True)
                 elif time.monotonic() > deadline and not worker.killed:
-                    log.warning("job %s did not stop within %.0f s; killing it", worker.job_id, grace)
+                    log.warning("job %s did not stop by the drain's deadline; killing it", worker.job_id)
                     self._kill(worker)
             time.sleep(0.05)
-        self._outcomes.close()
-        # a launcher may hold processes of no job (a spare worker); the Launcher protocol leaves it optional
-        close = getattr(self.launcher, "close", None)
-        if callable(close):
-            close()
 
     # ------------------------------------------------------------------ the loop
 
@@ -238,10 +249,11 @@ class Scheduler:
         """The worker is gone (or going; or another replica's now, `release` False): nothing of its job
         is held here any more."""
         del self._workers[worker.job_id]
-        self.intake.revoke(worker.job_id)  # this replica's grant only: an adopter's stays
         if release:
             self.launcher.release(worker.handle)  # stragglers: data-loader processes, etc.
         self._devices.release(worker.job_id)  # after the stragglers: nothing of the job is left on them
+        # last: it writes to the job store, which may be away (then the stop goes on without it)
+        self.intake.revoke(worker.job_id)  # this replica's grant only: an adopter's stays
 
     def _launch(self, job: Job) -> bool:
         """Start a worker for `job` (QUEUED, or RUNNING already when it was claimed with a lease)."""

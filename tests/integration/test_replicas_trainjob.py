@@ -10,13 +10,16 @@ reports to replica b's reporting port, as a Service may route a worker's calls t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +28,11 @@ from harness import wait_for
 from k8s_api_standin import StandInApiServer, running_standin, write_kubeconfig
 from k8s_crds import crd_folder
 from k8s_pod_runner import PodRunner
+from pg import start_postgres
 from ports import free_ports
 from reliability import record
 
+from service.errors import Unavailable
 from service.jobs.store import JobStore
 from service.records import JobState
 from service.spec import JobSpec
@@ -86,6 +91,13 @@ class Pair:
 
 @pytest.fixture
 def pair(tmp_path: Path, postgres_database: str) -> Iterator[Pair]:
+    with replicas_on(tmp_path, postgres_database) as made:
+        yield made
+
+
+@contextmanager
+def replicas_on(tmp_path: Path, database_url: str) -> Iterator[Pair]:
+    """Replicas a and b (not started) on the database, the stand-in cluster running their TrainJobs."""
     report_a, report_b = free_ports(2)
     with running_standin() as api:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api.url)
@@ -94,7 +106,7 @@ def pair(tmp_path: Path, postgres_database: str) -> Iterator[Pair]:
             "KUBECONFIG": str(kubeconfig),
             "PYTHONPATH": str(PROJECT_ROOT),
             "TUNESERVE_STATE_DIR": str(tmp_path / "state"),
-            "TUNESERVE_DATABASE_URL": postgres_database,
+            "TUNESERVE_DATABASE_URL": database_url,
             "TUNESERVE_LEASE_S": str(LEASE_S),
             "TUNESERVE_LAUNCHER": "kubernetes",
             "TUNESERVE_K8S_NAMESPACE": NS,
@@ -114,7 +126,7 @@ def pair(tmp_path: Path, postgres_database: str) -> Iterator[Pair]:
         b = Replica(
             "b", tmp_path, base | {"TUNESERVE_REPLICA_ID": "b", "TUNESERVE_REPORT_PORT": str(report_b)}
         )
-        store = JobStore(postgres_database)
+        store = JobStore(database_url)
         try:
             with PodRunner(api, NS, [sys.executable, str(FAKE_WORKER)]):
                 yield Pair(a, b, api, store)
@@ -281,3 +293,57 @@ def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(
         "the other replica adopted it to carry the cancel out: the worker stopped itself and the TrainJob "
         "was deleted (before, the job was marked CANCELLED and the finished TrainJob left behind)",
     )
+
+
+def test_a_replica_stopped_while_the_database_is_down_leaves_its_trainjob_training(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while PostgreSQL is down: a cannot hand the job over, drain it or record anything. It exits
+    0 at once, leaving the TrainJob training and the job leased to it; once the database is back, b
+    adopts it when the lease has run out. Before, the drain raised UNAVAILABLE at its first write."""
+    server = start_postgres()
+    try:
+        with replicas_on(tmp_path, server.create_database("jobs")) as pair:
+            pair.a.start()
+            job_id = pair.store.create_job(slow("slow-store-away")).id
+            (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+            uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
+            pair.b.start()
+            wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the first report")
+
+            server.stop()
+            assert pair.a.process is not None
+            pair.a.process.send_signal(signal.SIGTERM)
+            assert pair.a.process.wait(timeout=30) == 0
+            assert (
+                pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
+            )
+
+            server.start()  # b rode out the outage
+            wait_for(lambda: answers(pair.store), 30, "the database back")  # a stale pool's first call fails
+            wait_for(lambda: pair.store.lease_owner(job_id) == "b", 6 * LEASE_S, "b to adopt the job")
+            job = pair.store.get_job(job_id)
+            assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+            assert (
+                pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
+            )
+            assert "fake worker stopping" not in messages(pair.store, job_id)  # never asked to stop
+    finally:
+        with contextlib.suppress(RuntimeError):
+            server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+    record(
+        "fault",
+        "SIGTERM of a replica watching a TrainJob while PostgreSQL is down",
+        1,
+        "it exited 0 at once, leaving the TrainJob training and the job leased to it; once the database "
+        "was back the other replica adopted it (same TrainJob and attempt, never asked to stop)",
+    )
+
+
+def answers(store: JobStore) -> bool:
+    try:
+        store.list_jobs((), 1, "")
+    except Unavailable:
+        return False
+    return True
