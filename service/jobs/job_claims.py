@@ -62,8 +62,8 @@ class Claims(Protocol):
 
     def keep(self, running: Sequence[str]) -> list[str]:
         """While draining: keep the running jobs this replica's; of `running`, the jobs another replica
-        has taken over meanwhile (an offer that this replica could not withdraw): no longer watched here.
-        Never raises."""
+        has taken over meanwhile (its renewals failed for longer than a lease, or an offer could not be
+        withdrawn): no longer watched here. Never raises."""
 
 
 class QueueClaims:
