@@ -152,6 +152,24 @@ def messages(store: JobStore, job_id: str) -> list[str]:
     return [e.message for e in store.events_after(job_id)]
 
 
+def stopped_itself_for_the_cancel(pair: Pair, job_id: str) -> None:
+    """The job ends CANCELLED in its first attempt: its one worker, told in its heartbeat reply, stopped
+    itself (no kill)."""
+    job = wait_for(lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the job to stop")
+    assert job.state == JobState.CANCELLED and job.attempts == 1
+    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
+    assert [e.data["reason"] for e in stopping] == ["cancelled"]
+    assert messages(pair.store, job_id).count("fake worker started") == 1  # one worker, start to end
+
+
+def deleted_by_b(pair: Pair, name: str) -> None:
+    """b saw the TrainJob end and deleted it: nothing is left in the cluster."""
+    wait_for(
+        lambda: [r.name for r in pair.api.deletes("trainjobs")] == [name], 30, "b to delete the TrainJob"
+    )
+    assert not pair.api.trainjobs(NS)
+
+
 def test_a_dead_replicas_trainjob_is_adopted_and_trains_on_to_the_end(pair: Pair) -> None:
     pair.a.start()
     job_id = pair.store.create_job(slow("slow-adopted")).id  # only a is up: a claims it
@@ -176,17 +194,8 @@ def test_a_dead_replicas_trainjob_is_adopted_and_trains_on_to_the_end(pair: Pair
     # b supervises it now: a cancel reaches the worker through b's stop request in its heartbeat reply,
     # and b sees the TrainJob end and deletes it
     pair.store.request_cancel(job_id)
-    job = wait_for(
-        lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the adopted job to stop"
-    )
-    assert job.state == JobState.CANCELLED and job.attempts == 1
-    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
-    assert [e.data["reason"] for e in stopping] == ["cancelled"]  # it stopped itself: no kill
-    assert messages(pair.store, job_id).count("fake worker started") == 1  # one worker, start to end
-    wait_for(
-        lambda: [r.name for r in pair.api.deletes("trainjobs")] == [name], 30, "b to delete the TrainJob"
-    )
-    assert not pair.api.trainjobs(NS)
+    stopped_itself_for_the_cancel(pair, job_id)
+    deleted_by_b(pair, name)
     record(
         "fault",
         "SIGKILL of the replica watching a TrainJob, two replicas on PostgreSQL",
@@ -215,11 +224,7 @@ def test_a_replica_restarted_under_its_name_adopts_its_trainjob_again(pair: Pair
     assert pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
 
     pair.store.request_cancel(job_id)
-    job = wait_for(lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the job to stop")
-    assert job.state == JobState.CANCELLED and job.attempts == 1
-    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
-    assert [e.data["reason"] for e in stopping] == ["cancelled"]
-    assert messages(pair.store, job_id).count("fake worker started") == 1
+    stopped_itself_for_the_cancel(pair, job_id)
     record(
         "fault",
         "SIGKILL of a replica watching a TrainJob, then the same replica (same name) started again",
@@ -276,16 +281,9 @@ def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(
 
     pair.a.kill()
     pair.store.request_cancel(job_id)  # through any replica: b's CancelJob writes the same
-    job = wait_for(lambda: (j := pair.store.get_job(job_id)).state.is_final and j, 60, "the job to stop")
-    assert job.state == JobState.CANCELLED and job.attempts == 1
-    found = messages(pair.store, job_id)
-    assert any("asked to cancel, and is stopped from here" in m for m in found)
-    stopping = [e for e in pair.store.events_after(job_id) if e.message == "fake worker stopping"]
-    assert [e.data["reason"] for e in stopping] == ["cancelled"]  # it stopped itself: no kill
-    wait_for(
-        lambda: [r.name for r in pair.api.deletes("trainjobs")] == [name], 30, "b to delete the TrainJob"
-    )
-    assert not pair.api.trainjobs(NS)
+    stopped_itself_for_the_cancel(pair, job_id)
+    assert any("asked to cancel, and is stopped from here" in m for m in messages(pair.store, job_id))
+    deleted_by_b(pair, name)
     record(
         "fault",
         "SIGKILL of the replica watching a TrainJob, then a cancel before its lease ran out",
