@@ -2,8 +2,10 @@
 folder on a free loopback port, run as the `postgres` user (initdb refuses root), password required.
 
 `postgres_server` (one per test session) and `postgres_database` (a fresh database per test module)
-are fixtures; a test module imports them. Without PostgreSQL installed the tests that use them skip,
-except under CI=true, where they fail: CI must never pass by silently skipping them.
+are fixtures; a test module imports them. A test that stops and starts its server has one of its own
+(`postgres_of_its_own`), and reads through `once_back` after the restart. Without PostgreSQL installed
+the tests that use them skip, except under CI=true, where they fail: CI must never pass by silently
+skipping them.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from service.errors import Unavailable
 from tests.ports import free_ports
+
+T = TypeVar("T")
 
 INSTALL_HINT = "install it with `apt-get install -y postgresql` (Debian), as .ci/run does"
 
@@ -119,8 +126,9 @@ def start_postgres() -> PostgresServer:
     return server
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextlib.contextmanager
+def postgres_of_its_own() -> Iterator[PostgresServer]:
+    """A started cluster, stopped and removed at the end: the session's, or one a test stops and starts."""
     server = start_postgres()
     try:
         yield server
@@ -128,6 +136,25 @@ def postgres_server() -> Iterator[PostgresServer]:
         with contextlib.suppress(RuntimeError):
             server.stop()
         shutil.rmtree(server.root, ignore_errors=True)
+
+
+def once_back(read: Callable[[], T], timeout_s: float = 30.0) -> T:
+    """`read()` once a restarted server answers: the first use of each pooled connection the restart cut
+    fails (UNAVAILABLE) while the pool replaces them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return read()
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with postgres_of_its_own() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

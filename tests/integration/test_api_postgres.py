@@ -4,8 +4,6 @@ the jobs still there for a service started again on the same database; the datab
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from harness import (
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.errors import Unavailable
-from tests.pg import start_postgres
+from tests.pg import postgres_of_its_own
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
@@ -55,8 +53,7 @@ def test_a_job_runs_end_to_end_with_the_store_on_postgres(tmp_path: Path, postgr
 def test_postgres_down_mid_job_loses_no_report_and_the_job_finishes(tmp_path: Path) -> None:
     """The database stops for a few seconds while a job trains: the worker's reports are retried (the
     store answers UNAVAILABLE meanwhile) and every epoch is recorded once it is back."""
-    server = start_postgres()
-    try:
+    with postgres_of_its_own() as server:
         settings = make_settings(tmp_path, database_url=server.create_database("jobs"))
         make_image_folder(settings.data_root / "ds")
         epochs = 6
@@ -75,7 +72,3 @@ def test_postgres_down_mid_job_loses_no_report_and_the_job_finishes(tmp_path: Pa
         assert [e.seq for e in events] == list(range(1, len(events) + 1))
         seen = [int(e.data["epoch"]) for e in events if e.kind == "EPOCH"]
         assert len(seen) == len(set(seen)) == epochs  # every epoch once: none lost, none repeated
-    finally:
-        with contextlib.suppress(RuntimeError):
-            server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)

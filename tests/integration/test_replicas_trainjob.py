@@ -10,10 +10,8 @@ reports to replica b's reporting port, as a Service may route a worker's calls t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,14 +26,13 @@ from harness import wait_for
 from k8s_api_standin import StandInApiServer, running_standin, write_kubeconfig
 from k8s_crds import crd_folder
 from k8s_pod_runner import PodRunner
-from pg import start_postgres
 from ports import free_ports
 from reliability import record
 
-from service.errors import Unavailable
 from service.jobs.store import JobStore
 from service.records import JobState
 from service.spec import JobSpec
+from tests.pg import once_back, postgres_of_its_own
 
 pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
 pytestmark = [
@@ -299,37 +296,27 @@ def test_a_replica_stopped_while_the_database_is_down_leaves_its_trainjob_traini
     """SIGTERM while PostgreSQL is down: a cannot hand the job over, drain it or record anything. It exits
     0 at once, leaving the TrainJob training and the job leased to it; once the database is back, b
     adopts it when the lease has run out. Before, the drain raised UNAVAILABLE at its first write."""
-    server = start_postgres()
-    try:
-        with replicas_on(tmp_path, server.create_database("jobs")) as pair:
-            pair.a.start()
-            job_id = pair.store.create_job(slow("slow-store-away")).id
-            (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
-            uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
-            pair.b.start()
-            wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the first report")
+    with postgres_of_its_own() as server, replicas_on(tmp_path, server.create_database("jobs")) as pair:
+        pair.a.start()
+        job_id = pair.store.create_job(slow("slow-store-away")).id
+        (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+        uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
+        pair.b.start()
+        wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the first report")
 
-            server.stop()
-            assert pair.a.process is not None
-            pair.a.process.send_signal(signal.SIGTERM)
-            assert pair.a.process.wait(timeout=30) == 0
-            assert (
-                pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
-            )
+        server.stop()
+        assert pair.a.process is not None
+        pair.a.process.send_signal(signal.SIGTERM)
+        assert pair.a.process.wait(timeout=30) == 0
+        assert pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
 
-            server.start()  # b rode out the outage
-            wait_for(lambda: answers(pair.store), 30, "the database back")  # a stale pool's first call fails
-            wait_for(lambda: pair.store.lease_owner(job_id) == "b", 6 * LEASE_S, "b to adopt the job")
-            job = pair.store.get_job(job_id)
-            assert (job.state, job.attempts) == (JobState.RUNNING, 1)
-            assert (
-                pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
-            )
-            assert "fake worker stopping" not in messages(pair.store, job_id)  # never asked to stop
-    finally:
-        with contextlib.suppress(RuntimeError):
-            server.stop()
-        shutil.rmtree(server.root, ignore_errors=True)
+        server.start()  # b rode out the outage
+        once_back(lambda: pair.store.list_jobs((), 1, ""))  # the pool's first calls after the restart fail
+        wait_for(lambda: pair.store.lease_owner(job_id) == "b", 6 * LEASE_S, "b to adopt the job")
+        job = pair.store.get_job(job_id)
+        assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+        assert pair.api.deletes("trainjobs") == [] and pair.api.trainjobs(NS)[name]["metadata"]["uid"] == uid
+        assert "fake worker stopping" not in messages(pair.store, job_id)  # never asked to stop
     record(
         "fault",
         "SIGTERM of a replica watching a TrainJob while PostgreSQL is down",
@@ -337,11 +324,3 @@ def test_a_replica_stopped_while_the_database_is_down_leaves_its_trainjob_traini
         "it exited 0 at once, leaving the TrainJob training and the job leased to it; once the database "
         "was back the other replica adopted it (same TrainJob and attempt, never asked to stop)",
     )
-
-
-def answers(store: JobStore) -> bool:
-    try:
-        store.list_jobs((), 1, "")
-    except Unavailable:
-        return False
-    return True

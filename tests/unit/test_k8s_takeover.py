@@ -18,7 +18,6 @@ import kubernetes
 import pytest
 from k8s_api_standin import StandInApiServer, running_standin
 from k8s_crds import crd_folder
-from pg import PostgresServer
 from test_k8s_launcher import ADVERTISED, NS, Cluster, launch_env, spec, wait_for
 
 from service.jobs.intake import intake_for
@@ -29,6 +28,7 @@ from service.jobs.store import JobStore
 from service.jobs.store_grants import SharedGrants
 from service.jobs.trainjob_manifest import TOKEN_KEY, secret_name
 from service.records import EventKind, JobState
+from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.skipif(crd_folder() is None, reason="no k8s-crds folder (see tests/k8s_crds.py)")
 NEW_TOKEN = "tok-new-7c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f"

@@ -9,23 +9,19 @@ STAND-INS, as in test_k8s_takeover.py: the Kubernetes API server, and the worker
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from k8s_api_standin import running_standin
 from k8s_crds import crd_folder
-from pg import PostgresServer, start_postgres
 from test_k8s_launcher import NS, spec, wait_for
 from test_k8s_takeover import adopted_by_other, replica_on_postgres
 from test_scheduler import fake_command, make_spec
 
 from service.api.reporting_server import start_reporting_server
-from service.errors import Unavailable
 from service.jobs.intake import intake_for
 from service.jobs.local_launcher import LocalProcessLauncher
 from service.jobs.scheduler import Scheduler
@@ -33,32 +29,14 @@ from service.jobs.store import JobStore
 from service.jobs.store_open import store_target
 from service.records import JobState
 from service.settings import Settings
-
-T = TypeVar("T")
+from tests.pg import PostgresServer, once_back, postgres_of_its_own
 
 
 @pytest.fixture
 def server() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own: it is stopped mid-test."""
-    made = start_postgres()
-    try:
+    with postgres_of_its_own() as made:
         yield made
-    finally:
-        with contextlib.suppress(RuntimeError):
-            made.stop()
-        shutil.rmtree(made.root, ignore_errors=True)
-
-
-def once_back(read: Callable[[], T]) -> T:
-    """`read` once the database answers again (the pool's first call after a restart is UNAVAILABLE)."""
-    deadline = time.monotonic() + 20.0
-    while True:
-        try:
-            return read()
-        except Unavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @pytest.mark.skipif(crd_folder() is None, reason="no k8s-crds folder (see tests/k8s_crds.py)")

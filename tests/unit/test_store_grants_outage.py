@@ -4,11 +4,7 @@ the outage does not count as the worker's silence afterwards."""
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Iterator
 
 import pytest
 from reliability import record
@@ -17,30 +13,16 @@ from service.errors import Unavailable
 from service.jobs.intake import Intake
 from service.jobs.store import JobStore
 from service.jobs.store_grants import SharedGrants
-from tests.pg import PostgresServer, start_postgres
+from tests.pg import PostgresServer, once_back, postgres_of_its_own
 from tests.store_backends import make_spec
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.reliability]
-T = TypeVar("T")
-
-
-def after_reconnect(read: Callable[[], T]) -> T:
-    """`read()` once the pool has replaced its connections the restart cut (the first use of each fails,
-    as the scheduler's next tick would find)."""
-    for _ in range(20):
-        with contextlib.suppress(Unavailable):
-            return read()
-        time.sleep(0.1)
-    return read()
 
 
 @pytest.fixture
 def server() -> Iterator[PostgresServer]:
-    made = start_postgres()
-    yield made
-    with contextlib.suppress(RuntimeError):
-        made.stop()
-    shutil.rmtree(made.root, ignore_errors=True)
+    with postgres_of_its_own() as made:
+        yield made
 
 
 def test_a_worker_checked_lately_keeps_its_heartbeat_while_the_database_is_down(
@@ -70,9 +52,9 @@ def test_a_worker_checked_lately_keeps_its_heartbeat_while_the_database_is_down(
 
         # the database could not take heartbeats meanwhile (nor the scheduler read them: no tick got this
         # far): silence counts from its return
-        assert after_reconnect(lambda: launcher.silent_for(job_id)) < 60.0
+        assert once_back(lambda: launcher.silent_for(job_id)) < 60.0
         assert other.heartbeat(token, job_id) is None
-        after_reconnect(lambda: other.heartbeat(token, job_id))  # written again (lost in the outage)
+        once_back(lambda: other.heartbeat(token, job_id))  # written again (lost in the outage)
         assert launcher.silent_for(job_id) < 5.0
         record(
             "fault",
