@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from harness import wait_for
@@ -149,6 +150,25 @@ def messages(store: JobStore, job_id: str) -> list[str]:
     return [e.message for e in store.events_after(job_id)]
 
 
+class Training(NamedTuple):
+    job_id: str
+    name: str  # its TrainJob's
+    uid: str  # ... which stays the same while it trains on (never deleted and created again)
+
+
+def training_under_a(pair: Pair, job_name: str, *, with_b: bool = True) -> Training:
+    """a (started here) claims a slow job and launches its TrainJob; b starts after the claim unless not
+    `with_b`. Answered once the worker has made its first report."""
+    pair.a.start()
+    job_id = pair.store.create_job(slow(job_name)).id  # only a is up: a claims it
+    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
+    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
+    if with_b:
+        pair.b.start()
+    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+    return Training(job_id, name, uid)
+
+
 def stopped_itself_for_the_cancel(pair: Pair, job_id: str) -> None:
     """The job ends CANCELLED in its first attempt: its one worker, told in its heartbeat reply, stopped
     itself (no kill)."""
@@ -168,12 +188,7 @@ def deleted_by_b(pair: Pair, name: str) -> None:
 
 
 def test_a_dead_replicas_trainjob_is_adopted_and_trains_on_to_the_end(pair: Pair) -> None:
-    pair.a.start()
-    job_id = pair.store.create_job(slow("slow-adopted")).id  # only a is up: a claims it
-    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
-    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
-    pair.b.start()
-    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+    job_id, name, uid = training_under_a(pair, "slow-adopted")
     assert pair.store.lease_owner(job_id) == "a"
 
     pair.a.kill()
@@ -207,11 +222,7 @@ def test_a_replica_restarted_under_its_name_adopts_its_trainjob_again(pair: Pair
     TrainJob still training and watches it again instead of deleting and relaunching it. Here the worker
     reports to a's own port, which a binds again when it restarts."""
     pair.a.env["TUNESERVE_REPORT_ADVERTISE_ADDRESS"] = f"localhost:{pair.a.env['TUNESERVE_REPORT_PORT']}"
-    pair.a.start()
-    job_id = pair.store.create_job(slow("slow-restarted")).id
-    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
-    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
-    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+    job_id, name, uid = training_under_a(pair, "slow-restarted", with_b=False)
 
     pair.a.kill()
     pair.a.start()
@@ -234,12 +245,7 @@ def test_a_replica_restarted_under_its_name_adopts_its_trainjob_again(pair: Pair
 def test_a_replica_stopped_for_a_rolling_update_hands_its_trainjob_over(pair: Pair) -> None:
     """SIGTERM (a rolling update): instead of asking the TrainJob to checkpoint and stop, a offers it to
     the other replicas; b adopts it at its next look, and it trains on."""
-    pair.a.start()
-    job_id = pair.store.create_job(slow("slow-handed-over")).id
-    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
-    uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
-    pair.b.start()
-    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+    job_id, name, uid = training_under_a(pair, "slow-handed-over")
 
     assert pair.a.process is not None
     pair.a.process.send_signal(signal.SIGTERM)
@@ -270,11 +276,7 @@ def test_a_cancel_asked_while_its_replica_is_dead_is_carried_out_by_the_adopter(
     A re-queue would only mark the job CANCELLED (its worker refused, the finished TrainJob never
     deleted); b adopts it instead and stops it as any cancel: the worker stops itself, and b deletes
     the TrainJob."""
-    pair.a.start()
-    job_id = pair.store.create_job(slow("slow-cancelled-unwatched")).id
-    (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
-    pair.b.start()
-    wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the worker's first report")
+    job_id, name, _ = training_under_a(pair, "slow-cancelled-unwatched")
 
     pair.a.kill()
     pair.store.request_cancel(job_id)  # through any replica: b's CancelJob writes the same
@@ -297,12 +299,7 @@ def test_a_replica_stopped_while_the_database_is_down_leaves_its_trainjob_traini
     0 at once, leaving the TrainJob training and the job leased to it; once the database is back, b
     adopts it when the lease has run out. Before, the drain raised UNAVAILABLE at its first write."""
     with postgres_of_its_own() as server, replicas_on(tmp_path, server.create_database("jobs")) as pair:
-        pair.a.start()
-        job_id = pair.store.create_job(slow("slow-store-away")).id
-        (name,) = wait_for(lambda: list(pair.api.trainjobs(NS)), 60, "a's TrainJob")
-        uid = pair.api.trainjobs(NS)[name]["metadata"]["uid"]
-        pair.b.start()
-        wait_for(lambda: "fake worker started" in messages(pair.store, job_id), 60, "the first report")
+        job_id, name, uid = training_under_a(pair, "slow-store-away")
 
         server.stop()
         assert pair.a.process is not None
