@@ -43,6 +43,8 @@ from service.training_imports import import_training_modules
 log = logging.getLogger(__name__)
 
 API_GRACE_S = 5.0  # in-flight calls get this long to finish when the service stops
+# A stop soon after the start waits this long at most for the admission's imports (see Service.stop)
+PRELOAD_WAIT_S = 60.0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Service:
     backend: ServingBackend | None = None  # the serving backend this service started (and stops)
     health_reporter: HealthReporter | None = None
     jobs_health: HealthReporter | None = None  # "" and FineTuning: the store takes writes, scheduling runs
+    preload: threading.Thread | None = None  # importing what admitting a job imports (_preload_admission)
     _stopped: bool = field(default=False, init=False)
 
     @property
@@ -79,6 +82,10 @@ class Service:
         if self.backend is not None:
             self.backend.stop()
         self.store.close()
+        if self.preload is not None:
+            # an import still under way when the process exits races the interpreter's exit handlers
+            # (torch's unregister its operators under the import: it fails with a traceback)
+            self.preload.join(PRELOAD_WAIT_S)
         log.info("stopped")
 
 
@@ -129,7 +136,8 @@ def start_service(
         deployer=serving.deploy_job if serving is not None else None,
     )
     scheduler.start()  # before the API opens: interrupted jobs are back in the queue when clients look
-    threading.Thread(target=_preload_admission, name="preload-admission", daemon=True).start()
+    preload = threading.Thread(target=_preload_admission, name="preload-admission", daemon=True)
+    preload.start()
     try:
         server = build_server(settings, JobManager(settings, store, wake=scheduler.wake), serving, clients)
     except BaseException:  # e.g. the port is taken: leave no workers or TorchServe behind
@@ -148,7 +156,9 @@ def start_service(
         backend.on_availability(lambda available: server.set_serving(INFERENCE, available))
         reporter = HealthReporter(backend.health, server.set_serving)  # torchserve, torchserve/<model>
         reporter.start()
-    return Service(settings, store, scheduler, server, reporting, serving, backend, reporter, jobs_health)
+    return Service(
+        settings, store, scheduler, server, reporting, serving, backend, reporter, jobs_health, preload
+    )
 
 
 JOBS_NAMES = (OVERALL, FINE_TUNING)

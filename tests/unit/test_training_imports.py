@@ -62,3 +62,32 @@ def test_admission_and_the_start_up_import_wait_for_the_thread_importing(tmp_pat
     lines = result.stdout.splitlines()
     assert "while held: False []" in lines  # both waited, and nothing of torchvision was imported
     assert "after: True ['admission', 'preload']" in lines
+
+
+STOP_AT_ONCE = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from service.app import start_service
+from service.settings import Settings
+
+settings = Settings(state_dir=sys.argv[1], data_root=sys.argv[1], port=0, torchserve_enabled=False)
+service = start_service(settings)
+service.stop(drain=False)  # at once: the start-up import is still under way (torch, timm: seconds)
+assert service.preload is not None
+print("import under way after the stop:", service.preload.is_alive())
+print("imported:", "timm" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_right_after_the_start_waits_for_the_start_up_import(tmp_path: Path) -> None:
+    """The process exits after the stop: an import still under way then raced the interpreter's exit
+    handlers (torch's unregistered its operators under it) and failed with a traceback in the log."""
+    result = subprocess.run(
+        [sys.executable, "-c", STOP_AT_ONCE, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "import under way after the stop: False" in result.stdout.splitlines()
+    assert "imported: True" in result.stdout.splitlines()
+    assert "Traceback" not in result.stderr
