@@ -83,9 +83,7 @@ class Service:
             self.backend.stop()
         self.store.close()
         if self.preload is not None:
-            # an import still under way when the process exits races the interpreter's exit handlers
-            # (torch's unregister its operators under the import: it fails with a traceback)
-            self.preload.join(PRELOAD_WAIT_S)
+            _let_the_import_end(self.preload)
         log.info("stopped")
 
 
@@ -146,6 +144,7 @@ def start_service(
         if backend is not None:
             backend.stop()
         store.close()
+        _let_the_import_end(preload)  # the process exits next
         raise
     jobs_health = HealthReporter(
         jobs_probe(store, scheduler), server.set_serving, settings.health_interval_s, names=JOBS_NAMES
@@ -226,6 +225,12 @@ def _preload_admission() -> None:
     except Exception:  # the first CreateJob imports them again and reports what fails
         log.exception("preloading the admission's modules failed")
     freeze_imports()  # after the last big import: see service.heap
+
+
+def _let_the_import_end(preload: threading.Thread) -> None:
+    # an import still under way when the process exits races the interpreter's exit handlers (torch's
+    # handlers unregister its operators under the import: it fails with a traceback in the log)
+    preload.join(PRELOAD_WAIT_S)
 
 
 def run_service(settings: Settings | None = None) -> None:

@@ -168,8 +168,9 @@ class Scheduler:
             else:
                 self._kill(worker)
         while self._workers:
-            # the drain may outlast a lease: keep the jobs ours meanwhile. One adopted after all (the
-            # offer could not be withdrawn: the database failed mid-way) is the adopter's to watch now
+            # the drain may outlast a lease: keep the jobs ours meanwhile. One taken over after all (its
+            # renewals failed for a lease, or its offer could not be withdrawn: the database failed
+            # mid-way) is the new holder's now
             for job_id in self._claims.keep(list(self._workers)):
                 self._forget(self._workers[job_id])
             for worker in list(self._workers.values()):

@@ -32,6 +32,10 @@ def launch(socket_path: str, python: str, argv: list[str]) -> int:
     """Run `python argv...` through the zygote when argv is a TorchServe worker's command line."""
     if not argv or not argv[0].endswith(WORKER_SCRIPT):
         return _exec(python, argv)
+    # Held back until the worker's pid is known and the forwarding is in place: the worker may start
+    # (and TorchServe signal this process) before the zygote's answer is read, and a signal taken then
+    # would kill this process by default, leaving the worker to be killed rather than stopped.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.settimeout(10)
@@ -54,6 +58,7 @@ def launch(socket_path: str, python: str, argv: list[str]) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # one held back meanwhile is forwarded now
     line = reader.readline().split()
     if len(line) == 2 and line[0] == "exit":
         return _exit_code(int(line[1]))
@@ -74,6 +79,9 @@ def _alive(pid: int) -> bool:
 
 
 def _exec(python: str, argv: list[str]) -> int:
+    # the mask survives execv: a signal held back meanwhile is taken here, with its default action,
+    # as the fresh worker would have taken it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     os.execv(python, [python, *argv])
     return 1  # not reached: execv replaces this process
 

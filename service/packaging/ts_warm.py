@@ -78,7 +78,7 @@ class WarmWorkers:
             self.start(self._env)
 
     def stop(self) -> None:
-        """SIGTERM (it ends its children), then SIGKILL its group."""
+        """SIGTERM (it ends its children), then SIGKILL its group; its socket is gone after."""
         with self._lock:
             popen, self._popen = self._popen, None
             if popen is None:
@@ -92,3 +92,4 @@ class WarmWorkers:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(popen.pid, signal.SIGKILL)
             popen.wait()
+            self.socket.unlink(missing_ok=True)  # a killed zygote left it: launchers would try it in vain

@@ -101,7 +101,7 @@ def serve(socket_path: Path) -> None:
                 continue
             # a launcher's connection is readable only when it closed: the launcher is gone
             pid = key.data
-            if not children[pid].recv(1):
+            if _closed(children[pid]):
                 selector.unregister(children[pid])
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -110,6 +110,13 @@ def serve(socket_path: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     socket_path.unlink(missing_ok=True)
+
+
+def _closed(connection: socket.socket) -> bool:
+    try:
+        return not connection.recv(1)
+    except OSError:  # reset: the launcher died before it read its worker's pid
+        return True
 
 
 def _reap(children: dict[int, socket.socket], selector: selectors.BaseSelector) -> None:
@@ -161,8 +168,13 @@ def _spawn(
         _become_worker(request, fds, connection)  # never returns
     for fd in fds:
         os.close(fd)
-    connection.sendall(f"pid {pid}\n".encode())
-    return pid
+    try:
+        connection.sendall(f"pid {pid}\n".encode())
+    except OSError:  # the launcher died after its request: nobody is left to forward to its worker
+        log.warning("a launcher left before its worker (pid %d) started; killing the worker", pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pid  # reaped as any other, and its connection closed then
 
 
 def _become_worker(request: dict, fds: list[int], connection: socket.socket) -> None:

@@ -91,3 +91,36 @@ def test_a_stop_right_after_the_start_waits_for_the_start_up_import(tmp_path: Pa
     assert "import under way after the stop: False" in result.stdout.splitlines()
     assert "imported: True" in result.stdout.splitlines()
     assert "Traceback" not in result.stderr
+
+
+START_ON_A_TAKEN_PORT = """
+import logging, socket, sys, threading
+logging.basicConfig(level=logging.INFO)
+from service.app import start_service
+from service.settings import Settings
+
+with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    settings = Settings(state_dir=sys.argv[1], data_root=sys.argv[1], host="127.0.0.1",
+                        port=taken.getsockname()[1], torchserve_enabled=False)
+    try:
+        start_service(settings)
+    except Exception as exc:
+        print("start refused:", type(exc).__name__)
+under_way = [t for t in threading.enumerate() if t.name == "preload-admission" and t.is_alive()]
+print("import under way after the refused start:", bool(under_way))
+"""
+
+
+@pytest.mark.slow
+def test_a_start_that_fails_waits_for_the_start_up_import(tmp_path: Path) -> None:
+    """The process exits after a start that fails (the API's port taken), with the same race as above."""
+    result = subprocess.run(
+        [sys.executable, "-c", START_ON_A_TAKEN_PORT, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any(line.startswith("start refused:") for line in result.stdout.splitlines()), result.stdout
+    assert "import under way after the refused start: False" in result.stdout.splitlines()
+    assert "Traceback" not in result.stderr
