@@ -47,7 +47,8 @@ class ExitOutcomes:
             elif rc == EXIT_OK and job.state == JobState.PACKAGING:
                 self._deploys.submit(self._finish, job)
             elif draining:
-                reason = "the service is stopping; the job resumes from its last checkpoint after a restart"
+                # its replica is stopping, or was (a worker adopted after it heard that replica's drain)
+                reason = "stopped for its replica's drain; the job resumes from its last checkpoint"
                 self.store.transition(job.id, JobState.QUEUED, reason, refund_attempt=True)
             else:
                 self._retry_or_fail(job, killed_for if killed_for is not None else ended.description)

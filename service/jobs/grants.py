@@ -58,6 +58,10 @@ class Grants(Protocol):
         """Authorize a call of the worker of `job_id` and note it (its heartbeat); its stop reason."""
         ...
 
+    def heartbeat(self, token: str, job_id: str) -> str | None:
+        """`check`, for a heartbeat: the stop reason returned is what the worker is told (and acts on)."""
+        ...
+
     def deliver(self, token: str, job_id: str, first: int, events: Sequence[EventIn]) -> int:
         """Authorize, then store the events numbered first, first+1, ... not stored yet; the next number."""
         ...
@@ -138,6 +142,9 @@ class LocalGrants:
 
     def check(self, token: str, job_id: str) -> str | None:
         return self._authorize(token, job_id).stop_reason
+
+    def heartbeat(self, token: str, job_id: str) -> str | None:
+        return self.check(token, job_id)  # no other replica adopts this one's workers (one replica)
 
     def deliver(self, token: str, job_id: str, first: int, events: Sequence[EventIn]) -> int:
         grant = self._authorize(token, job_id)

@@ -103,7 +103,7 @@ class Intake:
 
     def heartbeat(self, token: str, job_id: str) -> str | None:
         """The stop reason for the worker, if the scheduler asked it to stop."""
-        return self.grants.check(token, job_id)
+        return self.grants.heartbeat(token, job_id)
 
 
 def intake_for(store: JobStore, settings: Settings) -> Intake:

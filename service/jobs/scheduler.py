@@ -61,6 +61,7 @@ HELD_POLL_S = 0.05
 class _Worker:
     handle: WorkerHandle
     stop_sent_at: float | None = None  # when it was asked to stop
+    stopped_for: str | None = None  # ... and why ("cancelled", "draining")
     killed: bool = False
     killed_for: str | None = None  # why the scheduler killed it (no heartbeats): its exit is a crash
 
@@ -192,7 +193,7 @@ class Scheduler:
         for worker in list(self._workers.values()):
             ended = self.launcher.poll(worker.handle)
             if ended is not None:
-                self._on_exit(worker, ended, draining=False)
+                self._on_exit(worker, ended, draining=worker.stopped_for == "draining")
             else:
                 self._enforce_cancel(worker)
                 self._enforce_heartbeats(worker)
@@ -243,8 +244,10 @@ class Scheduler:
         job = adopted.job
         if job.id in self._workers:
             return  # its own, whose renewal was late: watched here already
-        self._workers[job.id] = _Worker(WorkerHandle(job.id, adopted.ref))
+        worker = self._workers[job.id] = _Worker(WorkerHandle(job.id, adopted.ref))
         log.info("job %s: watching worker %s, adopted (attempt %d)", job.id, adopted.ref, job.attempts)
+        if adopted.drained:  # it stops for its last replica's drain: its exit is a drain's, not a crash
+            self._stop(worker, "draining")
 
     def _drop(self, worker: _Worker, *, release: bool = True) -> None:
         """The worker is gone (or going; or another replica's now, `release` False): nothing of its job
@@ -341,7 +344,7 @@ class Scheduler:
     def _stop(self, worker: _Worker, reason: str) -> None:
         if worker.stop_sent_at is not None or worker.killed:
             return
-        worker.stop_sent_at = time.monotonic()
+        worker.stop_sent_at, worker.stopped_for = time.monotonic(), reason
         self.intake.request_stop(worker.job_id, reason)  # first: the worker asks its heartbeat why
         self.launcher.stop(worker.handle, reason)
 

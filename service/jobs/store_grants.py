@@ -4,7 +4,8 @@ With several replicas on one PostgreSQL, a worker's calls reach whichever replic
 picks, not necessarily the one that launched it. So the grant lives in the database: the SHA-256 of the
 launch token (the token itself is only in the worker's environment), the replica watching the worker
 (the one that launched it, or adopted it: service.jobs.store_takeover), when the worker last called,
-whether it has, the next event number it owes and the stop reason. Any replica authorizes a call
+whether it has, the next event number it owes, the stop reason, and the one a heartbeat reply told the
+worker (what an adopter needs to know: the worker stops). Any replica authorizes a call
 against it; the watching replica's scheduler reads silence and first call from it; its request_stop
 reaches the worker through whichever replica answers the next heartbeat.
 
@@ -15,7 +16,8 @@ worker is refused (UNAUTHENTICATED) and stops at its next safe point, before the
 far; once one adopts it (a TrainJob), the grant moves with the lease and the worker trains on.
 
 Writes stay few: a call writes its heartbeat at most every `touch_s` per job and replica (the first
-call at once); an event batch is one write that numbers and stores the events under the grant's lock.
+call at once); an event batch is one write that numbers and stores the events under the grant's lock;
+the first heartbeat reply with a stop reason writes that it told it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from service.jobs.store_db import Conn, Row
 from service.jobs.store_rows import fetch_row, insert_event, placeholders
 
 _GRANT = (
-    "SELECT g.job_id, g.replica, g.called, g.stop_reason, j.lease_owner, j.lease_expires"
+    "SELECT g.job_id, g.replica, g.called, g.stop_reason, g.stop_heard, j.lease_owner, j.lease_expires"
     " FROM report_grants g JOIN jobs j ON j.id = g.job_id WHERE g.token_sha256 = :h"
 )
 
@@ -94,7 +96,8 @@ class SharedGrants:
                 "INSERT INTO report_grants (job_id, token_sha256, replica, last_seen, called, next_event,"
                 " stop_reason) VALUES (:j, :h, :r, :now, 0, 0, NULL) ON CONFLICT (job_id) DO UPDATE SET"
                 " token_sha256 = excluded.token_sha256, replica = excluded.replica,"
-                " last_seen = excluded.last_seen, called = 0, next_event = 0, stop_reason = NULL",
+                " last_seen = excluded.last_seen, called = 0, next_event = 0, stop_reason = NULL,"
+                " stop_heard = NULL",
                 values,
             )
         )
@@ -151,18 +154,31 @@ class SharedGrants:
     # ------------------------------------------------------------------ any replica: the worker's calls
 
     def check(self, token: str, job_id: str) -> str | None:
+        return self._check(token, job_id)[0]
+
+    def heartbeat(self, token: str, job_id: str) -> str | None:
+        reason, told = self._check(token, job_id)
+        if reason is None or told:
+            return reason
         digest = token_hash(token)
+
+        def tell(db: Conn) -> str | None:
+            # Recorded before the reply, under the grant's row lock: an adoption (store_takeover) either
+            # came first and cleared the drain (then the worker is not told), or sees that the worker
+            # was told, and re-queues the job when it has stopped.
+            db.run(
+                "UPDATE report_grants SET stop_heard = stop_reason WHERE token_sha256 = :h"
+                " AND stop_reason IS NOT NULL",
+                {"h": digest},
+            )
+            row = db.one("SELECT stop_reason FROM report_grants WHERE token_sha256 = :h", {"h": digest})
+            return None if row is None or row["stop_reason"] is None else str(row["stop_reason"])
+
         try:
-            with self.store.db.read() as db:
-                row = db.one(_GRANT, {"h": digest})
-        except Unavailable:
+            return self.store.db.run_write(tell)
+        except Unavailable:  # the stop matters more than its record: the worker is told all the same
             self._db_failed()
-            return self._recalled(digest, job_id)
-        self._authorize(row, job_id)
-        assert row is not None  # _authorize refused it otherwise
-        reason = None if row["stop_reason"] is None else str(row["stop_reason"])
-        self._touch(digest, job_id, reason, first=not row["called"])
-        return reason
+            return reason
 
     def deliver(self, token: str, job_id: str, first: int, events: Sequence[EventIn]) -> int:
         self.check(token, job_id)
@@ -193,6 +209,21 @@ class SharedGrants:
         return next_event
 
     # ------------------------------------------------------------------ helpers
+
+    def _check(self, token: str, job_id: str) -> tuple[str | None, bool]:
+        """The stop reason, and whether a heartbeat reply told it already (or the database is away)."""
+        digest = token_hash(token)
+        try:
+            with self.store.db.read() as db:
+                row = db.one(_GRANT, {"h": digest})
+        except Unavailable:
+            self._db_failed()
+            return self._recalled(digest, job_id), True
+        self._authorize(row, job_id)
+        assert row is not None  # _authorize refused it otherwise
+        reason = None if row["stop_reason"] is None else str(row["stop_reason"])
+        self._touch(digest, job_id, reason, first=not row["called"])
+        return reason, row["stop_heard"] is not None and row["stop_heard"] == reason
 
     def _authorize(self, row: Row | None, job_id: str) -> None:
         if row is None:

@@ -4,7 +4,8 @@ Every process that opens the store runs this at start. It is safe when several s
 upgrade is one transaction that first takes the database's writer lock (SQLite: BEGIN IMMEDIATE;
 PostgreSQL: an advisory lock), so the second one finds the schema already new and does nothing.
 A SQLite file made before migrations existed (tables but no alembic_version) is stamped at 0001, the
-schema it has, then upgraded like any other.
+schema it has, then upgraded like any other. A store a newer tuneserve migrated (a rollback, or an old
+replica restarted mid-update) is refused with what to do: this code cannot know that schema.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
+from service.errors import FailedPrecondition
 from service.jobs.store_db import SCHEMA_HEAD
 
 log = logging.getLogger(__name__)
@@ -37,4 +41,18 @@ def upgrade(engine: sa.Engine) -> None:
         if "jobs" in tables and "alembic_version" not in tables:
             log.info("adopting the job store's existing schema as revision %s", BEFORE_MIGRATIONS)
             command.stamp(config, BEFORE_MIGRATIONS)
+        _refuse_a_newer_schema(conn, config, engine.url.render_as_string(hide_password=True))
         command.upgrade(config, SCHEMA_HEAD)
+
+
+def _refuse_a_newer_schema(conn: sa.Connection, config: Config, where: str) -> None:
+    # Alembic alone says "Can't locate revision identified by ..." and nothing of what to do
+    current = MigrationContext.configure(conn).get_current_revision()
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if current is not None and current not in known:
+        raise FailedPrecondition(
+            f"the job store {where} has schema revision {current}, which this tuneserve does not know (its "
+            f"newest is {SCHEMA_HEAD}): a newer tuneserve has migrated it. Run that version or a newer one "
+            "(finish the rolling update); to go back to this version, restore the store from a backup "
+            "taken before the upgrade"
+        )

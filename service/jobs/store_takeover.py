@@ -34,6 +34,9 @@ class Adopted:
 
     job: Job
     ref: str
+    # its worker was told of its last replica's drain (a heartbeat reply) before the adoption: it stops
+    # all the same, and its job goes back to the queue as a drained one's does
+    drained: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,9 @@ def take_over_expired(
     for row in rows:
         ref = None if row["worker_pid"] is None else str(row["worker_pid"])
         if replica is not None and ref is not None and adoptable(ref):
-            job = _adopt(database, row["id"], replica, lease_s, ref, now, restarted=False)
-            if job is not None:
-                done.adopted.append(Adopted(job, ref))
+            adopted = _adopt(database, row["id"], replica, lease_s, ref, now, restarted=False)
+            if adopted is not None:
+                done.adopted.append(adopted)
                 continue  # else it moved on meanwhile, or cannot be adopted after all: re-queue it
         job = _requeue_if_expired(database, row["id"], f"{reason} ({row['lease_owner']})", now)
         if job is not None:
@@ -170,19 +173,19 @@ def adopt_own(
     for row in rows:
         ref = None if row["worker_pid"] is None else str(row["worker_pid"])
         if ref is not None and adoptable(ref):
-            job = _adopt(database, row["id"], replica, lease_s, ref, now, restarted=True)
-            if job is not None:
-                adopted.append(Adopted(job, ref))
+            one = _adopt(database, row["id"], replica, lease_s, ref, now, restarted=True)
+            if one is not None:
+                adopted.append(one)
     return adopted
 
 
 def _adopt(
     database: Database, job_id: str, replica: str, lease_s: float, ref: str, now: float, *, restarted: bool
-) -> Job | None:
+) -> Adopted | None:
     """Lease the job to `replica` with its worker's grant. `restarted`: it was `replica`'s own (an
     earlier process of that name), else another's whose lease ran out."""
 
-    def adopt(db: Conn) -> Job | None:
+    def adopt(db: Conn) -> Adopted | None:
         row = fetch_row(db, job_id, lock=True)
         # checked again under the lock, as a re-queue does: renewed, finished or relaunched since
         expires, owner = row["lease_expires"], row["lease_owner"]
@@ -195,16 +198,21 @@ def _adopt(
             or str(row["worker_pid"]) != ref
         ):
             return None
-        grant = db.one(f"SELECT replica FROM report_grants WHERE job_id = :j{db.lock_rows}", {"j": job_id})
+        grant = db.one(
+            f"SELECT replica, stop_reason, stop_heard FROM report_grants WHERE job_id = :j{db.lock_rows}",
+            {"j": job_id},
+        )
         if grant is None or grant["replica"] != owner:
             return None  # its worker could not report to anyone: nothing to adopt
         update_row(db, job_id, {"lease_owner": replica, "lease_expires": now + lease_s, "updated_at": now})
         # in the same transaction: no call of the worker finds the lease and its grant on two replicas. A
         # drain its last replica asked for (stopping, it could not hand the job over) is that replica's
-        # own: the adopter lets the worker train on. A cancel stays: it is the job's.
+        # own: the adopter lets the worker train on, unless a heartbeat reply told it already (it stops
+        # then, and the adopter re-queues the job as drained). A cancel stays: it is the job's.
+        drained = grant["stop_reason"] == "draining" and grant["stop_heard"] == "draining"
         db.run(
-            "UPDATE report_grants SET replica = :r, stop_reason ="
-            " CASE WHEN stop_reason = 'draining' THEN NULL ELSE stop_reason END WHERE job_id = :j",
+            "UPDATE report_grants SET replica = :r, stop_reason = CASE WHEN stop_reason = 'draining'"
+            " AND stop_heard IS NULL THEN NULL ELSE stop_reason END WHERE job_id = :j",
             {"r": replica, "j": job_id},
         )
         if restarted:
@@ -216,8 +224,10 @@ def _adopt(
             )
         if row["cancel_requested"]:
             note += "; it was asked to cancel, and is stopped from here"
+        elif drained:
+            note += "; it had been told its replica's drain: once it has stopped, the job is re-queued"
         insert_event(db, job_id, EventKind.INFO, note, {"adopted_by": replica, "from": owner}, now)
-        return job_from_row(fetch_row(db, job_id))
+        return Adopted(job_from_row(fetch_row(db, job_id)), ref, drained)
 
     return database.run_write(adopt)
 

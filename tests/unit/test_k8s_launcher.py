@@ -47,6 +47,7 @@ from service.jobs.launcher import (  # noqa: E402
 )
 from service.jobs.scheduler import Scheduler  # noqa: E402
 from service.jobs.store import JobStore  # noqa: E402
+from service.jobs.store_open import store_target  # noqa: E402
 from service.jobs.trainjob_manifest import JOB_ID_LABEL, TOKEN_KEY, trainjob  # noqa: E402
 from service.records import EventKind, Job, JobState  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -105,7 +106,7 @@ class Cluster:
     def __init__(self, api: StandInApiServer, tmp_path: Path, **settings: Any) -> None:
         self.api = api
         self.settings = k8s_settings(tmp_path, **settings)
-        self.store = JobStore(self.settings.jobs_db)
+        self.store = JobStore(store_target(self.settings))  # the SQLite file, or the database_url given
         client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=api.url))
         self.launcher = KubernetesLauncher(self.settings, self.reported_failed, client)
 

@@ -250,6 +250,58 @@ def test_a_draining_replica_whose_trainjob_another_adopts_meanwhile_leaves_it_to
         assert (job.state, job.attempts) == (JobState.RUNNING, 1)
 
 
+@pytest.mark.timeout(120)
+def test_a_trainjob_that_heard_the_drain_before_its_adoption_is_requeued_at_its_exit_not_retried(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """The process that died had drained both its TrainJobs (it could not hand them over); one's worker
+    heard it in a heartbeat reply. The restarted replica lets the other train on, and waits for the one
+    that heard to stop: its exit re-queues the job as a drain (attempt refunded), not as a crash."""
+    with (
+        database_of_its_own(postgres_server) as database,  # the relaunch claims any queued job
+        running_standin() as api,
+        replica_on_postgres(api, tmp_path, database, replica_id="me", lease_s=30.0) as me,
+    ):
+        store, cluster = me.store, me.cluster
+        left: dict[str, str] = {}
+        tokens: dict[str, str] = {}
+        predecessor = intake_for(store, cluster.settings)  # the process that died, and its workers' calls
+        for name in ("heard", "not-heard"):
+            job_id = store.create_job(spec().model_copy(update={"name": name})).id
+            assert store.claim_next("me", 30.0) is not None
+            tokens[name] = predecessor.issue(job_id)
+            handle = cluster.launcher.start(
+                store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: tokens[name]}
+            )
+            store.set_worker_ref(job_id, handle.ref)
+            predecessor.request_stop(job_id, "draining")
+            left[name] = job_id
+        assert predecessor.heartbeat(tokens["heard"], left["heard"]) == "draining"
+        heard = str(store.worker_ref(left["heard"])).split("/")[1]
+        scheduler = me.scheduler
+        scheduler.start()
+        try:
+            assert sorted(scheduler.running()) == sorted(left.values())
+            assert stop_reason(store, left["not-heard"]) is None  # trains on
+            assert stop_reason(store, left["heard"]) == "draining"
+            # its worker (a stand-in: this test) checkpoints and exits 75; the Trainer controller then
+            # marks the TrainJob Failed
+            api.set_condition(NS, heard, "Failed", "PodFailed", "exit code 75")
+            wait_for(lambda: any("drain; the job resumes" in m for m in states(store, left["heard"])))
+            warnings = [e.message for e in store.events_after(left["heard"]) if e.kind == EventKind.WARNING]
+            assert not any("retrying" in m for m in warnings)  # not counted as a crash
+            wait_for(lambda: store.get_job(left["heard"]).state == JobState.RUNNING)  # relaunched here
+            assert store.get_job(left["heard"]).attempts == 1  # the drained attempt was refunded
+            assert left["not-heard"] in scheduler.running()
+            assert store.get_job(left["not-heard"]).attempts == 1
+        finally:
+            scheduler.stop(drain=False)
+
+
+def states(store: JobStore, job_id: str) -> list[str]:
+    return [e.message for e in store.events_after(job_id) if e.kind == EventKind.STATE]
+
+
 def infos(store: JobStore, job_id: str) -> list[str]:
     return [e.message for e in store.events_after(job_id) if e.kind == EventKind.INFO]
 

@@ -228,3 +228,37 @@ def test_an_adoption_drops_the_old_replicas_drain_and_keeps_a_cancel(replicas: R
     assert sorted(a.job.id for a in done.adopted) == sorted([drained, cancelled])
     assert replicas.b.heartbeat(drained_token, drained) is None
     assert replicas.b.heartbeat(cancelled_token, cancelled) == "cancelled"
+
+
+def test_a_drain_the_worker_was_told_before_the_adoption_stays_and_the_adopter_learns_it_stops(
+    replicas: Replicas,
+) -> None:
+    """A worker told of the drain in a heartbeat reply stops all the same: its drain stays, and the
+    adoption says so (the adopter then re-queues the job at its exit as a drain, not a crash). One that
+    was not told (its calls since were no heartbeats) trains on, as above."""
+    told, told_token = replicas.launched_by_a(name="told")
+    untold, untold_token = replicas.launched_by_a(ref="ml-team/tj-2", name="untold")
+    for job_id in (told, untold):
+        replicas.a.request_stop(job_id, "draining")
+    assert replicas.b.heartbeat(told_token, told) == "draining"  # told through any replica
+    assert replicas.a.append_events(untold_token, untold, 0, [(EventKind.INFO, "epoch 1", {})]) == 1
+    for job_id in (told, untold):
+        replicas.expire(job_id)
+    done = replicas.stores["b"].take_over_expired("b", 60.0, trainjob)
+    assert {a.job.id: a.drained for a in done.adopted} == {told: True, untold: False}
+    assert replicas.b.heartbeat(told_token, told) == "draining"  # it is stopping: nothing contradicts it
+    assert replicas.b.heartbeat(untold_token, untold) is None
+    assert "told its replica's drain" in replicas.store.events_after(told)[-1].message
+    assert "drain" not in replicas.store.events_after(untold)[-1].message
+
+
+def test_a_replica_restarted_under_its_name_learns_which_of_its_trainjobs_heard_its_drain(
+    replicas: Replicas,
+) -> None:
+    told, told_token = replicas.launched_by_a(name="told")
+    untold, _ = replicas.launched_by_a(ref="ml-team/tj-2", name="untold")
+    for job_id in (told, untold):
+        replicas.a.request_stop(job_id, "draining")
+    assert replicas.a.heartbeat(told_token, told) == "draining"
+    adopted = replicas.stores["a"].adopt_own("a", 60.0, trainjob)
+    assert {a.job.id: a.drained for a in adopted} == {told: True, untold: False}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.errors import InvalidArgument, Unavailable
+from service.errors import FailedPrecondition, InvalidArgument, Unavailable
 from service.jobs.store import JobStore
 from service.jobs.store_db import SCHEMA_HEAD
 from service.jobs.store_open import store_target
@@ -86,6 +86,32 @@ def test_opening_a_store_at_the_newest_revision_changes_nothing(store_location: 
     assert second.get_job(job.id) == job
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_store_a_newer_tuneserve_migrated_is_refused_saying_what_to_do(
+    backend: str, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """A rollback to an older release, or an old replica restarted during a rolling update: the schema's
+    revision is one this code has no script for."""
+    name = f"newer_{os.getpid()}"
+    location: Path | str = (
+        tmp_path / "jobs.sqlite3" if backend == "sqlite" else postgres_server.create_database(name)
+    )
+    try:
+        store = JobStore(location)
+        with store.db.write() as db:
+            db.run("UPDATE alembic_version SET version_num = '9999'")
+        store.close()
+        with pytest.raises(FailedPrecondition) as caught:
+            JobStore(location)
+        message = caught.value.message
+        assert "schema revision 9999" in message and f"its newest is {SCHEMA_HEAD}" in message
+        assert "Run that version or a newer one" in message and "restore the store from a backup" in message
+        assert postgres_server.password not in message and "\n" not in message
+    finally:
+        if backend != "sqlite":
+            postgres_server.drop_database(name)
 
 
 def test_no_url_means_the_sqlite_file_in_the_state_folder(tmp_path: Path) -> None:

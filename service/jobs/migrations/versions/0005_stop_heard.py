@@ -1,0 +1,21 @@
+"""Report grants remember the stop reason a heartbeat reply told the worker (`stop_heard`).
+
+An adoption clears the drain a stopping replica asked of its TrainJob, so that the worker trains on
+under the adopter (service.jobs.store_takeover). A worker already told of it stops all the same; with
+this column the adopter knows that, and re-queues the job at its exit as a drain (attempt refunded),
+not as a crash.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("report_grants", sa.Column("stop_heard", sa.Text))
