@@ -24,7 +24,7 @@ from service.errors import Unavailable
 from service.jobs.store_writer import Backend, Writer
 
 BUSY_TIMEOUT_MS = 30_000
-SCHEMA_HEAD = "0005"  # the newest migration in service/jobs/migrations/versions
+SCHEMA_HEAD = "0006"  # the newest migration in service/jobs/migrations/versions
 
 Row = Mapping[str, Any]
 T = TypeVar("T")

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -88,30 +91,67 @@ def test_opening_a_store_at_the_newest_revision_changes_nothing(store_location: 
     second.close()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_store_a_newer_tuneserve_migrated_is_refused_saying_what_to_do(
-    backend: str, tmp_path: Path, postgres_server: PostgresServer
-) -> None:
-    """A rollback to an older release, or an old replica restarted during a rolling update: the schema's
-    revision is one this code has no script for."""
-    name = f"newer_{os.getpid()}"
-    location: Path | str = (
-        tmp_path / "jobs.sqlite3" if backend == "sqlite" else postgres_server.create_database(name)
-    )
+@contextmanager
+def migrated_by_a_newer_tuneserve(
+    backend: str, tmp_path: Path, server: PostgresServer, oldest_code: str
+) -> Iterator[Path | str]:
+    """A store whose schema revision this code has no script for (9999), whose migrations declare that
+    code from `oldest_code` on runs on it (as a newer release's store_migrate writes)."""
+    name = f"newer_{secrets.token_hex(4)}"
+    location: Path | str = tmp_path / "jobs.sqlite3" if backend == "sqlite" else server.create_database(name)
     try:
         store = JobStore(location)
         with store.db.write() as db:
             db.run("UPDATE alembic_version SET version_num = '9999'")
+            db.run("UPDATE schema_compat SET oldest_code = :o", {"o": oldest_code})
         store.close()
-        with pytest.raises(FailedPrecondition) as caught:
-            JobStore(location)
-        message = caught.value.message
-        assert "schema revision 9999" in message and f"its newest is {SCHEMA_HEAD}" in message
-        assert "Run that version or a newer one" in message and "restore the store from a backup" in message
-        assert postgres_server.password not in message and "\n" not in message
+        yield location
     finally:
         if backend != "sqlite":
-            postgres_server.drop_database(name)
+            server.drop_database(name)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_store_a_newer_tuneserve_migrated_is_refused_saying_what_to_do(
+    backend: str, tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """A rollback to an older release, or an old replica restarted during a rolling update, where the
+    newer migrations say this code cannot run on them."""
+    with (
+        migrated_by_a_newer_tuneserve(backend, tmp_path, postgres_server, "9000") as location,
+        pytest.raises(FailedPrecondition) as caught,
+    ):
+        JobStore(location)
+    message = caught.value.message
+    assert "schema revision 9999" in message and f"its newest is {SCHEMA_HEAD}" in message
+    assert "needs tuneserve code of schema revision 9000 or newer" in message
+    assert "Run that version or a newer one" in message and "restore the store from a backup" in message
+    assert postgres_server.password not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_store_whose_newer_migrations_this_code_runs_on_is_used_as_it_is(
+    backend: str, tmp_path: Path, postgres_server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with migrated_by_a_newer_tuneserve(backend, tmp_path, postgres_server, SCHEMA_HEAD) as location:
+        store = JobStore(location)
+        try:
+            job = store.create_job(make_spec("after-a-rollback"))
+            assert store.get_job(job.id).state == JobState.QUEUED
+            with store.db.read() as db:  # not migrated "back": the newer release's revision stays
+                assert db.one("SELECT version_num FROM alembic_version")["version_num"] == "9999"
+        finally:
+            store.close()
+    assert any("running without migrating" in r.getMessage() for r in caplog.records)
+
+
+def test_the_oldest_code_recorded_is_what_the_migrations_declare(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    with store.db.read() as db:
+        assert db.one("SELECT oldest_code FROM schema_compat")["oldest_code"] == "0004"
+        assert len(db.all("SELECT oldest_code FROM schema_compat")) == 1  # one row, after every start
+    store.close()
+    JobStore(tmp_path / "jobs.sqlite3").close()
 
 
 def test_no_url_means_the_sqlite_file_in_the_state_folder(tmp_path: Path) -> None:

@@ -15,6 +15,9 @@ revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
+# code from 0004 on runs on it: it names the columns it reads and writes and leaves this one as it is,
+# so beside it an adoption may misjudge whether a worker heard a drain; the job resumes either way
+OLDEST_CODE = "0004"
 
 
 def upgrade() -> None:
