@@ -314,12 +314,13 @@ class Scheduler:
             if self.store.get_job(worker.job_id).cancel_requested:
                 log.info("job %s: cancel requested, stopping worker %s", worker.job_id, worker.handle.ref)
                 self._stop(worker, "cancelled")
-        elif not worker.killed and time.monotonic() - worker.stop_sent_at > self.settings.cancel_grace_s:
-            log.warning(
-                "job %s: worker did not stop within %.0f s; killing it",
-                worker.job_id,
-                self.settings.cancel_grace_s,
-            )
+            return
+        # an adopted worker stopping for its last replica's drain has the drain's grace to checkpoint
+        grace_s = (
+            self.settings.drain_grace_s if worker.stopped_for == "draining" else self.settings.cancel_grace_s
+        )
+        if not worker.killed and time.monotonic() - worker.stop_sent_at > grace_s:
+            log.warning("job %s: worker did not stop within %.0f s; killing it", worker.job_id, grace_s)
             self._kill(worker)
 
     def _enforce_heartbeats(self, worker: _Worker) -> None:

@@ -17,7 +17,8 @@ far; once one adopts it (a TrainJob), the grant moves with the lease and the wor
 
 Writes stay few: a call writes its heartbeat at most every `touch_s` per job and replica (the first
 call at once); an event batch is one write that numbers and stores the events under the grant's lock;
-the first heartbeat reply with a stop reason writes that it told it.
+the first heartbeat reply with a stop reason writes that it told it (a drain is told only once that is
+written).
 """
 
 from __future__ import annotations
@@ -52,6 +53,24 @@ class _Seen:
     stop_reason: str | None
     checked_at: float  # time.monotonic() of its last call checked against the database
     touched_at: float | None  # ... whose time this replica wrote; None: write it at the next call
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A worker's call checked against its grant."""
+
+    stop_reason: str | None
+    told: bool  # a heartbeat reply told the worker this stop reason already (recorded: stop_heard)
+    recalled: bool  # the database is away: answered from this replica's memory of the worker's calls
+
+
+def _unrecorded(reason: str) -> str | None:
+    """What a heartbeat reply tells of stop `reason` when the database cannot record that it told it.
+    A drain waits for the record: an adopter lets a worker that has not heard its last replica's drain
+    train on, and stops one that has (service.jobs.store_takeover), so it must know which; the worker
+    hears the drain at a later heartbeat. A cancel is told all the same: it is in the job's row, so any
+    replica that watches the worker stops it anyway."""
+    return None if reason == "draining" else reason
 
 
 def token_hash(token: str) -> str:
@@ -154,12 +173,15 @@ class SharedGrants:
     # ------------------------------------------------------------------ any replica: the worker's calls
 
     def check(self, token: str, job_id: str) -> str | None:
-        return self._check(token, job_id)[0]
+        return self._check(token, job_id).stop_reason
 
     def heartbeat(self, token: str, job_id: str) -> str | None:
-        reason, told = self._check(token, job_id)
-        if reason is None or told:
+        checked = self._check(token, job_id)
+        reason = checked.stop_reason
+        if reason is None or checked.told:
             return reason
+        if checked.recalled:  # the database is away: that the worker is told cannot be recorded now
+            return _unrecorded(reason)
         digest = token_hash(token)
 
         def tell(db: Conn) -> str | None:
@@ -176,9 +198,9 @@ class SharedGrants:
 
         try:
             return self.store.db.run_write(tell)
-        except Unavailable:  # the stop matters more than its record: the worker is told all the same
+        except Unavailable:
             self._db_failed()
-            return reason
+            return _unrecorded(reason)
 
     def deliver(self, token: str, job_id: str, first: int, events: Sequence[EventIn]) -> int:
         self.check(token, job_id)
@@ -210,20 +232,20 @@ class SharedGrants:
 
     # ------------------------------------------------------------------ helpers
 
-    def _check(self, token: str, job_id: str) -> tuple[str | None, bool]:
-        """The stop reason, and whether a heartbeat reply told it already (or the database is away)."""
+    def _check(self, token: str, job_id: str) -> _Checked:
         digest = token_hash(token)
         try:
             with self.store.db.read() as db:
                 row = db.one(_GRANT, {"h": digest})
         except Unavailable:
             self._db_failed()
-            return self._recalled(digest, job_id), True
+            return _Checked(self._recalled(digest, job_id), told=False, recalled=True)
         self._authorize(row, job_id)
         assert row is not None  # _authorize refused it otherwise
         reason = None if row["stop_reason"] is None else str(row["stop_reason"])
         self._touch(digest, job_id, reason, first=not row["called"])
-        return reason, row["stop_heard"] is not None and row["stop_heard"] == reason
+        told = row["stop_heard"] is not None and row["stop_heard"] == reason
+        return _Checked(reason, told=told, recalled=False)
 
     def _authorize(self, row: Row | None, job_id: str) -> None:
         if row is None:

@@ -31,11 +31,11 @@ def main(socket_path: str, python: str) -> None:
 def launch(socket_path: str, python: str, argv: list[str]) -> int:
     """Run `python argv...` through the zygote when argv is a TorchServe worker's command line."""
     if not argv or not argv[0].endswith(WORKER_SCRIPT):
-        return _exec(python, argv)
+        return _exec(python, argv, None)
     # Held back until the worker's pid is known and the forwarding is in place: the worker may start
     # (and TorchServe signal this process) before the zygote's answer is read, and a signal taken then
     # would kill this process by default, leaving the worker to be killed rather than stopped.
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    inherited = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     try:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.settimeout(10)
@@ -49,7 +49,7 @@ def launch(socket_path: str, python: str, argv: list[str]) -> int:
             raise OSError(f"the zygote answered {first!r}")
         pid = int(first[1])
     except OSError:
-        return _exec(python, argv)  # no zygote (yet): a cold worker, as TorchServe would start it
+        return _exec(python, argv, inherited)  # no zygote (yet): a cold worker, as TorchServe would start it
     connection.settimeout(None)
 
     def forward(signum: int, _frame: object) -> None:
@@ -58,7 +58,9 @@ def launch(socket_path: str, python: str, argv: list[str]) -> int:
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)  # one held back meanwhile is forwarded now
+    # the mask this process started with (a signal TorchServe's JVM blocks stays blocked); one held
+    # back meanwhile is forwarded now
+    signal.pthread_sigmask(signal.SIG_SETMASK, inherited)
     line = reader.readline().split()
     if len(line) == 2 and line[0] == "exit":
         return _exit_code(int(line[1]))
@@ -78,10 +80,12 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _exec(python: str, argv: list[str]) -> int:
-    # the mask survives execv: a signal held back meanwhile is taken here, with its default action,
-    # as the fresh worker would have taken it
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+def _exec(python: str, argv: list[str], mask: set[int | signal.Signals] | None) -> int:
+    # The mask survives execv: the worker gets the one this process started with (`mask`; None: it is
+    # unchanged), so a signal held back meanwhile is taken here, with its default action, as the fresh
+    # worker would have taken it; one blocked by whoever started this process stays blocked.
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.execv(python, [python, *argv])
     return 1  # not reached: execv replaces this process
 

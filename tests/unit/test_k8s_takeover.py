@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -260,7 +261,10 @@ def test_a_trainjob_that_heard_the_drain_before_its_adoption_is_requeued_at_its_
     with (
         database_of_its_own(postgres_server) as database,  # the relaunch claims any queued job
         running_standin() as api,
-        replica_on_postgres(api, tmp_path, database, replica_id="me", lease_s=30.0) as me,
+        # a cancel's grace shorter than the drain's: the drained worker has the drain's to checkpoint
+        replica_on_postgres(
+            api, tmp_path, database, replica_id="me", lease_s=30.0, cancel_grace_s=0.5, drain_grace_s=60.0
+        ) as me,
     ):
         store, cluster = me.store, me.cluster
         left: dict[str, str] = {}
@@ -284,6 +288,8 @@ def test_a_trainjob_that_heard_the_drain_before_its_adoption_is_requeued_at_its_
             assert sorted(scheduler.running()) == sorted(left.values())
             assert stop_reason(store, left["not-heard"]) is None  # trains on
             assert stop_reason(store, left["heard"]) == "draining"
+            time.sleep(1.5)  # three cancel graces: the worker checkpoints meanwhile, not killed
+            assert api.deletes("trainjobs") == []
             # its worker (a stand-in: this test) checkpoints and exits 75; the Trainer controller then
             # marks the TrainJob Failed
             api.set_condition(NS, heard, "Failed", "PodFailed", "exit code 75")

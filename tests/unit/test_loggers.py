@@ -283,9 +283,16 @@ def test_an_offline_job_resumed_after_a_crash_continues_the_same_run(
     reporter = CollectingReporter()
     with one_thread():
         train(spec, job_dir, settings, reporter)
+    # As a worker's exit does (service.worker_app.exit_now runs the atexit handlers, W&B's among them):
+    # wandb-core writes the file's last records after finish() has returned, and stops only then.
+    import wandb
+
+    wandb.teardown()
 
     first, second = wandb_logger.offline_parts(job_dir, run_id)
     assert reporter.fields["wandb_run_id"] == run_id and _run_id(first) == _run_id(second) == run_id
+    kinds = {r.WhichOneof("record_type") for r in read_wandb_records(second, keep_records=True)["records"]}
+    assert "exit" in kinds  # the resumed part is complete: it ran to its end
     before, after = read_wandb_records(first)["history"], read_wandb_records(second)["history"]
     steps_per_epoch = next(row["epoch/steps"] for row in before if row.get("epoch") == 1)
     assert [r["_step"] for r in before if "train/loss" in r] == list(range(1, steps_per_epoch + 1))

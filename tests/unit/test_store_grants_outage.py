@@ -67,3 +67,39 @@ def test_a_worker_checked_lately_keeps_its_heartbeat_while_the_database_is_down(
     finally:
         for store in stores:
             store.close()
+
+
+def test_with_the_database_down_a_drain_is_not_told_until_it_is_recorded_and_a_cancel_is(
+    server: PostgresServer,
+) -> None:
+    """An adopter lets a worker that has not heard its last replica's drain train on, and stops one that
+    has (store_takeover): a drain told but not recorded would stop a worker the adopter thinks trains on.
+    A cancel is in the job's row: whoever watches the worker stops it, recorded or not."""
+    url = server.create_database("jobs")
+    stores = [JobStore(url), JobStore(url)]
+    try:
+        launcher = Intake(stores[0], SharedGrants(stores[0], "a", touch_s=1.0))
+        answering = SharedGrants(stores[1], "b", touch_s=1.0)  # the replica the worker's calls reach
+        other = Intake(stores[1], answering)
+        tokens: dict[str, str] = {}
+        jobs: dict[str, str] = {}
+        for name, reason in (("drained", "draining"), ("cancelled", "cancelled")):
+            job_id = jobs[reason] = stores[0].create_job(make_spec(name)).id
+            assert stores[0].claim_next("a", 600.0) is not None
+            tokens[reason] = launcher.issue(job_id)
+            launcher.request_stop(job_id, reason)
+            # an event batch's check: it reads the stop, and tells nobody
+            assert answering.check(tokens[reason], job_id) == reason
+
+        server.stop()
+        assert other.heartbeat(tokens["draining"], jobs["draining"]) is None  # not told: no record
+        assert other.heartbeat(tokens["cancelled"], jobs["cancelled"]) == "cancelled"
+        server.start()
+
+        assert once_back(lambda: other.heartbeat(tokens["draining"], jobs["draining"])) == "draining"
+        with stores[0].db.read() as db:
+            heard = db.one("SELECT stop_heard FROM report_grants WHERE job_id = :j", {"j": jobs["draining"]})
+        assert heard is not None and heard["stop_heard"] == "draining"  # told once recorded
+    finally:
+        for store in stores:
+            store.close()

@@ -182,6 +182,29 @@ def test_without_a_zygote_the_launcher_runs_the_real_python(tmp_path: Path, work
     assert other.stdout.strip() == sys.executable  # anything but a worker is not the zygote's business
 
 
+def test_a_cold_worker_keeps_the_signal_mask_the_launcher_was_started_with(tmp_path: Path):
+    # TorchServe's JVM (or whatever starts it) may block a signal; the launcher blocks the forwarded
+    # ones while it asks the zygote, and must hand the worker the mask it got, not one with them unblocked.
+    cold = WarmWorkers(tmp_path, tmp_path, tmp_path)  # never started: the cold path
+    script = tmp_path / "model_service_worker.py"
+    script.write_text(
+        "import re\n"
+        "status = open('/proc/self/status').read()\n"
+        "print(int(re.search(r'SigBlk:\\s*([0-9a-f]+)', status).group(1), 16))\n"
+    )
+    done = subprocess.run(
+        [str(cold.write_launcher()), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP}),
+    )
+    assert done.returncode == 0, done.stderr
+    blocked = {signum for signum in range(1, 65) if int(done.stdout) >> (signum - 1) & 1}
+    assert signal.SIGHUP in blocked  # as it was started
+    assert signal.SIGTERM not in blocked  # the launcher's own hold is gone
+
+
 def _read_to_the_end(fd: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     try:

@@ -15,8 +15,10 @@ revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None
-# code from 0004 on runs on it: it names the columns it reads and writes and leaves this one as it is,
-# so beside it an adoption may misjudge whether a worker heard a drain; the job resumes either way
+# Code from 0004 on runs on it: it names the columns it reads and writes. An older replica beside a newer
+# one neither records a drain it tells (an adopter then counts that worker's exit as a crash: an attempt
+# spent) nor clears the record when it issues a grant again (a stale one may make an adopter stop a worker
+# that had not heard the drain). Either way the job resumes from its last checkpoint.
 OLDEST_CODE = "0004"
 
 
