@@ -37,6 +37,7 @@ from service.errors import ERRORS_BY_CODE, TuneserveError, Unauthenticated, Unav
 from service.jobs.store_codec import jsonable, result_from_json
 from service.records import EventKind, Job, JobState
 from service.spec import JobSpec
+from service.stop_reasons import DRAINING
 
 log = logging.getLogger(__name__)
 
@@ -116,10 +117,10 @@ class GrpcReporter:
                 self._reason = self._told
             elif self._signalled.is_set():
                 self._beat()  # SIGTERM says "stop", the control plane says why
-                self._reason = self._told or "draining"
+                self._reason = self._told or DRAINING
             elif self._disowned or self._lost():
                 log.warning("the control plane is unreachable or does not know this worker; stopping")
-                self._reason = "draining"
+                self._reason = DRAINING
         return self._reason
 
     def signal_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:

@@ -23,6 +23,7 @@ from service.jobs.store import JobStore
 from service.jobs.store_grants import SharedGrants
 from service.records import Job, JobState
 from service.settings import Settings
+from service.stop_reasons import STOP_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,9 @@ WORKER_MOVES: dict[JobState, tuple[JobState, ...]] = {
     JobState.PACKAGING: (JobState.RUNNING,),
     JobState.FAILED: (JobState.RUNNING, JobState.PACKAGING),
 }
-STOP_REASONS = ("cancelled", "draining")
 MAX_TOUCH_S = 5.0  # shared grants: a worker's heartbeat time is written at most this often per replica
 
-__all__ = ["STOP_REASONS", "WORKER_MOVES", "EventIn", "Intake", "intake_for"]
+__all__ = ["WORKER_MOVES", "EventIn", "Intake", "intake_for"]
 
 
 class Intake:

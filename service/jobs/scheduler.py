@@ -49,6 +49,7 @@ from service.jobs.store_takeover import Adopted
 from service.jobs.supervised_loop import SupervisedLoop
 from service.records import Job, JobState
 from service.settings import Settings
+from service.stop_reasons import CANCELLED, DRAINING
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ class Scheduler:
                 self._drop(self._workers[job_id], release=False)
         for worker in self._workers.values():
             if drain:
-                self._stop(worker, "draining")
+                self._stop(worker, DRAINING)
             else:
                 self._kill(worker)
         while self._workers:
@@ -193,7 +194,7 @@ class Scheduler:
         for worker in list(self._workers.values()):
             ended = self.launcher.poll(worker.handle)
             if ended is not None:
-                self._on_exit(worker, ended, draining=worker.stopped_for == "draining")
+                self._on_exit(worker, ended, draining=worker.stopped_for == DRAINING)
             else:
                 self._enforce_cancel(worker)
                 self._enforce_heartbeats(worker)
@@ -247,7 +248,7 @@ class Scheduler:
         worker = self._workers[job.id] = _Worker(WorkerHandle(job.id, adopted.ref))
         log.info("job %s: watching worker %s, adopted (attempt %d)", job.id, adopted.ref, job.attempts)
         if adopted.drained:  # it stops for its last replica's drain: its exit is a drain's, not a crash
-            self._stop(worker, "draining")
+            self._stop(worker, DRAINING)
 
     def _drop(self, worker: _Worker, *, release: bool = True) -> None:
         """The worker is gone (or going; or another replica's now, `release` False): nothing of its job
@@ -313,11 +314,11 @@ class Scheduler:
         if worker.stop_sent_at is None:
             if self.store.get_job(worker.job_id).cancel_requested:
                 log.info("job %s: cancel requested, stopping worker %s", worker.job_id, worker.handle.ref)
-                self._stop(worker, "cancelled")
+                self._stop(worker, CANCELLED)
             return
         # an adopted worker stopping for its last replica's drain has the drain's grace to checkpoint
         grace_s = (
-            self.settings.drain_grace_s if worker.stopped_for == "draining" else self.settings.cancel_grace_s
+            self.settings.drain_grace_s if worker.stopped_for == DRAINING else self.settings.cancel_grace_s
         )
         if not worker.killed and time.monotonic() - worker.stop_sent_at > grace_s:
             log.warning("job %s: worker did not stop within %.0f s; killing it", worker.job_id, grace_s)

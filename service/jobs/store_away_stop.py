@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 from service.jobs.launcher import Launcher, WorkerHandle
+from service.stop_reasons import DRAINING
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def stop_without_store(
             )
             continue
         if drain:
-            launcher.stop(handle, "draining")
+            launcher.stop(handle, DRAINING)
         else:
             launcher.kill(handle)
         ending.append(handle)

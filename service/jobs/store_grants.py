@@ -34,6 +34,7 @@ from service.jobs.grants import EventIn, fresh_events, new_token, other_job, unk
 from service.jobs.store import JobStore
 from service.jobs.store_db import Conn, Row
 from service.jobs.store_rows import fetch_row, insert_event, placeholders
+from service.stop_reasons import DRAINING
 
 _GRANT = (
     "SELECT g.job_id, g.replica, g.called, g.stop_reason, g.stop_heard, j.lease_owner, j.lease_expires"
@@ -70,7 +71,7 @@ def _unrecorded(reason: str) -> str | None:
     train on, and stops one that has (service.jobs.store_takeover), so it must know which; the worker
     hears the drain at a later heartbeat. A cancel is told all the same: it is in the job's row, so any
     replica that watches the worker stops it anyway."""
-    return None if reason == "draining" else reason
+    return None if reason == DRAINING else reason
 
 
 def token_hash(token: str) -> str:

@@ -26,6 +26,7 @@ from service.jobs.store_codec import job_from_row
 from service.jobs.store_db import Conn, Database
 from service.jobs.store_rows import ACTIVE_STATES, fetch_row, insert_event, placeholders, update_row
 from service.records import EventKind, Job, JobState
+from service.stop_reasons import DRAINING
 
 
 @dataclass(frozen=True)
@@ -209,11 +210,11 @@ def _adopt(
         # drain its last replica asked for (stopping, it could not hand the job over) is that replica's
         # own: the adopter lets the worker train on, unless a heartbeat reply told it already (it stops
         # then, and the adopter re-queues the job as drained). A cancel stays: it is the job's.
-        drained = grant["stop_reason"] == "draining" and grant["stop_heard"] == "draining"
+        drained = grant["stop_reason"] == DRAINING and grant["stop_heard"] == DRAINING
         db.run(
-            "UPDATE report_grants SET replica = :r, stop_reason = CASE WHEN stop_reason = 'draining'"
+            "UPDATE report_grants SET replica = :r, stop_reason = CASE WHEN stop_reason = :draining"
             " AND stop_heard IS NULL THEN NULL ELSE stop_reason END WHERE job_id = :j",
-            {"r": replica, "j": job_id},
+            {"r": replica, "j": job_id, "draining": DRAINING},
         )
         if restarted:
             note = f"{replica} restarted; its worker {ref} ran on and is watched again (adopted: no restart)"

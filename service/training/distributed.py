@@ -26,6 +26,7 @@ from torch import nn
 
 from service.errors import FailedPrecondition
 from service.records import EventKind
+from service.stop_reasons import STOP_REASONS  # what a stop request says; any other: "stopped"
 from service.training.reporting import Reporter
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective waits this long for a peer before the job fails
-STOP_REASONS = ("cancelled", "draining")  # what a stop request says; any other: "stopped"
 
 
 class PeerLost(RuntimeError):
