@@ -1,0 +1,154 @@
+"""Would grpc.aio serve GetJob better than the threaded server? (issue 16 suggests considering it)
+
+The real service (SQLite, interceptors, scheduler) serves GetJob through its threaded gRPC server. In the
+same process, on the same JobManager, two grpc.aio servers serve the same RPC: one with GetJob an
+`async def` run inline on the event loop (the conversion an aio port would make of the hot reads), one
+with GetJob left a plain `def`, which grpc.aio runs in its thread pool (what every RPC not converted
+would become in a partial port). Each aio server has an interceptor that reads the call's metadata, as
+the service's auth does. The clients are those of bench.control_plane (threads with a channel each, in
+a process of their own), in interleaved rounds; ratios are against the threaded server in the same round.
+
+Not a runtime component: it decides whether porting the API to grpc.aio is worth it on a given machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import tempfile
+import threading
+from concurrent import futures
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bench.common import emit, make_image_folder, median, ratio
+from bench.control_plane import _load, _spec, _wait_all_final
+
+NAME = "grpc_aio"
+
+
+def run(rounds: int, clients: int, seconds: float) -> dict[str, Any]:
+    import grpc
+
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+    from service.app import start_service
+    from service.settings import Settings
+
+    with tempfile.TemporaryDirectory(prefix="bench-aio-") as tmp:
+        root = Path(tmp)
+        make_image_folder(root / "data" / "ds", classes=2, per_class=4, size=32)
+        settings = Settings(
+            state_dir=root / "state", data_root=root / "data", torch_home=root / "torch", host="127.0.0.1",
+            port=0, torchserve_enabled=False, max_concurrent_jobs=1, max_queued_jobs=200,
+        )  # fmt: skip
+        service = start_service(settings)
+        try:
+            targets = [f"127.0.0.1:{service.port}"]
+            with grpc.insecure_channel(targets[0]) as channel:
+                stub = pb_grpc.FineTuningStub(channel)
+                ids = [stub.CreateJob(pb.CreateJobRequest(spec=_spec(pb, i))).id for i in range(60)]
+                for job_id in ids:
+                    stub.CancelJob(pb.CancelJobRequest(job_id=job_id))
+                _wait_all_final(stub, pb, ids)
+            jobs = service.server.jobs
+            aio_targets, stop = _aio_servers(jobs)
+            servers = {"threaded": targets[0], **aio_targets}
+            try:
+                per_round: list[dict[str, dict[str, float]]] = []
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    for _ in range(rounds):
+                        per_round.append(
+                            {
+                                kind: pool.submit(_load, [target], "get", ids, clients, seconds).result()[
+                                    "GetJob"
+                                ]
+                                for kind, target in servers.items()
+                            }
+                        )
+            finally:
+                stop()
+        finally:
+            service.stop(drain=False)
+    result: dict[str, Any] = {"benchmark": NAME, "clients": clients, "rounds": rounds, "seconds": seconds}
+    for kind in servers:
+        rates = [r[kind]["rate"] for r in per_round]
+        result[kind] = {
+            "calls_per_s": [round(x, 1) for x in rates],
+            "p99_ms": [round(r[kind]["p99_ms"], 2) for r in per_round],
+            "errors": sum(r[kind]["errors"] for r in per_round),
+        }
+        if kind != "threaded":
+            vs = [ratio(r[kind]["rate"], r["threaded"]["rate"]) for r in per_round]
+            result[kind]["calls_per_s_vs_threaded"] = [round(x, 3) for x in vs]
+            result[kind]["calls_per_s_vs_threaded_median"] = round(median(vs), 3)
+    return result
+
+
+def _aio_servers(jobs: Any) -> tuple[dict[str, str], Any]:
+    """Two grpc.aio servers on one event loop thread (grpc.aio wants one loop per process), serving
+    GetJob from `jobs`: inline on the loop, and in the server's thread pool; their addresses and a stop."""
+    import grpc
+
+    from service.access.clients import ANONYMOUS
+    from service.api import convert
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+
+    class ReadsMetadata(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            dict(details.invocation_metadata or ()).get("authorization")
+            return await continuation(details)
+
+    class Inline(pb_grpc.FineTuningServicer):
+        async def GetJob(self, request: Any, context: Any) -> Any:
+            return convert.job_to_proto(jobs.get(request.job_id, ANONYMOUS))
+
+    class InThreadPool(pb_grpc.FineTuningServicer):
+        def GetJob(self, request: Any, context: Any) -> Any:
+            return convert.job_to_proto(jobs.get(request.job_id, ANONYMOUS))
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    targets: dict[str, str] = {}
+    servers: list[Any] = []
+    done = asyncio.Event()
+
+    async def serve() -> None:
+        for kind, servicer in (("aio_inline", Inline()), ("aio_thread_pool", InThreadPool())):
+            pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"{kind}-grpc")
+            server = grpc.aio.server(pool, interceptors=[ReadsMetadata()])
+            pb_grpc.add_FineTuningServicer_to_server(servicer, server)
+            targets[kind] = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            await server.start()
+            servers.append(server)
+        started.set()
+        await done.wait()
+        for server in servers:
+            await server.stop(None)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    if not started.wait(60):
+        raise RuntimeError("the grpc.aio servers did not start within 60 s")
+
+    def stop() -> None:
+        loop.call_soon_threadsafe(done.set)
+        thread.join(timeout=30)
+
+    return targets, stop
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    emit(run(args.rounds, args.clients, args.seconds))
+
+
+if __name__ == "__main__":
+    main()
