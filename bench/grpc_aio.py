@@ -29,7 +29,7 @@ from bench.control_plane import _load, _spec, _wait_all_final
 NAME = "grpc_aio"
 
 
-def run(rounds: int, clients: int, seconds: float) -> dict[str, Any]:
+def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dict[str, Any]:
     import grpc
 
     from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -49,7 +49,7 @@ def run(rounds: int, clients: int, seconds: float) -> dict[str, Any]:
             targets = [f"127.0.0.1:{service.port}"]
             with grpc.insecure_channel(targets[0]) as channel:
                 stub = pb_grpc.FineTuningStub(channel)
-                ids = [stub.CreateJob(pb.CreateJobRequest(spec=_spec(pb, i))).id for i in range(60)]
+                ids = [stub.CreateJob(pb.CreateJobRequest(spec=_spec(pb, i))).id for i in range(jobs_stored)]
                 for job_id in ids:
                     stub.CancelJob(pb.CancelJobRequest(job_id=job_id))
                 _wait_all_final(stub, pb, ids)
@@ -137,6 +137,8 @@ def _aio_servers(jobs: Any) -> tuple[dict[str, str], Any]:
     def stop() -> None:
         loop.call_soon_threadsafe(done.set)
         thread.join(timeout=30)
+        if not thread.is_alive():
+            loop.close()
 
     return targets, stop
 

@@ -19,6 +19,7 @@ from bench import (
     create_cpu,
     ddp,
     gc_pause,
+    grpc_aio,
     lightning_compare,
     loop_speed,
     reporting,
@@ -75,6 +76,16 @@ def test_control_plane_measures_reads_and_writes_under_many_clients() -> None:
     # each client loops create-then-cancel, so both were made as often
     for key in ("calls_per_s_1_client", "calls_per_s_8_clients"):
         assert result["CreateJob"][key] == result["CancelJob"][key]
+
+
+def test_grpc_aio_serves_getjob_from_the_same_jobs_on_all_three_servers() -> None:
+    result = grpc_aio.run(rounds=1, clients=4, seconds=0.3, jobs_stored=3)
+    for kind in ("threaded", "aio_inline", "aio_thread_pool"):
+        figures = result[kind]
+        assert figures["errors"] == 0, (kind, figures)
+        assert all(_positive(x) for x in figures["calls_per_s"] + figures["p99_ms"]), (kind, figures)
+    for kind in ("aio_inline", "aio_thread_pool"):
+        assert _positive(result[kind]["calls_per_s_vs_threaded_median"]), result[kind]
 
 
 @pytest.mark.slow
