@@ -6,7 +6,9 @@ same process, on the same JobManager, two grpc.aio servers serve the same RPC: o
 with GetJob left a plain `def`, which grpc.aio runs in its thread pool (what every RPC not converted
 would become in a partial port). Each aio server has an interceptor that reads the call's metadata, as
 the service's auth does. The clients are those of bench.control_plane (threads with a channel each, in
-a process of their own), in interleaved rounds; ratios are against the threaded server in the same round.
+a process of their own), in interleaved rounds (each starting with another server, after one warm-up
+round); ratios are against the threaded server in the same round. Not quite like for like: the threaded
+server runs the service's auth and error interceptors, the aio ones a stand-in that reads the metadata.
 
 Not a runtime component: it decides whether porting the API to grpc.aio is worth it on a given machine.
 """
@@ -58,17 +60,20 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
             servers = {"threaded": targets[0], **aio_targets}
             try:
                 per_round: list[dict[str, dict[str, float]]] = []
+                kinds = list(servers)
                 context = multiprocessing.get_context("spawn")
                 with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                    for _ in range(rounds):
-                        per_round.append(
-                            {
-                                kind: pool.submit(_load, [target], "get", ids, clients, seconds).result()[
-                                    "GetJob"
-                                ]
-                                for kind, target in servers.items()
-                            }
-                        )
+                    for r in range(rounds + 1):  # the first round warms up and is left out
+                        # each round starts with another server: a load fading during a round favours none
+                        order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
+                        figures = {
+                            kind: pool.submit(_load, [servers[kind]], "get", ids, clients, seconds).result()[
+                                "GetJob"
+                            ]
+                            for kind in order
+                        }
+                        if r > 0:
+                            per_round.append(figures)
             finally:
                 stop()
         finally:

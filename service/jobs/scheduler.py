@@ -196,7 +196,7 @@ class Scheduler:
             if ended is not None:
                 self._on_exit(worker, ended, draining=worker.stopped_for == DRAINING)
             else:
-                self._enforce_cancel(worker)
+                self._enforce_stop(worker)
                 self._enforce_heartbeats(worker)
         while len(self._workers) < self._capacity and not self._loop.stopping:
             running = list(self._workers)
@@ -310,18 +310,22 @@ class Scheduler:
         log.info("job %s: worker %s started on %s (attempt %d)", job.id, handle.ref, where, job.attempts)
         return True
 
-    def _enforce_cancel(self, worker: _Worker) -> None:
+    def _enforce_stop(self, worker: _Worker) -> None:
+        """Stop a worker whose job was cancelled; kill one that has not stopped within its grace."""
         if worker.stop_sent_at is None:
             if self.store.get_job(worker.job_id).cancel_requested:
                 log.info("job %s: cancel requested, stopping worker %s", worker.job_id, worker.handle.ref)
                 self._stop(worker, CANCELLED)
             return
-        # an adopted worker stopping for its last replica's drain has the drain's grace to checkpoint
-        grace_s = (
-            self.settings.drain_grace_s if worker.stopped_for == DRAINING else self.settings.cancel_grace_s
-        )
-        if not worker.killed and time.monotonic() - worker.stop_sent_at > grace_s:
-            log.warning("job %s: worker did not stop within %.0f s; killing it", worker.job_id, grace_s)
+        if worker.killed:
+            return
+        grace_s = self.settings.cancel_grace_s
+        # an adopted worker stopping for its last replica's drain has the drain's grace to checkpoint,
+        # unless its job has been cancelled since: then a cancel's
+        if worker.stopped_for == DRAINING and not self.store.get_job(worker.job_id).cancel_requested:
+            grace_s = self.settings.drain_grace_s
+        if time.monotonic() - worker.stop_sent_at > grace_s:
+            log.warning("job %s: worker did not stop within %.1f s; killing it", worker.job_id, grace_s)
             self._kill(worker)
 
     def _enforce_heartbeats(self, worker: _Worker) -> None:

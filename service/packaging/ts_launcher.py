@@ -81,6 +81,7 @@ def _alive(pid: int) -> bool:
 
 
 def _exec(python: str, argv: list[str], mask: set[int | signal.Signals] | None) -> int:
+    # (A warm worker is the zygote's child and has the zygote's mask, as the zygote was started with.)
     # The mask survives execv: the worker gets the one this process started with (`mask`; None: it is
     # unchanged), so a signal held back meanwhile is taken here, with its default action, as the fresh
     # worker would have taken it; one blocked by whoever started this process stays blocked.

@@ -3,8 +3,9 @@ are read back after the worker has exited, as a user would open or sync them.
 
 W&B's run file is written by its wandb-core process, which buffers it: the records reach the file at
 wandb.finish() or when the worker's atexit handlers tear W&B down, and the worker ends with
-service.worker_app.exit_now (no interpreter teardown, the atexit handlers still run). Measured here:
-with neither (no finish(), atexit skipped), the file holds no record at all.
+service.worker_app.exit_now (no interpreter teardown, the atexit handlers still run). Seen while this
+test was written: with neither (no finish(), atexit skipped), the file held no record at all, and this
+test failed.
 """
 
 from __future__ import annotations

@@ -36,8 +36,19 @@ def logged_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     with pytest.MonkeyPatch.context() as patch, one_thread():
         for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
             patch.delenv(name, raising=False)
-        train(spec, root / "job", settings, reporter)
+        try:
+            train(spec, root / "job", settings, reporter)
+        finally:
+            _wandb_teardown()
     yield root / "job", reporter
+
+
+def _wandb_teardown() -> None:
+    """What a worker's exit does (service.worker_app.exit_now runs the atexit handlers, W&B's among them):
+    wandb-core writes the run file's last records after finish() has returned, and stops only then."""
+    import wandb
+
+    wandb.teardown()
 
 
 @pytest.fixture(scope="module")
@@ -246,12 +257,10 @@ def test_an_offline_job_resumed_after_a_crash_continues_the_same_run(
     settings = Settings(state_dir=tmp_path / "state", data_root=tmp_path / "data", torch_home=tmp_path / "t")
     reporter = CollectingReporter()
     with one_thread():
-        train(spec, job_dir, settings, reporter)
-    # As a worker's exit does (service.worker_app.exit_now runs the atexit handlers, W&B's among them):
-    # wandb-core writes the file's last records after finish() has returned, and stops only then.
-    import wandb
-
-    wandb.teardown()
+        try:
+            train(spec, job_dir, settings, reporter)
+        finally:
+            _wandb_teardown()
 
     first, second = wandb_logger.offline_parts(job_dir, run_id)
     assert reporter.fields["wandb_run_id"] == run_id and _run_id(first) == _run_id(second) == run_id

@@ -4,6 +4,7 @@ the outage does not count as the worker's silence afterwards."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -96,10 +97,47 @@ def test_with_the_database_down_a_drain_is_not_told_until_it_is_recorded_and_a_c
         assert other.heartbeat(tokens["cancelled"], jobs["cancelled"]) == "cancelled"
         server.start()
 
-        assert once_back(lambda: other.heartbeat(tokens["draining"], jobs["draining"])) == "draining"
+        # told once a heartbeat can record it (the first writes after the restart may still fail)
+        deadline = time.monotonic() + 60
+        while once_back(lambda: other.heartbeat(tokens["draining"], jobs["draining"])) != "draining":
+            assert time.monotonic() < deadline, "the drain was never told once the database was back"
+            time.sleep(0.1)
         with stores[0].db.read() as db:
             heard = db.one("SELECT stop_heard FROM report_grants WHERE job_id = :j", {"j": jobs["draining"]})
         assert heard is not None and heard["stop_heard"] == "draining"  # told once recorded
     finally:
         for store in stores:
             store.close()
+
+
+def test_a_drain_whose_record_fails_is_not_told_and_a_cancel_is(
+    server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The grant is read, and the write that records the telling fails (the database went away between)."""
+    url = server.create_database("jobs")
+    store = JobStore(url)
+    try:
+        grants = SharedGrants(store, "a", touch_s=1000.0)
+        intake = Intake(store, grants)
+        tokens: dict[str, str] = {}
+        jobs: dict[str, str] = {}
+        for name, reason in (("drained", "draining"), ("cancelled", "cancelled")):
+            job_id = jobs[reason] = store.create_job(make_spec(name)).id
+            assert store.claim_next("a", 600.0) is not None
+            tokens[reason] = intake.issue(job_id)
+            intake.request_stop(job_id, reason)
+            assert grants.check(tokens[reason], job_id) == reason  # touched: no write due at the heartbeat
+
+        def fails(_work: object) -> object:
+            raise Unavailable("the job store is away (a stand-in for the failed write: this test)")
+
+        monkeypatch.setattr(store.db, "run_write", fails)
+        assert intake.heartbeat(tokens["draining"], jobs["draining"]) is None
+        assert intake.heartbeat(tokens["cancelled"], jobs["cancelled"]) == "cancelled"
+        monkeypatch.undo()
+        with store.db.read() as db:
+            rows = db.all("SELECT stop_heard FROM report_grants")
+        assert [row["stop_heard"] for row in rows] == [None, None]  # nothing recorded as told
+        assert intake.heartbeat(tokens["draining"], jobs["draining"]) == "draining"  # now it can be
+    finally:
+        store.close()

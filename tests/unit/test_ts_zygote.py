@@ -192,12 +192,16 @@ def test_a_cold_worker_keeps_the_signal_mask_the_launcher_was_started_with(tmp_p
         "status = open('/proc/self/status').read()\n"
         "print(int(re.search(r'SigBlk:\\s*([0-9a-f]+)', status).group(1), 16))\n"
     )
+    # what starts the launcher blocks SIGHUP, then execs it (the mask survives execv)
+    blocks_sighup = (
+        "import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP}); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
     done = subprocess.run(
-        [str(cold.write_launcher()), str(script)],
+        [sys.executable, "-c", blocks_sighup, str(cold.write_launcher()), str(script)],
         capture_output=True,
         text=True,
         timeout=120,
-        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP}),
     )
     assert done.returncode == 0, done.stderr
     blocked = {signum for signum in range(1, 65) if int(done.stdout) >> (signum - 1) & 1}
