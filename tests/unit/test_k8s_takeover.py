@@ -304,6 +304,41 @@ def test_a_trainjob_that_heard_the_drain_before_its_adoption_is_requeued_at_its_
             scheduler.stop(drain=False)
 
 
+@pytest.mark.timeout(120)
+def test_a_drained_adopted_trainjob_whose_job_is_cancelled_gets_the_cancels_grace_not_the_drains(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """It heard its last replica's drain (so it stops), then its job was cancelled: the cancel's grace
+    (0.5 s here) bounds how long it may take to stop, not the drain's (60 s)."""
+    with (
+        database_of_its_own(postgres_server) as database,
+        running_standin() as api,
+        replica_on_postgres(
+            api, tmp_path, database, replica_id="me", lease_s=30.0, cancel_grace_s=0.5, drain_grace_s=60.0
+        ) as me,
+    ):
+        store, cluster = me.store, me.cluster
+        predecessor = intake_for(store, cluster.settings)  # the process that died, and its worker's calls
+        job_id = store.create_job(spec().model_copy(update={"name": "heard"})).id
+        assert store.claim_next("me", 30.0) is not None
+        token = predecessor.issue(job_id)
+        handle = cluster.launcher.start(
+            store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: token}
+        )
+        store.set_worker_ref(job_id, handle.ref)
+        predecessor.request_stop(job_id, "draining")
+        assert predecessor.heartbeat(token, job_id) == "draining"
+        scheduler = me.scheduler
+        scheduler.start()
+        try:
+            assert scheduler.running() == [job_id]
+            store.request_cancel(job_id)
+            # its worker (a stand-in: this test) never stops: it is killed, its TrainJob deleted
+            wait_for(lambda: api.deletes("trainjobs"), timeout=20)
+        finally:
+            scheduler.stop(drain=False)
+
+
 def states(store: JobStore, job_id: str) -> list[str]:
     return [e.message for e in store.events_after(job_id) if e.kind == EventKind.STATE]
 
