@@ -21,7 +21,7 @@ from k8s_api_standin import StandInApiServer, running_standin
 from k8s_crds import crd_folder
 from test_k8s_launcher import ADVERTISED, NS, Cluster, launch_env, spec, wait_for
 
-from service.jobs.intake import intake_for
+from service.jobs.intake import Intake, intake_for
 from service.jobs.k8s_launcher import KubernetesLauncher
 from service.jobs.launcher import REPORT_TOKEN_ENV, LaunchError
 from service.jobs.scheduler import Scheduler
@@ -271,15 +271,7 @@ def test_a_trainjob_that_heard_the_drain_before_its_adoption_is_requeued_at_its_
         tokens: dict[str, str] = {}
         predecessor = intake_for(store, cluster.settings)  # the process that died, and its workers' calls
         for name in ("heard", "not-heard"):
-            job_id = store.create_job(spec().model_copy(update={"name": name})).id
-            assert store.claim_next("me", 30.0) is not None
-            tokens[name] = predecessor.issue(job_id)
-            handle = cluster.launcher.start(
-                store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: tokens[name]}
-            )
-            store.set_worker_ref(job_id, handle.ref)
-            predecessor.request_stop(job_id, "draining")
-            left[name] = job_id
+            left[name], tokens[name] = drained_by(predecessor, store, cluster, name)
         assert predecessor.heartbeat(tokens["heard"], left["heard"]) == "draining"
         heard = str(store.worker_ref(left["heard"])).split("/")[1]
         scheduler = me.scheduler
@@ -319,14 +311,7 @@ def test_a_drained_adopted_trainjob_whose_job_is_cancelled_gets_the_cancels_grac
     ):
         store, cluster = me.store, me.cluster
         predecessor = intake_for(store, cluster.settings)  # the process that died, and its worker's calls
-        job_id = store.create_job(spec().model_copy(update={"name": "heard"})).id
-        assert store.claim_next("me", 30.0) is not None
-        token = predecessor.issue(job_id)
-        handle = cluster.launcher.start(
-            store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: token}
-        )
-        store.set_worker_ref(job_id, handle.ref)
-        predecessor.request_stop(job_id, "draining")
+        job_id, token = drained_by(predecessor, store, cluster, "heard")
         assert predecessor.heartbeat(token, job_id) == "draining"
         scheduler = me.scheduler
         scheduler.start()
@@ -337,6 +322,20 @@ def test_a_drained_adopted_trainjob_whose_job_is_cancelled_gets_the_cancels_grac
             wait_for(lambda: api.deletes("trainjobs"), timeout=20)
         finally:
             scheduler.stop(drain=False)
+
+
+def drained_by(predecessor: Intake, store: JobStore, cluster: Cluster, name: str) -> tuple[str, str]:
+    """A job `predecessor` (the process that died, replica "me") launched as a TrainJob and then asked to
+    stop for its drain; its id and its worker's reporting token."""
+    job_id = store.create_job(spec().model_copy(update={"name": name})).id
+    assert store.claim_next("me", 30.0) is not None
+    token = predecessor.issue(job_id)
+    handle = cluster.launcher.start(
+        store.get_job(job_id), (), {**launch_env(cluster.settings), REPORT_TOKEN_ENV: token}
+    )
+    store.set_worker_ref(job_id, handle.ref)
+    predecessor.request_stop(job_id, "draining")
+    return job_id, token
 
 
 def states(store: JobStore, job_id: str) -> list[str]:

@@ -70,6 +70,23 @@ def test_a_worker_checked_lately_keeps_its_heartbeat_while_the_database_is_down(
             store.close()
 
 
+def stopped_for_each_reason(
+    store: JobStore, launcher: Intake, answering: SharedGrants
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A job claimed by replica "a" and asked to stop, for each stop reason: its id and its worker's token,
+    by reason. `answering` (the replica the worker's calls reach) has checked each since, as an event
+    batch does: it read the stop and told nobody."""
+    jobs: dict[str, str] = {}
+    tokens: dict[str, str] = {}
+    for name, reason in (("drained", "draining"), ("cancelled", "cancelled")):
+        job_id = jobs[reason] = store.create_job(make_spec(name)).id
+        assert store.claim_next("a", 600.0) is not None
+        tokens[reason] = launcher.issue(job_id)
+        launcher.request_stop(job_id, reason)
+        assert answering.check(tokens[reason], job_id) == reason
+    return jobs, tokens
+
+
 def test_with_the_database_down_a_drain_is_not_told_until_it_is_recorded_and_a_cancel_is(
     server: PostgresServer,
 ) -> None:
@@ -82,15 +99,7 @@ def test_with_the_database_down_a_drain_is_not_told_until_it_is_recorded_and_a_c
         launcher = Intake(stores[0], SharedGrants(stores[0], "a", touch_s=1.0))
         answering = SharedGrants(stores[1], "b", touch_s=1.0)  # the replica the worker's calls reach
         other = Intake(stores[1], answering)
-        tokens: dict[str, str] = {}
-        jobs: dict[str, str] = {}
-        for name, reason in (("drained", "draining"), ("cancelled", "cancelled")):
-            job_id = jobs[reason] = stores[0].create_job(make_spec(name)).id
-            assert stores[0].claim_next("a", 600.0) is not None
-            tokens[reason] = launcher.issue(job_id)
-            launcher.request_stop(job_id, reason)
-            # an event batch's check: it reads the stop, and tells nobody
-            assert answering.check(tokens[reason], job_id) == reason
+        jobs, tokens = stopped_for_each_reason(stores[0], launcher, answering)
 
         server.stop()
         assert other.heartbeat(tokens["draining"], jobs["draining"]) is None  # not told: no record
@@ -119,14 +128,7 @@ def test_a_drain_whose_record_fails_is_not_told_and_a_cancel_is(
     try:
         grants = SharedGrants(store, "a", touch_s=1000.0)
         intake = Intake(store, grants)
-        tokens: dict[str, str] = {}
-        jobs: dict[str, str] = {}
-        for name, reason in (("drained", "draining"), ("cancelled", "cancelled")):
-            job_id = jobs[reason] = store.create_job(make_spec(name)).id
-            assert store.claim_next("a", 600.0) is not None
-            tokens[reason] = intake.issue(job_id)
-            intake.request_stop(job_id, reason)
-            assert grants.check(tokens[reason], job_id) == reason  # touched: no write due at the heartbeat
+        jobs, tokens = stopped_for_each_reason(store, intake, grants)  # touched: no write due at a heartbeat
 
         def fails(_work: object) -> object:
             raise Unavailable("the job store is away (a stand-in for the failed write: this test)")
