@@ -1,16 +1,23 @@
-"""Would grpc.aio serve GetJob better than the threaded server? (issue 16 suggests considering it)
+"""Would grpc.aio serve GetJob better than the threaded server? And how far can gRPC Python go here at all?
 
 The real service (SQLite, interceptors, scheduler) serves GetJob through its threaded gRPC server. In the
 same process, on the same JobManager, two grpc.aio servers serve the same RPC: one with GetJob an
 `async def` run inline on the event loop (the conversion an aio port would make of the hot reads), one
 with GetJob left a plain `def`, which grpc.aio runs in its thread pool (what every RPC not converted
 would become in a partial port). Each aio server has an interceptor that reads the call's metadata, as
-the service's auth does. The clients are those of bench.control_plane (threads with a channel each, in
-a process of their own), in interleaved rounds (each starting with another server, after one warm-up
-round); ratios are against the threaded server in the same round. Not quite like for like: the threaded
-server runs the service's auth and error interceptors, the aio ones a stand-in that reads the metadata.
+the service's auth does. Two more threaded servers bound what tuning could reach: the service's own
+server (`build_server`, interceptors and all) with 4 worker threads instead of TUNESERVE_GRPC_WORKERS,
+and the floor: a threaded server with no interceptors whose GetJob returns one fixed, pre-built Job
+message (no store, no conversion): what gRPC Python itself costs on this machine, with the clients on
+its cores. The clients are those of bench.control_plane (threads with a channel each, in a process of
+their own), in interleaved rounds (each starting with another server, after one warm-up round); ratios
+are against the threaded server in the same round. Each round also times one client alone on the
+threaded server and on the floor, so the tail's growth with the crowd (issue 16 asks for <= 10x) is
+seen where no code of ours runs. Not quite like for like: the threaded servers run the service's auth
+and error interceptors, the aio ones a stand-in that reads the metadata.
 
-Not a runtime component: it decides whether porting the API to grpc.aio is worth it on a given machine.
+Not a runtime component: it decides whether porting the API to grpc.aio, or tuning the worker threads,
+is worth it on a given machine.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
 
     from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
     from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+    from service.api.server import build_server
     from service.app import start_service
     from service.settings import Settings
 
@@ -57,7 +65,17 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
                 _wait_all_final(stub, pb, ids)
             jobs = service.server.jobs
             aio_targets, stop = _aio_servers(jobs)
-            servers = {"threaded": targets[0], **aio_targets}
+            # the service's own server (its interceptors, the same JobManager), with 4 worker threads
+            few = build_server(settings.model_copy(update={"grpc_workers": 4, "port": 0}), jobs)
+            fixed_reply = _a_job(targets[0], ids[0])
+            floor, floor_port = _floor_server(fixed_reply)
+            servers = {
+                "threaded": targets[0],
+                **aio_targets,
+                "threaded_4_workers": f"127.0.0.1:{few.port}",
+                "floor": f"127.0.0.1:{floor_port}",
+            }
+            alone = ("threaded", "floor")
             try:
                 per_round: list[dict[str, dict[str, float]]] = []
                 kinds = list(servers)
@@ -72,13 +90,25 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
                             ]
                             for kind in order
                         }
+                        for kind in alone:
+                            figures[f"{kind}_1_client"] = pool.submit(
+                                _load, [servers[kind]], "get", ids, 1, seconds
+                            ).result()["GetJob"]
                         if r > 0:
                             per_round.append(figures)
             finally:
                 stop()
+                few.server.stop(None)
+                floor.stop(None)
         finally:
             service.stop(drain=False)
-    result: dict[str, Any] = {"benchmark": NAME, "clients": clients, "rounds": rounds, "seconds": seconds}
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "clients": clients,
+        "rounds": rounds,
+        "seconds": seconds,
+        "floor_reply_bytes": fixed_reply.ByteSize(),
+    }
     for kind in servers:
         rates = [r[kind]["rate"] for r in per_round]
         result[kind] = {
@@ -90,7 +120,44 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
             vs = [ratio(r[kind]["rate"], r["threaded"]["rate"]) for r in per_round]
             result[kind]["calls_per_s_vs_threaded"] = [round(x, 3) for x in vs]
             result[kind]["calls_per_s_vs_threaded_median"] = round(median(vs), 3)
+        if kind in alone:
+            one = [r[f"{kind}_1_client"]["p99_ms"] for r in per_round]
+            grown = [ratio(r[kind]["p99_ms"], r[f"{kind}_1_client"]["p99_ms"]) for r in per_round]
+            result[kind]["p99_ms_1_client"] = [round(x, 2) for x in one]
+            result[kind][f"p99_vs_1_client_{clients}_clients"] = [round(x, 2) for x in grown]
+            result[kind]["errors"] += sum(r[f"{kind}_1_client"]["errors"] for r in per_round)
     return result
+
+
+def _a_job(target: str, job_id: str) -> Any:
+    """The Job message GetJob answers for `job_id`, as the service sends it (the floor's fixed reply)."""
+    import grpc
+
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        return pb_grpc.FineTuningStub(channel).GetJob(pb.GetJobRequest(job_id=job_id))
+
+
+def _floor_server(reply: Any) -> tuple[Any, int]:
+    """A threaded server (as many workers as the service's default) answering every GetJob with `reply`:
+    no interceptors, no store, no conversion. The server and its port."""
+    import grpc
+
+    from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
+    from service.settings import Settings
+
+    class Fixed(pb_grpc.FineTuningServicer):
+        def GetJob(self, request: Any, context: Any) -> Any:
+            return reply
+
+    workers = Settings.model_fields["grpc_workers"].default
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="floor-grpc"))
+    pb_grpc.add_FineTuningServicer_to_server(Fixed(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
 
 
 def _aio_servers(jobs: Any) -> tuple[dict[str, str], Any]:

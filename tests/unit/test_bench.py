@@ -78,14 +78,20 @@ def test_control_plane_measures_reads_and_writes_under_many_clients() -> None:
         assert result["CreateJob"][key] == result["CancelJob"][key]
 
 
-def test_grpc_aio_serves_getjob_from_the_same_jobs_on_all_three_servers() -> None:
+def test_grpc_aio_serves_getjob_from_the_same_jobs_on_all_five_servers() -> None:
     result = grpc_aio.run(rounds=1, clients=4, seconds=0.3, jobs_stored=3)
-    for kind in ("threaded", "aio_inline", "aio_thread_pool"):
+    servers = ("threaded", "aio_inline", "aio_thread_pool", "threaded_4_workers", "floor")
+    for kind in servers:
         figures = result[kind]
         assert figures["errors"] == 0, (kind, figures)
         assert all(_positive(x) for x in figures["calls_per_s"] + figures["p99_ms"]), (kind, figures)
-    for kind in ("aio_inline", "aio_thread_pool"):
+    for kind in servers[1:]:
         assert _positive(result[kind]["calls_per_s_vs_threaded_median"]), result[kind]
+    for kind in ("threaded", "floor"):  # one client alone, and the crowd's tail against it
+        assert _positive(result[kind]["p99_ms_1_client"][0]), result[kind]
+        assert _positive(result[kind]["p99_vs_1_client_4_clients"][0]), result[kind]
+    # the floor's fixed reply is a real job's message, not an empty one
+    assert result["floor_reply_bytes"] > 100
 
 
 @pytest.mark.slow
