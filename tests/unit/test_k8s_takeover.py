@@ -281,6 +281,10 @@ def test_a_trainjob_that_heard_the_drain_before_its_adoption_is_requeued_at_its_
             assert stop_reason(store, left["not-heard"]) is None  # trains on
             assert stop_reason(store, left["heard"]) == "draining"
             time.sleep(1.5)  # three cancel graces: the worker checkpoints meanwhile, not killed
+            # and the scheduler has looked since: its tick reads the TrainJob, then checks the stop's
+            # grace; by a second read after the sleep, a check after the grace has run
+            after = len(api.requests)
+            wait_for(lambda: sum(r.method == "GET" and r.name == heard for r in api.requests[after:]) >= 2)
             assert api.deletes("trainjobs") == []
             # its worker (a stand-in: this test) checkpoints and exits 75; the Trainer controller then
             # marks the TrainJob Failed
