@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import tempfile
 import threading
@@ -64,19 +65,23 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
                     stub.CancelJob(pb.CancelJobRequest(job_id=job_id))
                 _wait_all_final(stub, pb, ids)
             jobs = service.server.jobs
-            aio_targets, stop = _aio_servers(jobs)
-            # the service's own server (its interceptors, the same JobManager), with 4 worker threads
-            few = build_server(settings.model_copy(update={"grpc_workers": 4, "port": 0}), jobs)
-            fixed_reply = _a_job(targets[0], ids[0])
-            floor, floor_port = _floor_server(fixed_reply)
-            servers = {
-                "threaded": targets[0],
-                **aio_targets,
-                "threaded_4_workers": f"127.0.0.1:{few.port}",
-                "floor": f"127.0.0.1:{floor_port}",
-            }
-            alone = ("threaded", "floor")
-            try:
+            # each server is stopped however far the setup got (LIFO), the service last
+            with contextlib.ExitStack() as started:
+                aio_targets, stop = _aio_servers(jobs)
+                started.callback(stop)
+                # the service's own server (its interceptors, the same JobManager), with 4 worker threads
+                few = build_server(settings.model_copy(update={"grpc_workers": 4, "port": 0}), jobs)
+                started.callback(few.server.stop, None)
+                fixed_reply = _a_job(targets[0], ids[0])
+                floor, floor_port = _floor_server(fixed_reply)
+                started.callback(floor.stop, None)
+                servers = {
+                    "threaded": targets[0],
+                    **aio_targets,
+                    "threaded_4_workers": f"127.0.0.1:{few.port}",
+                    "floor": f"127.0.0.1:{floor_port}",
+                }
+                alone = ("threaded", "floor")
                 per_round: list[dict[str, dict[str, float]]] = []
                 kinds = list(servers)
                 context = multiprocessing.get_context("spawn")
@@ -96,10 +101,6 @@ def run(rounds: int, clients: int, seconds: float, jobs_stored: int = 60) -> dic
                             ).result()["GetJob"]
                         if r > 0:
                             per_round.append(figures)
-            finally:
-                stop()
-                few.server.stop(None)
-                floor.stop(None)
         finally:
             service.stop(drain=False)
     result: dict[str, Any] = {
