@@ -127,13 +127,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_service(state_dir: Path, data_root: Path, log_path: Path) -> RunningService:
-    """`tuneserve serve` in its own session, on free ports, with a fresh auth token."""
+PORT_NAMES = ("grpc", "inference", "management", "metrics", "ts_grpc", "ts_mgmt")
+
+
+def start_service(state_dir: Path, data_root: Path, log_path: Path, port_base: int | None) -> RunningService:
+    """`tuneserve serve` in its own session, on free ports (or port_base and the five above it), with a
+    fresh auth token."""
     shutil.rmtree(state_dir, ignore_errors=True)
     state_dir.mkdir(parents=True)
-    ports = {
-        name: free_port() for name in ("grpc", "inference", "management", "metrics", "ts_grpc", "ts_mgmt")
-    }
+    numbers = (
+        [free_port() for _ in PORT_NAMES]
+        if port_base is None
+        else list(range(port_base, port_base + len(PORT_NAMES)))
+    )
+    ports = dict(zip(PORT_NAMES, numbers, strict=True))
     token = secrets.token_urlsafe(24)
     env = {
         **os.environ,
@@ -269,11 +276,11 @@ def print_locations(job: pb.Job, service: RunningService) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def run(mode: Mode, keep: bool, demo_dir: Path) -> None:
+def run(mode: Mode, keep: bool, demo_dir: Path, port_base: int | None) -> None:
     started = time.monotonic()
     heldout = write_digits(demo_dir / "data", demo_dir / "heldout", mode)
     console.print(f"wrote scikit-learn's digits to {demo_dir / 'data' / 'digits'} ({len(heldout)} held out)")
-    service = start_service(demo_dir / "state", demo_dir / "data", demo_dir / "service.log")
+    service = start_service(demo_dir / "state", demo_dir / "data", demo_dir / "service.log", port_base)
     console.print(f"starting the service on {service.address} (log: {service.log_path}) ...")
     client = Client(ClientConfig(address=service.address, token=service.token))
     try:
@@ -316,7 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer images and epochs (the e2e test's mode)")
     parser.add_argument("--keep", action="store_true", help="leave the service running at the end")
     parser.add_argument("--dir", type=Path, default=DEMO, help="where data, state and log go (.demo)")
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        metavar="PORT",
+        help=f"listen on PORT and the {len(PORT_NAMES) - 1} ports above it (default: any free ports)",
+    )
     args = parser.parse_args(argv)
+    if args.port_base is not None and not 1024 <= args.port_base <= 65535 - len(PORT_NAMES) + 1:
+        parser.error(f"--port-base {args.port_base}: allowed 1024..{65535 - len(PORT_NAMES) + 1}")
     mode = QUICK if args.quick else FULL
 
     def timed_out(_signum: int, _frame: Any) -> None:
@@ -325,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, timed_out)
     signal.alarm(int(mode.timeout_s))
     try:
-        run(mode, args.keep, args.dir.resolve())
+        run(mode, args.keep, args.dir.resolve(), args.port_base)
     except DemoError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port_block
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
@@ -25,8 +27,19 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
     folder = tmp_path_factory.mktemp("demo")
+    # ports from outside the kernel's ephemeral range: the demo's own free ones can be taken by the
+    # other worker's connections before the service binds them
+    base = free_port_block(6)
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "demo.py"), "--quick", "--dir", str(folder)],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "demo.py"),
+            "--quick",
+            "--dir",
+            str(folder),
+            "--port-base",
+            str(base),
+        ],
         cwd=ROOT,
         env={**os.environ, "COLUMNS": "200"},
         capture_output=True,

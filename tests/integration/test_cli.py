@@ -24,7 +24,6 @@ import grpc
 import pytest
 from cli_harness import Cli, assert_error_line, cli_for
 from harness import make_image_folder, make_settings, running_service
-from ports import free_ports
 from typer.testing import Result
 
 from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
@@ -33,6 +32,7 @@ from service.api.health import HealthReporter
 from service.app import Service
 from service.cli.client import Client, ClientConfig
 from service.cli.watch import Backoff, follow_events
+from tests.ports import free_ports
 
 TOKEN = "cli-test-token"
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,6 @@ one `torchrun --standalone --nproc-per-node 2`: the same two ranks, so the same 
 
 from __future__ import annotations
 
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from service.jobs.local_launcher import WORKER_MODULE, LocalProcessLauncher
 from service.jobs.torchrun_launcher import ByWorldSize, TorchrunLauncher
 from service.records import Job
 from service.training.checkpoints import load_checkpoint
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -58,17 +58,11 @@ sys.exit(next((code for code in codes if code), 0))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class TwoPods(LocalProcessLauncher):
     """Stand-in for Kubeflow Trainer's two pods: two torchruns on this host, one node rank each."""
 
     def argv(self, job: Job) -> list[str]:
-        return [sys.executable, "-c", PODS, str(free_port()), job.id]
+        return [sys.executable, "-c", PODS, str(free_ports(1)[0]), job.id]
 
 
 class ByName(ByWorldSize):

@@ -16,7 +16,7 @@ import time
 import pytest
 from export_proof import EXPORTED_MODEL, EXPORTED_VERSION, StartedServer, probe_once
 
-from bench.common import free_ports
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.torchserve, pytest.mark.slow, pytest.mark.timeout(600)]
 

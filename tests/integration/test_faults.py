@@ -31,7 +31,6 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import make_image_folder, spec, wait_for
-from ports import free_ports
 from procs import running
 from reliability import record
 
@@ -42,6 +41,7 @@ from service.jobs.store import JobStore
 from service.packaging.mar_files import sha256_of
 from service.records import EventKind, Job, JobState
 from service.training.checkpoints import load_checkpoint
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(600)]
 

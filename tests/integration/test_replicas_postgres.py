@@ -21,7 +21,6 @@ import grpc
 import pytest
 import torch
 from harness import make_image_folder, spec, wait_for
-from ports import torchserve_ports
 from procs import running
 
 from handlers.inference import ImageClassifier
@@ -29,6 +28,7 @@ from service.api.gen.tuneserve.v1 import tuneserve_pb2 as pb
 from service.api.gen.tuneserve.v1 import tuneserve_pb2_grpc as pb_grpc
 from service.jobs.store import JobStore
 from service.records import EventKind, Job, JobState
+from tests.ports import torchserve_ports
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 

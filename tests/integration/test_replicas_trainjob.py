@@ -27,13 +27,13 @@ from harness import wait_for
 from k8s_api_standin import StandInApiServer, running_standin, write_kubeconfig
 from k8s_crds import crd_folder
 from k8s_pod_runner import PodRunner
-from ports import free_ports
 from reliability import record
 
 from service.jobs.store import JobStore
 from service.records import JobState
 from service.spec import JobSpec
 from tests.pg import once_back, postgres_of_its_own
+from tests.ports import free_ports
 
 pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
 pytestmark = [

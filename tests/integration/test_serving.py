@@ -22,7 +22,6 @@ import grpc
 import pytest
 import torch
 from PIL import Image
-from ports import torchserve_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound
@@ -34,6 +33,7 @@ from service.packaging.ts_config import grpc_inference_target, inference_url, ma
 from service.serving_types import Archive, ServedModel
 from service.settings import Settings
 from service.spec import ServingSpec
+from tests.ports import torchserve_ports
 
 pytestmark = [
     pytest.mark.torchserve,

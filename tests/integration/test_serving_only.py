@@ -30,12 +30,12 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from ports import free_ports
 
 from handlers.inference import ImageClassifier
 from service.packaging.archiver import build_archive
 from service.packaging.mar_files import sha256_of
 from service.packaging.served_registry import ServedRegistry, ServedVersion
+from tests.ports import free_ports
 
 pytestmark = [
     pytest.mark.torchserve,

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-from ports import torchserve_ports
 
 from handlers.inference import ImageClassifier
 from service.errors import NotFound
@@ -34,6 +33,7 @@ from service.packaging.served_registry import ServedRegistry
 from service.packaging.torchserve_backend import TorchServeBackend
 from service.settings import Settings
 from service.spec import ServingSpec
+from tests.ports import torchserve_ports
 
 pytestmark = [
     pytest.mark.torchserve,

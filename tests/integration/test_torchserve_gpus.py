@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ports import torchserve_ports
 
 from service.packaging.torchserve_process import TorchServeProcess
 from service.settings import Settings
+from tests.ports import torchserve_ports
 
 pytestmark = [
     pytest.mark.torchserve,

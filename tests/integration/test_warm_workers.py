@@ -15,7 +15,6 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from ports import torchserve_ports
 from reliability import record
 
 from handlers.inference import ImageClassifier
@@ -23,6 +22,7 @@ from service.packaging.torchserve_backend import TorchServeBackend
 from service.serving_types import ServedModel
 from service.settings import Settings
 from service.spec import ServingSpec
+from tests.ports import torchserve_ports
 
 pytestmark = [
     pytest.mark.torchserve,

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from harness import make_settings, running_service
-from ports import torchserve_ports
 
 from service.app import Service
+from tests.ports import torchserve_ports
 
 
 @contextmanager

@@ -8,7 +8,6 @@ model without BatchNorm (timm's ConvNeXt-atto: LayerNorm, no dropout), every blo
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from service.training.loop import EpochPlan, train_one_epoch
 from service.training.reporting import CollectingReporter
 from service.training.runner import train
 from service.training.steps import DevicePlan, Objective, Optimisation, Trainer
+from tests.ports import free_ports
 
 TOLERANCE = 1e-6
 
@@ -39,12 +39,6 @@ TOLERANCE = 1e-6
 def _one_thread() -> Iterator[None]:
     with one_thread():
         yield
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def settings(root: Path) -> Settings:
@@ -88,7 +82,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def two_ranks(root: Path) -> dict[int, Any]:
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.spawn(run_rank, args=(2, free_port(), root, 32, results), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(2, free_ports(1)[0], root, 32, results), nprocs=2, join=True)
     found = [results.get() for _ in range(2)]
     return {rank: rest for rank, *rest in found}
 
@@ -169,7 +163,7 @@ def test_a_batch_that_fails_to_decode_on_one_rank_is_skipped_by_all_and_reported
     write_truncated_png(root / "data" / "broken" / "class_0" / "zz_truncated.png")
     make_image_folder(root / "data" / "broken-val", classes=3, per_class=2)
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(run_rank_with_a_broken_image, args=(free_port(), root, results), nprocs=2, join=True)
+    mp.spawn(run_rank_with_a_broken_image, args=(free_ports(1)[0], root, results), nprocs=2, join=True)
     found = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
     assert found[0][0] == found[1][0] == "completed"
     events = found[0][1]
@@ -219,7 +213,7 @@ def test_two_ranks_caching_the_frozen_features_train_the_weights_they_train_on_i
     infos = {}
     for cache in (True, False):
         results = context.SimpleQueue()
-        mp.spawn(run_rank_frozen, args=(free_port(), root, cache, results), nprocs=2, join=True)
+        mp.spawn(run_rank_frozen, args=(free_ports(1)[0], root, cache, results), nprocs=2, join=True)
         found = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
         assert found[0][0] == found[1][0] == "completed"
         infos[cache] = found[0][1]
@@ -289,7 +283,7 @@ def run_rank_agreeing(rank: int, port: int, results: Any) -> None:
 @pytest.mark.slow
 def test_the_ranks_agree_to_stop_and_to_skip_an_empty_batch_in_one_all_reduce_per_step() -> None:
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(run_rank_agreeing, args=(free_port(), results), nprocs=2, join=True)
+    mp.spawn(run_rank_agreeing, args=(free_ports(1)[0], results), nprocs=2, join=True)
     found = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
     for rank in (0, 1):
         stopped, steps, all_reduces, _ = found[rank]

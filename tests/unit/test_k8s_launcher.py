@@ -24,9 +24,10 @@ import yaml
 from k8s_api_standin import K8S_VERSION, StandInApiServer, running_standin, write_kubeconfig
 from k8s_crds import assert_valid, crd_folder, errors
 from k8s_pod_runner import PodRunner
-from ports import free_ports
 from pydantic import ValidationError
 from tls_pki import make_pki
+
+from tests.ports import free_ports
 
 kubernetes = pytest.importorskip("kubernetes", reason="the k8s extra (pip install 'tuneserve[k8s]')")
 

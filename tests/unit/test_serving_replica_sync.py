@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 
 import pytest
-from ports import free_ports
 
 from service.packaging.served_registry import ServedRegistry, ServedVersion
 from service.packaging.serving_only import ServingReplica
 from service.settings import Settings
+from tests.ports import free_ports
 
 
 def test_an_empty_store_does_not_unserve_everything(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
