@@ -100,7 +100,7 @@ class ServingReplica:
                 "the model store %s offers nothing to serve now; keeping what is served", self.model_store
             )
             return
-        with self.supervisor.lock:  # never while the watchdog restarts TorchServe
+        with self.supervisor.lock.alone():  # never while the watchdog restarts TorchServe
             if not self.supervisor.is_running():
                 return  # the watchdog's restart registers the registry; the next sync catches up
             plan = plan_sync(wanted, {entry.name: entry for entry in self.registry.entries()})
@@ -132,7 +132,12 @@ class ServingReplica:
                 served.archive, name, batch_size=served.batch_size,
                 max_batch_delay_ms=served.max_batch_delay_ms, workers=served.workers,
             )  # fmt: skip
-        self.management.wait_ready(name, served.version, READY_TIMEOUT_S)
+        try:
+            self.management.wait_ready(name, served.version, READY_TIMEOUT_S)
+        except BaseException:
+            # else TorchServe retries a broken worker for ever; the next sync registers it again
+            self.management.unregister_quietly(name, served.version)
+            raise
 
     def _remove(self, name: str, version: str) -> None:
         if not self.management.unregister_quietly(name, version):

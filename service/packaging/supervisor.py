@@ -1,7 +1,7 @@
 """Keeps TorchServe running: start, a watchdog that restarts it when it dies, and availability.
 
 TorchServe forgets its models when it restarts, so whoever starts the supervisor hands it `restore`
-(register every served version again), called after each start under the supervisor's lock. While
+(register every served version again), called after each start while it runs alone (ServingLock). While
 TorchServe is down or being restored, `require_running` raises Unavailable and availability listeners
 (the gRPC health service) hear `False`; they hear `True` once every version is registered again.
 """
@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from service.errors import Unavailable
+from service.packaging.serving_lock import ServingLock
 from service.packaging.torchserve_process import TorchServeProcess
 
 log = logging.getLogger(__name__)
@@ -21,13 +22,13 @@ WATCH_INTERVAL_S = 2.0
 
 
 class TorchServeSupervisor:
-    """One TorchServe process, watched; `lock` serialises everything that changes what it serves."""
+    """One TorchServe process, watched; `lock` orders everything that changes what it serves."""
 
     def __init__(self, process: TorchServeProcess, *, enabled: bool = True) -> None:
         self.process = process
         self.enabled = enabled  # TUNESERVE_TORCHSERVE_ENABLED: when false, never started
-        # One TorchServe-changing operation at a time: a deploy never interleaves with a restart's restore.
-        self.lock = threading.RLock()
+        # A deploy never interleaves with a restart's restore, nor with another change to its model.
+        self.lock = ServingLock()
         self.restarts = 0
         self._restore: Callable[[], None] = lambda: None
         self._stopping = threading.Event()
@@ -39,7 +40,7 @@ class TorchServeSupervisor:
         """Start TorchServe, run `restore`, and watch the process (running `restore` after each restart)."""
         self._restore = restore
         self._stopping.clear()
-        with self.lock:
+        with self.lock.alone():
             self.process.start()
             restore()
         self._set_available(True)
@@ -52,7 +53,7 @@ class TorchServeSupervisor:
         if self._watchdog is not None:
             self._watchdog.join(timeout=30)
             self._watchdog = None
-        with self.lock:
+        with self.lock.alone():
             self.process.stop()
 
     def is_running(self) -> bool:
@@ -81,7 +82,7 @@ class TorchServeSupervisor:
                 self.process.keep_warm()
                 continue
             self._set_available(False)  # before the lock: predictions fail fast while we restart
-            with self.lock:
+            with self.lock.alone():
                 if self._stopping.is_set():
                     return
                 log.error("TorchServe died; restarting it. Its last output: %s", self.process.log_tail())

@@ -2,7 +2,9 @@
 
 The served registry (served_registry.py) is the record of what is served; TorchServe, told through its
 management API, forgets everything when it restarts, so `restore` registers the registry's versions
-again. Every change runs under the supervisor's lock, so none interleaves with a restart.
+again. Every change holds its model's share of the supervisor's lock (ServingLock): none interleaves
+with a restart or with another change to the same model, and a version loading for one model (seconds)
+holds up no change to another.
 
 The registry may be shared: control-plane replicas on one state volume each run their own TorchServe
 (TUNESERVE_TORCHSERVE_FILES_DIR) and one served registry. A replica gates a new version in its own
@@ -90,7 +92,7 @@ class VersionManager:
                 f"archive {found.path.name} holds version {version} of {name}, not version "
                 f"{archive.version} of {archive.name}; package the job again"
             )
-        with self.supervisor.lock:
+        with self.supervisor.lock.model(name):
             self.supervisor.require_running()
             entry = self.registry.get(name)
             if entry is not None and version in entry.versions:
@@ -98,7 +100,7 @@ class VersionManager:
                     raise AlreadyExists(
                         f"model {name} already serves a different archive as version {version}"
                     )
-                return self.set_default(name, version)  # already served and gated: serving again = promote
+                return self._set_default(entry, version)  # already served and gated: serving again = promote
             # The checkpoint's own answers need no TorchServe: computed while TorchServe starts the
             # version's worker (seconds of imports in a fresh process), they are ready when it is.
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-reference") as pool:
@@ -129,18 +131,21 @@ class VersionManager:
 
     def set_default(self, name: str, version: str) -> ServedModel:
         """Make a served version the default (rollback is setting an older one)."""
-        with self.supervisor.lock:
-            entry = self.entry(name, version)
-            self.supervisor.require_running()
-            if not self.held.holds(name, version):  # another replica served it since this one's last sync
-                self._register_served(name, entry.versions[version])
-            self.management.set_default(name, version)
-            self.held.made_default(name, version)
-            return self.describe(self.registry.set_default(name, version), version)
+        with self.supervisor.lock.model(name):
+            return self._set_default(self.entry(name, version), version)
+
+    def _set_default(self, entry: ServedEntry, version: str) -> ServedModel:
+        name = entry.name
+        self.supervisor.require_running()
+        if not self.held.holds(name, version):  # another replica served it since this one's last sync
+            self._register_served(name, entry.versions[version])
+        self.management.set_default(name, version)
+        self.held.made_default(name, version)
+        return self.describe(self.registry.set_default(name, version), version)
 
     def unserve(self, name: str, version: str | None = None) -> None:
         """Unregister one version (or every version, version None/""); the archives stay in the store."""
-        with self.supervisor.lock:
+        with self.supervisor.lock.model(name):
             entry = self.entry(name, version or None)
             if not version:
                 doomed = [v for v in entry.ordered_versions() if v != entry.default] + [entry.default]
@@ -170,26 +175,37 @@ class VersionManager:
 
     def sync(self, stopping: Callable[[], bool] = lambda: False) -> None:
         """Serve what the registry says now: the versions other replicas promoted are registered (and
-        ready) before they become the default here, the ones they unserved are unregistered. Between
-        versions, `stopping()` ends it early (the service is stopping; the next start restores all)."""
-        with self.supervisor.lock:  # never during a deploy, or a restart (whose restore registers all)
-            if not self.supervisor.is_running():
+        ready) before they become the default here, the ones they unserved are unregistered. Model by
+        model, each under its own lock, so a version loading here holds up changes to its model only.
+        Between versions, `stopping()` ends it early (the service is stopping; the next start restores
+        all)."""
+        now = time.monotonic()
+        self._failed = {key: when for key, when in self._failed.items() if when > now}
+        names = {entry.name for entry in self.registry.entries()} | set(self.held.snapshot())
+        for name in sorted(names):
+            if stopping():
                 return
-            now = time.monotonic()
-            self._failed = {key: when for key, when in self._failed.items() if when > now}
-            plan = plan_sync({entry.name: entry for entry in self.registry.entries()}, self.held.snapshot())
-            for model in plan.models:
-                for served in model.register:
-                    if stopping():
-                        return
-                    if (model.name, served.version) not in self._failed:
-                        self._load(model.name, served)
-                if model.default is not None and self.held.holds(model.name, model.default):
-                    self._set_default_quietly(model.name, model.default)
-            for name, version in plan.unregister:
-                if self._unregister_quietly(name, version):
-                    log.info("%s: version %s is no longer served (unserved through another replica)",
-                             name, version)  # fmt: skip
+            with self.supervisor.lock.model(name):  # never during a change to it, or a restart
+                if not self.supervisor.is_running():
+                    return  # the restart's restore registers everything
+                self._sync_model(name, stopping)
+
+    def _sync_model(self, name: str, stopping: Callable[[], bool]) -> None:
+        """One model brought to what the registry says now (read again under the model's lock)."""
+        entry, held = self.registry.get(name), self.held.get(name)
+        plan = plan_sync({name: entry} if entry else {}, {name: held} if held else {})
+        for model in plan.models:
+            for served in model.register:
+                if stopping():
+                    return
+                if (model.name, served.version) not in self._failed:
+                    self._load(model.name, served)
+            if model.default is not None and self.held.holds(model.name, model.default):
+                self._set_default_quietly(model.name, model.default)
+        for _, version in plan.unregister:  # all of them `name`'s
+            if self._unregister_quietly(name, version):
+                log.info("%s: version %s is no longer served (unserved through another replica)",
+                         name, version)  # fmt: skip
 
     def _load(self, name: str, served: ServedVersion) -> None:
         """One version sync registers: ready, or unregistered again and left alone for a while (its
@@ -250,7 +266,11 @@ class VersionManager:
             self.management.unregister_quietly(name, version)
             self.management.register(archive, name, **options)
         self.held.registered(name, version)  # registered from here on, even if it never gets ready
-        self.management.wait_ready(name, version, READY_TIMEOUT_S)
+        try:
+            self.management.wait_ready(name, version, READY_TIMEOUT_S)
+        except BaseException:
+            self._unregister_quietly(name, version)  # else TorchServe retries a broken worker for ever
+            raise
 
     def _register_served(self, name: str, served: ServedVersion) -> None:
         spec = ServingSpec(

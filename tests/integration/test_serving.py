@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from handlers.inference import ImageClassifier
-from service.errors import FailedPrecondition, NotFound
+from service.errors import FailedPrecondition, NotFound, Unavailable
 from service.packaging.archiver import build_archive
 from service.packaging.gate import GateFailed
 from service.packaging.mar_files import sha256_of
@@ -93,6 +93,14 @@ def _in_process(checkpoint: Path, images: list[bytes], top_k: int = 3) -> list[A
 @functools.cache
 def _classifier(checkpoint: Path) -> ImageClassifier:
     return ImageClassifier.from_checkpoint(torch.load(checkpoint, weights_only=True))
+
+
+def _rest_with_timeout(backend: TorchServeBackend, path: str, body: bytes, *, timeout_s: float) -> Any:
+    """An answer within timeout_s (a bound only a hung request reaches), on a connection of its own."""
+    headers = {"Content-Type": "application/octet-stream", **backend.process.keys().header("inference")}
+    request = urllib.request.Request(inference_url(backend.settings) + path, data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
 
 
 def _rest(backend: TorchServeBackend, path: str, body: bytes, key: str | None = None) -> tuple[int, Any]:
@@ -286,6 +294,99 @@ def test_an_archive_that_changed_since_packaging_is_not_registered(
             checkpoint=Path("unused"),
             serving=SERVING,
         )
+
+
+def _archive_with_handler_prelude(
+    backend: TorchServeBackend, checkpoint: Path, name: str, prelude: str
+) -> Archive:
+    """A real archive of `checkpoint` as version 1 of `name`, whose TorchServe handler module runs
+    `prelude` first when TorchServe's worker imports it."""
+    archive = build_archive(checkpoint, backend.settings.model_store.parent / f"staging-{name}", name, "1")
+    target = backend.settings.model_store / archive.path.name
+    with zipfile.ZipFile(archive.path) as original, zipfile.ZipFile(target, "w") as copy:
+        for item in original.infolist():
+            data = original.read(item)
+            if item.filename == "tuneserve_handler.py":
+                future = b"from __future__ import annotations\n"  # must stay the first statement
+                data = data.replace(future, future + prelude.encode(), 1)
+            copy.writestr(item, data)
+    return replace(archive, path=target, sha256=sha256_of(target))
+
+
+def _slow_loading_archive(backend: TorchServeBackend, checkpoint: Path, name: str, release: Path) -> Archive:
+    """A version whose TorchServe worker does not finish loading until `release` exists."""
+    wait = f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
+    return _archive_with_handler_prelude(backend, checkpoint, name, wait)
+
+
+def test_a_version_whose_worker_cannot_load_is_refused_and_not_left_registered(
+    backend: TorchServeBackend,
+    pets_v1: ServedModel,
+    checkpoints: dict[str, Path],
+    serving_images: list[bytes],
+):
+    broken = _archive_with_handler_prelude(
+        backend, checkpoints["b"], "broken", "raise RuntimeError('this handler cannot load')\n"
+    )
+    with pytest.raises(Unavailable, match="model broken version 1 did not load: its worker process"):
+        backend.deploy(
+            broken, serving_images, job_id="job-broken", checkpoint=checkpoints["b"],
+            serving=SERVING.model_copy(update={"model_name": "broken"}),
+        )  # fmt: skip
+    # unregistered, so TorchServe is not left restarting its worker for ever
+    with pytest.raises(NotFound):
+        backend.management.describe("broken")
+    assert [m.name for m in backend.list_served()] == ["pets"]
+
+
+def test_a_version_still_loading_holds_up_changes_to_its_model_only(
+    backend: TorchServeBackend,
+    pets_v1: ServedModel,
+    checkpoints: dict[str, Path],
+    serving_images: list[bytes],
+    tmp_path: Path,
+):
+    release = tmp_path / "release"
+    slow = _slow_loading_archive(backend, checkpoints["b"], "slow", release)
+    pool = ThreadPoolExecutor(max_workers=3)
+    try:
+        deploy = pool.submit(
+            backend.deploy, slow, serving_images, job_id="job-slow", checkpoint=checkpoints["b"],
+            serving=SERVING.model_copy(update={"model_name": "slow"}),
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until TorchServe has the version, its worker loading
+            try:
+                (info,) = backend.management.describe("slow", "1")
+                if not info.ready:
+                    break
+            except NotFound:
+                pass
+            assert not deploy.done(), deploy.exception()
+            time.sleep(0.2)
+        else:
+            pytest.fail("TorchServe never listed the slow version while it loaded")
+        # TorchServe answers other models meanwhile, on every connection (each new one lands on the
+        # next of its Netty threads; a synchronous registration would hold one of them until loaded)
+        for _ in range(8):
+            _rest_with_timeout(backend, "/predictions/pets", serving_images[0], timeout_s=60)
+        pets = {m.name: m for m in backend.list_served()}["pets"]
+        # another model's rollback is not held up by the loading version
+        other = pool.submit(backend.set_default, "pets", pets.version)
+        assert other.result(timeout=60).is_default
+        assert not deploy.done()
+        # a change to the loading model waits for its deploy (it is not served yet: NotFound if not)
+        unserve_slow = pool.submit(backend.unserve, "slow")
+        time.sleep(0.5)
+        assert not unserve_slow.done() and not deploy.done()
+        release.touch()
+        served = deploy.result(timeout=180)
+        assert (served.name, served.version, served.is_default, served.ready) == ("slow", "1", True, True)
+        unserve_slow.result(timeout=120)
+        assert [m.name for m in backend.list_served()] == ["pets"]
+    finally:
+        release.touch()  # never leave TorchServe's worker waiting
+        pool.shutdown(wait=True)
 
 
 def test_a_killed_torchserve_is_restarted_with_its_models(

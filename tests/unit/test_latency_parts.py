@@ -54,28 +54,28 @@ TS_LOG = """\
 """
 ACCESS_LOG = """\
 2026-12-02T21:33:34,339 - /127.0.0.1:48662 "GET /ping HTTP/1.1" 200 5
-2026-12-02T21:33:41,194 - /127.0.0.1:47636 "POST /models?url=bench-v1.mar&model_name=bench HTTP/1.1" 200 6169
+2026-12-02T21:33:35,350 - /127.0.0.1:47636 "POST /models?url=bench-v1.mar&model_name=bench HTTP/1.1" 202 1011
 """
 
 
 def test_register_splits_by_torchserves_logs_into_parts_that_add_up(tmp_path) -> None:
     (tmp_path / "ts_log.log").write_text(TS_LOG)
     (tmp_path / "access_log.log").write_text(ACCESS_LOG)
-    answered = _local("2026-12-02T21:33:41") + 0.194
-    packaged = answered - 7.9
-    split = register_parts(tmp_path, packaged, "bench")
+    registered = _local("2026-12-02T21:33:41") + 0.241  # the service's poll saw it ready 50 ms late
+    packaged = registered - 8.6
+    split = register_parts(tmp_path, packaged, registered, "bench")
     assert split == {
-        "request": 1.731, "unpack": 0.32, "worker_process": 2.023, "connect": 0.018, "handler": 3.805,
-        "reply": 0.003,
+        "request": 1.698, "unpack": 1.006, "worker_process": 2.023, "connect": 0.018, "handler": 3.805,
+        "ready_seen": 0.05,
     }  # fmt: skip
-    assert math.isclose(sum(split.values()), 7.9, abs_tol=0.002)
-    assert register_parts(tmp_path, packaged, "other") == {}  # no register call for that model
+    assert math.isclose(sum(split.values()), 8.6, abs_tol=0.002)
+    assert register_parts(tmp_path, packaged, registered, "other") == {}  # no register call for that model
 
 
 def test_register_parts_are_empty_when_torchserve_logged_no_worker_start(tmp_path) -> None:
     (tmp_path / "ts_log.log").write_text(TS_LOG.replace("Torch worker started.", "something else"))
     (tmp_path / "access_log.log").write_text(ACCESS_LOG)
-    assert register_parts(tmp_path, 0.0, "bench") == {}
+    assert register_parts(tmp_path, 0.0, 1.0, "bench") == {}
 
 
 def _local(text: str) -> float:
