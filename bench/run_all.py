@@ -4,7 +4,7 @@
 
 --quick: small sizes (seconds each; what CI-like runs use). --only: run just these (repeatable).
 `lightning_compare` needs the `bench` extra (Lightning); without it, it reports itself skipped.
---no-torchserve: skip what needs TorchServe (and Java): `serving`, and the serving half of
+--no-torchserve: skip what needs TorchServe (and Java): `serving`, `deploy_stall`, and the serving half of
 `job_latency` / `peak_memory`. `job_latency` and `peak_memory` read the same service run when both
 are selected. A benchmark that fails prints {"benchmark": NAME, "error": ...} and the others go on;
 the exit status is 1 when any failed.
@@ -48,6 +48,7 @@ NAMES = (
     "lightning_compare",
     "gc_pause",
     "create_cpu",
+    "deploy_stall",
 )
 
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "lightning_compare": lambda: _lightning_compare(args.quick),
         "gc_pause": lambda: gc_pause.run(5 if args.quick else 20),
         "create_cpu": lambda: create_cpu.run(200, 3) if args.quick else create_cpu.run(2000, 5),
+        "deploy_stall": lambda: _deploy_stall(args.quick, torchserve),
     }
     failed = False
     for name in NAMES:
@@ -109,6 +111,17 @@ def _serving(quick: bool, torchserve: bool) -> dict[str, Any]:
     from bench import serving
 
     return serving.run(quick=quick)
+
+
+def _deploy_stall(quick: bool, torchserve: bool) -> dict[str, Any]:
+    if not torchserve:
+        return {
+            "benchmark": "deploy_stall",
+            "skipped": "TorchServe is off (--no-torchserve, or no java on PATH)",
+        }
+    from bench import deploy_stall
+
+    return deploy_stall.run(**(deploy_stall.QUICK if quick else deploy_stall.FULL))
 
 
 def _lightning_compare(quick: bool) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def run(*, quick: bool, only_export: bool = False) -> dict[str, Any]:
     images = [png_bytes(i) for i in range(16)]
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp, torch_threads(1):
         root = Path(tmp)
-        checkpoint = _trained_checkpoint(root)
+        checkpoint = trained_checkpoint(root)
         export_rounds, export_per_client = (2, 3) if quick else (6, 10)
         if only_export:
             export = compare(checkpoint, root, images, rounds=export_rounds, per_client=export_per_client)
@@ -94,7 +94,7 @@ def run(*, quick: bool, only_export: bool = False) -> dict[str, Any]:
     }
 
 
-def _trained_checkpoint(root: Path) -> Path:
+def trained_checkpoint(root: Path) -> Path:
     from service.settings import Settings
     from service.spec import JobSpec
     from service.training.reporting import CollectingReporter

@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.deploy_stall import archive_with_handler_prelude, wait_for_file_prelude
 from handlers.inference import ImageClassifier
 from service.errors import FailedPrecondition, NotFound, Unavailable
 from service.packaging.archiver import build_archive
@@ -303,20 +304,13 @@ def _archive_with_handler_prelude(
     `prelude` first when TorchServe's worker imports it."""
     archive = build_archive(checkpoint, backend.settings.model_store.parent / f"staging-{name}", name, "1")
     target = backend.settings.model_store / archive.path.name
-    with zipfile.ZipFile(archive.path) as original, zipfile.ZipFile(target, "w") as copy:
-        for item in original.infolist():
-            data = original.read(item)
-            if item.filename == "tuneserve_handler.py":
-                future = b"from __future__ import annotations\n"  # must stay the first statement
-                data = data.replace(future, future + prelude.encode(), 1)
-            copy.writestr(item, data)
+    archive_with_handler_prelude(archive.path, target, prelude)
     return replace(archive, path=target, sha256=sha256_of(target))
 
 
 def _slow_loading_archive(backend: TorchServeBackend, checkpoint: Path, name: str, release: Path) -> Archive:
     """A version whose TorchServe worker does not finish loading until `release` exists."""
-    wait = f"import os, time\nwhile not os.path.exists({str(release)!r}):\n    time.sleep(0.05)\n"
-    return _archive_with_handler_prelude(backend, checkpoint, name, wait)
+    return _archive_with_handler_prelude(backend, checkpoint, name, wait_for_file_prelude(release))
 
 
 def test_a_version_whose_worker_cannot_load_is_refused_and_not_left_registered(

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from bench import (
     control_plane,
     create_cpu,
     ddp,
+    deploy_stall,
     gc_pause,
     grpc_aio,
     lightning_compare,
@@ -236,3 +238,17 @@ def test_the_lightning_comparison_reports_both_sides_of_both_cases(
         assert set(figures["tuneserve_parts_s"]) == {"to_first_step", "training"}
         assert set(figures["lightning_parts_s"]) == {"start_and_imports", "build", "fit"}
         assert figures["feature_cache"] is cached, (case, figures)  # the head-only job used the cache
+
+
+@pytest.mark.slow
+@pytest.mark.torchserve
+@pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java")
+def test_deploy_stall_measures_predictions_while_a_version_loads_registered_both_ways() -> None:
+    result = deploy_stall.run(**deploy_stall.QUICK)
+    for way in deploy_stall.WAYS:
+        assert result[way]["predictions"] == deploy_stall.QUICK["predictions"]
+        assert _positive(result[way]["p50_ms"]) and result[way]["max_ms"] >= result[way]["p99_ms"]
+    # TorchServe's synchronous registration holds one of its 4 Netty threads while the version loads:
+    # of 8 new connections in a row, those that land on it wait (at least one)
+    assert result["synchronous"]["stalled"] >= 1
+    assert result["ours"]["max_ms"] < result["synchronous"]["max_ms"]
