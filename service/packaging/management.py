@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 300.0
 # how often wait_ready asks: registration no longer waits for the worker, so this is the delay it adds
-READY_POLL_S = 0.025  # each a local GET; bench.latency: 0.02-0.03 s from loaded to seen
+# (bench.latency: 0.02-0.03 s from the handler's "loaded" to the gate); then less often, up to the max
+READY_POLL_S = 0.025
+READY_POLL_GROWTH = 1.5
+READY_POLL_MAX_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -147,27 +150,55 @@ class ManagementClient:
         return True
 
     def wait_ready(self, model_name: str, version: str, timeout_s: float) -> VersionInfo:
-        """Poll until a worker of the version is READY; Unavailable when a worker died while loading
-        (TorchServe would retry it for ever) or after timeout_s."""
+        """Poll until a worker of the version is READY; Unavailable when its workers keep dying while
+        they load (LoadWatch: TorchServe would retry them for ever) or after timeout_s."""
         deadline = time.monotonic() + timeout_s
-        first_pids: dict[str, int] = {}  # worker id -> the first process seen loading it
+        watch = LoadWatch()
+        pause = READY_POLL_S
         while True:
             (info,) = self.describe(model_name, version)
             if info.ready:
                 return info
-            for worker, pid in info.worker_pids:
-                seen = first_pids.setdefault(worker, pid) if pid > 0 else first_pids.get(worker)
-                if seen is not None and seen != pid:
-                    raise Unavailable(
-                        f"model {model_name} version {version} did not load: its worker process {seen} "
-                        "exited while loading; see TorchServe's model_log.log"
-                    )
+            if (processes := watch.died_too_often(info)) is not None:
+                raise Unavailable(
+                    f"model {model_name} version {version} did not load: its worker died while loading "
+                    f"{len(processes) - 1} times (processes {', '.join(map(str, processes))}); see "
+                    "TorchServe's model_log.log"
+                )
             if time.monotonic() > deadline:
                 raise Unavailable(
                     f"model {model_name} version {version} has no ready worker after {timeout_s:.0f} s "
                     f"(workers: {', '.join(info.worker_states) or 'none'}); see TorchServe's model_log.log"
                 )
-            time.sleep(READY_POLL_S)
+            time.sleep(pause)
+            # soon after a quick load, seldom during a long one: on a GPU host each describe makes
+            # TorchServe run nvidia-smi per worker on a thread that also serves predictions
+            pause = min(pause * READY_POLL_GROWTH, READY_POLL_MAX_S)
+
+
+class LoadWatch:
+    """Whether a version's workers keep dying while they load, from successive describes.
+
+    TorchServe starts a new process for a worker that died, under the same worker id. One restart is
+    forgiven: it need not be the handler's fault (the warm-worker zygote's death takes its children
+    with it, and TorchServe restarts them cold). A second one is the handler's, and it fails."""
+
+    FORGIVEN = 1
+
+    def __init__(self) -> None:
+        self._processes: dict[str, list[int]] = {}  # worker id -> its processes, in order
+
+    def died_too_often(self, info: VersionInfo) -> list[int] | None:
+        """A worker's processes so far, when it has died more often than forgiven; else None."""
+        for worker, pid in info.worker_pids:
+            if pid <= 0:  # not started yet
+                continue
+            processes = self._processes.setdefault(worker, [])
+            if not processes or processes[-1] != pid:
+                processes.append(pid)
+            if len(processes) - 1 > self.FORGIVEN:
+                return processes
+        return None
 
 
 def _quote(part: str) -> str:

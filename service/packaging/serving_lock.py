@@ -25,23 +25,29 @@ class ServingLock:
         self._alone_depth = 0  # start() runs restore() inside: the thread that runs alone may nest
         self._waiting_alone = 0
         self._models: dict[str, threading.Lock] = {}
+        self._mine = threading.local()  # .model: the model this thread is changing, if any
 
     @contextmanager
     def model(self, name: str) -> Iterator[None]:
-        """Change model `name`: alongside changes to other models, never during a (re)start. Never
-        nested in another change (a restart waiting between the two would wait forever)."""
+        """Change model `name`: alongside changes to other models, never during a (re)start. Inside
+        another change it raises RuntimeError (a restart waiting between the two would wait forever)."""
         if self._alone is threading.current_thread():
             # inside a (re)start, which excludes every change; not even the model's lock, which a
             # change waiting for the restart to end may hold
             yield
             return
+        changing = getattr(self._mine, "model", None)
+        if changing is not None:  # it would wait for ever: say so instead
+            raise RuntimeError(f"a change to model {name} inside the change to model {changing}")
         with self._model_lock(name):  # the model's lock first: waiting for it must not hold off a restart
             with self._state:
                 self._state.wait_for(lambda: self._alone is None and self._waiting_alone == 0)
                 self._changes += 1
+            self._mine.model = name
             try:
                 yield
             finally:
+                self._mine.model = None
                 with self._state:
                     self._changes -= 1
                     self._state.notify_all()
@@ -50,6 +56,9 @@ class ServingLock:
     def alone(self) -> Iterator[None]:
         """A (re)start or a restore: once no change is under way, and none starts until it is done."""
         me = threading.current_thread()
+        changing = getattr(self._mine, "model", None)
+        if changing is not None:  # it would wait for this very change to end
+            raise RuntimeError(f"a (re)start inside the change to model {changing}")
         with self._state:
             if self._alone is me:
                 self._alone_depth += 1
@@ -59,6 +68,7 @@ class ServingLock:
                     self._state.wait_for(lambda: self._alone is None and self._changes == 0)
                 finally:
                     self._waiting_alone -= 1
+                    self._state.notify_all()  # changes held back for this restart may go, if it gave up
                 self._alone, self._alone_depth = me, 1
         try:
             yield

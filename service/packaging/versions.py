@@ -42,7 +42,7 @@ from service.spec import ServingSpec
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 300.0  # a version's worker start and load (what the synchronous registration allowed)
 RETRY_FAILED_S = 60.0  # a version sync could not register is tried again this much later
 
 

@@ -322,7 +322,8 @@ def test_a_version_whose_worker_cannot_load_is_refused_and_not_left_registered(
     broken = _archive_with_handler_prelude(
         backend, checkpoints["b"], "broken", "raise RuntimeError('this handler cannot load')\n"
     )
-    with pytest.raises(Unavailable, match="model broken version 1 did not load: its worker process"):
+    did_not_load = "model broken version 1 did not load: its worker died while loading 2 times"
+    with pytest.raises(Unavailable, match=did_not_load):
         backend.deploy(
             broken, serving_images, job_id="job-broken", checkpoint=checkpoints["b"],
             serving=SERVING.model_copy(update={"model_name": "broken"}),

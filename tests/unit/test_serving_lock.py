@@ -114,3 +114,25 @@ def test_a_change_that_raises_lets_the_next_one_in() -> None:
         pass
     with lock.model("pets"):
         pass
+
+
+def test_a_change_inside_a_change_or_a_restart_inside_a_change_is_refused_not_left_hanging() -> None:
+    lock = ServingLock()
+    refusals = {
+        "a change to model pets inside the change to model pets": lambda: lock.model("pets"),
+        "a change to model cats inside the change to model pets": lambda: lock.model("cats"),
+        "a \\(re\\)start inside the change to model pets": lock.alone,
+    }
+    with lock.model("pets"):
+        for message, enter in refusals.items():
+            with pytest.raises(RuntimeError, match=message), enter():
+                pass
+
+    def change_pets() -> None:
+        with lock.model("pets"):
+            pass
+
+    with lock.model("cats"), ThreadPoolExecutor(max_workers=1) as other:  # the refusals left nothing held
+        other.submit(change_pets).result(DONE_S)
+    with lock.alone():
+        pass
