@@ -22,6 +22,7 @@ import grpc
 import pytest
 import torch
 from PIL import Image
+from reliability import record
 
 from bench.deploy_stall import archive_with_handler_prelude, wait_for_file_prelude
 from handlers.inference import ImageClassifier
@@ -313,6 +314,7 @@ def _slow_loading_archive(backend: TorchServeBackend, checkpoint: Path, name: st
     return _archive_with_handler_prelude(backend, checkpoint, name, wait_for_file_prelude(release))
 
 
+@pytest.mark.reliability
 def test_a_version_whose_worker_cannot_load_is_refused_and_not_left_registered(
     backend: TorchServeBackend,
     pets_v1: ServedModel,
@@ -332,8 +334,17 @@ def test_a_version_whose_worker_cannot_load_is_refused_and_not_left_registered(
     with pytest.raises(NotFound):
         backend.management.describe("broken")
     assert [m.name for m in backend.list_served()] == ["pets"]
+    record(
+        "fault",
+        "deploy of a version whose TorchServe handler raises when its worker imports it",
+        1,
+        "UNAVAILABLE 'did not load: its worker died while loading 2 times' once TorchServe's second new "
+        "process for the worker died; the version unregistered from TorchServe (no retries left running); "
+        "the served models unchanged",
+    )
 
 
+@pytest.mark.reliability
 def test_a_version_still_loading_holds_up_changes_to_its_model_only(
     backend: TorchServeBackend,
     pets_v1: ServedModel,
@@ -379,6 +390,15 @@ def test_a_version_still_loading_holds_up_changes_to_its_model_only(
         assert (served.name, served.version, served.is_default, served.ready) == ("slow", "1", True, True)
         unserve_slow.result(timeout=120)
         assert [m.name for m in backend.list_served()] == ["pets"]
+        record(
+            "fault",
+            "a version whose TorchServe worker does not finish loading until the test lets it, while "
+            "another model is served",
+            1,
+            "8 predictions of the other model, each on a new connection, answered while it loaded; a "
+            "SetDefaultVersion of the other model answered; an UnserveModel of the loading model waited "
+            "for its deploy (promoted once loaded) and then removed it",
+        )
     finally:
         release.touch()  # never leave TorchServe's worker waiting
         pool.shutdown(wait=True)
