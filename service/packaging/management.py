@@ -115,7 +115,7 @@ class ManagementClient:
         Never `synchronous=true`: TorchServe then waits for the workers on one of the Netty threads
         that serve every port, and every request on a connection that thread owns (one connection in
         four with ts_config's NETTY_THREADS; inference too) hangs until the version has loaded
-        (measured: 4 of 16 predictions of another model, tests/integration/test_serving.py)."""
+        (bench/deploy_stall.py measures predictions of another model during a load, both ways)."""
         query = {
             "url": archive,
             "model_name": model_name,
